@@ -1,0 +1,192 @@
+"""Exact dynamic programming: the least total error under a time budget.
+
+Given per-unit options with times ``t[l][s]`` and errors ``e[l][s]``, choose one option
+per unit minimising ``sum e`` subject to ``sum t <= budget``. Time is discretised into
+buckets, as in the paper, with two changes from the reference:
+
+* each unit's fastest time is subtracted first, so the buckets resolve only the *slack*
+  above the fastest possible model rather than the whole budget;
+* times are rounded *up* to buckets, so the un-rounded total never exceeds the budget
+  (the reference rounded to nearest and could overshoot by half a bucket per unit).
+
+Options dominated by a faster option with no more error are dropped before the DP.
+This module sees numbers only; it knows nothing of engines or weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from spdy.levels import Option
+from spdy.timing.table import TimingTable
+
+DEFAULT_BUCKETS = 10_000
+
+
+class InfeasibleTarget(ValueError):
+    """No profile reaches the target; carries the largest speedup the table allows."""
+
+    def __init__(self, target: float, max_speedup: float):
+        self.target, self.max_speedup = target, max_speedup
+        super().__init__(
+            f"target speedup {target:g}x is infeasible on this timing table: "
+            f"maximum attainable speedup is {max_speedup:.4f}x (every unit at its fastest option)"
+        )
+
+
+@dataclass
+class Choice:
+    """The DP's answer in numbers: an option index per unit."""
+
+    indices: list[int]
+    time: float
+    error: float
+
+
+def prior(n: int) -> np.ndarray:
+    """SPDY's per-level error prior ``(i / (n - 1))^2`` for n sorted options (dense = 0)."""
+    return (np.arange(n) / max(n - 1, 1)) ** 2
+
+
+def _pareto(tb: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """Indices of options not dominated by one at most as slow with less or equal error."""
+    order = np.lexsort((e, tb))
+    best = np.minimum.accumulate(e[order])
+    keep = np.ones(len(order), bool)
+    keep[1:] = e[order][1:] < best[:-1]
+    return order[keep & np.isfinite(e[order])]
+
+
+def _dp(tbs: list[np.ndarray], errs: list[np.ndarray], buckets: int) -> list[int]:
+    """Min-plus DP over buckets; rows[l][b] = least error of units 0..l using exactly b buckets.
+
+    Only the value rows are stored; the choice at each unit is recovered while tracing
+    back, which keeps the inner loop to two array operations per option.
+    """
+    rows = np.full((len(tbs) + 1, buckets + 1), np.inf)
+    rows[0, 0] = 0.0
+    reach = 0
+    candidates = []
+    for layer, (tb, e) in enumerate(zip(tbs, errs)):
+        keep = [int(s) for s in _pareto(tb, e) if tb[s] <= buckets]
+        candidates.append(keep)
+        prev, cur = rows[layer], rows[layer + 1]
+        for s in keep:
+            t = int(tb[s])
+            hi = min(buckets, reach + t) + 1
+            np.minimum(cur[t:hi], prev[: hi - t] + e[s], out=cur[t:hi])
+        reach = min(buckets, reach + max(int(tb[s]) for s in keep))
+    end = int(np.argmin(rows[-1]))
+    picks = []
+    for layer in range(len(tbs) - 1, -1, -1):
+        tb, e, prev = tbs[layer], errs[layer], rows[layer]
+        target = rows[layer + 1, end]
+        s = next(s for s in candidates[layer] if tb[s] <= end and prev[end - int(tb[s])] + e[s] == target)
+        picks.append(s)
+        end -= int(tb[s])
+    return picks[::-1]
+
+
+def solve_arrays(times: Sequence[np.ndarray], errors: Sequence[np.ndarray], budget: float, buckets: int = DEFAULT_BUCKETS) -> Choice:
+    """Minimise ``sum errors`` with ``sum times <= budget``; options with inf time are unavailable.
+
+    Times above each unit's fastest are rounded *up* to buckets spanning the slack, so
+    the returned choice never exceeds the un-rounded budget; it is optimal up to that
+    rounding (exactly optimal when times are multiples of ``slack / buckets``).
+    Raises ``ValueError`` when even the fastest options exceed the budget.
+    """
+    if buckets < 1 or buckets > 10_000_000:
+        raise ValueError(f"buckets must be in [1, 1e7], got {buckets}")
+    times = [np.asarray(t, float) for t in times]
+    errors = [np.asarray(e, float) for e in errors]
+    if len(times) != len(errors) or any(t.shape != e.shape for t, e in zip(times, errors)):
+        raise ValueError("times and errors must have one array per unit, of equal lengths")
+    if any(np.isnan(e).any() for e in errors):
+        raise ValueError("errors contain NaN")
+    fastest = np.array([t.min() for t in times])
+    slack = budget - fastest.sum()
+    if not np.isfinite(slack) or slack < 0:
+        raise ValueError(f"infeasible: the fastest options take {fastest.sum():.6g}, budget is {budget:.6g}")
+    # Unavailable options get error +inf so the DP never picks them.
+    errs = [np.where(np.isfinite(t), e, np.inf) for t, e in zip(times, errors)]
+    if slack == 0.0:
+        picks = [int(np.argmin(np.where(t == f, e, np.inf))) for t, f, e in zip(times, fastest, errs)]
+    else:
+        # A hair under the slack, so float rounding can never push the sum over the budget.
+        width = slack * (1 - 1e-9) / buckets
+        rounded = [np.ceil(np.minimum((t - f) / width, buckets + 1.0)) for t, f in zip(times, fastest)]
+        picks = _dp(rounded, errs, buckets)
+    return Choice(picks, float(sum(t[p] for t, p in zip(times, picks))), float(sum(e[p] for e, p in zip(errors, picks))))
+
+
+@dataclass
+class Solution:
+    """A solved profile: one option key per unit, with its predicted time and speedup."""
+
+    profile: dict[str, str]
+    target: float
+    budget: float
+    predicted_time: float
+    predicted_speedup: float
+    max_speedup: float
+    total_error: float
+    errors: dict[str, float] = field(default_factory=dict)
+
+    def sparsities(self) -> dict[str, float]:
+        return {u: Option.parse(k).sparsity for u, k in self.profile.items()}
+
+
+def prior_errors(table: TimingTable) -> dict[str, dict[str, float]]:
+    """The SPDY prior for every unit: ``(i/(n-1))^2`` over its options sorted by sparsity."""
+    return {u: dict(zip(ks, prior(len(ks)).tolist())) for u, ks in ((u, table.options(u)) for u in table.units)}
+
+
+def scaled_errors(table: TimingTable, coefficients: Sequence[float]) -> dict[str, dict[str, float]]:
+    """``c_l * prior`` per unit: the error model the SPDY search optimises over."""
+    base = prior_errors(table)
+    return {u: {k: c * v for k, v in base[u].items()} for u, c in zip(table.units, coefficients)}
+
+
+def solve(table: TimingTable, target: float, errors: Mapping[str, Mapping[str, float]] | None = None, buckets: int = DEFAULT_BUCKETS) -> Solution:
+    """The least-error profile whose predicted speedup on ``table`` is at least ``target``.
+
+    ``errors[unit][option_key]``; defaults to the SPDY prior. Options a unit has no error
+    for are not used. Raises :class:`InfeasibleTarget` with the largest attainable speedup.
+    """
+    errors = prior_errors(table) if errors is None else errors
+    budget = table.budget(target)
+    max_speedup = table.max_speedup()
+    if table.min_time() > table.base / target:
+        raise InfeasibleTarget(target, max_speedup)
+    keys, times, errs = [], [], []
+    for unit in table.units:
+        if unit not in errors:
+            raise KeyError(f"no errors given for unit {unit!r}")
+        options = [k for k in table.options(unit) if k in errors[unit]]
+        if not options:
+            raise KeyError(f"unit {unit!r}: none of its timed options {table.options(unit)[:4]}... has an error")
+        keys.append(options)
+        times.append(np.array([table.times[unit][k] for k in options]))
+        errs.append(np.array([float(errors[unit][k]) for k in options]))
+    try:
+        choice = solve_arrays(times, errs, budget, buckets)
+    except ValueError:
+        # Only reachable when the options with errors exclude every unit's fastest one.
+        fastest = table.fixed + sum(t.min() for t in times)
+        raise InfeasibleTarget(target, table.base / fastest) from None
+    profile = {u: ks[i] for u, ks, i in zip(table.units, keys, choice.indices)}
+    predicted = table.predicted_time(profile)
+    return Solution(
+        profile=profile,
+        target=target,
+        budget=budget,
+        predicted_time=predicted,
+        predicted_speedup=table.base / predicted,
+        max_speedup=max_speedup,
+        total_error=choice.error,
+        errors={u: float(errors[u][k]) for u, k in profile.items()},
+    )

@@ -1,0 +1,136 @@
+"""Sparsity grids and the option keys that name a unit's choices.
+
+Every unit offers *options*. An option is a pruning pattern at a sparsity level and is
+named by a stable string key, so tables, databases and profiles written by different runs
+(or by the reference code) refer to the same choice:
+
+* ``"0.0000"``            dense (shared by every pattern)
+* ``"0.9000"``            unstructured, 90% of the weights zero
+* ``"4x1@0.9000"``        blocks of 4 rows x 1 column, 90% of the blocks zero
+* ``"2:4@0.5000"``        N:M (2 of every 4 consecutive weights zero)
+
+Sparsities are rounded to 4 decimals in keys, as in the reference tables.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+DENSE = "0.0000"
+UNSTRUCTURED = "unstructured"
+
+_NM = re.compile(r"^(\d+):(\d+)$")
+_BLOCK = re.compile(r"^(\d+)x(\d+)$")
+
+
+def geometric_levels(min_sparsity: float = 0.4, max_sparsity: float = 0.99, steps: int = 41) -> list[float]:
+    """The SPDY grid: each step removes the same fraction of the remaining weights.
+
+    Density falls geometrically from ``1 - min_sparsity`` to ``1 - max_sparsity``; the
+    default gives the paper's 41 levels 0.4000, 0.4584, ..., 0.9900 (dense not included).
+    """
+    if not 0.0 < min_sparsity < max_sparsity < 1.0:
+        raise ValueError(f"need 0 < min_sparsity < max_sparsity < 1, got {min_sparsity} and {max_sparsity}")
+    if steps < 2:
+        raise ValueError(f"steps must be >= 2, got {steps}")
+    d0, d1 = 1.0 - min_sparsity, 1.0 - max_sparsity
+    return [round(1.0 - d0 * (d1 / d0) ** (k / (steps - 1)), 4) for k in range(steps)]
+
+
+def spdy_grid(min_sparsity: float = 0.4, max_sparsity: float = 0.99, steps: int = 41) -> list[float]:
+    """Dense plus the geometric levels: the 42 options of the paper by default."""
+    return [0.0] + geometric_levels(min_sparsity, max_sparsity, steps)
+
+
+@dataclass(frozen=True, order=True)
+class Option:
+    """One choice for a unit: a pattern at a sparsity. Dense is ``Option(0.0)``."""
+
+    sparsity: float
+    pattern: str = UNSTRUCTURED
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.sparsity < 1.0) or np.isnan(self.sparsity):
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        validate_pattern(self.pattern)
+        if self.sparsity == 0.0 and self.pattern != UNSTRUCTURED:
+            object.__setattr__(self, "pattern", UNSTRUCTURED)
+
+    @property
+    def key(self) -> str:
+        level = f"{self.sparsity:.4f}"
+        if self.pattern == UNSTRUCTURED or self.sparsity == 0.0:
+            return level
+        return f"{self.pattern}@{level}"
+
+    @property
+    def is_dense(self) -> bool:
+        return self.sparsity == 0.0
+
+    @classmethod
+    def parse(cls, key: str) -> "Option":
+        """Inverse of :attr:`key`; raises ``ValueError`` naming the key when malformed."""
+        return _parse(key)
+
+    def __str__(self) -> str:
+        return self.key
+
+
+@functools.lru_cache(maxsize=65536)
+def _parse(key: str) -> Option:
+    pattern, _, level = key.rpartition("@")
+    try:
+        sparsity = float(level)
+    except ValueError:
+        raise ValueError(f"option key {key!r}: expected '<sparsity>' or '<pattern>@<sparsity>', e.g. '0.9000' or '4x1@0.9000'") from None
+    return Option(sparsity, pattern or UNSTRUCTURED)
+
+
+def level_key(sparsity: float) -> str:
+    """The 4-decimal key of an unstructured level."""
+    return Option(float(sparsity)).key
+
+
+def validate_pattern(pattern: str) -> str:
+    """Accept ``unstructured``, ``N:M`` (N < M) or ``RxC`` blocks; raise a clear error otherwise."""
+    if pattern == UNSTRUCTURED:
+        return pattern
+    if m := _NM.match(pattern):
+        n, mm = int(m.group(1)), int(m.group(2))
+        if 0 < n < mm:
+            return pattern
+    elif m := _BLOCK.match(pattern):
+        if int(m.group(1)) > 0 and int(m.group(2)) > 0:
+            return pattern
+    raise ValueError(f"unknown pattern {pattern!r}: use 'unstructured', 'N:M' like '2:4', or blocks 'RxC' like '4x1' or '16x16'")
+
+
+def nm_sparsity(pattern: str) -> float:
+    """The fixed sparsity of an N:M pattern (N zeros in every M): 2:4 -> 0.5."""
+    m = _NM.match(pattern)
+    if not m:
+        raise ValueError(f"{pattern!r} is not an N:M pattern")
+    return int(m.group(1)) / int(m.group(2))
+
+
+def block_shape(pattern: str) -> tuple[int, int]:
+    """(rows, cols) of a block pattern; unstructured is 1x1."""
+    if pattern == UNSTRUCTURED:
+        return (1, 1)
+    m = _BLOCK.match(pattern)
+    if not m:
+        raise ValueError(f"{pattern!r} is not a block pattern")
+    return int(m.group(1)), int(m.group(2))
+
+
+def options_for(pattern: str = UNSTRUCTURED, levels: list[float] | None = None) -> list[Option]:
+    """Dense plus ``pattern`` at each level (N:M patterns have exactly one level)."""
+    validate_pattern(pattern)
+    if _NM.match(pattern):
+        return [Option(0.0), Option(nm_sparsity(pattern), pattern)]
+    levels = geometric_levels() if levels is None else levels
+    return [Option(0.0)] + [Option(float(s), pattern) for s in sorted(set(levels)) if s > 0.0]

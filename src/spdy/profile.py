@@ -1,0 +1,79 @@
+"""`Profile`: the option chosen for every unit, with what we predicted and measured for it.
+
+Saved as JSON. ``profile`` maps unit -> sparsity (a float, the contract scripts read);
+``options`` keeps the exact option keys (pattern included) the tools use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from spdy.levels import Option
+
+FORMAT = "spdy.profile/1"
+
+
+@dataclass
+class Profile:
+    options: dict[str, str]
+    target: float | None = None
+    predicted_time: float | None = None
+    predicted_speedup: float | None = None
+    method: str = "dp"
+    calibration_loss: float | None = None
+    heldout_loss: float | None = None
+    evaluations: int = 0
+    trace: list = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for unit, key in self.options.items():
+            Option.parse(key)
+
+    @property
+    def sparsities(self) -> dict[str, float]:
+        return {u: Option.parse(k).sparsity for u, k in self.options.items()}
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data = {"format": FORMAT, "profile": self.sparsities, **data}
+        return data
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<profile>") -> "Profile":
+        """Accept our format, or any object with ``profile`` (unit -> sparsity) like `spdy solve --json`."""
+        if not isinstance(data, dict) or not isinstance(data.get("profile", data.get("options")), dict):
+            raise ValueError(f"{source}: expected a JSON object with 'profile' (unit -> sparsity) or 'options' (unit -> option key)")
+        if isinstance(data.get("options"), dict):
+            options = {u: str(k) for u, k in data["options"].items()}
+        else:
+            options = {}
+            for unit, sparsity in data["profile"].items():
+                if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+                    raise ValueError(f"{source}: unit {unit!r}: sparsity must be a number in [0, 1), got {sparsity!r}")
+                options[unit] = Option(float(sparsity)).key
+        known = {f for f in cls.__dataclass_fields__ if f != "options"}
+        try:
+            return cls(options=options, **{k: v for k, v in data.items() if k in known})
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Profile":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"profile {path} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+        return cls.from_dict(data, str(path))

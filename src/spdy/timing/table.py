@@ -1,0 +1,211 @@
+"""`TimingTable`: how long each prunable unit takes at each option on one engine.
+
+The predicted time of a profile (unit -> option) is ``fixed + sum of the chosen unit
+times``; ``fixed`` is the time of everything the solver does not choose for, so it must
+include the dense time of units left out of the solver (the reference code's files forgot
+this, which made its "2x" ResNet18 profile 1.6x in reality).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from spdy.levels import DENSE, Option
+
+FORMAT = "spdy.timings/1"
+
+
+class TimingFormatError(ValueError):
+    """A timing file is malformed; the message names the file, the place and what was expected."""
+
+    def __init__(self, path: str | os.PathLike | None, where: str, message: str):
+        self.path, self.where = path, where
+        prefix = f"{path}" if path else "<timing table>"
+        super().__init__(f"{prefix}: {where}: {message}" if where else f"{prefix}: {message}")
+
+
+def _check_time(value: object, path, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TimingFormatError(path, where, f"expected a time in seconds (a number), got {value!r}")
+    value = float(value)
+    if math.isnan(value) or math.isinf(value) or value < 0:
+        raise TimingFormatError(path, where, f"expected a finite time >= 0 seconds, got {value!r}")
+    return value
+
+
+@dataclass
+class TimingTable:
+    """Per-unit, per-option times in seconds, with the dense model time and the fixed rest.
+
+    ``times[unit][option_key]``; every unit must offer the dense option ``"0.0000"``.
+    ``meta`` records how the times were measured (engine, CPU, threads, versions, date);
+    ``shapes[unit]`` the unit's weight and input shapes where known.
+    """
+
+    times: dict[str, dict[str, float]]
+    base: float
+    fixed: float
+    meta: dict = field(default_factory=dict)
+    shapes: dict[str, dict] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- construction -----------------------------------------------------------------
+    def validate(self, path: str | os.PathLike | None = None) -> None:
+        self.base = _check_time(self.base, path, "base")
+        self.fixed = _check_time(self.fixed, path, "fixed")
+        if self.base <= 0:
+            raise TimingFormatError(path, "base", "the dense model time must be > 0")
+        if not self.times:
+            raise TimingFormatError(path, "units", "the table has no units")
+        for unit, options in self.times.items():
+            if DENSE not in options:
+                raise TimingFormatError(path, f"unit {unit!r}", f"missing the dense option {DENSE!r}; options found: {sorted(options)}")
+            for key, t in list(options.items()):
+                try:
+                    Option.parse(key)
+                except ValueError as e:
+                    raise TimingFormatError(path, f"unit {unit!r}", str(e)) from None
+                options[key] = _check_time(t, path, f"unit {unit!r} option {key!r}")
+        for unit in self.shapes:
+            if unit not in self.times:
+                raise TimingFormatError(path, "shapes", f"unknown unit {unit!r}; units are {self.units[:5]}...")
+
+    @property
+    def units(self) -> list[str]:
+        return list(self.times)
+
+    def options(self, unit: str) -> list[str]:
+        """The unit's option keys, dense first, then by pattern and sparsity."""
+        return sorted(self._unit(unit), key=lambda k: Option.parse(k))
+
+    def _unit(self, unit: str) -> dict[str, float]:
+        try:
+            return self.times[unit]
+        except KeyError:
+            raise KeyError(f"unknown unit {unit!r}; the table has {len(self.times)} units, e.g. {self.units[:3]}") from None
+
+    # -- predictions ------------------------------------------------------------------
+    def dense_time(self, unit: str) -> float:
+        return self._unit(unit)[DENSE]
+
+    def min_time(self) -> float:
+        """The fastest the model can be made: every unit at its fastest option."""
+        return self.fixed + sum(min(o.values()) for o in self.times.values())
+
+    def max_speedup(self) -> float:
+        return self.base / self.min_time()
+
+    def budget(self, target: float) -> float:
+        """Time the solver's units may use for a ``target`` speedup: ``base / target - fixed``."""
+        if not (target > 0 and math.isfinite(target)):
+            raise ValueError(f"target speedup must be a positive number, got {target!r}")
+        return self.base / target - self.fixed
+
+    def predicted_time(self, profile: Mapping[str, str]) -> float:
+        """``fixed`` + the chosen option's time of every unit (units not named stay dense)."""
+        unknown = set(profile) - set(self.times)
+        if unknown:
+            raise KeyError(f"profile names units the timing table lacks: {sorted(unknown)[:5]}")
+        total = self.fixed
+        for unit, options in self.times.items():
+            key = profile.get(unit, DENSE)
+            if key not in options:
+                raise KeyError(f"unit {unit!r} has no timed option {key!r}; it has {self.options(unit)}")
+            total += options[key]
+        return total
+
+    def predicted_speedup(self, profile: Mapping[str, str]) -> float:
+        return self.base / self.predicted_time(profile)
+
+    def matrix(self) -> tuple[list[str], list[list[str]], np.ndarray]:
+        """Units, each unit's option keys, and an (units x max options) array of times (inf pads)."""
+        keys = [self.options(u) for u in self.units]
+        width = max(len(k) for k in keys)
+        arr = np.full((len(keys), width), np.inf)
+        for i, (u, ks) in enumerate(zip(self.units, keys)):
+            arr[i, : len(ks)] = [self.times[u][k] for k in ks]
+        return self.units, keys, arr
+
+    # -- editing ----------------------------------------------------------------------
+    def exclude(self, names: Iterable[str]) -> "TimingTable":
+        """A copy where the named units leave the solver: their dense time moves into ``fixed``."""
+        names = list(names)
+        missing = [n for n in names if n not in self.times]
+        if missing:
+            raise KeyError(f"cannot exclude unknown units {missing}; units are e.g. {self.units[:5]}")
+        kept = {u: dict(o) for u, o in self.times.items() if u not in names}
+        if not kept:
+            raise ValueError("excluding these units leaves no unit to prune")
+        fixed = self.fixed + sum(self.times[n][DENSE] for n in names)
+        meta = dict(self.meta, excluded=sorted(set(self.meta.get("excluded", [])) | set(names)))
+        shapes = {u: s for u, s in self.shapes.items() if u in kept}
+        return TimingTable(kept, self.base, fixed, meta, shapes)
+
+    # -- persistence ------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "base": self.base,
+            "fixed": self.fixed,
+            "meta": self.meta,
+            "units": {u: {"times": {k: self.times[u][k] for k in self.options(u)}, **({"shape": self.shapes[u]} if u in self.shapes else {})} for u in self.units},
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write JSON atomically (a killed write never leaves half a table)."""
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_dict(cls, data: object, path: str | os.PathLike | None = None) -> "TimingTable":
+        if not isinstance(data, dict):
+            raise TimingFormatError(path, "", "expected a JSON object")
+        if data.get("format") != FORMAT:
+            raise TimingFormatError(path, "format", f"expected {FORMAT!r}, got {data.get('format')!r}")
+        for key in ("base", "fixed", "units"):
+            if key not in data:
+                raise TimingFormatError(path, key, "missing")
+        units = data["units"]
+        if not isinstance(units, dict):
+            raise TimingFormatError(path, "units", "expected an object unit -> {times: {option: seconds}}")
+        times, shapes = {}, {}
+        for unit, entry in units.items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("times"), dict):
+                raise TimingFormatError(path, f"unit {unit!r}", "expected {'times': {option: seconds}}")
+            times[unit] = dict(entry["times"])
+            if "shape" in entry:
+                shapes[unit] = entry["shape"]
+        table = cls.__new__(cls)
+        table.times, table.base, table.fixed = times, data["base"], data["fixed"]
+        table.meta, table.shapes = dict(data.get("meta") or {}), shapes
+        table.validate(path)
+        return table
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, exclude: Iterable[str] = ()) -> "TimingTable":
+        """Read our JSON or the reference text format (detected by content)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"timing table {path} does not exist")
+        text = path.read_text()
+        if text.lstrip().startswith("{"):
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise TimingFormatError(path, f"line {e.lineno}", f"invalid JSON ({e.msg}); the file may be truncated") from None
+            table = cls.from_dict(data, path)
+            return table.exclude(exclude) if exclude else table
+        from spdy.timing.reference import parse_reference
+
+        return parse_reference(text, path, exclude=exclude)

@@ -1,0 +1,123 @@
+"""Prunable units: the layers of a model the solver chooses an option for.
+
+A unit is a module with a 2-D weight matrix (out, in) once viewed as a matmul:
+``nn.Linear``, ``nn.Conv2d`` (out, in * kh * kw) and transformers' ``Conv1D`` (stored
+transposed). Each unit's real input shape is captured by running sample inputs through
+the model, because a layer's time depends on it as much as on its weight.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+@dataclass
+class Unit:
+    """One prunable layer and the shapes it sees."""
+
+    name: str
+    module: nn.Module
+    kind: str  # "linear" | "conv2d" | "conv1d"
+    input_shape: tuple[int, ...] | None = None
+    output_shape: tuple[int, ...] | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """(out, in) of the weight viewed as a matrix."""
+        w = self.module.weight
+        if self.kind == "conv1d":
+            return (w.shape[1], w.shape[0])
+        return (w.shape[0], w[0].numel())
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "weight": list(self.weight_shape), "input": list(self.input_shape) if self.input_shape else None}
+
+
+def weight_matrix(unit: Unit) -> torch.Tensor:
+    """The weight as an (out, in) matrix; a view where the layout allows."""
+    w = unit.module.weight.data
+    if unit.kind == "conv1d":
+        return w.t()
+    return w.reshape(w.shape[0], -1)
+
+
+def set_weight_matrix(unit: Unit, matrix: torch.Tensor) -> None:
+    """Copy an (out, in) matrix back into the unit's weight in its own layout."""
+    w = unit.module.weight.data
+    w.copy_(matrix.t() if unit.kind == "conv1d" else matrix.reshape(w.shape))
+
+
+def _kind(module: nn.Module) -> str | None:
+    conv1d = _conv1d_type()
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    if conv1d is not None and isinstance(module, conv1d):
+        return "conv1d"
+    return None
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def find_units(model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] = ()) -> dict[str, Unit]:
+    """Prunable units by module name, in model order.
+
+    ``include``/``exclude`` are glob patterns on module names (e.g. ``"encoder.*"``);
+    a pattern that matches no prunable layer is an error, since it is almost always a typo.
+    """
+    found = {name: Unit(name, m, k) for name, m in model.named_modules() if (k := _kind(m)) is not None}
+    if not found:
+        raise ValueError("the model has no prunable layers (nn.Linear, nn.Conv2d or transformers Conv1D)")
+    for patterns, what in ((include or [], "include"), (exclude, "exclude")):
+        for p in patterns:
+            if not any(fnmatch.fnmatchcase(n, p) for n in found):
+                raise ValueError(f"--{what} pattern {p!r} matches no prunable layer; layers are e.g. {list(found)[:4]}")
+    return {n: u for n, u in found.items() if (not include or _matches(n, include)) and not _matches(n, exclude)}
+
+
+def call_model(model: nn.Module, batch: Any) -> Any:
+    """Run a sample batch: dicts as keyword arguments, tuples/lists as positionals."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+@torch.no_grad()
+def capture_shapes(model: nn.Module, units: dict[str, Unit], batch: Any) -> None:
+    """Fill each unit's input and output shapes by running one batch with forward hooks."""
+    hooks = []
+    for unit in units.values():
+
+        def hook(module, args, output, unit=unit):
+            unit.input_shape = tuple(args[0].shape)
+            unit.output_shape = tuple(output.shape)
+
+        hooks.append(unit.module.register_forward_hook(hook))
+    try:
+        call_model(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    missed = [n for n, u in units.items() if u.input_shape is None]
+    if missed:
+        raise ValueError(f"units never ran on the sample input (unused layers?): {missed[:5]}; exclude them")
+
