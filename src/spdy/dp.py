@@ -116,11 +116,21 @@ def solve_arrays(times: Sequence[np.ndarray], errors: Sequence[np.ndarray], budg
     if slack == 0.0:
         picks = [int(np.argmin(np.where(t == f, e, np.inf))) for t, f, e in zip(times, fastest, errs)]
     else:
-        # A hair under the slack, so float rounding can never push the sum over the budget.
-        width = slack * (1 - 1e-9) / buckets
-        rounded = [np.ceil(np.minimum((t - f) / width, buckets + 1.0)) for t, f in zip(times, fastest)]
-        picks = _dp(rounded, errs, buckets)
-    return Choice(picks, float(sum(t[p] for t, p in zip(times, picks))), float(sum(e[p] for e, p in zip(errors, picks))))
+        picks = _dp(_round_up(times, fastest, slack / buckets, buckets), errs, buckets)
+        while _total(times, picks) > budget:
+            # Float rounding let an exact multiple of the bucket width tip over; shrink by a hair.
+            slack *= 1 - 1e-9
+            picks = _dp(_round_up(times, fastest, slack / buckets, buckets), errs, buckets)
+    return Choice(picks, _total(times, picks), float(sum(e[p] for e, p in zip(errors, picks))))
+
+
+def _round_up(times: list[np.ndarray], fastest: np.ndarray, width: float, buckets: int) -> list[np.ndarray]:
+    """Bucket counts above each unit's fastest time, rounded up (exact multiples stay exact)."""
+    return [np.ceil(np.minimum((t - f) / width * (1 - 1e-12), buckets + 1.0)) for t, f in zip(times, fastest)]
+
+
+def _total(times: list[np.ndarray], picks: list[int]) -> float:
+    return float(sum(t[p] for t, p in zip(times, picks)))
 
 
 @dataclass

@@ -1,0 +1,122 @@
+import json
+import math
+
+import pytest
+
+from spdy.levels import DENSE
+from spdy.timing.reference import parse_reference
+from spdy.timing.table import TimingFormatError, TimingTable
+
+
+def small_table() -> TimingTable:
+    times = {
+        "a": {"0.0000": 1.0, "0.5000": 0.6, "0.9000": 0.3},
+        "b": {"0.0000": 2.0, "0.5000": 1.5, "0.9000": 0.5},
+    }
+    return TimingTable(times, base=4.0, fixed=1.0, meta={"engine": "test"}, shapes={"a": {"weight": [4, 4]}})
+
+
+def test_prediction_and_budget():
+    t = small_table()
+    assert t.predicted_time({}) == 4.0
+    assert t.predicted_time({"a": "0.9000", "b": "0.5000"}) == pytest.approx(1.0 + 0.3 + 1.5)
+    assert t.budget(2.0) == pytest.approx(1.0)
+    assert t.max_speedup() == pytest.approx(4.0 / 1.8)
+
+
+def test_json_round_trip(tmp_path):
+    t = small_table()
+    t.save(tmp_path / "t.json")
+    u = TimingTable.load(tmp_path / "t.json")
+    assert u.times == t.times and u.base == t.base and u.fixed == t.fixed
+    assert u.meta == t.meta and u.shapes == t.shapes
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_exclude_moves_dense_time_into_fixed():
+    t = small_table().exclude(["a"])
+    assert t.units == ["b"] and t.fixed == pytest.approx(2.0)
+    assert t.predicted_time({}) == pytest.approx(4.0)
+    with pytest.raises(KeyError, match="zzz"):
+        small_table().exclude(["zzz"])
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d["units"]["a"]["times"].pop(DENSE), "missing the dense option"),
+    (lambda d: d["units"]["a"]["times"].__setitem__("0.5000", -1.0), "finite time >= 0"),
+    (lambda d: d["units"]["a"]["times"].__setitem__("0.5000", "fast"), "a number"),
+    (lambda d: d.pop("base"), "base: missing"),
+    (lambda d: d["units"]["a"]["times"].__setitem__("bogus", 1.0), "option key"),
+    (lambda d: d.__setitem__("format", "other/1"), "format"),
+])
+def test_malformed_json_names_file_and_place(tmp_path, mutate, message):
+    data = small_table().to_dict()
+    mutate(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(TimingFormatError, match=message) as err:
+        TimingTable.load(path)
+    assert str(path) in str(err.value)
+
+
+def test_nan_time_rejected(tmp_path):
+    path = tmp_path / "nan.json"
+    path.write_text(json.dumps(small_table().to_dict()).replace("0.6", "NaN"))
+    with pytest.raises(TimingFormatError, match="unit 'a' option '0.5000'"):
+        TimingTable.load(path)
+
+
+def test_truncated_json_names_line(tmp_path):
+    path = tmp_path / "cut.json"
+    path.write_text(json.dumps(small_table().to_dict(), indent=1)[:120])
+    with pytest.raises(TimingFormatError, match=r"cut.json: line \d+: invalid JSON"):
+        TimingTable.load(path)
+
+
+REF = """base
+1.0
+prunable
+0.9
+conv1
+0.2 0.0000
+0.25 0.5000
+0.1 0.9000
+fc
+0.3 0.0000
+0.2 0.5000
+0.1 0.9000
+"""
+
+
+def test_reference_format_fixed_is_base_minus_units():
+    t = parse_reference(REF, "ref.txt")
+    assert t.fixed == pytest.approx(1.0 - 0.5)
+    assert t.meta["prunable_reported"] == 0.9
+    ex = parse_reference(REF, "ref.txt", exclude=["conv1"])
+    assert ex.fixed == pytest.approx(0.5 + 0.2) and ex.units == ["fc"]
+
+
+@pytest.mark.parametrize("text, where, message", [
+    (REF.replace("0.2 0.0000", "0.2 0.0100"), "line 5", "no dense"),
+    (REF.replace("0.25 0.5000", "-0.25 0.5000"), "line 7", "finite"),
+    (REF.replace("0.25 0.5000", "nan 0.5000"), "line 7", "finite"),
+    (REF.replace("0.25 0.5000", "0.25"), "line 7", "unit"),
+    (REF.rsplit("\n", 3)[0], "line 9", "truncated"),
+    (REF.replace("prunable", "prunabel"), "line 3", "expected 'prunable'"),
+    ("base\n", "end of file", "truncated"),
+    (REF + "fc\n0.1 0.0000\n", "line 13", "appears twice"),
+])
+def test_reference_errors_name_file_and_line(text, where, message):
+    with pytest.raises(TimingFormatError, match=message) as err:
+        parse_reference(text, "ref.txt")
+    assert f"ref.txt: {where}" in str(err.value)
+
+
+def test_all_reference_tables_load(reference_tables):
+    for path in reference_tables:
+        t = TimingTable.load(path)
+        assert t.fixed >= 0 and len(t.units) >= 20
+        for unit in t.units:
+            assert t.options(unit)[0] == DENSE and all(math.isfinite(x) for x in t.times[unit].values())
+        # the reference's own 'prunable' counts layers it then kept dense; ours does not miss them
+        assert t.fixed + sum(t.dense_time(u) for u in t.units) == pytest.approx(t.base)
