@@ -15,7 +15,7 @@ This module sees numbers only; it knows nothing of engines or weights.
 
 from __future__ import annotations
 
-import math
+import functools
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -61,25 +61,48 @@ def _pareto(tb: np.ndarray, e: np.ndarray) -> np.ndarray:
     return order[keep & np.isfinite(e[order])]
 
 
+@functools.cache
+def _rows_kernel():
+    """The DP's inner loops, compiled once (and cached on disk) by numba."""
+    import numba
+
+    @numba.njit(cache=True, nogil=True)
+    def rows_kernel(tb: np.ndarray, e: np.ndarray, offsets: np.ndarray, buckets: int) -> np.ndarray:
+        units = len(offsets) - 1
+        rows = np.full((units + 1, buckets + 1), np.inf)
+        rows[0, 0] = 0.0
+        reach = 0
+        for layer in range(units):
+            # Separate buffers let LLVM vectorise: it cannot prove two rows of one array disjoint.
+            prev = rows[layer].copy()
+            cur = np.full(buckets + 1, np.inf)
+            widest = 0
+            for k in range(offsets[layer], offsets[layer + 1]):
+                t, err = tb[k], e[k]
+                hi = min(buckets, reach + t) + 1
+                out, src = cur[t:hi], prev[: hi - t]
+                for b in range(hi - t):
+                    x = src[b] + err
+                    out[b] = x if x < out[b] else out[b]
+                widest = max(widest, t)
+            rows[layer + 1] = cur
+            reach = min(buckets, reach + widest)
+        return rows
+
+    return rows_kernel
+
+
 def _dp(tbs: list[np.ndarray], errs: list[np.ndarray], buckets: int) -> list[int]:
     """Min-plus DP over buckets; rows[l][b] = least error of units 0..l using exactly b buckets.
 
     Only the value rows are stored; the choice at each unit is recovered while tracing
-    back, which keeps the inner loop to two array operations per option.
+    back, which keeps the inner loop a plain vectorisable min.
     """
-    rows = np.full((len(tbs) + 1, buckets + 1), np.inf)
-    rows[0, 0] = 0.0
-    reach = 0
-    candidates = []
-    for layer, (tb, e) in enumerate(zip(tbs, errs)):
-        keep = [int(s) for s in _pareto(tb, e) if tb[s] <= buckets]
-        candidates.append(keep)
-        prev, cur = rows[layer], rows[layer + 1]
-        for s in keep:
-            t = int(tb[s])
-            hi = min(buckets, reach + t) + 1
-            np.minimum(cur[t:hi], prev[: hi - t] + e[s], out=cur[t:hi])
-        reach = min(buckets, reach + max(int(tb[s]) for s in keep))
+    candidates = [[int(s) for s in _pareto(tb, e) if tb[s] <= buckets] for tb, e in zip(tbs, errs)]
+    offsets = np.cumsum([0] + [len(c) for c in candidates])
+    flat_tb = np.array([tb[s] for tb, c in zip(tbs, candidates) for s in c], dtype=np.int64)
+    flat_e = np.array([e[s] for e, c in zip(errs, candidates) for s in c], dtype=np.float64)
+    rows = _rows_kernel()(flat_tb, flat_e, offsets, buckets)
     end = int(np.argmin(rows[-1]))
     picks = []
     for layer in range(len(tbs) - 1, -1, -1):

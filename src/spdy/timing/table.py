@@ -56,6 +56,7 @@ class TimingTable:
     shapes: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._sorted: dict[str, list[str]] = {}
         self.validate()
 
     # -- construction -----------------------------------------------------------------
@@ -85,7 +86,11 @@ class TimingTable:
 
     def options(self, unit: str) -> list[str]:
         """The unit's option keys, dense first, then by pattern and sparsity."""
-        return sorted(self._unit(unit), key=lambda k: Option.parse(k))
+        options = self._unit(unit)
+        cached = self._sorted.get(unit)
+        if cached is None or len(cached) != len(options):
+            cached = self._sorted[unit] = sorted(options, key=Option.parse)
+        return list(cached)
 
     def _unit(self, unit: str) -> dict[str, float]:
         try:
@@ -189,6 +194,7 @@ class TimingTable:
         table = cls.__new__(cls)
         table.times, table.base, table.fixed = times, data["base"], data["fixed"]
         table.meta, table.shapes = dict(data.get("meta") or {}), shapes
+        table._sorted = {}
         table.validate(path)
         return table
 
