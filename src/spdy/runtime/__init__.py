@@ -1,0 +1,29 @@
+"""What users deploy: run a pruned model's layers in fast sparse formats on a CPU.
+
+Depends on torch (and spdy.units, spdy.levels) only; never on the search, database or
+solver, so a deployment needs nothing else.
+"""
+
+from spdy.runtime.convert import convert, formats_of, heuristic_format
+from spdy.runtime.formats import FORMATS, block_size, kernel_status, make_format, supported_formats
+from spdy.runtime.masks import magnitude_mask
+from spdy.runtime.modules import SparseConv2d, SparseLinear, sparse_module, weight_of
+from spdy.runtime.select import fastest_format, format_stats
+
+__all__ = [
+    "FORMATS",
+    "SparseConv2d",
+    "SparseLinear",
+    "block_size",
+    "convert",
+    "fastest_format",
+    "format_stats",
+    "formats_of",
+    "heuristic_format",
+    "kernel_status",
+    "magnitude_mask",
+    "make_format",
+    "sparse_module",
+    "supported_formats",
+    "weight_of",
+]

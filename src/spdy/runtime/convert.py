@@ -1,0 +1,95 @@
+"""`convert`: swap a pruned model's layers for runtime modules, in place.
+
+With explicit formats (e.g. the ones a timing table recorded) every named layer runs in
+exactly that format. Without, each layer's formats are timed on its own weight at its real
+input shape (captured from ``example``, or known from the units) and the fastest is kept;
+when no input shape is known a density heuristic decides (documented in `heuristic_format`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from spdy.runtime.formats import FORMATS, block_size, kernel_status
+from spdy.runtime.modules import SparseConv2d, SparseLinear, sparse_module, weight_of
+from spdy.runtime.select import fastest_format
+from spdy.units import Unit, capture_shapes, find_units
+
+# From the engine notes (2 cores, AVX-512, 1024 rows): CSR pays off from ~95% unstructured
+# sparsity, BSR over real 16/32 blocks from ~85-90%.
+CSR_FROM = 0.95
+BSR_FROM = 0.85
+
+
+def heuristic_format(weight: torch.Tensor) -> str:
+    """A format chosen from the weight alone: block BSR >= 85%, CSR (or kernel) >= 95%, else dense."""
+    sparsity = 1.0 - float((weight != 0).float().mean())
+    if sparsity >= BSR_FROM and block_size(weight) is not None:
+        return "bsr"
+    if sparsity >= CSR_FROM:
+        return "kernel" if kernel_status()[0] else "csr"
+    return "dense"
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _pruned_units(model: nn.Module, units: Mapping[str, Unit] | Sequence[str] | None) -> dict[str, Unit]:
+    """The units to convert: those given, else every prunable layer that has zero weights."""
+    found = find_units(model)
+    if units is None:
+        return {n: u for n, u in found.items() if bool((weight_of(u.module) == 0).any())}
+    if isinstance(units, Mapping):
+        return dict(units)
+    missing = [n for n in units if n not in found]
+    if missing:
+        raise KeyError(f"convert: no prunable layer named {missing[:5]}; layers are e.g. {list(found)[:4]}")
+    return {n: found[n] for n in units}
+
+
+@torch.no_grad()
+def convert(
+    model: nn.Module,
+    formats: Mapping[str, str] | None = None,
+    units: Mapping[str, Unit] | Sequence[str] | None = None,
+    example: Any = None,
+    candidates: Sequence[str] = FORMATS,
+) -> nn.Module:
+    """Replace pruned layers by `SparseLinear`/`SparseConv2d` in place and return ``model``.
+
+    ``formats``: module name -> format; layers mapped to ``"dense"`` stay untouched.
+    Otherwise the layers of ``units`` (default: every Linear/Conv1D/Conv2d with zeros) get
+    the fastest of ``candidates``, timed at the input shape seen when running ``example``
+    (or the units' captured ``input_shape``), else `heuristic_format`.
+    """
+    if formats is None:
+        chosen_units = _pruned_units(model, units)
+        if example is not None:
+            capture_shapes(model, chosen_units, example)
+        formats = {}
+        for name, unit in chosen_units.items():
+            if unit.input_shape is None:
+                formats[name] = heuristic_format(weight_of(unit.module))
+            else:
+                formats[name], _ = fastest_format(unit.module, unit.input_shape, candidates)
+    for name, fmt in formats.items():
+        if fmt not in FORMATS:
+            raise ValueError(f"convert: layer {name!r}: unknown format {fmt!r}; formats are {', '.join(FORMATS)}")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise KeyError(f"convert: the model has no module {name!r}") from None
+        if fmt == "dense" or isinstance(module, (SparseLinear, SparseConv2d)):
+            continue
+        _set_module(model, name, sparse_module(module, fmt))
+    return model
+
+
+def formats_of(model: nn.Module) -> dict[str, str]:
+    """Module name -> format of every runtime module in a converted model."""
+    return {n: m.format for n, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))}

@@ -1,0 +1,129 @@
+"""Drop-in modules that run a pruned layer in a chosen weight format.
+
+`SparseLinear` replaces ``nn.Linear`` and transformers' ``Conv1D`` (same product, weight
+stored transposed); `SparseConv2d` replaces ``nn.Conv2d`` by an unfold + matmul, the only
+way torch's sparse formats can be applied to a convolution. Both compute what the masked
+dense layer computes, up to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spdy.runtime.formats import make_format
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    bias = getattr(module, "bias", None)
+    return None if bias is None else bias.detach()
+
+
+class SparseLinear(nn.Module):
+    """``y = x W^T + b`` with ``W`` (out, in) held in ``format``; any number of leading dims."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, format: str = "csr"):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.format = format
+        self.store = make_format(format, weight.detach(), bias)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, format: str) -> "SparseLinear":
+        """From an ``nn.Linear`` or a transformers ``Conv1D`` with its current (masked) weight."""
+        conv1d = _conv1d_type()
+        if isinstance(module, nn.Linear):
+            weight = module.weight.detach()
+        elif conv1d is not None and isinstance(module, conv1d):
+            weight = module.weight.detach().t()
+        else:
+            raise TypeError(f"SparseLinear replaces nn.Linear or transformers Conv1D, not {type(module).__name__}")
+        return cls(weight, _bias(module), format)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"SparseLinear expects inputs with {self.in_features} features in the last dim, got shape {tuple(x.shape)}")
+        y = self.store.linear(x.reshape(-1, self.in_features))
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The (out, in) weight as a dense tensor, zeros included."""
+        return self.store.to_dense()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, bias={self.store.bias is not None}"
+
+
+class SparseConv2d(nn.Module):
+    """A ``groups=1``, zero-padded Conv2d whose (out, in*kh*kw) weight is held in ``format``.
+
+    Sparse formats run ``W_sparse @ unfold(x)``; ``dense`` keeps ``F.conv2d`` (oneDNN is
+    far faster than unfold for dense weights).
+    """
+
+    def __init__(self, conv: nn.Conv2d, format: str):
+        super().__init__()
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(
+                f"SparseConv2d supports groups=1, padding_mode='zeros' and numeric padding; got groups={conv.groups}, "
+                f"padding_mode={conv.padding_mode!r}, padding={conv.padding!r}"
+            )
+        self.format = format
+        self.out_channels, self.kernel_size = conv.out_channels, conv.kernel_size
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        weight = conv.weight.detach()
+        self.weight_shape = tuple(weight.shape)
+        self.store = make_format(format, weight.reshape(weight.shape[0], -1), _bias(conv))
+
+    @classmethod
+    def from_module(cls, module: nn.Module, format: str) -> "SparseConv2d":
+        if not isinstance(module, nn.Conv2d):
+            raise TypeError(f"SparseConv2d replaces nn.Conv2d, not {type(module).__name__}")
+        return cls(module, format)
+
+    def _out_size(self, size: int, i: int) -> int:
+        return (size + 2 * self.padding[i] - self.dilation[i] * (self.kernel_size[i] - 1) - 1) // self.stride[i] + 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"SparseConv2d expects (batch, channels, height, width) inputs, got shape {tuple(x.shape)}")
+        if self.format == "dense":
+            weight = self.store.to_dense().reshape(self.weight_shape)
+            return F.conv2d(x, weight, self.store.bias, self.stride, self.padding, self.dilation)
+        batch = x.shape[0]
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (B, K, L)
+        k, length = cols.shape[1], cols.shape[2]
+        yt = self.store.mm_t(cols.transpose(0, 1).reshape(k, batch * length))  # (out, B * L)
+        y = yt.reshape(self.out_channels, batch, length).transpose(0, 1)
+        return y.reshape(batch, self.out_channels, self._out_size(x.shape[2], 0), self._out_size(x.shape[3], 1))
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.store.to_dense()
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight_shape}, stride={self.stride}, padding={self.padding}, format={self.format}"
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """A layer's weight as the (out, in) matrix the formats store."""
+    weight = module.weight.detach()
+    conv1d = _conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        return weight.t()
+    return weight.reshape(weight.shape[0], -1)
+
+
+def sparse_module(module: nn.Module, format: str) -> nn.Module:
+    """The runtime replacement for a Linear, Conv1D or Conv2d with its current weights."""
+    if isinstance(module, nn.Conv2d):
+        return SparseConv2d.from_module(module, format)
+    return SparseLinear.from_module(module, format)
