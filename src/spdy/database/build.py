@@ -1,0 +1,163 @@
+"""Build (or resume, or repair) a database: capture once, prune unit by unit, write as we go.
+
+Each finished unit is written to its own file and then recorded in the manifest
+atomically, so a killed build loses at most the unit in progress. Building into an
+existing directory resumes it: units recorded with an intact file are kept, missing or
+corrupt ones are recomputed. A directory built from a different model, pruner, pattern,
+option set or calibration data is refused rather than mixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from spdy.data import fingerprint_batches
+from spdy.database.adaprune import AdaPrune
+from spdy.database.capture import UnitStats, capture
+from spdy.database.obs import OBS
+from spdy.database.pruners import Magnitude, Pruner, single_pattern
+from spdy.database.store import FORMAT, MANIFEST, Database, DatabaseError, file_sha256, read_manifest, unit_filename, write_manifest
+from spdy.levels import Option
+from spdy.units import Unit, weight_matrix
+
+PRUNERS: dict[str, type[Pruner]] = {"obs": OBS, "adaprune": AdaPrune, "magnitude": Magnitude}
+
+
+def make_pruner(name: str, **params) -> Pruner:
+    """A pruner by name with its hyperparameters; unknown names or parameters are clear errors."""
+    if name not in PRUNERS:
+        raise ValueError(f"unknown pruner {name!r}: use one of {', '.join(PRUNERS)}")
+    cls = PRUNERS[name]
+    known = [f for f in cls.__dataclass_fields__]
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise ValueError(f"pruner {name!r} has no parameter {unknown[0]!r}; its parameters are {', '.join(known) or 'none'}")
+    return cls(**params)
+
+
+def model_fingerprint(units: dict[str, Unit]) -> str:
+    """A hash of the units' names, shapes and dense weights: what the database depends on."""
+    h = hashlib.sha256()
+    for name, unit in units.items():
+        w = unit.module.weight.detach()
+        h.update(f"{name}:{unit.kind}:{tuple(w.shape)}:{w.dtype}".encode())
+        h.update(w.contiguous().flatten().view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
+def relative_error(dense: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``||W_p X - W X|| / ||W X||`` from ``H = X X^T / n``: sqrt(tr(D H D^T) / tr(W H W^T))."""
+    w = dense.double()
+    d = pruned.double() - w
+    num = float(((d @ hessian) * d).sum())
+    den = float(((w @ hessian) * w).sum())
+    return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
+
+
+def _samples(calibration: Sequence) -> int:
+    """Sequences (or images) in the calibration batches: the leading size of each batch."""
+    total = 0
+    for batch in calibration:
+        first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0] if isinstance(batch, (list, tuple)) else batch
+        total += int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
+    return total
+
+
+def _identity(units: dict[str, Unit], calibration: Sequence, pruner: Pruner, options: list[Option]) -> dict:
+    return {
+        "model": model_fingerprint(units),
+        "pruner": {"name": pruner.name, "params": pruner.params()},
+        "pattern": single_pattern(options).name,
+        "options": [o.key for o in options],
+        "calibration": {"fingerprint": fingerprint_batches(list(calibration)), "samples": _samples(calibration), "batches": len(calibration)},
+    }
+
+
+def _start(directory: Path, identity: dict) -> dict:
+    """The existing manifest if it was built the same way, else a fresh one."""
+    if not (directory / MANIFEST).exists():
+        return {"format": FORMAT, **identity, "units": {}}
+    manifest = read_manifest(directory)
+    for field, value in identity.items():
+        if manifest.get(field) != value:
+            raise DatabaseError(
+                f"{directory} holds a database built with a different {field} "
+                f"({manifest.get(field)!r}, now {value!r}); use a new directory, or delete this one to rebuild"
+            )
+    return manifest
+
+
+def _build_unit(directory: Path, name: str, unit: Unit, stats: UnitStats, pruner: Pruner, options: list[Option], bar: tqdm) -> dict:
+    """Prune one unit to every option, write its file atomically, return its manifest entry."""
+    started = time.perf_counter()
+    original = weight_matrix(unit).detach()
+    hessian = stats.hessian
+    tensors, errors = {}, {}
+    for option, pruned in pruner.levels(original, stats, options, name):
+        tensors[option.key] = original.clone().contiguous() if option.is_dense else pruned.to(original.dtype).contiguous()
+        errors[option.key] = relative_error(original, pruned, hessian)
+        bar.update(1)
+    filename = unit_filename(name)
+    path = directory / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"unit": name})
+    os.replace(tmp, path)
+    return {
+        "kind": unit.kind,
+        "shape": list(original.shape),
+        "file": filename,
+        "sha256": file_sha256(path),
+        "rows": stats.count,
+        "seconds": round(time.perf_counter() - started, 3),
+        "relative_error": errors,
+    }
+
+
+def build_database(
+    model: torch.nn.Module,
+    units: dict[str, Unit],
+    calibration: Sequence,
+    options: Sequence[Option],
+    out_dir: str | os.PathLike,
+    pruner: str = "obs",
+    *,
+    progress: bool = True,
+    on_unit: Callable[[str], None] | None = None,
+    **pruner_params,
+) -> Database:
+    """Prune every unit of ``units`` to every option from the dense model's calibration inputs.
+
+    ``options`` must share one pattern; dense is always stored. ``on_unit(name)`` runs after
+    each unit is committed (progress reporting, tests). Resumes ``out_dir`` when it holds a
+    database built the same way; recomputes units whose file is missing or corrupt.
+    """
+    algorithm = make_pruner(pruner, **pruner_params)
+    options = sorted(set(options) | {Option(0.0)})
+    directory = Path(out_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        manifest = _start(directory, _identity(units, calibration, algorithm, options))
+        existing = Database(directory, manifest)
+        for bad in existing.check():
+            del manifest["units"][bad]
+        write_manifest(directory, manifest)
+        todo = {name: unit for name, unit in units.items() if name not in manifest["units"]}
+        if todo:
+            stats = capture(model, todo, calibration, rows=algorithm.rows, progress=progress)
+            with tqdm(total=len(todo) * len(options), desc=f"{algorithm.name} database", unit="level", disable=not progress) as bar:
+                for name, unit in todo.items():
+                    manifest["units"][name] = _build_unit(directory, name, unit, stats.pop(name), algorithm, options, bar)
+                    write_manifest(directory, manifest)
+                    if on_unit is not None:
+                        on_unit(name)
+    return Database.open(directory)

@@ -1,0 +1,147 @@
+"""The database on disk: ``manifest.json`` plus one safetensors file per unit.
+
+Each unit file holds every option of the unit (dense included) as an (out, in) matrix
+named by its option key. Files are read lazily through ``safetensors.safe_open``
+(memory-mapped), so memory stays bounded by what is asked for. The manifest records what
+built the database (model, pruner, pattern, options, calibration), and per unit its
+file, sha256 and relative output errors; a unit file's checksum is verified on its first
+read, so a corrupt or missing file fails loudly with its unit's name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from spdy.levels import Option
+
+FORMAT = "spdy.database/1"
+MANIFEST = "manifest.json"
+
+
+class DatabaseError(ValueError):
+    """A database directory that is missing, corrupt or does not fit the request."""
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def unit_filename(unit: str) -> str:
+    """A safe, unique file name for a unit: its name, plus a hash if characters were replaced."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", unit)
+    if safe != unit or not safe.strip("."):
+        safe = f"{safe}-{hashlib.sha1(unit.encode()).hexdigest()[:8]}"
+    return f"units/{safe}.safetensors"
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    """Replace the manifest atomically: a crash leaves the old one or the new one."""
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, directory / MANIFEST)
+
+
+def read_manifest(directory: Path) -> dict:
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise DatabaseError(f"{directory} is not a database: {MANIFEST} is missing (build one with `spdy database`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DatabaseError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DatabaseError(f"{path}: format {manifest.get('format') if isinstance(manifest, dict) else None!r} is not {FORMAT!r}")
+    return manifest
+
+
+class Database:
+    """Read side of a database directory."""
+
+    def __init__(self, directory: str | os.PathLike, manifest: dict):
+        self.directory = Path(directory)
+        self.manifest = manifest
+        self._files: dict[str, Any] = {}
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike) -> "Database":
+        return cls(directory, read_manifest(Path(directory)))
+
+    @property
+    def units(self) -> list[str]:
+        """Units whose file is complete, in build order."""
+        return list(self.manifest["units"])
+
+    @property
+    def pattern(self) -> str:
+        return self.manifest["pattern"]
+
+    @property
+    def pruner(self) -> dict:
+        return self.manifest["pruner"]
+
+    def _entry(self, unit: str) -> dict:
+        try:
+            return self.manifest["units"][unit]
+        except KeyError:
+            raise DatabaseError(f"unit {unit!r} is not in the database {self.directory} (it has {len(self.units)} units, e.g. {self.units[:3]})") from None
+
+    def options(self, unit: str) -> list[str]:
+        """Option keys of a unit, dense first, by increasing sparsity."""
+        return list(self._entry(unit)["relative_error"])
+
+    def path(self, unit: str) -> Path:
+        return self.directory / self._entry(unit)["file"]
+
+    def problem(self, unit: str) -> str | None:
+        """Why a unit's file cannot be used, or None when it is intact."""
+        path = self.path(unit)
+        if not path.is_file():
+            return f"unit {unit!r}: file {path} is missing"
+        if file_sha256(path) != self._entry(unit)["sha256"]:
+            return f"unit {unit!r}: file {path} is corrupt (sha256 differs from the manifest)"
+        return None
+
+    def check(self) -> dict[str, str]:
+        """Every unit with a missing or corrupt file, and why; empty when all are intact."""
+        return {unit: p for unit in self.units if (p := self.problem(unit))}
+
+    def _file(self, unit: str) -> Any:
+        if unit not in self._files:
+            if p := self.problem(unit):
+                raise DatabaseError(f"{p}; run the build again on {self.directory} to recompute the bad units")
+            self._files[unit] = safe_open(str(self.path(unit)), framework="pt")
+        return self._files[unit]
+
+    def weight(self, unit: str, key: str) -> torch.Tensor:
+        """The (out, in) weight of ``unit`` at option ``key`` (checksum verified on first read)."""
+        f = self._file(unit)
+        if key not in self._entry(unit)["relative_error"]:
+            raise DatabaseError(f"unit {unit!r} has no option {key!r}; it has {self.options(unit)[:4]}...{self.options(unit)[-1:]}")
+        return f.get_tensor(key)
+
+    def relative_errors(self) -> dict[str, dict[str, float]]:
+        """``||W_p X - W X|| / ||W X||`` per unit and option, on the calibration inputs."""
+        return {unit: dict(entry["relative_error"]) for unit, entry in self.manifest["units"].items()}
+
+    def summary(self) -> dict:
+        """The ``--json`` contract: entry count and mean relative error per sparsity."""
+        by_level: dict[str, list[float]] = {}
+        for errors in self.relative_errors().values():
+            for key, value in errors.items():
+                by_level.setdefault(f"{Option.parse(key).sparsity:.4f}", []).append(value)
+        return {
+            "entries": sum(len(v) for v in by_level.values()),
+            "relative_error": {level: sum(v) / len(v) for level, v in sorted(by_level.items())},
+        }
