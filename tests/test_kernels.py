@@ -1,0 +1,113 @@
+"""Correctness of the own sparse kernel against a float64 F.linear reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spdy.runtime import kernels
+
+ok, reason = kernels.available()
+pytestmark = pytest.mark.skipif(not ok, reason=f"sparse kernel unavailable: {reason}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compiled():
+    kernels.warmup()
+
+
+def _masked(out_f: int, in_f: int, sparsity: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g)
+    return w * (torch.rand(out_f, in_f, generator=g) >= sparsity)
+
+
+def _check(w: torch.Tensor, b: torch.Tensor | None, x: torch.Tensor) -> None:
+    """Relative error (max abs error / max abs reference) <= 1e-5."""
+    y = kernels.SparseKernelWeight.from_dense(w, b).matmul(x)
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    err = (y.double() - ref).abs().max().item() if ref.numel() else 0.0
+    assert err <= 1e-5 * max(scale, 1e-30), (err, scale)
+
+
+@pytest.mark.parametrize("n", [1, 7, 16, 17, 128, 1000])
+@pytest.mark.parametrize("out_f,in_f", [(1, 1), (1, 37), (37, 1), (16, 16), (33, 70), (130, 200)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.9])
+def test_shapes(n: int, out_f: int, in_f: int, sparsity: float) -> None:
+    w = _masked(out_f, in_f, sparsity, seed=n + out_f + in_f)
+    _check(w, torch.randn(out_f), torch.randn(n, in_f))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 200),
+    out_f=st.integers(1, 80),
+    in_f=st.integers(1, 80),
+    sparsity=st.floats(0.0, 1.0),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random(n: int, out_f: int, in_f: int, sparsity: float, with_bias: bool, seed: int) -> None:
+    w = _masked(out_f, in_f, sparsity, seed)
+    b = torch.randn(out_f) if with_bias else None
+    _check(w, b, torch.randn(n, in_f))
+
+
+def test_dense_and_empty_rows_and_columns() -> None:
+    w = _masked(48, 40, 0.7, seed=1)
+    w[3] = torch.randn(40)  # fully dense row
+    w[5] = 0.0  # fully zero row
+    w[:, 7] = torch.randn(48)  # fully dense column
+    w[:, 9] = 0.0  # fully zero column
+    for n in (1, 7, 128, 1000):
+        _check(w, torch.randn(48), torch.randn(n, 40))
+        _check(w, None, torch.randn(n, 40))
+    _check(torch.zeros(20, 30), None, torch.randn(70, 30))
+
+
+def test_big_layer() -> None:
+    _check(_masked(3072, 768, 0.9, seed=2), torch.randn(3072), torch.randn(300, 768))
+
+
+def test_leading_dims_and_non_contiguous_input() -> None:
+    w, b = _masked(24, 40, 0.5, seed=3), torch.randn(24)
+    sw = kernels.SparseKernelWeight.from_dense(w, b)
+    x = torch.randn(3, 5, 40)
+    assert sw.matmul(x).shape == (3, 5, 24)
+    torch.testing.assert_close(sw.matmul(x), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    xt = torch.randn(40, 70).t()  # non-contiguous view
+    torch.testing.assert_close(sw.matmul(xt), F.linear(xt, w, b), rtol=1e-5, atol=1e-5)
+    assert sw.matmul(torch.randn(0, 40)).shape == (0, 24)
+
+
+def test_packed_form() -> None:
+    w = _masked(30, 50, 0.8, seed=4)
+    sw = kernels.SparseKernelWeight.from_dense(w)
+    assert sw.shape == (30, 50)
+    assert sw.nnz == int((w != 0).sum())
+    assert torch.equal(sw.to_dense(), w)
+    with pytest.raises(ValueError):
+        sw.matmul(torch.randn(4, 49))
+    with pytest.raises(TypeError):
+        sw.matmul(torch.randn(4, 50, dtype=torch.float64))
+
+
+def test_set_num_threads() -> None:
+    import numba
+
+    before = torch.get_num_threads()
+    w, x = _masked(64, 96, 0.9, seed=5), torch.randn(256, 96)
+    sw = kernels.SparseKernelWeight.from_dense(w)
+    try:
+        kernels.set_num_threads(1)
+        assert torch.get_num_threads() == 1 and numba.get_num_threads() == 1
+        y1 = sw.matmul(x)
+        kernels.set_num_threads(2)
+        assert torch.get_num_threads() == 2
+        assert numba.get_num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
+        assert torch.equal(sw.matmul(x), y1)  # same arithmetic order whatever the split
+    finally:
+        kernels.set_num_threads(before)
