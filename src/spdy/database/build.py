@@ -44,13 +44,14 @@ def make_pruner(name: str, **params) -> Pruner:
     return cls(**params)
 
 
-def model_fingerprint(units: dict[str, Unit]) -> str:
-    """A hash of the units' names, shapes and dense weights: what the database depends on."""
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of every parameter and buffer (names, shapes, bytes): the database depends on all
+    of them, since a unit's inputs do; independent of which units are pruned."""
     h = hashlib.sha256()
-    for name, unit in units.items():
-        w = unit.module.weight.detach()
-        h.update(f"{name}:{unit.kind}:{tuple(w.shape)}:{w.dtype}".encode())
-        h.update(w.contiguous().flatten().view(torch.uint8).numpy())
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.flatten().view(torch.uint8).numpy())
     return h.hexdigest()[:16]
 
 
@@ -72,9 +73,9 @@ def _samples(calibration: Sequence) -> int:
     return total
 
 
-def _identity(units: dict[str, Unit], calibration: Sequence, pruner: Pruner, options: list[Option]) -> dict:
+def _identity(model: torch.nn.Module, calibration: Sequence, pruner: Pruner, options: list[Option]) -> dict:
     return {
-        "model": model_fingerprint(units),
+        "model": model_fingerprint(model),
         "pruner": {"name": pruner.name, "params": pruner.params()},
         "pattern": single_pattern(options).name,
         "options": [o.key for o in options],
@@ -143,10 +144,13 @@ def build_database(
     """
     algorithm = make_pruner(pruner, **pruner_params)
     options = sorted(set(options) | {Option(0.0)})
+    pattern = single_pattern(options)
+    for name, unit in units.items():
+        pattern.check(unit.weight_shape, name)
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        manifest = _start(directory, _identity(units, calibration, algorithm, options))
+        manifest = _start(directory, _identity(model, calibration, algorithm, options))
         existing = Database(directory, manifest)
         for bad in existing.check():
             del manifest["units"][bad]

@@ -53,7 +53,9 @@ class Pattern:
             raise ValueError(f"unit {unit!r}: input size {shape[1]} is not a multiple of {self.nm[1]}, so pattern {self.name} does not apply; exclude the unit")
 
     def count(self, shape: tuple[int, int], sparsity: float) -> int:
-        """Tiles to prune in the whole matrix for ``sparsity``."""
+        """Tiles to prune in the whole matrix for ``sparsity`` (N:M: its fixed count; dense: 0)."""
+        if sparsity == 0.0:
+            return 0
         if self.nm:
             n, m = self.nm
             return shape[0] * (shape[1] // m) * n
