@@ -3,8 +3,9 @@
 Each format offers two products: ``linear(x)`` for row-major inputs (N, in) -> (N, out),
 and ``mm_t(xt)`` for inputs already laid out as columns (in, N) -> (out, N). The sparse
 torch formats are only fast as ``W_sparse @ X^T`` (``X @ W_sparse.T`` is 5-7x slower), so
-their ``linear`` pays two transposes; both are part of every time we measure, so the table
-and the deployed model pay the same.
+their ``linear`` copies the input to columns (free when it already is, e.g. the output of
+a previous sparse layer) and returns a transposed view; the copy is part of every time we
+measure, so the table and the deployed model pay the same.
 
 * ``dense``: ``F.linear`` (MKL/oneDNN); the reference every other format must beat.
 * ``csr``: torch sparse CSR; pays off at high unstructured sparsity (~95%).
@@ -73,7 +74,9 @@ class WeightFormat:
         return True
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mm_t(x.t().contiguous()).t().contiguous()
+        # The result stays a transposed view: elementwise ops keep that layout, so the next
+        # sparse layer gets its X^T for free, and an op that needs rows copies only then.
+        return self.mm_t(x.t().contiguous()).t()
 
     def mm_t(self, xt: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -1,0 +1,216 @@
+"""Timing tables and how to measure them.
+
+`measure` drives any backend (:mod:`spdy.timing.backend`): every unit at every option, a
+JSON checkpoint after each unit so a killed run resumes where it stopped, units of equal
+signature measured once, and ``base``/``fixed`` from the same run. Heavy imports (torch)
+happen inside `measure`, so reading a table stays light.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from spdy.runtime.timer import Stat
+    from spdy.timing.backend import Backend
+    from spdy.timing.table import TimingTable
+    from spdy.units import Unit
+
+CHECKPOINT_FORMAT = "spdy.timing-checkpoint/1"
+# Keys of a backend's meta that must agree for checkpointed entries to be reused.
+_IDENTITY = ("backend", "cpu", "threads", "torch", "formats_tried")
+
+
+class FixedTimeError(ValueError):
+    """The units timed alone add up to more than the whole model: the table would be wrong."""
+
+
+def _option_keys(units: Sequence[str], options: Mapping[str, Sequence[str]] | Sequence[str] | None, levels: Sequence[float] | None, pattern: str) -> dict[str, list[str]]:
+    from spdy.levels import DENSE, Option, options_for
+
+    if options is None:
+        keys = [o.key for o in options_for(pattern, list(levels) if levels is not None else None)]
+        return {u: keys for u in units}
+    if isinstance(options, Mapping):
+        missing = [u for u in units if u not in options]
+        if missing:
+            raise KeyError(f"options given per unit, but not for {missing[:5]}")
+        per_unit = {u: list(options[u]) for u in units}
+    else:
+        per_unit = {u: list(options) for u in units}
+    for unit, keys in per_unit.items():
+        for k in keys:
+            Option.parse(k)
+        if DENSE not in keys:
+            keys.insert(0, DENSE)
+    return per_unit
+
+
+def _load_checkpoint(path: Path, identity: dict) -> dict:
+    if not path.is_file():
+        return {"format": CHECKPOINT_FORMAT, "identity": identity, "entries": {}}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"timing checkpoint {path}: invalid JSON at line {e.lineno} ({e.msg}); delete it to start over") from None
+    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"timing checkpoint {path}: not a {CHECKPOINT_FORMAT} file; delete it or choose another path")
+    differs = {k: (data["identity"].get(k), identity.get(k)) for k in _IDENTITY if data["identity"].get(k) != identity.get(k)}
+    if differs:
+        raise ValueError(f"timing checkpoint {path} was measured differently ({differs}, as checkpoint vs now); delete it or choose another path")
+    return data
+
+
+def _save_checkpoint(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _measure_units(
+    engine: "Backend",
+    model: "nn.Module",
+    units: "dict[str, Unit]",
+    batch: Any,
+    wanted: dict[str, list[str]],
+    entries: dict[str, dict],
+    path: Path | None,
+    state: dict,
+    progress: bool,
+    dedupe: bool,
+    on_unit: Callable[[str], None] | None,
+) -> "tuple[Stat, Stat]":
+    """The measuring loop: model time, every unit (checkpointed), model time again."""
+    import torch
+    from tqdm import tqdm
+
+    with torch.no_grad():
+        before = engine.model_time(model, batch)
+    by_signature = {e["signature"]: n for n, e in entries.items() if e.get("signature") is not None and "shared_from" not in e}
+    bar = tqdm(units.items(), desc=f"timing ({engine.name})", unit="unit", disable=not progress)
+    for name, unit in bar:
+        bar.set_postfix_str(name[-40:])
+        entry = entries.get(name)
+        missing = [k for k in wanted[name] if entry is None or k not in entry["times"]]
+        if not missing:
+            continue
+        signature = engine.signature(unit) if dedupe else None
+        source = by_signature.get(signature) if signature is not None else None
+        if source is not None and all(k in entries[source]["times"] for k in wanted[name]):
+            src = entries[source]
+            entries[name] = {"signature": signature, "shared_from": source, **{f: dict(src[f]) for f in ("times", "formats", "spread")}}
+        else:
+            measured = engine.unit_times(unit, missing)
+            entry = entries.setdefault(name, {"signature": signature, "times": {}, "formats": {}, "spread": {}})
+            entry.pop("shared_from", None)
+            for field_name in ("times", "formats", "spread"):
+                entry[field_name].update(getattr(measured, field_name))
+            if signature is not None:
+                by_signature[signature] = name
+        if path:
+            _save_checkpoint(path, state)
+        if on_unit is not None:
+            on_unit(name)
+    with torch.no_grad():
+        after = engine.model_time(model, batch)
+    return before, after
+
+
+def measure(
+    model: "nn.Module",
+    units: "Mapping[str, Unit]",
+    batch: Any,
+    options: Mapping[str, Sequence[str]] | Sequence[str] | None = None,
+    levels: Sequence[float] | None = None,
+    pattern: str = "unstructured",
+    backend: "str | Backend" = "torch-cpu",
+    checkpoint: str | os.PathLike | None = None,
+    progress: bool = True,
+    dedupe: bool = True,
+    on_unit: Callable[[str], None] | None = None,
+    **backend_options: Any,
+) -> "TimingTable":
+    """Time every unit at every option on ``backend`` and return a `TimingTable`.
+
+    ``options``: option keys for all units, or per unit; default ``pattern`` at ``levels``
+    (default the 42-option SPDY grid). ``checkpoint``: a JSON file written after each unit
+    and read on start, so an interrupted run resumes without re-measuring what it has.
+    ``on_unit(name)`` is called after each unit is checkpointed. ``backend_options`` go to
+    the backend (torch-cpu: ``threads``, ``formats``, ``rounds``, ...).
+
+    ``base`` is the dense model's median time (measured before and after the units, pooled)
+    and ``fixed = base - sum of dense unit times``; a negative ``fixed`` raises
+    `FixedTimeError` (the checkpoint is kept, so re-running re-measures ``base`` only).
+    """
+    from spdy.levels import DENSE
+    from spdy.timing.backend import get_backend
+    from spdy.timing.table import TimingTable
+    from spdy.units import capture_shapes
+
+    units = dict(units)
+    if not units:
+        raise ValueError("measure: no units to time")
+    if not isinstance(backend, str) and backend_options:
+        raise TypeError(f"measure: backend options {sorted(backend_options)} apply only when the backend is given by name")
+    engine = get_backend(backend, **backend_options) if isinstance(backend, str) else backend
+    if any(u.input_shape is None for u in units.values()):
+        capture_shapes(model, units, batch)
+    wanted = _option_keys(list(units), options, levels, pattern)
+    meta = engine.meta()
+    path = Path(checkpoint) if checkpoint is not None else None
+    state = _load_checkpoint(path, meta) if path else {"entries": {}}
+    entries: dict[str, dict] = state["entries"]
+    model.eval()
+    engine.prepare(model, units, batch)
+    try:
+        before, after = _measure_units(engine, model, units, batch, wanted, entries, path, state, progress, dedupe, on_unit)
+    finally:
+        engine.finish()
+    base = statistics.median([before.median, after.median])
+    times = {}
+    for name in units:
+        entry = entries[name]
+        # An option that runs dense costs exactly the dense time (consistent across resumes).
+        times[name] = {k: entry["times"][DENSE] if entry["formats"].get(k) == "dense" else entry["times"][k] for k in wanted[name]}
+    dense_sum = sum(t[DENSE] for t in times.values())
+    fixed = base - dense_sum
+    if fixed < 0:
+        raise FixedTimeError(
+            f"the {len(units)} units timed alone take {dense_sum * 1e3:.2f} ms dense, more than the whole model "
+            f"({base * 1e3:.2f} ms; before/after {before.median * 1e3:.2f}/{after.median * 1e3:.2f} ms): noise or caching "
+            f"effects on this machine. Re-run with more repeats (rounds/model_rounds) on a quieter machine"
+            + (f"; the unit times are kept in {path}" if path else "")
+        )
+    meta.update(
+        {
+            "base_before": before.median,
+            "base_after": after.median,
+            "base_spread": max(before.spread, after.spread),
+            "batch_shapes": _batch_shapes(batch),
+            "options": {"pattern": pattern, "levels": list(levels) if levels is not None else None},
+            "formats": {n: {k: entries[n]["formats"][k] for k in wanted[n] if k in entries[n]["formats"]} for n in units},
+            "spread": {n: {k: entries[n]["spread"][k] for k in wanted[n] if k in entries[n]["spread"]} for n in units},
+            "shared": {n: entries[n]["shared_from"] for n in units if "shared_from" in entries[n]},
+        }
+    )
+    shapes = {n: u.describe() for n, u in units.items()}
+    return TimingTable(times, base, fixed, meta, shapes)
+
+
+def _batch_shapes(batch: Any) -> Any:
+    if hasattr(batch, "shape"):
+        return list(batch.shape)
+    if isinstance(batch, Mapping):
+        return {k: _batch_shapes(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return [_batch_shapes(v) for v in batch]
+    return repr(type(batch).__name__)
+
+
+__all__ = ["FixedTimeError", "measure"]

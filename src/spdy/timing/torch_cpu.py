@@ -1,0 +1,135 @@
+"""The ``torch-cpu`` backend: times units in every runtime format, keeps the fastest.
+
+Each option is timed on a magnitude mask of its sparsity (speed depends on how many
+weights remain and how they group, not on which), at the unit's real input shape, with
+the very modules :mod:`spdy.runtime` deploys, so a converted model runs what was timed.
+
+Being smart about the 42-level grid:
+
+* units with the same kind, weight shape, bias and input shape are timed once
+  (`signature`); MiniLM's 36 encoder Linears are 3 distinct shapes;
+* levels run from the sparsest down; a sparse format that was ``hopeless`` x slower than
+  the best at some level only gets slower at denser levels, so it is dropped for them;
+* when only dense is left, the option is dense and costs exactly the dense time;
+* a sparse format's time is its ratio to dense *in the same alternated run* times the
+  unit's dense time, so slow periods of the machine between levels cancel out.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from spdy.levels import DENSE, Option
+from spdy.runtime.formats import FORMATS, kernel_status
+from spdy.runtime.masks import magnitude_mask
+from spdy.runtime.select import MIN_GAIN, format_stats, pick
+from spdy.runtime.timer import Stat, measure
+from spdy.timing.backend import Backend, UnitTiming, machine_meta
+from spdy.units import Unit, call_model, set_weight_matrix, weight_matrix
+
+HOPELESS = 1.5
+
+
+class TorchCpuBackend(Backend):
+    """torch on the CPU, formats ``dense``, ``csr``, ``bsr`` and (if it loads) ``kernel``."""
+
+    name = "torch-cpu"
+
+    def __init__(self, threads: int | None = None, formats: Sequence[str] = FORMATS, rounds: int = 11, model_rounds: int = 10, max_spread: float = 0.15, hopeless: float = HOPELESS):
+        self.threads = threads or os.cpu_count() or 1
+        unknown = [f for f in formats if f not in FORMATS]
+        if unknown:
+            raise ValueError(f"torch-cpu: unknown formats {unknown}; formats are {', '.join(FORMATS)}")
+        self.formats = tuple(formats)
+        self.rounds, self.model_rounds, self.max_spread, self.hopeless = rounds, model_rounds, max_spread, hopeless
+        self._previous_threads = torch.get_num_threads()
+
+    def prepare(self, model: nn.Module, units: dict[str, Unit], batch: Any) -> None:
+        self._previous_threads = torch.get_num_threads()
+        self._set_threads(self.threads)
+        if "kernel" in self.formats and kernel_status()[0]:
+            from spdy.runtime import kernels
+
+            kernels.warmup()
+
+    def finish(self) -> None:
+        self._set_threads(self._previous_threads)
+
+    def _set_threads(self, n: int) -> None:
+        """torch's and numba's pools compete in one process: always set both."""
+        if kernel_status()[0]:
+            from spdy.runtime import kernels
+
+            kernels.set_num_threads(n)
+        else:
+            torch.set_num_threads(n)
+
+    def signature(self, unit: Unit) -> str | None:
+        m = unit.module
+        conv = f":k{m.kernel_size}s{m.stride}p{m.padding}d{m.dilation}" if unit.kind == "conv2d" else ""
+        return f"{unit.kind}:{tuple(unit.weight_shape)}:in{tuple(unit.input_shape)}:bias{m.bias is not None}{conv}"
+
+    def unit_times(self, unit: Unit, options: list[str]) -> UnitTiming:
+        if unit.input_shape is None:
+            raise ValueError(f"unit {unit.name!r} has no input shape; run capture_shapes first")
+        layer = copy.deepcopy(unit.module)
+        work = Unit(unit.name, layer, unit.kind)
+        dense = weight_matrix(unit).clone()
+        result = UnitTiming({}, {}, {})
+        # Dense first: the reference every level is compared with, and the time of every
+        # option that ends up running dense (re-timing those would only add noise).
+        ref = self._stats(unit, layer, DENSE, ["dense"])["dense"]
+        result.times[DENSE], result.formats[DENSE], result.spread[DENSE] = ref.median, "dense", ref.spread
+        parsed = sorted((Option.parse(k) for k in set(options) - {DENSE}), key=lambda o: (o.pattern, -o.sparsity))
+        dropped: dict[str, set[str]] = {}
+        for option in parsed:
+            key = option.key
+            candidates = [f for f in self.formats if f not in dropped.get(option.pattern, set())]
+            if candidates == ["dense"]:
+                result.times[key], result.formats[key], result.spread[key] = ref.median, "dense", ref.spread
+                continue
+            with torch.no_grad():
+                set_weight_matrix(work, dense * magnitude_mask(dense, option))
+            stats = self._stats(unit, layer, key, candidates)
+            best = pick(stats)
+            if best == "dense":
+                result.times[key], result.formats[key], result.spread[key] = ref.median, "dense", ref.spread
+            else:
+                # Dense ran alternated with the others at this level: scale its ratio to the
+                # unit's dense reference, so drift between levels cancels out.
+                scale = ref.median / stats["dense"].median if "dense" in stats else 1.0
+                result.times[key], result.formats[key], result.spread[key] = stats[best].median * scale, best, stats[best].spread
+            for f, s in stats.items():
+                if f != "dense" and s.median > self.hopeless * stats[best].median:
+                    dropped.setdefault(option.pattern, set()).add(f)
+        return result
+
+    def _stats(self, unit: Unit, layer: nn.Module, key: str, candidates: list[str]) -> dict[str, Stat]:
+        try:
+            return format_stats(layer, unit.input_shape, candidates, rounds=self.rounds, max_spread=self.max_spread)
+        except Exception as e:
+            raise RuntimeError(f"timing unit {unit.name!r} option {key!r} (formats {candidates}) failed: {e}") from e
+
+    @torch.no_grad()
+    def model_time(self, model: nn.Module, batch: Any) -> Stat:
+        return measure({"model": lambda: call_model(model, batch)}, self.model_rounds, max_spread=self.max_spread)["model"]
+
+    def meta(self) -> dict:
+        ok, why = kernel_status()
+        return {
+            "backend": self.name,
+            **machine_meta(),
+            "threads": self.threads,
+            "formats_tried": [f for f in self.formats if f != "kernel" or ok],
+            "kernel": "available" if ok else why,
+            "rounds": self.rounds,
+            "model_rounds": self.model_rounds,
+            "max_spread": self.max_spread,
+            "hopeless": self.hopeless,
+            "min_gain": MIN_GAIN,
+        }

@@ -1,0 +1,134 @@
+"""The torch-cpu backend and `measure` on small real models: valid tables, resume, dedupe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from spdy.levels import DENSE
+from spdy.runtime.timer import Stat
+from spdy.timing import FixedTimeError, measure
+from spdy.timing.backend import Backend, UnitTiming, backend_names, get_backend, register_backend
+from spdy.timing.table import TimingTable
+from spdy.timing.torch_cpu import TorchCpuBackend
+from spdy.units import Unit, find_units
+
+FAST = {"formats": ("dense", "csr"), "rounds": 3, "model_rounds": 5}
+LEVELS = [0.5, 0.9, 0.99]
+
+
+class Net(nn.Module):
+    """Three prunable Linears (two of equal shape) and a big Linear left out of the solver,
+    so ``fixed`` is clearly positive even on a noisy machine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(128, 256)
+        self.b = nn.Linear(256, 256)
+        self.c = nn.Linear(256, 256)
+        self.head = nn.Linear(256, 2048)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x)))))))
+
+
+@pytest.fixture()
+def net() -> tuple[nn.Module, dict[str, Unit], torch.Tensor]:
+    torch.manual_seed(0)
+    model = Net().eval()
+    return model, find_units(model, exclude=["head"]), torch.randn(64, 128)
+
+
+def test_measure_gives_a_valid_table(net, tmp_path: Path) -> None:
+    model, units, x = net
+    table = measure(model, units, x, levels=LEVELS, progress=False, threads=1, **FAST)
+    assert table.units == ["a", "b", "c"]
+    for unit in table.units:
+        assert table.options(unit) == [DENSE, "0.5000", "0.9000", "0.9900"]
+        assert set(table.meta["formats"][unit]) == set(table.options(unit))
+        assert set(table.meta["formats"][unit].values()) <= {"dense", "csr"}
+        for key, fmt in table.meta["formats"][unit].items():
+            if fmt == "dense":
+                assert table.times[unit][key] == table.dense_time(unit)
+    assert table.fixed >= 0 and table.base > table.fixed
+    assert table.meta["shared"] == {"c": "b"}  # same shapes: measured once
+    assert table.meta["threads"] == 1 and table.meta["backend"] == "torch-cpu"
+    assert {"cpu", "torch", "date", "batch_shapes", "base_before", "base_after"} <= set(table.meta)
+    assert table.shapes["a"]["input"] == [64, 128]
+    table.save(tmp_path / "t.json")
+    assert TimingTable.load(tmp_path / "t.json").times == table.times
+
+
+def test_option_keys_per_unit_and_block_patterns(net) -> None:
+    model, units, x = net
+    options = {"a": ["16x16@0.9000"], "b": ["0.9900"], "c": ["0.9900"]}
+    table = measure(model, units, x, options=options, progress=False, dedupe=False, threads=1, formats=("dense", "csr", "bsr"), rounds=3, model_rounds=5)
+    assert table.options("a") == [DENSE, "16x16@0.9000"]
+    assert table.meta["shared"] == {}
+    assert table.meta["formats"]["a"]["16x16@0.9000"] in ("dense", "csr", "bsr")
+
+
+class Stop(Exception):
+    pass
+
+
+def test_checkpoint_resumes_without_remeasuring(net, tmp_path: Path) -> None:
+    model, units, x = net
+    path = tmp_path / "ck.json"
+
+    def stop_after_a(name: str) -> None:
+        if name == "a":
+            raise Stop
+
+    with pytest.raises(Stop):
+        measure(model, units, x, levels=LEVELS, checkpoint=path, progress=False, on_unit=stop_after_a, dedupe=False, threads=1, **FAST)
+    saved = json.loads(path.read_text())["entries"]
+    assert list(saved) == ["a"]
+    seen: list[str] = []
+    table = measure(model, units, x, levels=LEVELS, checkpoint=path, progress=False, on_unit=seen.append, dedupe=False, threads=1, **FAST)
+    assert seen == ["b", "c"]  # "a" came from the checkpoint
+    assert set(table.units) == {"a", "b", "c"}
+    assert table.times["a"][DENSE] == saved["a"]["times"][DENSE]
+    assert table.times["a"]["0.9900"] == saved["a"]["times"]["0.9900"]
+    # A wider level set measures only the missing levels of every unit.
+    seen.clear()
+    wider = measure(model, units, x, levels=LEVELS + [0.95], checkpoint=path, progress=False, on_unit=seen.append, dedupe=False, threads=1, **FAST)
+    assert seen == ["a", "b", "c"] and "0.9500" in wider.options("a")
+    with pytest.raises(ValueError, match="measured differently"):
+        measure(model, units, x, levels=LEVELS, checkpoint=path, progress=False, threads=2, **FAST)
+
+
+class InflatedUnits(TorchCpuBackend):
+    """A backend whose unit times are 1000x too long: the sum exceeds the model time."""
+
+    name = "inflated"
+
+    def unit_times(self, unit: Unit, options: list[str]) -> UnitTiming:
+        timing = super().unit_times(unit, options)
+        return UnitTiming({k: 1000 * t for k, t in timing.times.items()}, timing.formats, timing.spread)
+
+
+def test_negative_fixed_is_an_error(net) -> None:
+    model, units, x = net
+    register_backend("inflated", InflatedUnits)
+    assert "inflated" in backend_names()
+    with pytest.raises(FixedTimeError, match="more than the whole model"):
+        measure(model, units, x, levels=[0.9], backend="inflated", progress=False, threads=1, **FAST)
+
+
+def test_backend_registry_errors() -> None:
+    with pytest.raises(ValueError, match="unknown timing backend"):
+        get_backend("tpu")
+    with pytest.raises(ValueError, match="unknown formats"):
+        get_backend("torch-cpu", formats=("coo",))
+    assert isinstance(get_backend("torch-cpu", threads=1), Backend)
+
+
+def test_model_time_is_a_stat(net) -> None:
+    model, _, x = net
+    stat = TorchCpuBackend(threads=1, model_rounds=4).model_time(model, x)
+    assert isinstance(stat, Stat) and stat.median > 0 and stat.samples >= 4
