@@ -1,0 +1,210 @@
+"""Check that a pruned model really runs at the speedup its profile promised.
+
+The SPDY reference never ran its profiles. `verify` builds the pruned model (database
+weights or magnitude masks), converts it with the runtime in the formats the timing table
+measured, checks its output against the masked dense model, then runs the dense and the
+pruned model alternately on the same batch. Each round gives one ratio ``dense / pruned``
+from two runs a moment apart, so machine-wide slow periods cancel; we report the median
+ratio and its spread (IQR / median).
+
+``met`` is ``median >= target * (1 - tolerance)``. The default tolerance (3%) is the
+run-to-run wobble of such a median on a shared 2-core machine (single runs move ~30%,
+medians of 20+ alternated ratios a few percent); a miss beyond it warns loudly.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from spdy.levels import DENSE
+from spdy.profile import Profile
+from spdy.runtime import convert, formats_of, magnitude_mask
+from spdy.runtime.timer import time_alternating
+from spdy.timing.table import TimingTable
+from spdy.units import Unit, call_model, set_weight_matrix, weight_matrix
+
+TOLERANCE = 0.03
+ROUNDS = 30
+
+Weights = Callable[[str, str], torch.Tensor] | Mapping[str, Any]
+
+
+@dataclass
+class VerifyResult:
+    """Measured against predicted speedup of one profile on this machine."""
+
+    target: float | None
+    predicted_speedup: float | None
+    measured_speedup: float
+    measured_spread: float
+    met: bool | None
+    tolerance: float
+    dense_time: float
+    pruned_time: float
+    rounds: int
+    threads: int
+    output_error: float
+    formats: dict[str, str] = field(default_factory=dict)
+    ratios: list[float] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        """Plain JSON types; ``formats`` holds only the layers that run sparse."""
+        return asdict(self)
+
+
+class SpeedupMiss(RuntimeWarning):
+    """The pruned model is slower than the target beyond measurement noise."""
+
+
+def _pruned_weight(weights: Weights | None, unit: str, key: str, dense: torch.Tensor) -> torch.Tensor:
+    if weights is None:
+        return dense * magnitude_mask(dense, key)
+    if callable(weights):
+        w = weights(unit, key)
+    else:
+        if unit not in weights:
+            raise KeyError(f"verify: weights has no entry for unit {unit!r} (profile option {key!r})")
+        w = weights[unit]
+        if isinstance(w, Mapping):
+            if key not in w:
+                raise KeyError(f"verify: weights[{unit!r}] has no option {key!r}; it has {sorted(w)[:5]}")
+            w = w[key]
+    w = torch.as_tensor(w, dtype=dense.dtype)
+    if tuple(w.shape) != tuple(dense.shape):
+        raise ValueError(f"verify: weights for unit {unit!r} option {key!r} have shape {tuple(w.shape)}, expected {tuple(dense.shape)}")
+    return w
+
+
+@torch.no_grad()
+def pruned_copy(model: nn.Module, units: Mapping[str, Unit], options: Mapping[str, str], weights: Weights | None = None) -> nn.Module:
+    """A copy of ``model`` holding the profile's weights (masked dense tensors, not converted).
+
+    ``weights``: ``f(unit, key) -> (out, in) tensor`` (e.g. ``Database.weight``), or
+    ``{unit: tensor}`` or ``{unit: {key: tensor}}``; default magnitude masks.
+    """
+    unknown = [u for u in options if u not in units]
+    if unknown:
+        raise KeyError(f"verify: the profile names units the model lacks, e.g. {unknown[:3]}")
+    pruned = copy.deepcopy(model).eval()
+    for name, key in options.items():
+        if key == DENSE:
+            continue
+        unit = units[name]
+        target = Unit(name, pruned.get_submodule(name), unit.kind)
+        set_weight_matrix(target, _pruned_weight(weights, name, key, weight_matrix(unit).clone()))
+    return pruned
+
+
+def _tensor(output: Any) -> torch.Tensor:
+    """The first tensor of a model output (tensors, tuples, dicts, HF ModelOutputs)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else getattr(output, "to_tuple", lambda: ())()
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v
+    raise TypeError(f"verify: cannot find a tensor in the model output of type {type(output).__name__}")
+
+
+def _table_formats(table: TimingTable | None, options: Mapping[str, str]) -> dict[str, str] | None:
+    """The format the table measured for each chosen option, if it recorded all of them."""
+    recorded = (table.meta.get("formats") if table is not None else None) or {}
+    formats = {}
+    for unit, key in options.items():
+        fmt = recorded.get(unit, {}).get(key)
+        if fmt is None:
+            return None
+        formats[unit] = fmt
+    return formats
+
+
+def _set_threads(n: int) -> None:
+    from spdy.runtime.formats import kernel_status
+
+    if kernel_status()[0]:
+        from spdy.runtime import kernels
+
+        kernels.set_num_threads(n)
+    else:
+        torch.set_num_threads(n)
+
+
+def verify(
+    model: nn.Module,
+    units: Mapping[str, Unit],
+    profile: Profile,
+    batch: Any,
+    table: TimingTable | None = None,
+    weights: Weights | None = None,
+    rounds: int = ROUNDS,
+    formats: Mapping[str, str] | None = None,
+    tolerance: float = TOLERANCE,
+    threads: int | None = None,
+) -> VerifyResult:
+    """Build, convert and time the profile's pruned model against the dense one.
+
+    Formats: ``formats`` if given, else those ``table.meta["formats"]`` recorded for the
+    chosen options (so the runtime runs what was timed), else measured at convert time.
+    Threads: ``threads``, else the table's, else all cores. The model itself is not changed.
+    """
+    options = dict(profile.options)
+    target = profile.target
+    predicted = table.predicted_speedup(options) if table is not None else profile.predicted_speedup
+    threads = threads or (table.meta.get("threads") if table is not None else None) or torch.get_num_threads()
+    previous, grad = torch.get_num_threads(), torch.is_grad_enabled()
+    _set_threads(int(threads))
+    torch.set_grad_enabled(False)
+    try:
+        model.eval()
+        pruned = pruned_copy(model, units, options, weights)
+        reference = _tensor(call_model(pruned, batch)).clone()
+        chosen = dict(formats) if formats is not None else _table_formats(table, options)
+        sparse_units = [u for u, k in options.items() if k != DENSE]
+        if chosen is None:
+            convert(pruned, units=sparse_units, example=batch)
+        else:
+            convert(pruned, {u: chosen.get(u, "dense") for u in sparse_units})
+        out = _tensor(call_model(pruned, batch))
+        error = float((out - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
+        samples = time_alternating({"dense": lambda: call_model(model, batch), "pruned": lambda: call_model(pruned, batch)}, rounds)
+    finally:
+        _set_threads(previous)
+        torch.set_grad_enabled(grad)
+    ratios = [d / p for d, p in zip(samples["dense"], samples["pruned"])]
+    measured = statistics.median(ratios)
+    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else [min(ratios), measured, max(ratios)]
+    met = None if target is None else measured >= target * (1 - tolerance)
+    result = VerifyResult(
+        target=target,
+        predicted_speedup=predicted,
+        measured_speedup=measured,
+        measured_spread=(q[2] - q[0]) / measured,
+        met=met,
+        tolerance=tolerance,
+        dense_time=statistics.median(samples["dense"]),
+        pruned_time=statistics.median(samples["pruned"]),
+        rounds=rounds,
+        threads=int(threads),
+        output_error=error,
+        formats=formats_of(pruned),
+        ratios=ratios,
+    )
+    if met is False:
+        warnings.warn(
+            f"SPEEDUP MISSED: measured {measured:.3f}x (spread {result.measured_spread:.1%}) < target {target:g}x "
+            f"- {tolerance:.0%} noise tolerance; predicted {'?' if predicted is None else f'{predicted:.3f}'}x. The timing table may be stale or "
+            f"measured under other load; re-measure it on this machine",
+            SpeedupMiss,
+            stacklevel=2,
+        )
+    if not math.isfinite(error) or error > 1e-3:
+        warnings.warn(f"verify: the converted model's output differs from the masked dense model by {error:.2e} (relative)", RuntimeWarning, stacklevel=2)
+    return result
