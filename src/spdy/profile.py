@@ -14,6 +14,7 @@ from pathlib import Path
 from spdy.levels import Option
 
 FORMAT = "spdy.profile/1"
+METHODS = ("spdy", "evo", "uniform", "global-magnitude", "dp-errors", "owl")
 
 
 @dataclass

@@ -1,0 +1,190 @@
+"""A run's report: ``report.md`` and a self-contained ``report.html`` with plots.
+
+Everything is read back from the work directory's ``summary.json`` (written by `spdy run`),
+so ``spdy report DIR`` can redraw it at any time.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from spdy.levels import DENSE, Option
+from spdy.timing.table import TimingTable
+
+
+def _short(unit: str) -> str:
+    """``bert.encoder.layer.3.attention.self.query`` -> ``3.attention.self.query``."""
+    parts = unit.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[i:])
+    return unit
+
+
+def _plots(summary: dict, table: TimingTable, out: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(exist_ok=True)
+    paths = {}
+    units = table.units
+    profiles = summary["profiles"]
+
+    fig, ax = plt.subplots(figsize=(max(8, len(units) * 0.25), 4.5))
+    for method, p in profiles.items():
+        ax.plot(range(len(units)), [p["profile"].get(u, 0.0) for u in units], marker="o" if method == summary["method"] else ".",
+                lw=2 if method == summary["method"] else 1, label=method)
+    ax.set_xticks(range(len(units)), [_short(u) for u in units], rotation=90, fontsize=6)
+    ax.set_ylabel("sparsity")
+    ax.set_ylim(-0.02, 1.0)
+    ax.set_title(f"Per-unit sparsity at {summary['target']:g}x target")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths["profile"] = out / "profile.png"
+    fig.savefig(paths["profile"], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    cmap = plt.get_cmap("viridis")
+    for i, u in enumerate(units):
+        keys = table.options(u)
+        ax.plot([Option.parse(k).sparsity for k in keys], [table.times[u][k] / table.times[u][DENSE] for k in keys],
+                color=cmap(i / max(1, len(units) - 1)), lw=0.8, alpha=0.8)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel("time relative to dense")
+    ax.set_title(f"Per-unit timing curves ({table.meta.get('backend', table.meta.get('engine', 'engine'))}); color = depth")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths["timings"] = out / "timings.png"
+    fig.savefig(paths["timings"], dpi=110)
+    plt.close(fig)
+
+    methods = list(profiles)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    xs = range(len(methods))
+    predicted = [profiles[m]["predicted_speedup"] for m in methods]
+    measured = [profiles[m].get("verify", {}).get("measured_speedup", float("nan")) for m in methods]
+    spread = [profiles[m].get("verify", {}).get("measured_spread", 0.0) * v for m, v in zip(methods, measured)]
+    a1.bar([x - 0.2 for x in xs], predicted, 0.4, label="predicted (table)")
+    a1.bar([x + 0.2 for x in xs], measured, 0.4, yerr=spread, label="measured (median, IQR)")
+    a1.axhline(summary["target"], color="r", ls="--", lw=1, label=f"target {summary['target']:g}x")
+    a1.set_xticks(list(xs), methods, rotation=20)
+    a1.set_ylabel("speedup over dense")
+    a1.set_title("Predicted vs measured speedup")
+    a1.legend(fontsize=8)
+    heldout = [profiles[m].get("heldout_loss") for m in methods]
+    a2.bar(list(xs), [h if h is not None else float("nan") for h in heldout], color="tab:purple")
+    a2.set_xticks(list(xs), methods, rotation=20)
+    a2.set_ylabel(f"held-out loss ({summary['loss']}, lower is better)")
+    a2.set_title("Held-out quality at the same target")
+    fig.tight_layout()
+    paths["speedup"] = out / "speedup_quality.png"
+    fig.savefig(paths["speedup"], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def _fmt(x, digits: int = 4) -> str:
+    return "n/a" if x is None else f"{x:.{digits}g}" if isinstance(x, float) else str(x)
+
+
+def write_report(work: str | Path) -> tuple[Path, Path]:
+    """Render ``report.md`` and ``report.html`` from ``work/summary.json``."""
+    work = Path(work)
+    path = work / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{work} has no summary.json: run `spdy run --work-dir {work}` first")
+    summary = json.loads(path.read_text())
+    table = TimingTable.load(summary["timings"])
+    plots = _plots(summary, table, work / "plots")
+    main = summary["profiles"][summary["method"]]
+    v = main.get("verify", {})
+    lines = [
+        f"# spdy report: {summary['model']} at {summary['target']:g}x",
+        "",
+        f"**Measured speedup {_fmt(v.get('measured_speedup'))}x** (median of {v.get('rounds', 'n/a')} alternating rounds, "
+        f"spread {_fmt(v.get('measured_spread'), 2)}) for a predicted {main['predicted_speedup']:.4f}x; "
+        f"target {'met' if v.get('met') else 'NOT met'}. Maximum attainable on this table: {table.max_speedup():.3f}x.",
+        "",
+        f"Engine `{summary['engine']}`, {table.meta.get('threads', '?')} threads, CPU {table.meta.get('cpu', '?')}; "
+        f"dense model {table.base * 1e3:.2f} ms, of which {table.fixed * 1e3:.2f} ms is outside the {len(table.units)} pruned units. "
+        f"Pruner `{summary['pruner']}`, pattern `{summary['pattern']}`, loss `{summary['loss']}`.",
+        "",
+        "## Methods at the same target",
+        "",
+        "| method | predicted speedup | measured speedup | calibration loss | held-out loss | evaluations | search time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, p in summary["profiles"].items():
+        pv = p.get("verify", {})
+        lines.append(f"| {method} | {p['predicted_speedup']:.4f} | {_fmt(pv.get('measured_speedup'))} | {_fmt(p.get('calibration_loss'))} "
+                     f"| {_fmt(p.get('heldout_loss'))} | {p.get('evaluations', '')} | {_fmt(p.get('seconds'))} |")
+    lines += ["", "![speedup and quality](plots/speedup_quality.png)", "", "## Profile", "",
+              "![profile](plots/profile.png)", "", "## Timings", "", "![timings](plots/timings.png)", "",
+              "## Stages", "", "| stage | seconds | detail |", "|---|---|---|"]
+    for stage, info in summary.get("stages", {}).items():
+        detail = ", ".join(f"{k}={v}" for k, v in info.items() if k != "seconds")
+        lines.append(f"| {stage} | {info['seconds']} | {detail} |")
+    lines += ["", "## Reproduce", "", "```", *summary.get("commands", []), "```", ""]
+    md = "\n".join(lines)
+    md_path = work / "report.md"
+    md_path.write_text(md)
+    html_path = work / "report.html"
+    html_path.write_text(_html(md, work))
+    return md_path, html_path
+
+
+def _html(md: str, work: Path) -> str:
+    """A small Markdown subset to HTML with images inlined, so the file stands alone."""
+    body, in_table, in_code = [], False, False
+    for line in md.splitlines():
+        if line.startswith("```"):
+            body.append("</pre>" if in_code else "<pre>")
+            in_code = not in_code
+            continue
+        if in_code:
+            body.append(html.escape(line))
+            continue
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if set("".join(cells)) <= set("-"):
+                continue
+            tag = "th" if not in_table else "td"
+            body.append(("<table>" if not in_table else "") + "<tr>" + "".join(f"<{tag}>{_inline(c)}</{tag}>" for c in cells) + "</tr>")
+            in_table = True
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        if line.startswith("!["):
+            src = line[line.index("(") + 1 : -1]
+            data = base64.b64encode((work / src).read_bytes()).decode()
+            body.append(f'<p><img alt="{html.escape(src)}" src="data:image/png;base64,{data}" style="max-width:100%"></p>')
+        elif line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line:
+            body.append(f"<p>{_inline(line)}</p>")
+    if in_table:
+        body.append("</table>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+             "th{background:#f3f3f3}pre{background:#f6f6f6;padding:1em;overflow-x:auto}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>spdy report</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
+
+
+def _inline(text: str) -> str:
+    out = html.escape(text)
+    while "**" in out:
+        out = out.replace("**", "<b>", 1).replace("**", "</b>", 1)
+    while out.count("`") >= 2:
+        out = out.replace("`", "<code>", 1).replace("`", "</code>", 1)
+    return out
