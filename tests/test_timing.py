@@ -132,3 +132,30 @@ def test_model_time_is_a_stat(net) -> None:
     model, _, x = net
     stat = TorchCpuBackend(threads=1, model_rounds=4).model_time(model, x)
     assert isinstance(stat, Stat) and stat.median > 0 and stat.samples >= 4
+
+
+def test_deepsparse_layers_match_units_by_onnx_scope() -> None:
+    from spdy.timing.deepsparse import unit_layer_times
+
+    q, k = "bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.key"
+    ffn = "bert.encoder.layer.10.intermediate.dense"
+    info = [
+        {"canonical_name": "<none>", "average_run_time_in_ms": 9.0},
+        {"canonical_name": "/bert/encoder/layer.0/attention/self/query/MatMul_output_0,/bert/encoder/layer.0/attention/self/query/Add_output_0", "average_run_time_in_ms": 2.0},
+        {"canonical_name": "/bert/encoder/layer.0/attention/self/MatMul_output_0", "average_run_time_in_ms": 5.0},  # QK^T: no unit
+        {"canonical_name": "/bert/encoder/layer.0/attention/self/key/MatMul_output_0", "average_run_time_in_ms": 3.0},
+        {"canonical_name": "/bert/encoder/layer.10/intermediate/dense/MatMul_output_0", "average_run_time_in_ms": 4.0},
+        {"canonical_name": "/bert/encoder/layer.1/intermediate/dense/MatMul_output_0", "average_run_time_in_ms": 7.0},
+    ]
+    assert unit_layer_times(info, [q, k, ffn]) == {q: 2.0, k: 3.0, ffn: 4.0}
+    with pytest.raises(ValueError, match="no engine layer computes"):
+        unit_layer_times(info, ["bert.encoder.layer.2.output.dense"])
+
+
+def test_deepsparse_backend_end_to_end(net, tmp_path: Path) -> None:
+    pytest.importorskip("deepsparse", reason="deepsparse 1.8.0 is not installed in this environment (see .venv-ds)")
+    model, units, x = net
+    table = measure(model, units, x, levels=[0.9], backend="deepsparse", progress=False, threads=1, iterations=5, warmup_iterations=1, workdir=str(tmp_path))
+    assert table.units == ["a", "b", "c"] and table.meta["backend"] == "deepsparse"
+    assert table.fixed >= 0 and all(t > 0 for u in table.units for t in table.times[u].values())
+    assert table.meta["formats"]["a"]["0.9000"] == "deepsparse"
