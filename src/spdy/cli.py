@@ -134,7 +134,7 @@ def cmd_time(args: argparse.Namespace) -> int:
     keys = [o.key for o in options_of(args.pattern, _levels(args.levels))]
     out = Path(args.output)
     table = measure(bundle.model, units, timing_batch(bundle), options=keys, backend=args.engine,
-                    checkpoint=out.with_suffix(".checkpoint.json"), progress=not args.json)
+                    checkpoint=out.with_suffix(".checkpoint.json"), progress=not args.json, **({"threads": args.threads} if args.threads else {}))
     table.save(out)
     out.with_suffix(".checkpoint.json").unlink(missing_ok=True)
     summary = {"output": str(out), "units": len(table.units), "options": len(keys), "base": table.base,
@@ -231,7 +231,7 @@ RUN_DEFAULTS = {
     "model": "minilm", "target": None, "engine": "torch-cpu", "pruner": "obs", "pattern": "unstructured", "levels": None,
     "method": "spdy", "baselines": "uniform,global-magnitude,dp-errors", "samples": 64, "heldout": 32, "batch_size": 8,
     "seq_len": 128, "include": None, "exclude": None, "work_dir": "spdy-work", "seed": 0, "random_starts": 100,
-    "tries": 100, "generations": 50, "offspring": 16, "rounds": 30,
+    "tries": 100, "generations": 50, "offspring": 16, "rounds": 30, "threads": None,
 }
 
 
@@ -303,7 +303,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     bundle, units = pipeline.timed(log, "load", lambda: _bundle(cfg))
     say(f"[1/6] model {bundle.name}: {len(units)} prunable units, {len(bundle.calibration)} calibration and "
         f"{len(bundle.heldout)} held-out batches, loss {bundle.loss}")
-    table, table_path = pipeline.timed(log, "timing", lambda: pipeline.timings(bundle, units, work, cfg.pattern, levels, cfg.engine, progress))
+    table, table_path = pipeline.timed(log, "timing", lambda: pipeline.timings(bundle, units, work, cfg.pattern, levels, cfg.engine, progress, cfg.threads))
     say(f"[2/6] timings ({cfg.engine}): dense {table.base * 1e3:.2f} ms, fixed {table.fixed * 1e3:.2f} ms; "
         f"maximum attainable speedup {table.max_speedup():.3f}x  [{table_path}]")
     target = cfg.target if cfg.target is not None else pipeline.default_target(table)
@@ -372,6 +372,49 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gradual(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from spdy.gradual import Recipe
+    from spdy.train import TrainConfig, default_distill, gradual_prune
+
+    sources = [flag for flag, value in (("--profile", args.profile), ("--recipe", args.recipe), ("--sparsity", args.sparsity)) if value is not None]
+    if len(sources) != 1:
+        raise UsageError(f"give exactly one of --profile, --recipe, --sparsity (got {', '.join(sources) or 'none'})")
+    schedule = {"--steps": args.steps, "--update-every": args.update_every, "--prune-fraction": args.prune_fraction,
+                "--initial": args.initial, "--criterion": args.criterion}
+    if args.recipe and any(v is not None for v in schedule.values()):
+        raise UsageError(f"--recipe fixes the schedule; drop {', '.join(f for f, v in schedule.items() if v is not None)}")
+    bundle, units = _bundle(args)
+    try:
+        if args.recipe:
+            recipe = Recipe.load(args.recipe)
+        else:
+            if args.profile:
+                profile = Profile.load(args.profile)
+            else:
+                profile = Profile({u: Option(args.sparsity).key for u in units})
+            recipe = Recipe.from_profile(profile, args.steps or 100, args.prune_fraction or 0.75, initial=args.initial or 0.0,
+                                         update_every=args.update_every or 10, criterion=args.criterion or "magnitude")
+        unknown = [u for u in recipe.targets if u not in units]
+        if unknown:
+            raise UsageError(f"{args.profile or args.recipe} names units the model does not have (check --include/--exclude): {unknown[:3]}")
+        flags = {"lr": args.lr, "distill": args.distill, "layer": args.layer_weight, "seed": args.seed}
+        config = TrainConfig.from_dict({**asdict(TrainConfig(distill=default_distill(bundle.loss))), **recipe.training,
+                                        **{k: v for k, v in flags.items() if v is not None}})
+        recipe.training = asdict(config)
+        result = gradual_prune(bundle, units, recipe, config, args.work_dir, progress=not args.json)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from None
+    result.update(recipe=str(Path(args.work_dir) / "recipe.json"), model=str(Path(args.work_dir) / "model.safetensors"), steps=recipe.total_steps)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"held-out loss {result['heldout_dense']:.4g} dense, {result['heldout_before']:.4g} one-shot pruned, "
+              f"{result['heldout_after']:.4g} after {recipe.total_steps} steps of gradual pruning; recipe {result['recipe']}, weights {result['model']}")
+    return 0
+
+
 def _model_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
     p.add_argument("model", metavar="MODEL", nargs=None if model_required else "?", default="minilm",
                    help="minilm | smollm2 | digits | a local Hugging Face model directory | module:function")
@@ -415,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _option_args(p)
     p.add_argument("--engine", default="torch-cpu", help="timing backend (default %(default)s)")
+    p.add_argument("--threads", type=int, help="threads the engine runs with (default: all cores)")
     p.add_argument("-o", "--output", default="timings.json", help="output JSON (default %(default)s); resumes from OUTPUT.checkpoint.json")
     p.set_defaults(func=cmd_time)
 
@@ -467,12 +511,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generations", type=int)
     p.add_argument("--offspring", type=int)
     p.add_argument("--rounds", type=int, help="verify: alternating rounds (default 30)")
+    p.add_argument("--threads", type=int, help="threads the engine runs with, timed and verified alike (default: all cores)")
     p.add_argument("--json", action="store_true", help="end with one JSON object (for scripts); progress goes to stderr")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("report", help="(re)write report.md and report.html of a run's work directory")
     p.add_argument("work_dir", metavar="DIR")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("gradual", help="fine-tune while pruning gradually to a profile's per-unit sparsities (resumable)")
+    _model_args(p)
+    p.add_argument("--profile", help="profile JSON: the final per-unit sparsities (spdy search output)")
+    p.add_argument("--recipe", help="re-run a recipe.json written by an earlier run (schedule, targets and training settings)")
+    p.add_argument("--sparsity", type=float, help="uniform final sparsity for every unit instead of a profile")
+    p.add_argument("--steps", type=int, help="optimizer steps in all (default 100)")
+    p.add_argument("--update-every", type=int, help="steps between mask updates (default 10)")
+    p.add_argument("--prune-fraction", type=float, help="share of the steps over which sparsity ramps up (default 0.75)")
+    p.add_argument("--initial", type=float, help="sparsity at the first step (default 0; the final sparsity = one-shot)")
+    p.add_argument("--criterion", choices=("magnitude", "obs"), help="which weights go: |w| or OBS w^2/diag(H^-1) (default magnitude)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4)")
+    p.add_argument("--distill", choices=("kl", "cosine", "mse", "layer", "none"), help="teacher loss (default: kl; cosine for embedding models)")
+    p.add_argument("--layer-weight", type=float, help="weight of the per-layer output loss over pruned units (default 0)")
+    p.add_argument("--seed", type=int, help="batch order seed (default 0)")
+    p.add_argument("--work-dir", default="spdy-gradual", help="checkpoints, recipe.json and model.safetensors (default %(default)s); reruns resume")
+    p.set_defaults(func=cmd_gradual)
     return parser
 
 
