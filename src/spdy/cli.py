@@ -303,7 +303,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     bundle, units = pipeline.timed(log, "load", lambda: _bundle(cfg))
     say(f"[1/6] model {bundle.name}: {len(units)} prunable units, {len(bundle.calibration)} calibration and "
         f"{len(bundle.heldout)} held-out batches, loss {bundle.loss}")
-    table, table_path = pipeline.timed(log, "timing", lambda: pipeline.timings(bundle, units, work, cfg.pattern, levels, cfg.engine, progress, cfg.threads))
+    measure_table = lambda: pipeline.timings(bundle, units, work, cfg.pattern, levels, cfg.engine, progress, cfg.threads)
+    if pipeline.timing_path(bundle, units, work, cfg.pattern, levels, cfg.engine, cfg.threads).is_file():
+        table, table_path = measure_table()
+    else:
+        table, table_path = pipeline.timed(log, "timing", measure_table)
     say(f"[2/6] timings ({cfg.engine}): dense {table.base * 1e3:.2f} ms, fixed {table.fixed * 1e3:.2f} ms; "
         f"maximum attainable speedup {table.max_speedup():.3f}x  [{table_path}]")
     target = cfg.target if cfg.target is not None else pipeline.default_target(table)

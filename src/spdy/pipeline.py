@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -48,17 +48,25 @@ def options_of(pattern: str, levels: Sequence[float] | None) -> list[Option]:
     return options_for(pattern, list(levels) if levels is not None else spdy_grid()[1:])
 
 
-def timings(bundle: ModelBundle, units: Mapping[str, Unit], work: Path, pattern: str = "unstructured",
-            levels: Sequence[float] | None = None, engine: str = "torch-cpu", progress: bool = True) -> tuple[TimingTable, Path]:
-    """Measure (or load the cached) timing table of ``units`` on ``engine``."""
+def timing_path(bundle: ModelBundle, units: Mapping[str, Unit], work: Path, pattern: str = "unstructured",
+                levels: Sequence[float] | None = None, engine: str = "torch-cpu", threads: int | None = None) -> Path:
+    """Where the timing table for these inputs is cached."""
     keys = [o.key for o in options_of(pattern, levels)]
     batch = timing_batch(bundle)
     shape = {k: list(v.shape) for k, v in batch.items()} if isinstance(batch, dict) else list(getattr(batch, "shape", []))
-    path = work / f"timings-{digest(bundle.name, sorted(units), keys, engine, shape, torch.get_num_threads())}.json"
+    return work / f"timings-{digest(bundle.name, sorted(units), keys, engine, shape, threads)}.json"
+
+
+def timings(bundle: ModelBundle, units: Mapping[str, Unit], work: Path, pattern: str = "unstructured",
+            levels: Sequence[float] | None = None, engine: str = "torch-cpu", progress: bool = True,
+            threads: int | None = None) -> tuple[TimingTable, Path]:
+    """Measure (or load the cached) timing table of ``units`` on ``engine`` (``threads``: default all cores)."""
+    path = timing_path(bundle, units, work, pattern, levels, engine, threads)
     if path.is_file():
         return TimingTable.load(path), path
-    table = measure(bundle.model, units, batch, options=keys, backend=engine,
-                    checkpoint=path.with_suffix(".checkpoint.json"), progress=progress)
+    keys = [o.key for o in options_of(pattern, levels)]
+    table = measure(bundle.model, units, timing_batch(bundle), options=keys, backend=engine,
+                    checkpoint=path.with_suffix(".checkpoint.json"), progress=progress, **({"threads": threads} if threads else {}))
     table.save(path)
     path.with_suffix(".checkpoint.json").unlink(missing_ok=True)
     return table, path
@@ -160,16 +168,23 @@ def default_target(table: TimingTable) -> float:
     return round(1 + 0.6 * (table.max_speedup() - 1), 2)
 
 
-@dataclass
 class StageLog:
-    """What each stage did and how long it took, kept in ``run.json``."""
+    """What each stage did and how long it took, kept across reruns in ``run.json``.
 
-    path: Path
-    stages: dict = field(default_factory=dict)
+    ``stages`` keeps the latest record of every stage ever run here; ``last`` lists the
+    stages this invocation really ran (cached ones are absent).
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        previous = json.loads(path.read_text()) if path.is_file() else {}
+        self.stages: dict = previous.get("stages", {})
+        self.last: list[str] = []
 
     def record(self, stage: str, seconds: float, **info: Any) -> None:
         self.stages[stage] = {"seconds": round(seconds, 2), **info}
-        self.path.write_text(json.dumps(self.stages, indent=1, default=str))
+        self.last.append(stage)
+        self.path.write_text(json.dumps({"stages": self.stages, "last": self.last}, indent=1, default=str))
 
 
 def timed(log: StageLog, stage: str, fn: Callable[[], Any], **info: Any) -> Any:

@@ -11,6 +11,8 @@ import html
 import json
 from pathlib import Path
 
+import numpy as np
+
 from spdy.levels import DENSE, Option
 from spdy.timing.table import TimingTable
 
@@ -35,16 +37,17 @@ def _plots(summary: dict, table: TimingTable, out: Path) -> dict[str, Path]:
     units = table.units
     profiles = summary["profiles"]
 
-    fig, ax = plt.subplots(figsize=(max(8, len(units) * 0.25), 4.5))
-    for method, p in profiles.items():
-        ax.plot(range(len(units)), [p["profile"].get(u, 0.0) for u in units], marker="o" if method == summary["method"] else ".",
-                lw=2 if method == summary["method"] else 1, label=method)
+    fig, ax = plt.subplots(figsize=(max(8, len(units) * 0.3), 4.5))
+    width = 0.8 / len(profiles)
+    for i, (method, p) in enumerate(profiles.items()):
+        ax.bar([x - 0.4 + (i + 0.5) * width for x in range(len(units))], [p["profile"].get(u, 0.0) for u in units], width,
+               label=method, edgecolor="k" if method == summary["method"] else None, linewidth=0.6)
     ax.set_xticks(range(len(units)), [_short(u) for u in units], rotation=90, fontsize=6)
     ax.set_ylabel("sparsity")
-    ax.set_ylim(-0.02, 1.0)
+    ax.set_ylim(0, 1.0)
     ax.set_title(f"Per-unit sparsity at {summary['target']:g}x target")
     ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     paths["profile"] = out / "profile.png"
     fig.savefig(paths["profile"], dpi=110)
@@ -71,9 +74,10 @@ def _plots(summary: dict, table: TimingTable, out: Path) -> dict[str, Path]:
     xs = range(len(methods))
     predicted = [profiles[m]["predicted_speedup"] for m in methods]
     measured = [profiles[m].get("verify", {}).get("measured_speedup", float("nan")) for m in methods]
-    spread = [profiles[m].get("verify", {}).get("measured_spread", 0.0) * v for m, v in zip(methods, measured)]
+    quartiles = [np.percentile(profiles[m].get("verify", {}).get("ratios") or [v], [25, 75]) for m, v in zip(methods, measured)]
+    errors = [[max(v - q[0], 0) for v, q in zip(measured, quartiles)], [max(q[1] - v, 0) for v, q in zip(measured, quartiles)]]
     a1.bar([x - 0.2 for x in xs], predicted, 0.4, label="predicted (table)")
-    a1.bar([x + 0.2 for x in xs], measured, 0.4, yerr=spread, label="measured (median, IQR)")
+    a1.bar([x + 0.2 for x in xs], measured, 0.4, yerr=errors, capsize=3, label="measured (median, quartiles)")
     a1.axhline(summary["target"], color="r", ls="--", lw=1, label=f"target {summary['target']:g}x")
     a1.set_xticks(list(xs), methods, rotation=20)
     a1.set_ylabel("speedup over dense")

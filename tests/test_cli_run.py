@@ -1,0 +1,84 @@
+"""`spdy run` end to end on a real small model (the digits MLP), its cache, and its error paths."""
+
+import json
+
+import pytest
+import torch
+
+import spdy
+from spdy.cli import main
+
+FAST = ["digits", "--levels", "0.5,0.7,0.9,0.95", "--random-starts", "6", "--tries", "3",
+        "--baselines", "uniform,dp-errors", "--rounds", "7", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("run")
+    code = main(["run", *FAST, "--work-dir", str(work), "--json"])
+    return code, work
+
+
+def test_run_end_to_end(finished_run, capsys):
+    code, work = finished_run
+    assert code == 0
+    summary = json.loads((work / "summary.json").read_text())
+    assert set(summary["profiles"]) == {"spdy", "uniform", "dp-errors"}
+    for method, p in summary["profiles"].items():
+        assert p["predicted_speedup"] >= summary["target"], method
+        assert p["verify"]["measured_speedup"] > 0 and p["heldout_loss"] is not None
+    for name in ("report.md", "report.html", "plots/profile.png", "plots/timings.png", "plots/speedup_quality.png"):
+        assert (work / name).stat().st_size > 0, name
+    html = (work / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and "spdy run digits" in html
+
+
+def test_rerun_uses_the_cache_and_gives_the_same_answer(finished_run, capsys):
+    _, work = finished_run
+    first = json.loads((work / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(["run", *FAST, "--work-dir", str(work), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) >= {"target", "predicted_speedup", "measured_speedup", "heldout", "work_dir"}
+    assert out["target"] == first["target"]
+    assert out["measured_speedup"] == first["profiles"]["spdy"]["verify"]["measured_speedup"]
+    assert out["heldout"]["spdy"] == first["profiles"]["spdy"]["heldout_loss"]
+    log = json.loads((work / "run.json").read_text())
+    assert not any(s.startswith(("timing", "search:", "verify:")) for s in log["last"]), "cached stages must not run again"
+    assert "search:spdy" in log["stages"], "the first run's stage times are kept"
+
+
+def test_export_loads_as_a_runnable_sparse_model(finished_run):
+    _, work = finished_run
+    model = spdy.load(work / "export")
+    assert model(torch.rand(4, 64)).shape == (4, 10)
+    profile = spdy.Profile.load(work / "export" / "profile.json")
+    assert profile.method == "spdy"
+    for unit, sparsity in profile.sparsities.items():
+        module = model.get_submodule(unit)
+        weight = module.dense_weight() if hasattr(module, "dense_weight") else module.weight
+        assert (weight == 0).float().mean().item() == pytest.approx(sparsity, abs=1e-3), unit
+
+
+def test_unknown_config_key_is_named(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text('target = 1.2\nsampels = 3\n')
+    assert main(["run", "digits", "--config", str(config), "--work-dir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "sampels" in err and "valid keys" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["/no/such/model"], "not found"),
+    (["digits", "--baselines", "uniform,bogus"], "bogus"),
+    (["digits", "--levels", "0.5,1.5"], "(0, 1)"),
+])
+def test_bad_input_exits_2(tmp_path, capsys, args, message):
+    assert main(["run", *args, "--work-dir", str(tmp_path / "w")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_infeasible_target_reports_the_maximum(finished_run, capsys):
+    _, work = finished_run
+    assert main(["run", *FAST, "--work-dir", str(work), "--target", "50"]) == 2
+    assert "maximum attainable speedup" in capsys.readouterr().err
