@@ -13,7 +13,7 @@ from spdy.evaluate import Evaluator
 from spdy.evolution import EvoConfig, EvolutionSearch
 from spdy.levels import options_for
 from spdy.models import digits_mlp
-from spdy.search import SpdyConfig, SpdySearch
+from spdy.spdy_search import SpdyConfig, SpdySearch
 from spdy.timing import measure
 from spdy.units import find_units, weight_matrix
 

@@ -281,7 +281,7 @@ def _command_line(cfg: argparse.Namespace) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     from spdy import pipeline
     from spdy.database import Stitcher
-    from spdy.export import export
+    from spdy.deploy import export
     from spdy.report import write_report
     from spdy.verify import verify
 

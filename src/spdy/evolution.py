@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from spdy.dp import solve
 from spdy.profile import Profile
-from spdy.search import Checkpoint, table_digest
+from spdy.spdy_search import Checkpoint, table_digest
 from spdy.timing.table import TimingTable
 
 # (profile, number of batches or None for all) -> loss

@@ -25,7 +25,7 @@ from spdy.evolution import EvoConfig, EvolutionSearch
 from spdy.levels import DENSE, Option, options_for, spdy_grid
 from spdy.models import ModelBundle
 from spdy.profile import METHODS, Profile
-from spdy.search import SpdyConfig, SpdySearch
+from spdy.spdy_search import SpdyConfig, SpdySearch
 from spdy.timing import measure
 from spdy.timing.table import TimingTable
 from spdy.units import Unit, find_units, set_weight_matrix, weight_matrix
