@@ -316,7 +316,7 @@ class SparseKernelWeight:
             raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
         w = weight.detach().to(torch.float32).cpu().contiguous().numpy()
         mask = w != 0
-        indptr = np.zeros(w.shape[0] + 1, dtype=np.int64)
+        indptr = np.zeros(w.shape[0] + 1, dtype=np.uint64)  # unsigned: no wraparound checks in the loop
         np.cumsum(mask.sum(axis=1), out=indptr[1:])
         rows, cols = np.nonzero(mask)
         b = None if bias is None else bias.detach().to(torch.float32).cpu().clone()
@@ -325,7 +325,7 @@ class SparseKernelWeight:
     def to_dense(self) -> torch.Tensor:
         """The masked weight back as a dense (out, in) float32 tensor."""
         out = np.zeros(self.shape, dtype=np.float32)
-        rows = np.repeat(np.arange(self.shape[0]), np.diff(self.indptr))
+        rows = np.repeat(np.arange(self.shape[0]), np.diff(self.indptr.astype(np.int64)))
         out[rows, self.indices] = self.data
         return torch.from_numpy(out)
 
