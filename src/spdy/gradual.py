@@ -40,9 +40,11 @@ CRITERIA = ("magnitude", "obs")
 def cubic_sparsity(step: int, final: float, initial: float = 0.0, start: int = 0, steps: int = 1) -> float:
     """Zhu & Gupta's sparsity at ``step``: ``initial`` before ``start``, ``final`` from ``start + steps`` on."""
     initial = min(initial, final)
-    if step < start:
+    progress = (step - start) / max(steps, 1)
+    if progress <= 0.0:
         return initial
-    progress = min(1.0, (step - start) / max(steps, 1))
+    if progress >= 1.0:
+        return final
     return final + (initial - final) * (1.0 - progress) ** 3
 
 
