@@ -19,7 +19,7 @@ import os
 import torch
 
 from spdy.runtime import FORMATS, SparseLinear, kernel_status, magnitude_mask
-from spdy.runtime.timer import measure
+from spdy.runtime.timer import alternating_stats
 
 SHAPES = [(384, 384), (1536, 384), (384, 1536)]
 LEVELS = [0.0, 0.5, 0.7, 0.9, 0.95]
@@ -54,7 +54,7 @@ def run(rounds: int, rows: int) -> list[tuple]:
                 else:
                     modules[f] = SparseLinear(unstructured, bias, f)
             with torch.no_grad():
-                stats = measure({f: (lambda m=m: m(x)) for f, m in modules.items()}, rounds)
+                stats = alternating_stats({f: (lambda m=m: m(x)) for f, m in modules.items()}, rounds)
             dense = stats["dense"].median
             out.append((shape, level, dense, {f: dense / s.median for f, s in stats.items()}, max(s.spread for s in stats.values())))
     return out

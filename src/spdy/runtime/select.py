@@ -13,7 +13,7 @@ from torch import nn
 
 from spdy.runtime.formats import FORMATS, supported_formats
 from spdy.runtime.modules import SparseLinear, sparse_module, weight_of
-from spdy.runtime.timer import Stat, measure
+from spdy.runtime.timer import Stat, alternating_stats
 
 # A sparse format must beat dense by this much to be chosen: smaller wins are noise.
 MIN_GAIN = 0.02
@@ -54,7 +54,7 @@ def format_stats(
     if not modules:
         raise ValueError(f"none of the formats {list(candidates)} can hold this layer's weight")
     x = torch.randn(*input_shape)
-    return measure({f: (lambda m=m: m(x)) for f, m in modules.items()}, rounds, max_spread=max_spread)
+    return alternating_stats({f: (lambda m=m: m(x)) for f, m in modules.items()}, rounds, max_spread=max_spread)
 
 
 def fastest_format(

@@ -66,7 +66,7 @@ def time_alternating(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int
     return samples
 
 
-def measure(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 2, max_spread: float = 0.15, retries: int = 2) -> dict[str, Stat]:
+def alternating_stats(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 2, max_spread: float = 0.15, retries: int = 2) -> dict[str, Stat]:
     """Alternating medians; while any spread exceeds ``max_spread``, add ``rounds`` more rounds.
 
     Extra rounds are pooled with the earlier ones (at most ``retries`` times), so a burst

@@ -28,7 +28,7 @@ from spdy.levels import DENSE, Option
 from spdy.runtime.formats import FORMATS, kernel_status
 from spdy.runtime.masks import magnitude_mask
 from spdy.runtime.select import MIN_GAIN, format_stats, pick
-from spdy.runtime.timer import Stat, measure
+from spdy.runtime.timer import Stat, alternating_stats
 from spdy.timing.backend import Backend, UnitTiming, machine_meta
 from spdy.units import Unit, call_model, set_weight_matrix, weight_matrix
 
@@ -117,7 +117,7 @@ class TorchCpuBackend(Backend):
 
     @torch.no_grad()
     def model_time(self, model: nn.Module, batch: Any) -> Stat:
-        return measure({"model": lambda: call_model(model, batch)}, self.model_rounds, max_spread=self.max_spread)["model"]
+        return alternating_stats({"model": lambda: call_model(model, batch)}, self.model_rounds, max_spread=self.max_spread)["model"]
 
     def meta(self) -> dict:
         ok, why = kernel_status()
