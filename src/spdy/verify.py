@@ -27,7 +27,7 @@ from torch import nn
 from spdy.levels import DENSE
 from spdy.profile import Profile
 from spdy.runtime import convert, formats_of, magnitude_mask
-from spdy.runtime.timer import time_alternating
+from spdy.runtime.timer import oversubscribed, time_alternating
 from spdy.timing.table import TimingTable
 from spdy.units import Unit, call_model, set_weight_matrix, weight_matrix
 
@@ -159,6 +159,8 @@ def verify(
     target = profile.target
     predicted = table.predicted_speedup(options) if table is not None else profile.predicted_speedup
     threads = threads or (table.meta.get("threads") if table is not None else None) or torch.get_num_threads()
+    if warning := oversubscribed(int(threads)):
+        warnings.warn(f"verify: {warning}", RuntimeWarning, stacklevel=2)
     previous, grad = torch.get_num_threads(), torch.is_grad_enabled()
     _set_threads(int(threads))
     torch.set_grad_enabled(False)

@@ -8,6 +8,7 @@ and reports medians with their spread (interquartile range / median).
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -79,3 +80,21 @@ def alternating_stats(fns: dict[str, Callable[[], Any]], rounds: int, warmup: in
         for name, more in time_alternating(fns, rounds, warmup=1).items():
             samples[name].extend(more)
     return {name: Stat.of(s) for name, s in samples.items()}
+
+
+def oversubscribed(threads: int) -> str | None:
+    """A warning when other processes already keep every core busy and we want several.
+
+    Then each multi-threaded op waits for a descheduled worker: on a 2-core machine at load
+    10 a 384x384 matmul took 40 ms with 2 threads and 10 ms with 1, a LayerNorm 20 ms vs
+    0.2 ms, so such timings measure the scheduler, not the layer.
+    """
+    if threads <= 1 or not hasattr(os, "getloadavg"):
+        return None
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load < cores:
+        return None
+    return (
+        f"the machine is oversubscribed (load average {load:.1f} on {cores} cores): timings with {threads} threads "
+        f"will mostly measure scheduling delays; use threads=1 or a quieter machine"
+    )

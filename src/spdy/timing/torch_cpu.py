@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -28,7 +29,7 @@ from spdy.levels import DENSE, Option
 from spdy.runtime.formats import FORMATS, kernel_status
 from spdy.runtime.masks import magnitude_mask
 from spdy.runtime.select import MIN_GAIN, format_stats, pick
-from spdy.runtime.timer import Stat, alternating_stats
+from spdy.runtime.timer import Stat, alternating_stats, oversubscribed
 from spdy.timing.backend import Backend, UnitTiming, machine_meta
 from spdy.units import Unit, call_model, set_weight_matrix, weight_matrix
 
@@ -50,6 +51,8 @@ class TorchCpuBackend(Backend):
         self._previous_threads = torch.get_num_threads()
 
     def prepare(self, model: nn.Module, units: dict[str, Unit], batch: Any) -> None:
+        if warning := oversubscribed(self.threads):
+            warnings.warn(f"torch-cpu timing: {warning}", RuntimeWarning, stacklevel=3)
         self._previous_threads = torch.get_num_threads()
         self._set_threads(self.threads)
         if "kernel" in self.formats and kernel_status()[0]:
