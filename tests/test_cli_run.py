@@ -9,7 +9,7 @@ import spdy
 from spdy.cli import main
 
 FAST = ["digits", "--levels", "0.5,0.7,0.9,0.95", "--random-starts", "6", "--tries", "3",
-        "--baselines", "uniform,dp-errors", "--rounds", "7", "--threads", "1"]
+        "--baselines", "uniform,global-magnitude,dp-errors,owl", "--rounds", "7", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def test_run_end_to_end(finished_run, capsys):
     code, work = finished_run
     assert code == 0
     summary = json.loads((work / "summary.json").read_text())
-    assert set(summary["profiles"]) == {"spdy", "uniform", "dp-errors"}
+    assert set(summary["profiles"]) == {"spdy", "uniform", "global-magnitude", "dp-errors", "owl"}
     for method, p in summary["profiles"].items():
         assert p["predicted_speedup"] >= summary["target"], method
         assert p["verify"]["measured_speedup"] > 0 and p["heldout_loss"] is not None

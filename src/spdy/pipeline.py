@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from spdy import baselines
-from spdy.database import Database, Stitcher, build_database
+from spdy.database import Database, Stitcher, build_database, capture
 from spdy.evaluate import Evaluator
 from spdy.evolution import EvoConfig, EvolutionSearch
 from spdy.levels import DENSE, Option, options_for, spdy_grid
@@ -124,7 +124,7 @@ def search(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTable, d
             profile = EvolutionSearch(table, target, calibration, len(bundle.calibration), cfg, checkpoint, progress, bundle.fingerprint).run()
         else:
             started = time.perf_counter()
-            profile = _baseline(method, table, target, units, db, stitcher)
+            profile = _baseline(method, bundle, table, target, units, db, stitcher)
             profile.calibration_loss = calibration(profile.options)
             profile.evaluations = 1
             profile.meta["seconds"] = round(time.perf_counter() - started, 2)
@@ -136,7 +136,8 @@ def search(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTable, d
     return profile
 
 
-def _baseline(method: str, table: TimingTable, target: float, units: Mapping[str, Unit], db: Database, stitcher: Stitcher) -> Profile:
+def _baseline(method: str, bundle: ModelBundle, table: TimingTable, target: float, units: Mapping[str, Unit], db: Database,
+              stitcher: Stitcher) -> Profile:
     weights = {u: stitcher.dense[u] for u in table.units}
     if method == "uniform":
         return baselines.uniform(table, target)
@@ -145,10 +146,11 @@ def _baseline(method: str, table: TimingTable, target: float, units: Mapping[str
     if method == "dp-errors":
         squared = {u: {k: e ** 2 for k, e in errs.items()} for u, errs in db.relative_errors().items() if u in table.times}
         return baselines.dp_errors(table, target, squared)
-    norms = db.input_norms() if hasattr(db, "input_norms") else None
-    if norms is None:
-        raise ValueError("method 'owl' needs per-unit input norms, which this database does not store; rebuild it")
-    return baselines.owl(table, target, weights, {u: norms[u] for u in table.units})
+    # OWL scores weights by |W_ij| * ||x_j||: the input norms come from the dense model's calibration pass
+    stitcher.restore()
+    stats = capture(bundle.model, {u: units[u] for u in table.units}, bundle.calibration)
+    norms = {u: (s.hessian_sum.diagonal()).sqrt() for u, s in stats.items()}
+    return baselines.owl(table, target, weights, norms)
 
 
 def apply(units: Mapping[str, Unit], profile: Profile, db: Database | None = None) -> None:
