@@ -419,6 +419,21 @@ def cmd_gradual(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_nm(args: argparse.Namespace) -> int:
+    from spdy.nm import prune_nm
+
+    bundle, units = _bundle(args)
+    result = prune_nm(bundle, units, args.pattern, args.pruner, args.gap, args.work_dir, epochs=args.epochs, lr=args.lr,
+                      batch_size=args.gap_batch, seed=args.seed, progress=not args.json)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    after = f"{result['heldout_after_gap']:.6g}" if result["heldout_after_gap"] is not None else "(no gAP)"
+    print(f"{args.model} {args.pattern} ({args.pruner}, {result['samples']} samples): held-out {bundle.loss} dense "
+          f"{result['heldout_dense']:.6g}, pruned {result['heldout_before_gap']:.6g}, after gAP {after}")
+    return 0
+
+
 def _model_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
     p.add_argument("model", metavar="MODEL", nargs=None if model_required else "?", default="minilm",
                    help="minilm | smollm2 | digits | a local Hugging Face model directory | module:function")
@@ -538,6 +553,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="batch order seed (default 0)")
     p.add_argument("--work-dir", default="spdy-gradual", help="checkpoints, recipe.json and model.safetensors (default %(default)s); reruns resume")
     p.set_defaults(func=cmd_gradual)
+
+    p = sub.add_parser("nm", help="N:M (2:4) post-training pruning: layer-wise masks, then global AdaPrune (gAP)")
+    _model_args(p)
+    p.add_argument("--pattern", default="2:4", help="N:M pattern, N zeros in every M inputs (default %(default)s)")
+    p.add_argument("--pruner", default="obs", choices=("obs", "adaprune", "magnitude"))
+    p.add_argument("--gap", action="store_true", help="fine-tune the whole pruned model against the dense one (global AdaPrune)")
+    p.add_argument("--epochs", type=int, default=100, help="gAP passes over the calibration samples (default %(default)s, the "
+                   "paper's; hours for MiniLM on 2 CPU cores)")
+    p.add_argument("--lr", type=float, default=1e-5, help="gAP Adam learning rate (default %(default)s)")
+    p.add_argument("--gap-batch", type=int, default=32, help="gAP samples per step (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="gAP sample order (default %(default)s)")
+    p.add_argument("--work-dir", default="spdy-nm", help="database and gAP checkpoints; a rerun resumes (default %(default)s)")
+    p.set_defaults(func=cmd_nm)
     return parser
 
 
