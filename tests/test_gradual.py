@@ -30,7 +30,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def cnn():
     torch.set_num_threads(1)
-    return digits_cnn(width=16, epochs=6)
+    return digits_cnn(width=8, hidden=256, epochs=6)
 
 
 def fresh(bundle):
@@ -130,12 +130,11 @@ def test_resume_refuses_another_recipe(cnn, tmp_path):
 def test_fine_tuning_recovers_one_shot_pruned_cnn(cnn):
     bundle = copy.copy(cnn)
     bundle.model, units = fresh(cnn)
-    targets = {u: 0.9 for u in units}
-    recipe = Recipe(targets, total_steps=40, steps=1, initial=0.9)  # one-shot at step 0, then recovery
+    recipe = Recipe({u: 0.8 for u in units}, total_steps=40, steps=1, initial=0.8)  # one-shot at step 0, then recovery
     result = gradual_prune(bundle, units, recipe, TrainConfig(lr=1e-3), progress=False)
     assert result["heldout_after"] < 0.7 * result["heldout_before"]
     assert result["accuracy_after"] > result["accuracy_before"]
-    assert result["sparsity"] == {u: round(0.9 * units[u].module.weight.numel()) / units[u].module.weight.numel() for u in units}
+    assert result["sparsity"] == {u: round(0.8 * units[u].module.weight.numel()) / units[u].module.weight.numel() for u in units}
 
 
 def test_recipe_round_trip_and_errors(tmp_path):

@@ -24,16 +24,21 @@ def digits_data(seed: int = 0, batch_size: int = 128) -> tuple[list, list, list,
     return list(x[:split].split(batch_size)), list(y[:split].split(batch_size)), list(x[split:].split(batch_size)), list(y[split:].split(batch_size))
 
 
-def digits_cnn(width: int = 32, epochs: int = 15, batch_size: int = 128, seed: int = 0) -> ModelBundle:
-    """Three 3x3 convolutions and two linear layers, trained with Adam; loss ``ce`` with labels."""
+def digits_cnn(width: int = 8, hidden: int = 2048, epochs: int = 10, batch_size: int = 128, seed: int = 0) -> ModelBundle:
+    """Two 3x3 convolutions and a three-layer MLP head, trained with Adam; loss ``ce`` with labels.
+
+    The head holds most of the weights and time, as in classifiers whose dense layers are
+    worth pruning; the convolutions are the layers a speedup-aware profile should leave alone
+    on an engine that has no sparse convolution.
+    """
     train, train_labels, test, test_labels = digits_data(seed, batch_size)
     torch.manual_seed(seed)
     model = nn.Sequential(
         nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.ReLU(), nn.Flatten(),
-        nn.Linear(4 * width * 16, 8 * width), nn.ReLU(),
-        nn.Linear(8 * width, 10),
+        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(2 * width * 16, hidden), nn.ReLU(),
+        nn.Linear(hidden, hidden), nn.ReLU(),
+        nn.Linear(hidden, 10),
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(seed)
@@ -42,7 +47,7 @@ def digits_cnn(width: int = 32, epochs: int = 15, batch_size: int = 128, seed: i
             optimizer.zero_grad()
             nn.functional.cross_entropy(model(train[i]), train_labels[i]).backward()
             optimizer.step()
-    return ModelBundle("digits-cnn", model.eval(), train, test, "ce", meta={"batch_size": batch_size, "width": width},
+    return ModelBundle("digits-cnn", model.eval(), train, test, "ce", meta={"batch_size": batch_size, "width": width, "hidden": hidden},
                        calibration_labels=train_labels, heldout_labels=test_labels)
 
 
