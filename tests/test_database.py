@@ -134,7 +134,7 @@ def test_database_contents_and_summary(db, units, stats):
     assert db.units == list(layer(units, 0))
     assert db.options(db.units[0]) == ["0.0000", "0.4000", "0.7000", "0.9000"]
     manifest = json.loads((db.directory / "manifest.json").read_text())
-    assert manifest["pruner"] == {"name": "obs", "params": {"damp": 0.01, "block": 128}}
+    assert manifest["pruner"] == {"name": "obs", "params": {"damp": 0.01, "block": 128, "refine": 20}}
     assert manifest["calibration"]["samples"] == 16
     for unit in db.units:
         dense = db.weight(unit, "0.0000")
