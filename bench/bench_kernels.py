@@ -2,7 +2,7 @@
 
 Each engine runs in its own worker process (numba's, torch's and DeepSparse's thread
 pools would otherwise compete), 2 threads for everything, dense and sparse calls
-alternated, medians over the repeats after warm-up. Workers print JSON lines; the
+alternated, medians over the repeats after warm-up, OMP_WAIT_POLICY=PASSIVE by default. Workers print JSON lines; the
 parent prints one Markdown table of ratios dense_time / engine_time (> 1 = faster).
 
     python bench/bench_kernels.py [--quick] [--engines kernel,csr,deepsparse] [--save F] [--load F]
@@ -136,9 +136,11 @@ def worker(engine: str, quick: bool, repeats: int) -> None:
                               "sparsity": p, **best}), flush=True)
 
 
-def _run_worker(engine: str, python: str, quick: bool, repeats: int) -> list[dict]:
+def _run_worker(engine: str, python: str, quick: bool, repeats: int, wait_policy: str) -> list[dict]:
     cmd = [python, __file__, "--worker", engine, "--repeats", str(repeats)] + (["--quick"] if quick else [])
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    if wait_policy:
+        env["OMP_WAIT_POLICY"] = wait_policy
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         print(f"[{engine}] failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -173,6 +175,10 @@ def main() -> None:
                     help="comma list of kernel, csr, deepsparse (deepsparse skipped if its venv is missing)")
     ap.add_argument("--engine", help="only this engine (same as --engines ENGINE)")
     ap.add_argument("--deepsparse-python", default=str(DEEPSPARSE_PYTHON))
+    ap.add_argument("--omp-wait-policy", default="PASSIVE",
+                    help="OMP_WAIT_POLICY for the workers ('' = inherit); PASSIVE keeps idle OpenMP "
+                         "threads (torch's, numba's) from spinning, which on a loaded machine "
+                         "otherwise inflates 2-thread timings by 10-100x")
     ap.add_argument("--save", help="write every result as JSON lines to this file")
     ap.add_argument("--load", help="reuse results (JSON lines) for the engines found in this file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -191,7 +197,7 @@ def main() -> None:
         if any(r["engine"] == e for r in results):
             continue
         python = args.deepsparse_python if e == "deepsparse" else sys.executable
-        results += _run_worker(e, python, args.quick, args.repeats)
+        results += _run_worker(e, python, args.quick, args.repeats, args.omp_wait_policy)
     if args.save:
         Path(args.save).write_text("".join(json.dumps(r) + "\n" for r in results))
     engines = [e for e in engines if any(r["engine"] == e for r in results)]
