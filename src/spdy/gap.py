@@ -128,18 +128,21 @@ class GlobalAdaPrune:
     """Global AdaPrune; configure here, then :meth:`fit` (sklearn/torch style).
 
     ``epochs`` passes over the calibration samples in batches of ``batch_size`` samples
-    (re-cut from the given batches), Adam with ``lr`` and ``betas``. ``checkpoint_dir``
+    (re-cut from the given batches), Adam with ``lr`` and ``betas``; ``max_steps`` caps the
+    total number of steps (a compute budget; it may stop mid-epoch). ``checkpoint_dir``
     enables checkpoint/resume every ``checkpoint_every`` steps. After ``fit``,
     ``losses_`` holds the mean training loss of each finished epoch and ``steps_`` the
     number of optimiser steps taken.
     """
 
     def __init__(self, epochs: int = 100, lr: float = 1e-5, batch_size: int = 32, betas: tuple[float, float] = (0.9, 0.999),
-                 seed: int = 0, checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 20, progress: bool = True):
-        if epochs < 0 or lr <= 0 or batch_size < 1 or checkpoint_every < 1:
-            raise ValueError(f"gAP needs epochs >= 0, lr > 0, batch_size >= 1, checkpoint_every >= 1; got epochs={epochs}, lr={lr}, "
-                             f"batch_size={batch_size}, checkpoint_every={checkpoint_every}")
+                 seed: int = 0, max_steps: int | None = None, checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 20,
+                 progress: bool = True):
+        if epochs < 0 or lr <= 0 or batch_size < 1 or checkpoint_every < 1 or (max_steps is not None and max_steps < 0):
+            raise ValueError(f"gAP needs epochs >= 0, lr > 0, batch_size >= 1, checkpoint_every >= 1, max_steps >= 0; got epochs={epochs}, "
+                             f"lr={lr}, batch_size={batch_size}, checkpoint_every={checkpoint_every}, max_steps={max_steps}")
         self.epochs, self.lr, self.batch_size, self.betas, self.seed = epochs, lr, batch_size, tuple(betas), seed
+        self.max_steps = max_steps
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_every, self.progress = checkpoint_every, progress
         self.losses_: list[float] = []
@@ -173,13 +176,16 @@ class GlobalAdaPrune:
         counters = {"epoch": 0, "batch": 0, "step": 0, "epoch_loss_sum": 0.0, "losses": []}
         if self.checkpoint_dir is not None:
             counters = self._resume(identity, counters, params, optimizer)
-        per_epoch = -(-samples // self.batch_size)
+        total = self.epochs * -(-samples // self.batch_size)
+        total = total if self.max_steps is None else min(total, self.max_steps)
         self.losses_ = list(counters["losses"])
-        bar = tqdm(total=self.epochs * per_epoch, initial=min(counters["step"], self.epochs * per_epoch), desc="gAP", unit="step", disable=not self.progress)
+        bar = tqdm(total=total, initial=min(counters["step"], total), desc="gAP", unit="step", disable=not self.progress)
         try:
-            while counters["epoch"] < self.epochs:
+            while counters["epoch"] < self.epochs and counters["step"] < total:
                 order = epoch_order(samples, self.seed, counters["epoch"]).split(self.batch_size)
                 for index in range(counters["batch"], len(order)):
+                    if counters["step"] >= total:
+                        break
                     loss = relative_output_loss(pruned_model, dense_model, _take(pool, order[index]), names)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -197,7 +203,7 @@ class GlobalAdaPrune:
                         self.losses_ = list(counters["losses"])
                     bar.update(1)
                     bar.set_postfix(loss=f"{value:.4g}", epoch=counters["epoch"])
-                    if self.checkpoint_dir is not None and (counters["step"] % self.checkpoint_every == 0 or counters["epoch"] == self.epochs):
+                    if self.checkpoint_dir is not None and (counters["step"] % self.checkpoint_every == 0 or counters["step"] == total):
                         self._save(identity, counters, params, optimizer)
                     if on_step is not None:
                         on_step(counters["step"], value)

@@ -62,7 +62,7 @@ def dense_copy(bundle: ModelBundle, units: Mapping[str, Unit], dense_weights: Ma
 
 def finish_with_gap(bundle: ModelBundle, units: Mapping[str, Unit], dense: nn.Module | Mapping[str, torch.Tensor], epochs: int = 100,
                     lr: float = 1e-5, batch_size: int = 32, seed: int = 0, work_dir: str | os.PathLike | None = None,
-                    progress: bool = True, heldout: HeldOut | None = None) -> dict[str, Any]:
+                    progress: bool = True, heldout: HeldOut | None = None, max_steps: int | None = None) -> dict[str, Any]:
     """gAP on ``bundle.model`` as it stands (e.g. a stitched SPDY profile), trained on the
     bundle's calibration batches against ``dense`` (the dense model, or the dense unit
     weights such as ``Stitcher.dense``). Changes ``bundle.model`` in place, every parameter.
@@ -73,10 +73,11 @@ def finish_with_gap(bundle: ModelBundle, units: Mapping[str, Unit], dense: nn.Mo
     teacher = dense if isinstance(dense, nn.Module) else dense_copy(bundle, units, dense)
     heldout = heldout or HeldOut(bundle, teacher)
     result: dict[str, Any] = heldout(bundle.model, "before_gap")
-    gap = GlobalAdaPrune(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, checkpoint_dir=work_dir, progress=progress)
+    gap = GlobalAdaPrune(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, max_steps=max_steps, checkpoint_dir=work_dir, progress=progress)
     gap.fit(bundle.model, teacher, bundle.calibration, units)
     result.update(heldout(bundle.model, "after_gap"))
-    result["gap"] = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "steps": gap.steps_, "train_loss": gap.losses_}
+    result["gap"] = {"epochs": epochs, "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "seed": seed, "steps": gap.steps_,
+                     "train_loss": gap.losses_}
     return result
 
 
@@ -102,7 +103,7 @@ def nm_pattern_kept(units: Mapping[str, Unit], pattern: str) -> bool:
 
 def prune_nm(bundle: ModelBundle, units: Mapping[str, Unit], pattern: str = "2:4", pruner: str = "obs", gap: bool = True,
              work_dir: str | os.PathLike = "spdy-nm", epochs: int = 100, lr: float = 1e-5, batch_size: int = 32, seed: int = 0,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, max_steps: int | None = None) -> dict[str, Any]:
     """Prune every unit of ``bundle.model`` to ``pattern`` in place, then (``gap``) run gAP.
 
     The database and the gAP checkpoint live under ``work_dir`` in folders named after the
@@ -120,7 +121,7 @@ def prune_nm(bundle: ModelBundle, units: Mapping[str, Unit], pattern: str = "2:4
     db = build_database(bundle.model, dict(units), bundle.calibration, options, work / f"db-{tag}", pruner=pruner, progress=progress)
     Stitcher(units, db).apply({name: options[-1].key for name in units})
     if gap:
-        result.update(finish_with_gap(bundle, units, teacher, epochs, lr, batch_size, seed, work / f"gap-{tag}", progress, heldout))
+        result.update(finish_with_gap(bundle, units, teacher, epochs, lr, batch_size, seed, work / f"gap-{tag}", progress, heldout, max_steps))
     else:
         result.update(heldout(bundle.model, "before_gap"))
         result["heldout_after_gap"] = None

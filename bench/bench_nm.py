@@ -1,0 +1,78 @@
+"""Benchmark: 2:4 post-training pruning quality by pruner and calibration size, with and without gAP.
+
+For each calibration size and pruner (magnitude, AdaPrune, OBS) the whole model is pruned to
+2:4 with `spdy.nm.prune_nm` and then fine-tuned with gAP under a fixed step budget; held-out
+quality is read before gAP (the pruner alone) and after. Results go to a JSON file row by
+row, so an interrupted run resumes; ``--table`` prints the Markdown table for docs/benchmarks.md.
+
+    .venv/bin/python bench/bench_nm.py --model minilm --samples 128,512,1024 --seq-len 64 \
+        --gap-steps 16 --lr 1e-4 --threads 1 --out bench/results/nm-minilm.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from spdy.models import load_model
+from spdy.nm import prune_nm
+from spdy.pipeline import prunable_units
+
+
+def quality(result: dict, when: str) -> float | None:
+    """1 - cosine for sentence encoders (the bundle's loss), perplexity for causal LMs."""
+    key = f"perplexity_{when}" if f"perplexity_{when}" in result else f"heldout_{when}"
+    return result.get(key)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--samples", default="128,512,1024", help="calibration sizes")
+    ap.add_argument("--pruners", default="magnitude,adaprune,obs")
+    ap.add_argument("--heldout", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=64, help="tokens per sample (pydoc text gives ~930 samples of 128)")
+    ap.add_argument("--gap-steps", type=int, default=16, help="gAP optimiser steps of 32 samples per run (the paper: ~3200)")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--work-dir", default="/tmp/spdy-bench-nm")
+    ap.add_argument("--out", default="bench/results/nm.json")
+    ap.add_argument("--table", action="store_true", help="only print the Markdown table of --out")
+    args = ap.parse_args()
+    out = Path(args.out)
+    rows = json.loads(out.read_text()) if out.is_file() else []
+    if not args.table:
+        torch.set_num_threads(args.threads)
+        done = {(r["samples"], r["pruner"]) for r in rows}
+        for samples in (int(s) for s in args.samples.split(",")):
+            base = None
+            for pruner in args.pruners.split(","):
+                if (samples, pruner) in done:
+                    continue
+                base = base or load_model(args.model, samples=samples, heldout=args.heldout, seq_len=args.seq_len)
+                bundle = copy.deepcopy(base)
+                units = prunable_units(bundle)
+                started = time.perf_counter()
+                result = prune_nm(bundle, units, "2:4", pruner, gap=True, work_dir=args.work_dir, epochs=100, lr=args.lr,
+                                  max_steps=args.gap_steps, progress=False)
+                result["seconds"] = round(time.perf_counter() - started, 1)
+                result["seq_len"], result["threads"] = args.seq_len, args.threads
+                rows.append(result)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(rows, indent=1))
+                print(json.dumps({k: result[k] for k in ("samples", "pruner", "heldout_before_gap", "heldout_after_gap", "seconds")}), flush=True)
+    metric = "perplexity" if rows and "perplexity_dense" in rows[0] else f"held-out {rows[0]['loss'] if rows else 'loss'}"
+    print(f"| samples | pruner | {metric} 2:4 | after gAP | gAP steps |\n|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (r["samples"], r["pruner"])):
+        print(f"| {r['samples']} | {r['pruner']} | {quality(r, 'before_gap'):.4f} | {quality(r, 'after_gap'):.4f} | {r['gap']['steps']} |")
+    if rows:
+        print(f"\ndense: {quality(rows[0], 'dense'):.4f}")
+
+
+if __name__ == "__main__":
+    main()
