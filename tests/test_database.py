@@ -20,6 +20,15 @@ UP = "bert.encoder.layer.2.intermediate.dense"  # 1536 x 384
 DOWN = "bert.encoder.layer.2.output.dense"  # 384 x 1536
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine, two threads mostly wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def bundle():
     return load_model("minilm", samples=16)
@@ -134,7 +143,7 @@ def test_database_contents_and_summary(db, units, stats):
     assert db.units == list(layer(units, 0))
     assert db.options(db.units[0]) == ["0.0000", "0.4000", "0.7000", "0.9000"]
     manifest = json.loads((db.directory / "manifest.json").read_text())
-    assert manifest["pruner"] == {"name": "obs", "params": {"damp": 0.01, "block": 128, "refine": 20}}
+    assert manifest["pruner"] == {"name": "obs", "params": {"damp": 0.01, "block": 128, "refine": 10}}
     assert manifest["calibration"]["samples"] == 16
     for unit in db.units:
         dense = db.weight(unit, "0.0000")

@@ -39,7 +39,7 @@ class OBS(Pruner):
     name: ClassVar[str] = "obs"
     damp: float = 0.01
     block: int = 128
-    refine: int = 20
+    refine: int = 10
 
     def __post_init__(self) -> None:
         if not self.damp > 0 or self.block < 1 or self.refine < 0:
