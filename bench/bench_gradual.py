@@ -33,7 +33,7 @@ from spdy.zoo import digits_cnn
 METHODS = ("spdy", "uniform", "global-magnitude")
 
 
-def cnn_rows(args: argparse.Namespace, work: Path) -> list[str]:
+def cnn_rows(args: argparse.Namespace, work: Path) -> None:
     from spdy.verify import verify
 
     bundle = digits_cnn(width=args.width, hidden=args.hidden)
@@ -48,7 +48,8 @@ def cnn_rows(args: argparse.Namespace, work: Path) -> list[str]:
         [round(1 + f * (table.max_speedup() - 1), 2) for f in (0.4, 0.7)]
     print(f"digits CNN (width {args.width}, hidden {args.hidden}): dense {table.base * 1e3:.3f} ms per batch of {len(bundle.calibration[0])}, "
           f"table max speedup {table.max_speedup():.2f}x, levels {levels}\n")
-    rows = []
+    print("| target | profile | predicted | measured (verify) | overall sparsity | one-shot acc / CE | gradual acc / CE | fine-tune s |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
     for target in targets:
         for method in METHODS:
             settings = pipeline.SearchSettings(method=method, random_starts=args.random_starts, tries=args.tries)
@@ -64,16 +65,13 @@ def cnn_rows(args: argparse.Namespace, work: Path) -> list[str]:
             check = verify(student.model, student_units, profile, bundle.calibration[0], table, weights=weights)
             sparsity = sum(result["sparsity"][u] * student_units[u].module.weight.numel() for u in result["sparsity"]) / \
                 sum(student_units[u].module.weight.numel() for u in result["sparsity"])
-            rows.append(f"| {target:g}x | {method} | {profile.predicted_speedup:.3f}x | {check.measured_speedup:.3f}x | {sparsity:.3f} | "
-                        f"{result['accuracy_before']:.4f} / {result['heldout_before']:.4f} | "
-                        f"{result['accuracy_after']:.4f} / {result['heldout_after']:.4f} | {seconds:.0f} |")
-    dense = f"dense: accuracy {result['accuracy_dense']:.4f}, held-out CE {result['heldout_dense']:.4f}"
-    header = ["| target | profile | predicted | measured (verify) | overall sparsity | one-shot acc / CE | gradual acc / CE | fine-tune s |",
-              "|---|---|---|---|---|---|---|---|"]
-    return [dense, "", *header, *rows]
+            print(f"| {target:g}x | {method} | {profile.predicted_speedup:.3f}x | {check.measured_speedup:.3f}x | {sparsity:.3f} | "
+                  f"{result['accuracy_before']:.4f} / {result['heldout_before']:.4f} | "
+                  f"{result['accuracy_after']:.4f} / {result['heldout_after']:.4f} | {seconds:.0f} |", flush=True)
+    print(f"\ndense: accuracy {result['accuracy_dense']:.4f}, held-out CE {result['heldout_dense']:.4f}")
 
 
-def minilm_rows(steps: int) -> list[str]:
+def minilm(steps: int) -> None:
     from spdy.models import load_model
 
     bundle = load_model("minilm")
@@ -81,8 +79,8 @@ def minilm_rows(steps: int) -> list[str]:
     recipe = Recipe({u: 0.5 for u in units}, total_steps=steps, steps=max(1, round(0.75 * steps)), update_every=max(1, steps // 10))
     started = time.perf_counter()
     result = gradual_prune(bundle, units, recipe, TrainConfig(lr=2e-5, distill="cosine", layer=1.0), progress=False)
-    return ["", f"MiniLM-L6, uniform 50% over {len(units)} units, {steps} steps ({time.perf_counter() - started:.0f} s): "
-                f"held-out 1 - cosine {result['heldout_before']:.4f} one-shot -> {result['heldout_after']:.4f} gradual"]
+    print(f"\nMiniLM-L6, uniform 50% over {len(units)} units, {steps} steps ({time.perf_counter() - started:.0f} s): "
+          f"held-out 1 - cosine {result['heldout_before']:.4f} one-shot -> {result['heldout_after']:.4f} gradual")
 
 
 def main() -> None:
@@ -97,15 +95,16 @@ def main() -> None:
     parser.add_argument("--random-starts", type=int, default=30)
     parser.add_argument("--tries", type=int, default=30)
     parser.add_argument("--minilm", type=int, metavar="STEPS", help="also distill MiniLM-L6 for STEPS steps")
+    parser.add_argument("--skip-cnn", action="store_true", help="only the MiniLM run")
     parser.add_argument("--work-dir", default="bench-work/gradual")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    lines = cnn_rows(args, work)
+    if not args.skip_cnn:
+        cnn_rows(args, work)
     if args.minilm:
-        lines += minilm_rows(args.minilm)
-    print("\n".join(lines))
+        minilm(args.minilm)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,8 @@ class DistillLoss:
 
     def __call__(self, batch: Any, labels: torch.Tensor | None = None) -> torch.Tensor:
         """The weighted loss of the student on ``batch`` (runs both models)."""
+        if labels is None and self.distill == "none":
+            raise ValueError("--distill none needs labels (a model with the 'ce' loss)")
         out = call_model(self.student, batch)
         loss = out.new_zeros(())
         if self.distill not in ("layer", "none") or self._hooks:
@@ -111,6 +113,4 @@ class DistillLoss:
             loss = loss + self.layer * layer_loss(student.outputs, teacher.outputs)
         if labels is not None and self.task > 0:
             loss = loss + self.task * F.cross_entropy(out, labels)
-        if labels is None and self.distill == "none":
-            raise ValueError("--distill none needs labels (a model with the 'ce' loss)")
         return loss

@@ -22,7 +22,9 @@ Scores: ``"magnitude"`` ranks by ``|w|``; ``"obs"`` by the Optimal Brain Surgeon
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -107,15 +109,11 @@ and the remaining steps recover at the final sparsity.
     def to_dict(self) -> dict:
         return {"format": RECIPE_FORMAT, **asdict(self)}
 
-    def save(self, path) -> None:
-        from pathlib import Path
-
+    def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
 
     @classmethod
-    def load(cls, path) -> "Recipe":
-        from pathlib import Path
-
+    def load(cls, path: str | os.PathLike) -> "Recipe":
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"recipe {path} does not exist")

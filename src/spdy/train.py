@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from tqdm import tqdm
@@ -90,15 +91,13 @@ class Checkpoint:
             return 0
         info = json.loads(progress.read_text())
         step = int(info["step"])
-        from safetensors import safe_open
-
         for name in ("model.safetensors", "state.safetensors"):
             with safe_open(str(self.dir / name), "pt") as f:
                 stamped = (f.metadata() or {}).get("step")
             if stamped != str(step):
                 raise ValueError(f"checkpoint {self.dir / name} is from step {stamped}, progress.json says {step}: "
                                  f"the run was interrupted while saving; delete {self.dir} to start over")
-        missing, unexpected = load_model(model, str(self.dir / "model.safetensors"), strict=True)
+        load_model(model, str(self.dir / "model.safetensors"), strict=True)
         tensors = load_file(str(self.dir / "state.safetensors"))
         optimizer.load_state_dict(_optimizer_state(tensors, info["param_groups"]))
         pruner.load_masks({k[len("mask/"):]: v for k, v in tensors.items() if k.startswith("mask/")})
