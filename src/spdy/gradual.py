@@ -159,7 +159,7 @@ class _Hessian:
 
 
 class GradualPruner:
-    """Masks on ``units`` that follow a :class:`Recipe`; call :meth:`step` once per optimizer step.
+    """Masks on ``units`` that follow a :class:`Recipe`; call :meth:`update` before and :meth:`enforce` after each optimizer step.
 
     Usage, like ``torch.nn.utils.prune`` masks but scheduled::
 
@@ -175,9 +175,9 @@ class GradualPruner:
         if missing:
             raise ValueError(f"recipe names units the model does not have: {missing[:3]}")
         if recipe.criterion == "obs":
-            odd = [u for u in recipe.targets if units[u].kind not in ("linear", "conv2d")]
+            odd = [u for u in recipe.targets if units[u].kind not in ("linear", "conv2d") or getattr(units[u].module, "groups", 1) != 1]
             if odd:
-                raise ValueError(f"criterion 'obs' supports linear and conv2d units; {odd[:3]} are not")
+                raise ValueError(f"criterion 'obs' supports linear and ungrouped conv2d units; {odd[:3]} are not")
         self.units = {u: units[u] for u in recipe.targets}
         self.recipe = recipe
         self.masks = {u: torch.ones_like(unit.module.weight, dtype=torch.bool) for u, unit in self.units.items()}
