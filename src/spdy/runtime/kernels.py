@@ -39,7 +39,8 @@ def _cpu_has_avx512f() -> bool:
 def _prefer_512_bit_vectors() -> None:
     """LLVM tunes some AVX-512 CPUs to 256-bit vectors; ask for 512 unless the user chose.
 
-    Must run before numba is imported, since numba reads these variables once.
+    Takes effect if set before the first numba compilation in the process (numba fixes
+    its target machine then).
     """
     if "NUMBA_CPU_NAME" in os.environ or "NUMBA_CPU_FEATURES" in os.environ:
         return
