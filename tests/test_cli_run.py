@@ -9,7 +9,8 @@ import spdy
 from spdy.cli import main
 
 FAST = ["digits", "--levels", "0.5,0.7,0.9,0.95", "--random-starts", "6", "--tries", "3",
-        "--baselines", "uniform,global-magnitude,dp-errors,owl", "--rounds", "7", "--threads", "1"]
+        "--baselines", "uniform,global-magnitude,dp-errors,owl", "--rounds", "7", "--threads", "1",
+        "--gap", "--gap-epochs", "1", "--gap-lr", "1e-4"]
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +30,7 @@ def test_run_end_to_end(finished_run, capsys):
         assert p["verify"]["measured_speedup"] > 0 and p["heldout_loss"] is not None
     for name in ("report.md", "report.html", "plots/profile.png", "plots/timings.png", "plots/speedup_quality.png"):
         assert (work / name).stat().st_size > 0, name
+    assert summary["gap"]["heldout_after_gap"] < summary["gap"]["heldout_before_gap"]
     html = (work / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and "spdy run digits" in html
 

@@ -232,6 +232,7 @@ RUN_DEFAULTS = {
     "method": "spdy", "baselines": "uniform,global-magnitude,dp-errors", "samples": 64, "heldout": 32, "batch_size": 8,
     "seq_len": 128, "include": None, "exclude": None, "work_dir": "spdy-work", "seed": 0, "random_starts": 100,
     "tries": 100, "generations": 50, "offspring": 16, "rounds": 30, "threads": None,
+    "gap": False, "gap_epochs": 100, "gap_lr": 1e-5,
 }
 
 
@@ -346,22 +347,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"for predicted {profiles[cfg.method].predicted_speedup:.3f}x, target {target:g}x: {'MET' if main['met'] else 'NOT MET'}")
     chosen = profiles[cfg.method]
     pipeline.apply(units, chosen, db)
-    try:
-        export_dir = pipeline.timed(log, "export", lambda: export(bundle.model, bundle.name, chosen, main.get("formats", {}), work / "export"))
-    finally:
-        stitcher.restore()
+    gap = None
+    if cfg.gap:
+        from spdy.nm import finish_with_gap
+
+        gap_dir = work / f"gap-{pipeline.digest(chosen.options, cfg.gap_epochs, cfg.gap_lr, cfg.seed)}"
+        gap = pipeline.timed(log, "gap", lambda: finish_with_gap(bundle, units, stitcher.dense, epochs=cfg.gap_epochs, lr=cfg.gap_lr,
+                                                                  seed=cfg.seed, work_dir=gap_dir, progress=progress))
+        say(f"      gAP: held-out loss {gap['heldout_before_gap']:.5g} -> {gap['heldout_after_gap']:.5g}")
+    export_dir = pipeline.timed(log, "export", lambda: export(bundle.model, bundle.name, chosen, main.get("formats", {}), work / "export"))
+    stitcher.restore()  # dense units again (with gAP the other parameters stay fine-tuned; the run ends here)
     summary = {
         "model": bundle.name, "engine": cfg.engine, "pruner": cfg.pruner, "pattern": cfg.pattern, "loss": bundle.loss,
         "method": cfg.method, "target": target, "timings": str(table_path), "database": str(db.directory), "export": str(export_dir),
         "profiles": {m: {**_profile_json(p), "seconds": p.meta.get("seconds"), "verify": results[m]} for m, p in profiles.items()},
-        "stages": log.stages, "commands": ["make run ARGS=\"" + _command_line(cfg)[len("spdy run "):] + "\"" , _command_line(cfg), f"spdy report {work}"],
+        "gap": gap, "stages": log.stages, "commands": ["make run ARGS=\"" + _command_line(cfg)[len("spdy run "):] + "\"" , _command_line(cfg), f"spdy report {work}"],
     }
     (work / "summary.json").write_text(json.dumps(summary, indent=1))
     md, html_path = pipeline.timed(log, "report", lambda: write_report(work))
     say(f"[6/6] report: {md} and {html_path}; pruned model exported to {export_dir}")
     if cfg.json:
         print(json.dumps({"target": target, "predicted_speedup": chosen.predicted_speedup, "measured_speedup": main["measured_speedup"],
-                          "met": main["met"], "heldout": {m: p.heldout_loss for m, p in profiles.items()}, "work_dir": str(work)}, indent=1))
+                          "met": main["met"], "heldout": {m: p.heldout_loss for m, p in profiles.items()}, "work_dir": str(work),
+                          **({"heldout_after_gap": gap["heldout_after_gap"]} if gap else {})}, indent=1))
     return 0
 
 
@@ -531,6 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offspring", type=int)
     p.add_argument("--rounds", type=int, help="verify: alternating rounds (default 30)")
     p.add_argument("--threads", type=int, help="threads the engine runs with, timed and verified alike (default: all cores)")
+    p.add_argument("--gap", action="store_true", default=None, help="finish the chosen profile with global AdaPrune before export")
+    p.add_argument("--gap-epochs", type=int, help="gAP passes over the calibration data (default 100, the paper's; slow on a CPU)")
+    p.add_argument("--gap-lr", type=float, help="gAP Adam learning rate (default 1e-5)")
     p.add_argument("--json", action="store_true", help="end with one JSON object (for scripts); progress goes to stderr")
     p.set_defaults(func=cmd_run)
 

@@ -121,6 +121,9 @@ def write_report(work: str | Path) -> tuple[Path, Path]:
         f"dense model {table.base * 1e3:.2f} ms, of which {table.fixed * 1e3:.2f} ms is outside the {len(table.units)} pruned units. "
         f"Pruner `{summary['pruner']}`, pattern `{summary['pattern']}`, loss `{summary['loss']}`.",
         "",
+        *([f"Finished with global AdaPrune ({summary['gap']['gap']['epochs']} epochs, lr {summary['gap']['gap']['lr']:g}): "
+           f"held-out loss {summary['gap']['heldout_before_gap']:.5g} -> {summary['gap']['heldout_after_gap']:.5g}.", ""]
+          if summary.get("gap") else []),
         "## Methods at the same target",
         "",
         "| method | predicted speedup | measured speedup | calibration loss | held-out loss | evaluations | search time (s) |",

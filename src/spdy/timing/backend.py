@@ -88,6 +88,7 @@ def machine_meta() -> dict:
 _REGISTRY: dict[str, str | Callable[..., Backend]] = {
     "torch-cpu": "spdy.timing.torch_cpu:TorchCpuBackend",
     "deepsparse": "spdy.timing.deepsparse:DeepSparseBackend",
+    "cuda-2:4": "spdy.timing.cuda_semi:CudaSemiBackend",
 }
 
 
