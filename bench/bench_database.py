@@ -6,7 +6,8 @@ layer output error ``||W_p X - W X|| / ||W X||`` on all calibration inputs (from
 
     .venv/bin/python bench/bench_database.py [--samples 256] [--threads N] [--full DIR]
 
-``--full DIR`` also builds the whole MiniLM-L6 OBS database (36 units x 42 options) into DIR.
+``--full DIR`` also builds the whole MiniLM-L6 OBS database (36 units x 42 options) into DIR
+(resuming it if present) and times stitching random profiles from it.
 Prints Markdown.
 """
 
@@ -14,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import time
 
 import torch
 
-from spdy.database import build_database, capture, make_pruner, relative_error
+from spdy.database import Database, Stitcher, build_database, capture, make_pruner, relative_error
 from spdy.levels import Option, options_for
 from spdy.models import load_model
 from spdy.units import find_units, weight_matrix
@@ -91,6 +93,25 @@ def full(samples: int, directory: str) -> None:
     print(f"\nFull OBS database: {len(db.units)} units x {len(db.options(db.units[0]))} options = {summary['entries']} entries "
           f"in {seconds:.0f} s ({size / 2**30:.2f} GiB); mean relative error "
           + ", ".join(f"{k}: {summary['relative_error'][k]:.3f}" for k in ("0.4000", "0.7069", "0.9049", "0.9900") if k in summary["relative_error"]))
+    stitch_timing(units, db)
+
+
+def stitch_timing(units: dict, db: Database, repeats: int = 20) -> None:
+    """What a search candidate pays to put a random profile in place and take it out again."""
+    generator = random.Random(0)
+    stitcher = Stitcher(units, db)
+    for unit in db.units:  # first reads verify each file's checksum: not part of the steady state
+        db.weight(unit, db.options(unit)[-1])
+    apply, restore = [], []
+    for _ in range(repeats):
+        profile = {u: generator.choice(db.options(u)[1:]) for u in db.units}
+        started = time.perf_counter()
+        stitcher.apply(profile)
+        apply.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        stitcher.restore()
+        restore.append(time.perf_counter() - started)
+    print(f"Stitch a random {len(db.units)}-unit profile: apply {statistics.median(apply) * 1e3:.0f} ms, restore {statistics.median(restore) * 1e3:.0f} ms (median of {repeats})")
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 Each unit sees the *dense* model's inputs, so every unit's pruned weights are computed
 independently and any per-unit combination can be stitched. ``H = X X^T / n`` (in x in)
-is accumulated in float64 batch by batch, so memory does not grow with the number of
+is accumulated batch by batch (float32 products, float64 sums), so memory does not grow with the number of
 samples. Pruners that fit weights by gradient descent (AdaPrune) also get a uniform
 random subsample of at most ``rows`` input rows (bottom-k of random keys: exact and bounded).
 """
@@ -38,13 +38,12 @@ class UnitStats:
         return self.hessian_sum / self.count
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1])
-        x64 = x.double()
-        self.hessian_sum.addmm_(x64.t(), x64)
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.hessian_sum += (x.t() @ x).double()  # float32 within a batch, float64 across batches
         self.count += x.shape[0]
         if self.limit:
             keys = torch.rand(x.shape[0], generator=self.generator)
-            rows = x.float()
+            rows = x
             if self.rows is not None:
                 keys, rows = torch.cat([self.keys, keys]), torch.cat([self.rows, rows])
             keep = keys.topk(min(self.limit, keys.numel()), largest=False).indices
