@@ -103,7 +103,7 @@ def _module_function(spec: str) -> ModelBundle:
     return ModelBundle(spec, model.eval(), calibration, heldout, "mse")
 
 
-def digits_mlp(hidden: int = 256, epochs: int = 40, batch_size: int = 128, seed: int = 0) -> ModelBundle:
+def digits_mlp(hidden: int = 256, depth: int = 2, epochs: int = 40, batch_size: int = 128, seed: int = 0) -> ModelBundle:
     """An MLP trained in-process on scikit-learn's 8x8 digits: a real small classifier in seconds.
 
     Calibration is the training split, held out the test split; labels ride alongside.
@@ -117,7 +117,11 @@ def digits_mlp(hidden: int = 256, epochs: int = 40, batch_size: int = 128, seed:
     y = torch.tensor(y)[order]
     split = int(0.7 * len(x))
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+    # LayerNorm + GELU give it real time outside the prunable layers, like a transformer block
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers += [nn.Linear(64 if i == 0 else hidden, hidden), nn.LayerNorm(hidden), nn.GELU()]
+    model = nn.Sequential(*layers, nn.Linear(hidden, 10))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(epochs):
         for idx in torch.randperm(split, generator=gen).split(batch_size):
@@ -125,7 +129,7 @@ def digits_mlp(hidden: int = 256, epochs: int = 40, batch_size: int = 128, seed:
             nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             optimizer.step()
     return ModelBundle("digits", model.eval(), list(x[:split].split(batch_size)), list(x[split:].split(batch_size)), "ce",
-                       meta={"batch_size": batch_size, "hidden": hidden},
+                       meta={"batch_size": batch_size, "hidden": hidden, "depth": depth},
                        calibration_labels=list(y[:split].split(batch_size)), heldout_labels=list(y[split:].split(batch_size)))
 
 

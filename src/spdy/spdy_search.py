@@ -52,7 +52,7 @@ class Checkpoint:
 
     def __init__(self, path: str | os.PathLike | None, key: dict):
         self.path = Path(path) if path else None
-        self.key = key
+        self.key = json.loads(json.dumps(key))  # as it reads back (tuples become lists)
 
     def load(self) -> dict | None:
         if self.path is None or not self.path.is_file():
