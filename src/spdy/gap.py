@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from spdy.database.build import model_fingerprint
+from spdy.files import replace_atomically, write_json
 from spdy.units import call_model
 
 STATE = "gap-state.json"
@@ -226,14 +227,10 @@ class GlobalAdaPrune:
             for key, value in optimizer.state.get(p, {}).items():
                 tensors[f"adam.{key}.{n}"] = value.detach().contiguous().clone()
         filename = f"gap-{counters['step']:08d}.safetensors"
-        tmp = self.checkpoint_dir / (filename + ".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, self.checkpoint_dir / filename)
+        replace_atomically(self.checkpoint_dir / filename, lambda tmp: save_file(tensors, str(tmp)))
         state = self.checkpoint_dir / STATE
         previous = json.loads(state.read_text())["tensors"] if state.is_file() else None
-        tmp = state.with_name(STATE + ".tmp")
-        tmp.write_text(json.dumps({**identity, "tensors": filename, "counters": counters}, indent=1))
-        os.replace(tmp, state)
+        write_json(state, {**identity, "tensors": filename, "counters": counters})
         if previous and previous != filename:
             (self.checkpoint_dir / previous).unlink(missing_ok=True)
 

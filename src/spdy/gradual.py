@@ -21,7 +21,6 @@ Scores: ``"magnitude"`` ranks by ``|w|``; ``"obs"`` by the Optimal Brain Surgeon
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from spdy.files import read_json, write_json
 from spdy.levels import Option
 from spdy.profile import Profile
 from spdy.units import Unit
@@ -110,17 +110,12 @@ and the remaining steps recover at the final sparsity.
         return {"format": RECIPE_FORMAT, **asdict(self)}
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Recipe":
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"recipe {path} does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+        data = read_json(path, "recipe")
         if not isinstance(data, dict) or data.get("format") != RECIPE_FORMAT:
             raise ValueError(f"{path}: not a gradual recipe (expected \"format\": \"{RECIPE_FORMAT}\")")
         known = set(cls.__dataclass_fields__)

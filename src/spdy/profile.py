@@ -6,12 +6,11 @@ Saved as JSON. ``profile`` maps unit -> sparsity (a float, the contract scripts 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from spdy.levels import Option
+from spdy.files import read_json, write_json
 
 FORMAT = "spdy.profile/1"
 METHODS = ("spdy", "evo", "uniform", "global-magnitude", "dp-errors", "owl")
@@ -44,10 +43,7 @@ class Profile:
         return data
 
     def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
+        write_json(path, self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<profile>") -> "Profile":
@@ -70,11 +66,4 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Profile":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"profile {path} does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_json(path, "profile"), str(path))

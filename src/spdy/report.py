@@ -107,7 +107,7 @@ def write_report(work: str | Path) -> tuple[Path, Path]:
         raise FileNotFoundError(f"{work} has no summary.json: run `spdy run --work-dir {work}` first")
     summary = json.loads(path.read_text())
     table = TimingTable.load(summary["timings"])
-    plots = _plots(summary, table, work / "plots")
+    _plots(summary, table, work / "plots")
     main = summary["profiles"][summary["method"]]
     v = main.get("verify", {})
     lines = [

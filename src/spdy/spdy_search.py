@@ -24,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from spdy.dp import DEFAULT_BUCKETS, scaled_errors, solve
+from spdy.files import read_json, write_json
 from spdy.profile import Profile
 from spdy.timing.table import TimingTable
 
@@ -57,7 +58,7 @@ class Checkpoint:
     def load(self) -> dict | None:
         if self.path is None or not self.path.is_file():
             return None
-        state = json.loads(self.path.read_text())
+        state = read_json(self.path, "search checkpoint")
         if state.get("key") != self.key:
             raise ValueError(f"checkpoint {self.path} was written for other inputs ({state.get('key')} vs {self.key}); delete it or use another work directory")
         return state
@@ -65,9 +66,7 @@ class Checkpoint:
     def save(self, state: dict) -> None:
         if self.path is None:
             return
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({**state, "key": self.key}))
-        os.replace(tmp, self.path)
+        write_json(self.path, {**state, "key": self.key}, indent=None)
 
 
 class CachedObjective:

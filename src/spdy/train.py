@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from spdy.distill import DistillLoss
+from spdy.files import replace_atomically, write_json
 from spdy.gradual import GradualPruner, Recipe, prune_lowest
 from spdy.units import Unit
 
@@ -57,12 +58,6 @@ def batch_order(step: int, batches: int, seed: int) -> int:
     return int(torch.randperm(batches, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))[position])
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 class Checkpoint:
     """The files of one run in ``directory``; see the module docstring."""
 
@@ -73,16 +68,16 @@ class Checkpoint:
         if recipe_path.is_file() and (self.dir / "progress.json").is_file():
             if json.loads(recipe_path.read_text()) != recipe.to_dict():
                 raise ValueError(f"work dir {self.dir} holds a run of another recipe ({recipe_path}); use another --work-dir or delete it")
-        _atomic(recipe_path, lambda p: p.write_text(json.dumps(recipe.to_dict(), indent=1)))
+        write_json(recipe_path, recipe.to_dict())
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, pruner: GradualPruner) -> None:
         meta = {"step": str(step)}
-        _atomic(self.dir / "model.safetensors", lambda p: save_model(model, str(p), metadata=meta))
+        replace_atomically(self.dir / "model.safetensors", lambda p: save_model(model, str(p), metadata=meta))
         state, groups = _optimizer_tensors(optimizer)
         tensors = {**state, **{f"mask/{n}": m for n, m in pruner.mask_tensors().items()},
                    **{f"hessian/{n}": h for n, h in pruner.hessian_tensors().items()}}
-        _atomic(self.dir / "state.safetensors", lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p), metadata=meta))
-        _atomic(self.dir / "progress.json", lambda p: p.write_text(json.dumps({"step": step, "param_groups": groups}, indent=1)))
+        replace_atomically(self.dir / "state.safetensors", lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p), metadata=meta))
+        write_json(self.dir / "progress.json", {"step": step, "param_groups": groups})
 
     def load(self, model: nn.Module, optimizer: torch.optim.Optimizer, pruner: GradualPruner) -> int:
         """Restore the last checkpoint; returns the step to continue from (0 when there is none)."""

@@ -26,6 +26,7 @@ from spdy.database.capture import UnitStats, capture
 from spdy.database.obs import OBS
 from spdy.database.pruners import Magnitude, Pruner, single_pattern
 from spdy.database.store import FORMAT, MANIFEST, Database, DatabaseError, file_sha256, read_manifest, unit_filename, write_manifest
+from spdy.files import replace_atomically
 from spdy.levels import Option
 from spdy.units import Unit, weight_matrix
 
@@ -110,9 +111,7 @@ def _build_unit(directory: Path, name: str, unit: Unit, stats: UnitStats, pruner
     filename = unit_filename(name)
     path = directory / filename
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"unit": name})
-    os.replace(tmp, path)
+    replace_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={"unit": name}))
     return {
         "kind": unit.kind,
         "shape": list(original.shape),

@@ -11,7 +11,6 @@ read, so a corrupt or missing file fails loudly with its unit's name.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from spdy.levels import Option
+from spdy.files import read_json, write_json
 
 FORMAT = "spdy.database/1"
 MANIFEST = "manifest.json"
@@ -48,9 +48,7 @@ def unit_filename(unit: str) -> str:
 
 def write_manifest(directory: Path, manifest: dict) -> None:
     """Replace the manifest atomically: a crash leaves the old one or the new one."""
-    tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, directory / MANIFEST)
+    write_json(directory / MANIFEST, manifest)
 
 
 def read_manifest(directory: Path) -> dict:
@@ -58,9 +56,9 @@ def read_manifest(directory: Path) -> dict:
     if not path.is_file():
         raise DatabaseError(f"{directory} is not a database: {MANIFEST} is missing (build one with `spdy database`)")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DatabaseError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+        manifest = read_json(path, "database manifest")
+    except ValueError as e:
+        raise DatabaseError(str(e)) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DatabaseError(f"{path}: format {manifest.get('format') if isinstance(manifest, dict) else None!r} is not {FORMAT!r}")
     return manifest

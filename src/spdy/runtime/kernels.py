@@ -272,7 +272,6 @@ if numba is not None:
     def _spmm(x, indptr, indices, data, bias, y, xp, zero16, v):
         """Pack X into tiles, then one work item per (tile, 16 output rows)."""
         numba.literally(v)
-        n = x.shape[0]
         m = y.shape[1]
         tile = _LANES * v
         ntiles = xp.shape[0]

@@ -8,11 +8,12 @@ happen inside `measure`, so reading a table stays light.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+from spdy.files import read_json, write_json
 
 if TYPE_CHECKING:
     from torch import nn
@@ -55,10 +56,7 @@ def _option_keys(units: Sequence[str], options: Mapping[str, Sequence[str]] | Se
 def _load_checkpoint(path: Path, identity: dict) -> dict:
     if not path.is_file():
         return {"format": CHECKPOINT_FORMAT, "identity": identity, "entries": {}}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"timing checkpoint {path}: invalid JSON at line {e.lineno} ({e.msg}); delete it to start over") from None
+    data = read_json(path, "timing checkpoint (delete it to start over)")
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"timing checkpoint {path}: not a {CHECKPOINT_FORMAT} file; delete it or choose another path")
     differs = {k: (data["identity"].get(k), identity.get(k)) for k in _IDENTITY if data["identity"].get(k) != identity.get(k)}
@@ -68,9 +66,7 @@ def _load_checkpoint(path: Path, identity: dict) -> dict:
 
 
 def _save_checkpoint(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_json(path, data)
 
 
 def _measure_units(

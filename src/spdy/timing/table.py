@@ -18,6 +18,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from spdy.levels import DENSE, Option
+from spdy.files import write_json
 
 FORMAT = "spdy.timings/1"
 
@@ -167,10 +168,7 @@ class TimingTable:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write JSON atomically (a killed write never leaves half a table)."""
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
+        write_json(path, self.to_dict())
 
     @classmethod
     def from_dict(cls, data: object, path: str | os.PathLike | None = None) -> "TimingTable":

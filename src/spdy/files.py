@@ -1,0 +1,32 @@
+"""Files every stage writes: atomically (a killed job leaves the old file or the new one,
+never half of one), and JSON read back with errors that name the file and the line."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+
+def replace_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
+    """``write`` a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, data: Any, indent: int | None = 1) -> None:
+    replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=indent)))
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    """Parsed JSON; ``FileNotFoundError`` or ``ValueError`` naming ``what``, the path and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path}: line {e.lineno}: invalid JSON ({e.msg}); the file may be truncated") from None
