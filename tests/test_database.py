@@ -20,13 +20,7 @@ UP = "bert.encoder.layer.2.intermediate.dense"  # 1536 x 384
 DOWN = "bert.encoder.layer.2.output.dense"  # 384 x 1536
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine, two threads mostly wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

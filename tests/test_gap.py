@@ -17,13 +17,7 @@ from spdy.nm import HeldOut, nm_pattern_kept, prune_nm
 from spdy.units import find_units
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The machine is shared: one thread is much faster than two oversubscribed ones here."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

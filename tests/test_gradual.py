@@ -18,13 +18,7 @@ from spdy.units import find_units
 from spdy.zoo import digits_cnn
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: one thread is several times faster than two here, and reductions run in a fixed order."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

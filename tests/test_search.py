@@ -21,9 +21,8 @@ LEVELS = [0.5, 0.7, 0.8, 0.9, 0.95]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, one_thread):
     bundle = digits_mlp(hidden=384, depth=5)
-    torch.set_num_threads(1)  # tiny layers: a second thread only adds scheduling noise
     units = find_units(bundle.model)
     table = measure(bundle.model, units, bundle.calibration[0], levels=LEVELS, progress=False)
     db = build_database(bundle.model, units, bundle.calibration, options_for("unstructured", LEVELS),
