@@ -54,15 +54,22 @@ def _plots(summary: dict, table: TimingTable, out: Path) -> dict[str, Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    cmap = plt.get_cmap("viridis")
-    for i, u in enumerate(units):
+    # units of one weight shape usually share a curve (measured once): one line per shape and curve
+    curves: dict[tuple, list[str]] = {}
+    for u in units:
         keys = table.options(u)
-        ax.plot([Option.parse(k).sparsity for k in keys], [table.times[u][k] / table.times[u][DENSE] for k in keys],
-                color=cmap(i / max(1, len(units) - 1)), lw=0.8, alpha=0.8)
+        curve = tuple(round(table.times[u][k] / table.times[u][DENSE], 4) for k in keys)
+        curves.setdefault((tuple(table.shapes.get(u, {}).get("weight", ())), curve), []).append(u)
+    for (shape, curve), members in curves.items():
+        keys = table.options(members[0])
+        label = f"{'x'.join(map(str, shape)) or _short(members[0])} ({len(members)} unit{'s' if len(members) > 1 else ''})"
+        ax.plot([Option.parse(k).sparsity for k in keys], curve, lw=1.2, label=label)
+    if len(curves) <= 12:
+        ax.legend(fontsize=8, title="weight (out x in)")
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
     ax.set_xlabel("sparsity")
     ax.set_ylabel("time relative to dense")
-    ax.set_title(f"Per-unit timing curves ({table.meta.get('backend', table.meta.get('engine', 'engine'))}); color = depth")
+    ax.set_title(f"Per-unit timing curves ({table.meta.get('backend', table.meta.get('engine', 'engine'))})")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     paths["timings"] = out / "timings.png"
