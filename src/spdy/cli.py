@@ -127,16 +127,12 @@ def _open_database(path: str):
 
 
 def cmd_time(args: argparse.Namespace) -> int:
-    from spdy.pipeline import options_of, timing_batch
-    from spdy.timing import measure
+    from spdy.pipeline import measure_to, options_of
 
     bundle, units = _bundle(args)
     keys = [o.key for o in options_of(args.pattern, _levels(args.levels))]
     out = Path(args.output)
-    table = measure(bundle.model, units, timing_batch(bundle), options=keys, backend=args.engine,
-                    checkpoint=out.with_suffix(".checkpoint.json"), progress=not args.json, **({"threads": args.threads} if args.threads else {}))
-    table.save(out)
-    out.with_suffix(".checkpoint.json").unlink(missing_ok=True)
+    table = measure_to(out, bundle, units, keys, args.engine, not args.json, args.threads)
     summary = {"output": str(out), "units": len(table.units), "options": len(keys), "base": table.base,
                "fixed": table.fixed, "max_speedup": table.max_speedup()}
     if args.json:
@@ -154,14 +150,8 @@ def cmd_database(args: argparse.Namespace) -> int:
     bundle, units = _bundle(args)
     db = build_database(bundle.model, units, bundle.calibration, options_of(args.pattern, _levels(args.levels)),
                         args.output, pruner=args.pruner, progress=not args.json)
-    errors = db.relative_errors()
-    by_level: dict[str, list[float]] = {}
-    for unit_errors in errors.values():
-        for key, err in unit_errors.items():
-            if key != DENSE:
-                by_level.setdefault(f"{Option.parse(key).sparsity:.4f}", []).append(err)
-    summary = {"entries": sum(len(db.options(u)) for u in db.units), "units": len(db.units), "directory": str(db.directory),
-               "relative_error": {lvl: sum(v) / len(v) for lvl, v in sorted(by_level.items())}}
+    summary = {**db.summary(), "units": len(db.units), "directory": str(db.directory)}
+    summary["relative_error"].pop(DENSE, None)  # dense reconstructs exactly: not worth a line
     if args.json:
         print(json.dumps(summary, indent=1))
     else:

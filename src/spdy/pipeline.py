@@ -65,11 +65,18 @@ def timings(bundle: ModelBundle, units: Mapping[str, Unit], work: Path, pattern:
     if path.is_file():
         return TimingTable.load(path), path
     keys = [o.key for o in options_of(pattern, levels)]
-    table = measure(bundle.model, units, timing_batch(bundle), options=keys, backend=engine,
-                    checkpoint=path.with_suffix(".checkpoint.json"), progress=progress, **({"threads": threads} if threads else {}))
+    return measure_to(path, bundle, units, keys, engine, progress, threads), path
+
+
+def measure_to(path: Path, bundle: ModelBundle, units: Mapping[str, Unit], keys: Sequence[str], engine: str = "torch-cpu",
+               progress: bool = True, threads: int | None = None) -> TimingTable:
+    """Measure on the deployment batch, checkpointing beside ``path`` (a rerun resumes), then save to ``path``."""
+    checkpoint = path.with_suffix(".checkpoint.json")
+    table = measure(bundle.model, units, timing_batch(bundle), options=list(keys), backend=engine,
+                    checkpoint=checkpoint, progress=progress, **({"threads": threads} if threads else {}))
     table.save(path)
-    path.with_suffix(".checkpoint.json").unlink(missing_ok=True)
-    return table, path
+    checkpoint.unlink(missing_ok=True)
+    return table
 
 
 def database(bundle: ModelBundle, units: Mapping[str, Unit], work: Path, pruner: str = "obs", pattern: str = "unstructured",
