@@ -23,9 +23,9 @@ def _masked(out_f: int, in_f: int, sparsity: float, seed: int) -> torch.Tensor:
     return w * (torch.rand(out_f, in_f, generator=g) >= sparsity)
 
 
-def _check(w: torch.Tensor, b: torch.Tensor | None, x: torch.Tensor) -> None:
+def _check(w: torch.Tensor, b: torch.Tensor | None, x: torch.Tensor, block: int | None = None) -> None:
     """Relative error (max abs error / max abs reference) <= 1e-5."""
-    y = kernels.SparseKernelWeight.from_dense(w, b).matmul(x)
+    y = kernels.SparseKernelWeight.from_dense(w, b, block=block).matmul(x)
     ref = F.linear(x.double(), w.double(), None if b is None else b.double())
     assert y.shape == ref.shape and y.dtype == torch.float32
     scale = ref.abs().max().item() if ref.numel() else 0.0
@@ -54,6 +54,28 @@ def test_random(n: int, out_f: int, in_f: int, sparsity: float, with_bias: bool,
     w = _masked(out_f, in_f, sparsity, seed)
     b = torch.randn(out_f) if with_bias else None
     _check(w, b, torch.randn(n, in_f))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 150),
+    out_f=st.integers(1, 150),
+    in_f=st.integers(1, 120),
+    block=st.integers(1, 40),
+    sparsity=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_input_blocks(n: int, out_f: int, in_f: int, block: int, sparsity: float, seed: int) -> None:
+    """Many input-column blocks, ragged last block, rows empty in some blocks, several row chunks."""
+    w = _masked(out_f, in_f, sparsity, seed)
+    _check(w, torch.randn(out_f), torch.randn(n, in_f), block=block)
+    assert torch.equal(kernels.SparseKernelWeight.from_dense(w, block=block).to_dense(), w)
+
+
+def test_block_columns() -> None:
+    assert kernels.block_columns(1.0) == kernels.block_columns(0.3) == 128
+    assert kernels.block_columns(0.05) == 256
+    assert kernels.block_columns(0.0) >= 2**20  # all-zero weight: one block
 
 
 def test_dense_and_empty_rows_and_columns() -> None:

@@ -1,0 +1,236 @@
+"""End to end MiniLM-L6 (batch 8 x 128): dense torch vs the own kernel format vs DeepSparse.
+
+All 36 encoder Linears are magnitude-pruned to each sparsity (the same weights in every
+engine: `spdy.verify.pruned_copy` with its default magnitude masks). torch runs the dense
+model and the pruned model converted to the ``kernel`` format; DeepSparse 1.8.0 runs the
+dense and pruned ONNX exports (`spdy.timing.deepsparse.export_onnx`) in its own venv.
+Each engine lives in its own worker process (their thread pools would compete); the parent
+asks the workers for one round at a time, alternating which goes first, so a slow period
+hits every engine alike, and reports medians and per-round ratios.
+
+    python bench/bench_e2e.py [--threads 2] [--rounds 20] [--sparsities 0.9,0.7] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import DEEPSPARSE_PYTHON, ROOT  # noqa: E402
+
+BATCH, SEQ = 8, 128
+# Between two workers' turns: lets the previous engine's idle threads go to sleep.
+PAUSE_S = 0.05
+
+
+def _bundle():
+    from spdy.models import load_model
+    from spdy.pipeline import prunable_units
+
+    bundle = load_model("minilm", samples=BATCH, heldout=0, seq_len=SEQ, batch_size=BATCH)
+    return bundle.model, prunable_units(bundle), bundle.calibration[0]
+
+
+def _pruned(model, units, sparsity: float):
+    """The model with every unit magnitude-pruned to `sparsity`, and a weight checksum."""
+    from spdy.levels import Option
+    from spdy.verify import pruned_copy
+
+    key = Option.parse(f"{sparsity:.4f}").key
+    pruned = pruned_copy(model, units, {u: key for u in units})
+    checksum = sum(float(pruned.get_submodule(u).weight.double().abs().sum()) for u in units)
+    return pruned, checksum
+
+
+def _serve(models: dict, info: dict) -> None:
+    """Print `info`, then per 'run' line on stdin time each model once (rotating order)."""
+    print(json.dumps({"ready": info}), flush=True)
+    names, turn = list(models), 0
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        shift = turn % len(names)
+        times = {}
+        for name in names[shift:] + names[:shift]:
+            t0 = time.perf_counter()
+            models[name]()
+            times[name] = time.perf_counter() - t0
+        turn += 1
+        print(json.dumps({"times": times}), flush=True)
+
+
+def torch_worker(sparsities: list[float], threads: int, profile: bool) -> None:
+    import torch
+
+    from spdy.runtime import convert, kernels
+    from spdy.units import call_model
+
+    kernels.set_num_threads(threads)
+    torch.set_grad_enabled(False)
+    model, units, batch = _bundle()
+    models, info = {"torch dense": lambda: call_model(model, batch)}, {"checksums": {}, "errors": {}}
+    for p in sparsities:
+        pruned, info["checksums"][str(p)] = _pruned(model, units, p)
+        reference = call_model(pruned, batch)
+        convert(pruned, {u: "kernel" for u in units})
+        out = call_model(pruned, batch)
+        info["errors"][str(p)] = float((out - reference).abs().max() / reference.abs().max())
+        models[f"own {p:.0%}"] = lambda m=pruned: call_model(m, batch)
+    for fn in models.values():  # compile / warm caches
+        fn()
+        fn()
+    if profile:
+        info["profile"] = {name: _profile(fn) for name, fn in models.items()}
+    _serve(models, info)
+
+
+def _profile(fn, runs: int = 3) -> str:
+    """torch.profiler's top ops (self CPU time) over a few calls; the own kernel is not an aten op,
+    so the gap to the wall time is the kernel's share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(runs):
+            fn()
+    wall = (time.perf_counter() - t0) / runs * 1e3
+    ops = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in ops) / runs / 1e3
+    lines = [f"wall {wall:.1f} ms/call, aten ops {total:.1f} ms/call (rest: own kernel + Python)"]
+    for e in sorted(ops, key=lambda e: -e.self_cpu_time_total)[:10]:
+        lines.append(f"  {e.key:<50} {e.self_cpu_time_total / runs / 1e3:7.2f} ms  x{e.count // runs}")
+    return "\n".join(lines)
+
+
+def deepsparse_worker(sparsities: list[float], threads: int) -> None:
+    import deepsparse
+    import torch
+
+    from spdy.timing.deepsparse import export_onnx
+    from spdy.units import call_model
+
+    torch.set_grad_enabled(False)
+    model, units, batch = _bundle()
+    models, info = {}, {"checksums": {}, "errors": {}}
+    with tempfile.TemporaryDirectory() as workdir:
+        for p in [0.0, *sparsities]:
+            pruned, checksum = _pruned(model, units, p) if p else (model, None)
+            inputs = export_onnx(pruned, batch, Path(workdir) / f"minilm-{p}.onnx")
+            engine = deepsparse.compile_model(str(Path(workdir) / f"minilm-{p}.onnx"), batch_size=BATCH, num_cores=threads)
+            reference = call_model(pruned, batch).numpy()
+            out = engine.run(inputs)[0]
+            if p:
+                info["checksums"][str(p)] = checksum
+                info["errors"][str(p)] = float(abs(out - reference).max() / abs(reference).max())
+            models["ds dense" if not p else f"ds {p:.0%}"] = lambda e=engine, x=inputs: e.run(x)
+        for fn in models.values():
+            fn()
+            fn()
+        _serve(models, info)
+
+
+class Worker:
+    """One engine's worker process, driven a round at a time over stdin/stdout."""
+
+    def __init__(self, engine: str, python: str, args: argparse.Namespace):
+        cmd = [python, __file__, "--worker", engine, "--threads", str(args.threads), "--sparsities", args.sparsities]
+        cmd += ["--profile"] if args.profile else []
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+        if args.omp_wait_policy:
+            env["OMP_WAIT_POLICY"] = args.omp_wait_policy
+        self.engine = engine
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.info = self._reply()["ready"]
+
+    def _reply(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        raise RuntimeError(f"{self.engine} worker exited with status {self.proc.wait()}")
+
+    def round(self) -> dict[str, float]:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return self._reply()["times"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def report(samples: dict[str, list[float]], sparsities: list[float]) -> str:
+    """Markdown: median ms per model, and per-round ratios against torch dense and DeepSparse."""
+    def ratio(a: str, b: str) -> str:
+        if a not in samples or b not in samples:
+            return "-"
+        return f"{statistics.median(x / y for x, y in zip(samples[a], samples[b])):.2f}"
+
+    def ms(name: str) -> str:
+        return f"{statistics.median(samples[name]) * 1e3:.1f}" if name in samples else "-"
+
+    lines = ["| sparsity | torch dense ms | own ms | DeepSparse ms | own speedup | DS speedup | own vs DS |",
+             "|---|---|---|---|---|---|---|",
+             f"| 0% | {ms('torch dense')} | - | {ms('ds dense')} | - | {ratio('torch dense', 'ds dense')} | - |"]
+    for p in sparsities:
+        own, ds = f"own {p:.0%}", f"ds {p:.0%}"
+        lines.append(f"| {p:.0%} | {ms('torch dense')} | {ms(own)} | {ms(ds)} | {ratio('torch dense', own)} | "
+                     f"{ratio('torch dense', ds)} | {ratio(ds, own)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--sparsities", default="0.9,0.7")
+    ap.add_argument("--engines", default="torch,deepsparse", help="comma list of torch, deepsparse")
+    ap.add_argument("--deepsparse-python", default=str(DEEPSPARSE_PYTHON))
+    ap.add_argument("--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY for the workers ('' = inherit)")
+    ap.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops per torch model")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    if args.worker == "torch":
+        torch_worker(sparsities, args.threads, args.profile)
+        return
+    if args.worker == "deepsparse":
+        deepsparse_worker(sparsities, args.threads)
+        return
+    engines = args.engines.split(",")
+    if "deepsparse" in engines and not Path(args.deepsparse_python).exists():
+        print(f"skipping deepsparse: {args.deepsparse_python} not found", file=sys.stderr)
+        engines.remove("deepsparse")
+    print(f"{datetime.now():%Y-%m-%d %H:%M}, {args.threads} thread(s), {args.rounds} rounds, "
+          f"load average {os.getloadavg()[0]:.2f} at start", flush=True)
+    workers = [Worker(e, args.deepsparse_python if e == "deepsparse" else sys.executable, args) for e in engines]
+    for w in workers:
+        print(f"{w.engine}: weight checksums {w.info['checksums']}, output error vs masked dense torch "
+              f"{ {k: f'{v:.1e}' for k, v in w.info['errors'].items()} }")
+        for name, text in w.info.get("profile", {}).items():
+            print(f"profile of {name}: {text}")
+    samples: dict[str, list[float]] = {}
+    try:
+        for r in range(args.rounds):
+            shift = r % len(workers)
+            for w in workers[shift:] + workers[:shift]:
+                for name, t in w.round().items():
+                    samples.setdefault(name, []).append(t)
+                time.sleep(PAUSE_S)
+    finally:
+        for w in workers:
+            w.close()
+    print(f"load average {os.getloadavg()[0]:.2f} at end\n")
+    print(report(samples, sparsities))
+
+
+if __name__ == "__main__":
+    main()
