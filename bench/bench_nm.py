@@ -5,6 +5,12 @@ For each calibration size and pruner (magnitude, AdaPrune, OBS) the whole model 
 quality is read before gAP (the pruner alone) and after. Results go to a JSON file row by
 row, so an interrupted run resumes; ``--table`` prints the Markdown table for docs/benchmarks.md.
 
+Pruners ``llmc-sparsegpt`` and ``llmc-wanda`` run llm-compressor's one-shot SparseGPT / Wanda
+at the same pattern on the same calibration batches (its sequential pipeline over the model's
+decoder/encoder layers, so each layer sees the already-pruned model's inputs), followed by the
+same gAP and the same held-out scoring. llm-compressor pins its own transformers, so those rows
+run in a separate venv (see docs/benchmarks.md, "N:M and gAP").
+
     .venv/bin/python bench/bench_nm.py --model minilm --samples 128,512,1024 --seq-len 64 \
         --gap-steps 16 --lr 1e-4 --threads 1 --out bench/results/nm-minilm.json
 """
@@ -19,9 +25,38 @@ from pathlib import Path
 
 import torch
 
-from spdy.models import load_model
-from spdy.nm import prune_nm
+from spdy.models import ModelBundle, load_model
+from spdy.nm import HeldOut, calibration_samples, finish_with_gap, nm_pattern_kept, prune_nm
 from spdy.pipeline import prunable_units
+from spdy.units import Unit
+
+LLMC = ("llmc-sparsegpt", "llmc-wanda")
+
+
+def prune_llmc(bundle: ModelBundle, units: dict[str, Unit], pattern: str, method: str, gap_steps: int, gap_batch: int, lr: float,
+               work_dir: str) -> dict:
+    """llm-compressor's one-shot pruner on the wrapped HF model, then our gAP, scored like ``prune_nm``."""
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
+    from llmcompressor.modifiers.pruning.wanda import WandaPruningModifier
+    from torch.utils.data import DataLoader
+
+    teacher = copy.deepcopy(bundle.model)
+    heldout = HeldOut(bundle, teacher)
+    hf = getattr(bundle.model, "bert", None) or bundle.model.lm
+    blocks = [name for name in hf._no_split_modules if "Layer" in name]  # BertLayer / LlamaDecoderLayer: where our units live
+    n, m = (int(v) for v in pattern.split(":"))
+    modifier = SparseGPTModifier if method == "llmc-sparsegpt" else WandaPruningModifier
+    samples = calibration_samples(bundle.calibration)
+    oneshot(model=hf, dataset=DataLoader(bundle.calibration, batch_size=None), num_calibration_samples=samples,
+            recipe=modifier(sparsity=n / m, mask_structure=pattern, targets=blocks, ignore=["re:.*lm_head", "re:.*pooler.*"]))
+    result = {"model": bundle.name, "pattern": pattern, "pruner": method, "samples": samples, "units": len(units), "loss": bundle.loss,
+              **heldout(teacher, "dense")}
+    tag = f"{bundle.name}-{method}-{samples}"
+    result.update(finish_with_gap(bundle, units, teacher, epochs=100, lr=lr, batch_size=gap_batch, work_dir=Path(work_dir) / f"gap-{tag}", progress=False,
+                                  heldout=heldout, max_steps=gap_steps))
+    result["pattern_kept"] = nm_pattern_kept(units, pattern)
+    return result
 
 
 def quality(result: dict, when: str) -> float | None:
@@ -34,10 +69,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--samples", default="128,512,1024", help="calibration sizes")
-    ap.add_argument("--pruners", default="magnitude,adaprune,obs")
+    ap.add_argument("--pruners", default="magnitude,adaprune,obs", help=f"also {', '.join(LLMC)} (needs llmcompressor)")
     ap.add_argument("--heldout", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=64, help="tokens per sample (pydoc text gives ~930 samples of 128)")
-    ap.add_argument("--gap-steps", type=int, default=16, help="gAP optimiser steps of 32 samples per run (the paper: ~3200)")
+    ap.add_argument("--gap-steps", type=int, default=16, help="gAP optimiser steps per run (the paper: ~3200 of 32 samples)")
+    ap.add_argument("--gap-batch", type=int, default=32, help="samples per gAP step")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work-dir", default="/tmp/spdy-bench-nm")
@@ -58,8 +94,11 @@ def main() -> None:
                 bundle = copy.deepcopy(base)
                 units = prunable_units(bundle)
                 started = time.perf_counter()
-                result = prune_nm(bundle, units, "2:4", pruner, gap=True, work_dir=args.work_dir, epochs=100, lr=args.lr,
-                                  max_steps=args.gap_steps, progress=False)
+                if pruner in LLMC:
+                    result = prune_llmc(bundle, units, "2:4", pruner, args.gap_steps, args.gap_batch, args.lr, args.work_dir)
+                else:
+                    result = prune_nm(bundle, units, "2:4", pruner, gap=True, work_dir=args.work_dir, epochs=100, lr=args.lr,
+                                      batch_size=args.gap_batch, max_steps=args.gap_steps, progress=False)
                 result["seconds"] = round(time.perf_counter() - started, 1)
                 result["seq_len"], result["threads"] = args.seq_len, args.threads
                 rows.append(result)
@@ -67,9 +106,9 @@ def main() -> None:
                 out.write_text(json.dumps(rows, indent=1))
                 print(json.dumps({k: result[k] for k in ("samples", "pruner", "heldout_before_gap", "heldout_after_gap", "seconds")}), flush=True)
     metric = "perplexity" if rows and "perplexity_dense" in rows[0] else f"held-out {rows[0]['loss'] if rows else 'loss'}"
-    print(f"| samples | pruner | {metric} 2:4 | after gAP | gAP steps |\n|---|---|---|---|---|")
+    print(f"| samples | pruner | {metric} 2:4 | after gAP | gAP steps x batch |\n|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["samples"], r["pruner"])):
-        print(f"| {r['samples']} | {r['pruner']} | {quality(r, 'before_gap'):.4f} | {quality(r, 'after_gap'):.4f} | {r['gap']['steps']} |")
+        print(f"| {r['samples']} | {r['pruner']} | {quality(r, 'before_gap'):.4f} | {quality(r, 'after_gap'):.4f} | {r['gap']['steps']} x {r['gap']['batch_size']} |")
     if rows:
         print(f"\ndense: {quality(rows[0], 'dense'):.4f}")
 

