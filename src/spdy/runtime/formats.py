@@ -10,7 +10,8 @@ measure, so the table and the deployed model pay the same.
 * ``dense``: ``F.linear`` (MKL/oneDNN); the reference every other format must beat.
 * ``csr``: torch sparse CSR; pays off at high unstructured sparsity (~95%).
 * ``bsr``: torch sparse BSR; only offered when the zeros really come in square blocks.
-* ``kernel``: the numba kernel of :mod:`spdy.runtime.kernels`, when it imports and runs.
+* ``kernel``: the numba kernel of :mod:`spdy.runtime.kernels`, when it imports and runs;
+  creating one sets glibc to keep freed memory (`kernels.keep_freed_memory`, process-wide).
 """
 
 from __future__ import annotations
@@ -160,8 +161,9 @@ class KernelFormat(WeightFormat):
         ok, reason = kernel_status()
         if not ok:
             raise RuntimeError(f"format 'kernel' is unavailable: {reason}")
-        from spdy.runtime.kernels import SparseKernelWeight
+        from spdy.runtime.kernels import SparseKernelWeight, keep_freed_memory
 
+        keep_freed_memory()  # fresh output pages would cost as much as the sparse product
         self.kernel = SparseKernelWeight.from_dense(weight.detach(), self.bias)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
