@@ -1,11 +1,11 @@
 """Per-layer speedup over dense F.linear: own sparse kernel vs torch CSR (vs DeepSparse).
 
 Each engine runs in its own worker process (numba's, torch's and DeepSparse's thread
-pools would otherwise compete), 2 threads for everything, dense and sparse calls
+pools would otherwise compete), 2 threads for everything unless --threads says otherwise, dense and sparse calls
 alternated, medians over the repeats after warm-up, OMP_WAIT_POLICY=PASSIVE by default. Workers print JSON lines; the
 parent prints one Markdown table of ratios dense_time / engine_time (> 1 = faster).
 
-    python bench/bench_kernels.py [--quick] [--engines kernel,csr,deepsparse] [--save F] [--load F]
+    python bench/bench_kernels.py [--quick] [--threads T] [--engines kernel,csr,deepsparse] [--save F] [--load F]
 """
 
 from __future__ import annotations
@@ -73,14 +73,15 @@ def _median_pair(dense, sparse, repeats: int, warmup: int = 3) -> tuple[float, f
     return statistics.median(td), statistics.median(ts)
 
 
-def _torch_engine(engine: str, w, b):
+def _torch_engine(engine: str, w, b, threads: int):
     """A callable x -> y for the own kernel or the best torch CSR layout."""
     import torch
 
     if engine == "kernel":
         from spdy.runtime import kernels
 
-        kernels.set_num_threads(THREADS)
+        kernels.set_num_threads(threads)
+        kernels.keep_freed_memory()  # as the kernel format does in a converted model
         sw = kernels.SparseKernelWeight.from_dense(w, b)
         return sw.matmul
     w_csr, b_col = w.to_sparse_csr(), b[:, None]
@@ -91,7 +92,7 @@ def _torch_engine(engine: str, w, b):
     return variants
 
 
-def _deepsparse_engine(w, b, n: int, workdir: str):
+def _deepsparse_engine(w, b, n: int, workdir: str, threads: int):
     import deepsparse
     import numpy as np
     import torch
@@ -103,7 +104,7 @@ def _deepsparse_engine(w, b, n: int, workdir: str):
     path = os.path.join(workdir, f"linear_{w.shape[0]}x{w.shape[1]}_{n}.onnx")
     torch.onnx.export(layer, (torch.zeros(n, w.shape[1]),), path, dynamo=False, opset_version=13,
                       input_names=["x"], output_names=["y"])
-    engine = deepsparse.compile_model(path, batch_size=n, num_cores=THREADS)
+    engine = deepsparse.compile_model(path, batch_size=n, num_cores=threads)
 
     def run(x):
         return engine.run([np.ascontiguousarray(x.numpy())])[0]
@@ -111,22 +112,22 @@ def _deepsparse_engine(w, b, n: int, workdir: str):
     return run
 
 
-def worker(engine: str, quick: bool, repeats: int) -> None:
+def worker(engine: str, quick: bool, repeats: int, threads: int) -> None:
     """Measure one engine on every case; print one JSON object per case."""
     import torch
     import torch.nn.functional as F
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as workdir, torch.inference_mode():
         for name, out_f, in_f, n, p in _cases(quick):
             w, b, x = _layer(out_f, in_f, n, p)
             dense = lambda: F.linear(x, w, b)  # noqa: E731
             if engine == "deepsparse":
-                candidates = {"deepsparse": _deepsparse_engine(w, b, n, workdir)}
+                candidates = {"deepsparse": _deepsparse_engine(w, b, n, workdir, threads)}
             elif engine == "csr":
-                candidates = _torch_engine("csr", w, b)
+                candidates = _torch_engine("csr", w, b, threads)
             else:
-                candidates = {"kernel": _torch_engine("kernel", w, b)}
+                candidates = {"kernel": _torch_engine("kernel", w, b, threads)}
             best = None
             for label, fn in candidates.items():
                 td, ts = _median_pair(dense, lambda: fn(x), repeats)
@@ -136,8 +137,9 @@ def worker(engine: str, quick: bool, repeats: int) -> None:
                               "sparsity": p, **best}), flush=True)
 
 
-def _run_worker(engine: str, python: str, quick: bool, repeats: int, wait_policy: str) -> list[dict]:
-    cmd = [python, __file__, "--worker", engine, "--repeats", str(repeats)] + (["--quick"] if quick else [])
+def _run_worker(engine: str, python: str, quick: bool, repeats: int, wait_policy: str, threads: int) -> list[dict]:
+    cmd = [python, __file__, "--worker", engine, "--repeats", str(repeats), "--threads", str(threads)]
+    cmd += ["--quick"] if quick else []
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     if wait_policy:
         env["OMP_WAIT_POLICY"] = wait_policy
@@ -171,6 +173,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 layers x 3 sparsities")
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=THREADS)
     ap.add_argument("--engines", default="kernel,csr,deepsparse",
                     help="comma list of kernel, csr, deepsparse (deepsparse skipped if its venv is missing)")
     ap.add_argument("--engine", help="only this engine (same as --engines ENGINE)")
@@ -184,7 +187,7 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, args.quick, args.repeats)
+        worker(args.worker, args.quick, args.repeats, args.threads)
         return
     engines = [args.engine] if args.engine else args.engines.split(",")
     if "deepsparse" in engines and not Path(args.deepsparse_python).exists():
@@ -197,7 +200,7 @@ def main() -> None:
         if any(r["engine"] == e for r in results):
             continue
         python = args.deepsparse_python if e == "deepsparse" else sys.executable
-        results += _run_worker(e, python, args.quick, args.repeats, args.omp_wait_policy)
+        results += _run_worker(e, python, args.quick, args.repeats, args.omp_wait_policy, args.threads)
     if args.save:
         Path(args.save).write_text("".join(json.dumps(r) + "\n" for r in results))
     engines = [e for e in engines if any(r["engine"] == e for r in results)]
