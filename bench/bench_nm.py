@@ -31,6 +31,7 @@ from spdy.pipeline import prunable_units
 from spdy.units import Unit
 
 LLMC = ("llmc-sparsegpt", "llmc-wanda")
+VARIANTS = {"obs-norefine": ("obs", {"refine": 0})}  # our OBS without the least-squares refinement: plain SparseGPT on dense inputs
 
 
 def prune_llmc(bundle: ModelBundle, units: dict[str, Unit], pattern: str, method: str, gap_steps: int, gap_batch: int, lr: float,
@@ -69,7 +70,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--samples", default="128,512,1024", help="calibration sizes")
-    ap.add_argument("--pruners", default="magnitude,adaprune,obs", help=f"also {', '.join(LLMC)} (needs llmcompressor)")
+    ap.add_argument("--pruners", default="magnitude,adaprune,obs", help=f"also {', '.join(VARIANTS)}, {', '.join(LLMC)} (needs llmcompressor)")
     ap.add_argument("--heldout", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=64, help="tokens per sample (pydoc text gives ~930 samples of 128)")
     ap.add_argument("--gap-steps", type=int, default=16, help="gAP optimiser steps per run (the paper: ~3200 of 32 samples)")
@@ -97,8 +98,10 @@ def main() -> None:
                 if pruner in LLMC:
                     result = prune_llmc(bundle, units, "2:4", pruner, args.gap_steps, args.gap_batch, args.lr, args.work_dir)
                 else:
-                    result = prune_nm(bundle, units, "2:4", pruner, gap=True, work_dir=args.work_dir, epochs=100, lr=args.lr,
-                                      batch_size=args.gap_batch, max_steps=args.gap_steps, progress=False)
+                    name, params = VARIANTS.get(pruner, (pruner, {}))
+                    result = prune_nm(bundle, units, "2:4", name, gap=True, work_dir=args.work_dir, epochs=100, lr=args.lr,
+                                      batch_size=args.gap_batch, max_steps=args.gap_steps, progress=False, pruner_params=params)
+                    result["pruner"] = pruner
                 result["seconds"] = round(time.perf_counter() - started, 1)
                 result["seq_len"], result["threads"] = args.seq_len, args.threads
                 rows.append(result)

@@ -103,22 +103,27 @@ def nm_pattern_kept(units: Mapping[str, Unit], pattern: str) -> bool:
 
 def prune_nm(bundle: ModelBundle, units: Mapping[str, Unit], pattern: str = "2:4", pruner: str = "obs", gap: bool = True,
              work_dir: str | os.PathLike = "spdy-nm", epochs: int = 100, lr: float = 1e-5, batch_size: int = 32, seed: int = 0,
-             progress: bool = True, max_steps: int | None = None) -> dict[str, Any]:
+             progress: bool = True, max_steps: int | None = None, pruner_params: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Prune every unit of ``bundle.model`` to ``pattern`` in place, then (``gap``) run gAP.
 
+    ``pruner_params`` go to the pruner (e.g. ``{"refine": 0}`` makes OBS plain SparseGPT).
     The database and the gAP checkpoint live under ``work_dir`` in folders named after the
     model, pruner, pattern and calibration data, so an interrupted run resumes and a run on
     other data starts fresh. ``samples`` in the result counts the calibration samples.
     """
     nm_sparsity(pattern)  # a clear error for anything but N:M
     work = Path(work_dir)
-    tag = f"{bundle.name}-{pruner}-{pattern.replace(':', 'of')}-{fingerprint_batches(bundle.calibration)[:10]}"
+    params = dict(pruner_params or {})
+    variant = "".join(f"-{key}{value}" for key, value in sorted(params.items()))
+    tag = f"{bundle.name}-{pruner}{variant}-{pattern.replace(':', 'of')}-{fingerprint_batches(bundle.calibration)[:10]}"
     teacher = copy.deepcopy(bundle.model)
     heldout = HeldOut(bundle, teacher)
-    result: dict[str, Any] = {"model": bundle.name, "pattern": pattern, "pruner": pruner, "samples": calibration_samples(bundle.calibration),
+    result: dict[str, Any] = {"model": bundle.name, "pattern": pattern, "pruner": pruner, "pruner_params": params,
+                              "samples": calibration_samples(bundle.calibration),
                               "units": len(units), "loss": bundle.loss, **heldout(teacher, "dense")}
     options = options_for(pattern)
-    db = build_database(bundle.model, dict(units), bundle.calibration, options, work / f"db-{tag}", pruner=pruner, progress=progress)
+    db = build_database(bundle.model, dict(units), bundle.calibration, options, work / f"db-{tag}", pruner=pruner, progress=progress,
+                        **params)
     Stitcher(units, db).apply({name: options[-1].key for name in units})
     if gap:
         result.update(finish_with_gap(bundle, units, teacher, epochs, lr, batch_size, seed, work / f"gap-{tag}", progress, heldout, max_steps))
