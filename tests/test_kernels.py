@@ -72,6 +72,18 @@ def test_input_blocks(n: int, out_f: int, in_f: int, block: int, sparsity: float
     assert torch.equal(kernels.SparseKernelWeight.from_dense(w, block=block).to_dense(), w)
 
 
+@pytest.mark.parametrize("n,out_f,in_f", [(1, 16, 16), (7, 33, 70), (1000, 200, 130), (128, 1536, 384)])
+def test_gelu_epilogue(n: int, out_f: int, in_f: int) -> None:
+    """The fused GELU (rational erf in the vector store, libm erf in the ragged rest) matches F.gelu."""
+    w, b = _masked(out_f, in_f, 0.8, seed=n + out_f), torch.randn(out_f)
+    x = torch.randn(n, in_f) * 3  # reach the clamped tails of erf
+    y = kernels.SparseKernelWeight.from_dense(w, b).matmul(x, activation="gelu")
+    ref = F.gelu(F.linear(x.double(), w.double(), b.double()))
+    assert (y.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    with pytest.raises(ValueError):
+        kernels.SparseKernelWeight.from_dense(w, b).matmul(x, activation="relu")
+
+
 def test_block_columns() -> None:
     assert kernels.block_columns(1.0) == kernels.block_columns(0.3) == 128
     assert kernels.block_columns(0.1) == 192

@@ -5,6 +5,8 @@ Tolerance: max |y - y_ref| <= 1e-4 * max |y_ref| (float32 sums in a different or
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -18,6 +20,7 @@ from spdy.runtime import (
     convert,
     fastest_format,
     formats_of,
+    fuse_activations,
     heuristic_format,
     kernel_status,
     magnitude_mask,
@@ -201,6 +204,40 @@ def test_minilm_converted_output_matches() -> None:
         batch = bundle.calibration[0]
         ref = bundle.model(**batch)
         fmts = ["csr", "kernel"] if KERNEL_OK else ["csr"]
-        convert(bundle.model, {name: fmts[i % len(fmts)] for i, name in enumerate(units)})
-        assert len(formats_of(bundle.model)) == 36
-        assert close(bundle.model(**batch), ref)
+        model = copy.deepcopy(bundle.model)
+        convert(model, {name: fmts[i % len(fmts)] for i, name in enumerate(units)})
+        assert len(formats_of(model)) == 36
+        assert close(model(**batch), ref)
+        if KERNEL_OK:  # all in the kernel format: the 6 intermediate GELUs are fused
+            convert(bundle.model, {name: "kernel" for name in units})
+            assert sum(m.activation == "gelu" for m in bundle.model.modules() if isinstance(m, SparseLinear)) == 6
+            assert close(bundle.model(**batch), ref)
+
+
+class ToyIntermediate(nn.Module):
+    """The BERT block shape `fuse_activations` looks for: act(dense(x))."""
+
+    def __init__(self, act: nn.Module):
+        super().__init__()
+        self.dense = nn.Linear(40, 96)
+        self.intermediate_act_fn = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.intermediate_act_fn(self.dense(x))
+
+
+@pytest.mark.skipif(not KERNEL_OK, reason=f"kernel unavailable: {KERNEL_WHY}")
+@pytest.mark.parametrize("fmt,act,fused", [("kernel", nn.GELU(), True), ("kernel", nn.GELU(approximate="tanh"), False),
+                                           ("kernel", nn.ReLU(), False), ("csr", nn.GELU(), False)])
+def test_gelu_fused_into_kernel_linear(fmt: str, act: nn.Module, fused: bool) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(ToyIntermediate(act))
+    with torch.no_grad():
+        model[0].dense.weight.mul_(magnitude_mask(model[0].dense.weight, "0.9000"))
+        x = torch.randn(3, 50, 40)
+        ref = model(x)
+        convert(model, {"0.dense": fmt})
+        assert isinstance(model[0].intermediate_act_fn, nn.Identity) == fused
+        assert model[0].dense.activation == ("gelu" if fused else None)
+        assert close(model(x), ref)
+        assert fuse_activations(model) == []  # idempotent

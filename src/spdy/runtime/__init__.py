@@ -7,7 +7,7 @@ solver, so a deployment needs nothing else.
 from spdy.runtime.convert import convert, formats_of, heuristic_format
 from spdy.runtime.formats import FORMATS, block_size, kernel_status, make_format, supported_formats
 from spdy.runtime.masks import magnitude_mask
-from spdy.runtime.modules import SparseConv2d, SparseLinear, sparse_module, weight_of
+from spdy.runtime.modules import SparseConv2d, SparseLinear, fuse_activations, sparse_module, weight_of
 from spdy.runtime.select import fastest_format, format_stats
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "fastest_format",
     "format_stats",
     "formats_of",
+    "fuse_activations",
     "heuristic_format",
     "kernel_status",
     "magnitude_mask",

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from spdy.runtime.formats import FORMATS, block_size, kernel_status
-from spdy.runtime.modules import SparseConv2d, SparseLinear, sparse_module, weight_of
+from spdy.runtime.modules import SparseConv2d, SparseLinear, fuse_activations, sparse_module, weight_of
 from spdy.runtime.select import fastest_format
 from spdy.units import Unit, capture_shapes, find_units
 
@@ -62,6 +62,9 @@ def convert(
 ) -> nn.Module:
     """Replace pruned layers by `SparseLinear`/`SparseConv2d` in place and return ``model``.
 
+    A kernel-format Linear followed by an exact GELU in a BERT-style block takes the GELU
+    into its store (`fuse_activations`).
+
     ``formats``: module name -> format; layers mapped to ``"dense"`` stay untouched.
     Otherwise the layers of ``units`` (default: every Linear/Conv1D/Conv2d with zeros) get
     the fastest of ``candidates``, timed at the input shape seen when running ``example``
@@ -87,6 +90,7 @@ def convert(
         if fmt == "dense" or isinstance(module, (SparseLinear, SparseConv2d)):
             continue
         _set_module(model, name, sparse_module(module, fmt))
+    fuse_activations(model)
     return model
 
 

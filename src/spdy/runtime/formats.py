@@ -1,6 +1,7 @@
 """Weight formats: the ways one pruned (out, in) weight can be multiplied on a CPU.
 
-Each format offers two products: ``linear(x)`` for row-major inputs (N, in) -> (N, out),
+Each format offers two products: ``linear(x, activation)`` for row-major inputs (N, in) ->
+(N, out), optionally followed by GELU (fused into the store by the kernel format),
 and ``mm_t(xt)`` for inputs already laid out as columns (in, N) -> (out, N). The sparse
 torch formats are only fast as ``W_sparse @ X^T`` (``X @ W_sparse.T`` is 5-7x slower), so
 their ``linear`` copies the input to columns (free when it already is, e.g. the output of
@@ -74,16 +75,24 @@ class WeightFormat:
     def supports(cls, weight: torch.Tensor) -> bool:
         return True
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
         # The result stays a transposed view: elementwise ops keep that layout, so the next
         # sparse layer gets its X^T for free, and an op that needs rows copies only then.
-        return self.mm_t(x.t().contiguous()).t()
+        return _activate(self.mm_t(x.t().contiguous()).t(), activation)
 
     def mm_t(self, xt: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def to_dense(self) -> torch.Tensor:
         raise NotImplementedError
+
+
+def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    if activation is None:
+        return y
+    if activation == "gelu":
+        return F.gelu(y)
+    raise ValueError(f"unknown activation {activation!r}; activations are None and 'gelu'")
 
 
 class DenseFormat(WeightFormat):
@@ -93,8 +102,8 @@ class DenseFormat(WeightFormat):
         super().__init__(weight, bias)
         self.weight = weight.detach().contiguous()
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+    def linear(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        return _activate(F.linear(x, self.weight, self.bias), activation)
 
     def mm_t(self, xt: torch.Tensor) -> torch.Tensor:
         if self.bias is None:
@@ -166,8 +175,8 @@ class KernelFormat(WeightFormat):
         keep_freed_memory()  # fresh output pages would cost as much as the sparse product
         self.kernel = SparseKernelWeight.from_dense(weight.detach(), self.bias)
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernel.matmul(x)
+    def linear(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        return self.kernel.matmul(x, activation)
 
     def mm_t(self, xt: torch.Tensor) -> torch.Tensor:
         return self.kernel.matmul(xt.t()).t()
