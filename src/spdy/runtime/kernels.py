@@ -9,6 +9,8 @@ from ~70-80%. Layout (chosen by measurement on AVX-512 machines):
   so one weight times one contiguous packed row is ``V`` 512-bit FMAs into
   accumulators that stay in registers; alternate weights of a row go to two sets of
   accumulators, so 8 FMA chains hide the load and FMA latencies (1.0-1.2x over one set).
+  Each (row, block) slice is padded to an even length with a zero weight, so the loop has
+  no odd-remainder branch to mispredict (1.0-1.4x).
 * Each thread packs one X tile at a time into its own L2-resident slot and runs every
   output row on it (no packed copy of all of X goes through memory).
 * A work item is one X tile times a chunk of 192 output rows, walked block by block:
@@ -373,9 +375,8 @@ if numba is not None:
                 b1 = _vzero()
                 b2 = _vzero()
                 b3 = _vzero()
-                mid = end - ((end - start) & np.uint64(1))
                 j = start
-                while j < mid:
+                while j < end:
                     p = xp_addr + np.uintp(indices[j]) * row_bytes
                     w = data[j]
                     p2 = xp_addr + np.uintp(indices[j + np.uint64(1)]) * row_bytes
@@ -391,15 +392,6 @@ if numba is not None:
                         a3 = _vfma(a3, w, p + np.uintp(192))
                         b3 = _vfma(b3, w2, p2 + np.uintp(192))
                     j += np.uint64(2)
-                if mid < end:
-                    p = xp_addr + np.uintp(indices[mid]) * row_bytes
-                    w = data[mid]
-                    a0 = _vfma(a0, w, p)
-                    if v >= 2:
-                        a1 = _vfma(a1, w, p + np.uintp(64))
-                    if v >= 4:
-                        a2 = _vfma(a2, w, p + np.uintp(128))
-                        a3 = _vfma(a3, w, p + np.uintp(192))
                 a0 = _vadd(a0, b0)
                 a1 = _vadd(a1, b1)
                 a2 = _vadd(a2, b2)
@@ -485,7 +477,7 @@ class SparseKernelWeight:
         self.data = data
         self.bias = bias
         self.shape = shape
-        self.nnz = int(data.shape[0])
+        self.nnz = int(data.shape[0])  # from_dense sets the count without the padding
         self._bias_np = (bias.detach().to(torch.float32).contiguous().numpy() if bias is not None
                          else np.zeros(shape[0], dtype=np.float32))
 
@@ -506,17 +498,27 @@ class SparseKernelWeight:
         blocks = max(1, -(-in_features // block))
         slot = cols // block * out_features + rows
         order = np.argsort(slot, kind="stable")  # nonzero() is row-major, so columns stay sorted
+        slot, cols, rows = slot[order], cols[order], rows[order]
+        counts = np.bincount(slot, minlength=blocks * out_features)
+        # an odd slot gets a zero weight on its last column: the loop takes weights in pairs
+        last = np.cumsum(counts)[counts % 2 == 1] - 1
+        slot = np.concatenate([slot, slot[last]])
+        cols = np.concatenate([cols, cols[last]])
+        values = np.concatenate([w[rows, cols[:len(rows)]], np.zeros(len(last), np.float32)])
+        order = np.argsort(slot, kind="stable")
         bptr = np.zeros(blocks * out_features + 1, dtype=np.uint64)  # unsigned: no wraparound checks
-        np.cumsum(np.bincount(slot, minlength=blocks * out_features), out=bptr[1:])
+        np.cumsum(counts + counts % 2, out=bptr[1:])
         b = None if bias is None else bias.detach().to(torch.float32).cpu().clone()
-        return cls(bptr, cols[order].astype(np.int32), np.ascontiguousarray(w[rows[order], cols[order]]), b, w.shape)
+        packed = cls(bptr, cols[order].astype(np.int32), np.ascontiguousarray(values[order]), b, w.shape)
+        packed.nnz = len(rows)
+        return packed
 
     def to_dense(self) -> torch.Tensor:
         """The masked weight back as a dense (out, in) float32 tensor."""
         out = np.zeros(self.shape, dtype=np.float32)
         blocks = (self.bptr.shape[0] - 1) // max(self.shape[0], 1)
         rows = np.repeat(np.tile(np.arange(self.shape[0]), blocks), np.diff(self.bptr.astype(np.int64)))
-        out[rows, self.indices] = self.data
+        np.add.at(out, (rows, self.indices), self.data)  # padding zeros share a column with a weight
         return torch.from_numpy(out)
 
     def matmul(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
