@@ -49,7 +49,15 @@ def prune_llmc(bundle: ModelBundle, units: dict[str, Unit], pattern: str, method
     n, m = (int(v) for v in pattern.split(":"))
     modifier = SparseGPTModifier if method == "llmc-sparsegpt" else WandaPruningModifier
     samples = calibration_samples(bundle.calibration)
-    oneshot(model=hf, dataset=DataLoader(bundle.calibration, batch_size=None), num_calibration_samples=samples,
+    # llm-compressor re-reads the config from name_or_path: a GGUF folder has none, and its "gguf" quantization
+    # record would be refused although transformers has already dequantized the weights to float32.
+    config_dir = Path(work_dir) / f"config-{bundle.name}"
+    hf.config.save_pretrained(config_dir)
+    config = json.loads((config_dir / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (config_dir / "config.json").write_text(json.dumps(config))
+    hf.config._name_or_path = str(config_dir)
+    oneshot(model=hf, processor=bundle.tokenizer, dataset=DataLoader(bundle.calibration, batch_size=None), num_calibration_samples=samples,
             recipe=modifier(sparsity=n / m, mask_structure=pattern, targets=blocks, ignore=["re:.*lm_head", "re:.*pooler.*"]))
     result = {"model": bundle.name, "pattern": pattern, "pruner": method, "samples": samples, "units": len(units), "loss": bundle.loss,
               **heldout(teacher, "dense")}

@@ -33,6 +33,7 @@ class ModelBundle:
     meta: dict = field(default_factory=dict)
     calibration_labels: list | None = None  # one tensor per batch, for the "ce" loss
     heldout_labels: list | None = None
+    tokenizer: Any = None  # text models: what made the batches, for tools that re-tokenize or decode
 
     @property
     def fingerprint(self) -> str:
@@ -68,7 +69,7 @@ class CausalLM(nn.Module):
 def _text_bundle(name: str, model: nn.Module, tokenizer, samples: int, heldout: int, seq_len: int, batch_size: int, loss: str, include, special: bool) -> ModelBundle:
     calibration = token_batches(tokenizer, pydoc_text("calibration"), samples, seq_len, batch_size, special)
     held = token_batches(tokenizer, pydoc_text("heldout"), heldout, seq_len, batch_size, special)
-    return ModelBundle(name, model.eval(), calibration, held, loss, include, {"seq_len": seq_len, "batch_size": batch_size})
+    return ModelBundle(name, model.eval(), calibration, held, loss, include, {"seq_len": seq_len, "batch_size": batch_size}, tokenizer=tokenizer)
 
 
 def _hf_dir(path: Path, samples: int, heldout: int, seq_len: int, batch_size: int, gguf_file: str | None = None) -> ModelBundle:
