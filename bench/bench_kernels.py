@@ -6,6 +6,10 @@ alternated, medians over the repeats after warm-up, OMP_WAIT_POLICY=PASSIVE by d
 parent prints one Markdown table of ratios dense_time / engine_time (> 1 = faster).
 
     python bench/bench_kernels.py [--quick] [--threads T] [--engines kernel,csr,deepsparse] [--save F] [--load F]
+    python bench/bench_kernels.py --engines kernel,base --baseline old_kernels.py   # before/after a kernel change
+
+``base`` is the kernel module from the file given by --baseline (e.g. ``git show REV:src/spdy/runtime/kernels.py``),
+in its own worker like every engine.
 """
 
 from __future__ import annotations
@@ -73,15 +77,30 @@ def _median_pair(dense, sparse, repeats: int, warmup: int = 3) -> tuple[float, f
     return statistics.median(td), statistics.median(ts)
 
 
-def _torch_engine(engine: str, w, b, threads: int):
-    """A callable x -> y for the own kernel or the best torch CSR layout."""
-    import torch
-
-    if engine == "kernel":
+def _load_kernels(path: str | None):
+    """spdy.runtime.kernels, or the module in the file `path` (a baseline to compare against)."""
+    if path is None:
         from spdy.runtime import kernels
 
+        return kernels
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("baseline_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _torch_engine(engine: str, w, b, threads: int, baseline: str | None = None):
+    """A callable x -> y for the own kernel (or the baseline kernel file) or the best torch CSR layout."""
+    import torch
+
+    if engine in ("kernel", "base"):
+        kernels = _load_kernels(baseline if engine == "base" else None)
+
         kernels.set_num_threads(threads)
-        kernels.keep_freed_memory()  # as the kernel format does in a converted model
+        if hasattr(kernels, "keep_freed_memory"):
+            kernels.keep_freed_memory()  # as the kernel format does in a converted model
         sw = kernels.SparseKernelWeight.from_dense(w, b)
         return sw.matmul
     w_csr, b_col = w.to_sparse_csr(), b[:, None]
@@ -112,7 +131,7 @@ def _deepsparse_engine(w, b, n: int, workdir: str, threads: int):
     return run
 
 
-def worker(engine: str, quick: bool, repeats: int, threads: int) -> None:
+def worker(engine: str, quick: bool, repeats: int, threads: int, baseline: str | None) -> None:
     """Measure one engine on every case; print one JSON object per case."""
     import torch
     import torch.nn.functional as F
@@ -126,6 +145,8 @@ def worker(engine: str, quick: bool, repeats: int, threads: int) -> None:
                 candidates = {"deepsparse": _deepsparse_engine(w, b, n, workdir, threads)}
             elif engine == "csr":
                 candidates = _torch_engine("csr", w, b, threads)
+            elif engine == "base":
+                candidates = {"base": _torch_engine("base", w, b, threads, baseline)}
             else:
                 candidates = {"kernel": _torch_engine("kernel", w, b, threads)}
             best = None
@@ -137,9 +158,10 @@ def worker(engine: str, quick: bool, repeats: int, threads: int) -> None:
                               "sparsity": p, **best}), flush=True)
 
 
-def _run_worker(engine: str, python: str, quick: bool, repeats: int, wait_policy: str, threads: int) -> list[dict]:
+def _run_worker(engine: str, python: str, quick: bool, repeats: int, wait_policy: str, threads: int,
+                baseline: str | None) -> list[dict]:
     cmd = [python, __file__, "--worker", engine, "--repeats", str(repeats), "--threads", str(threads)]
-    cmd += ["--quick"] if quick else []
+    cmd += (["--quick"] if quick else []) + (["--baseline", baseline] if baseline else [])
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     if wait_policy:
         env["OMP_WAIT_POLICY"] = wait_policy
@@ -155,7 +177,7 @@ def table(results: list[dict], engines: list[str]) -> str:
     layers = sorted({(r["name"], r["out"], r["in"], r["n"]) for r in results},
                     key=lambda k: (list(SHAPES).index(k[0]), k[3]))
     sparsities = sorted({r["sparsity"] for r in results})
-    short = {"kernel": "own", "csr": "csr", "deepsparse": "ds"}
+    short = {"kernel": "own", "base": "base", "csr": "csr", "deepsparse": "ds"}
     head = ["layer (out x in)", "N", "dense ms"] + [f"{p:.0%} {short[e]}" for p in sparsities for e in engines]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, out_f, in_f, n in layers:
@@ -174,8 +196,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="2 layers x 3 sparsities")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=THREADS)
+    ap.add_argument("--baseline", help="kernels.py of an earlier revision, run as engine 'base'")
     ap.add_argument("--engines", default="kernel,csr,deepsparse",
-                    help="comma list of kernel, csr, deepsparse (deepsparse skipped if its venv is missing)")
+                    help="comma list of kernel, base, csr, deepsparse (deepsparse skipped if its venv is missing)")
     ap.add_argument("--engine", help="only this engine (same as --engines ENGINE)")
     ap.add_argument("--deepsparse-python", default=str(DEEPSPARSE_PYTHON))
     ap.add_argument("--omp-wait-policy", default="PASSIVE",
@@ -187,9 +210,11 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, args.quick, args.repeats, args.threads)
+        worker(args.worker, args.quick, args.repeats, args.threads, args.baseline)
         return
     engines = [args.engine] if args.engine else args.engines.split(",")
+    if "base" in engines and not args.baseline:
+        ap.error("engine 'base' needs --baseline FILE")
     if "deepsparse" in engines and not Path(args.deepsparse_python).exists():
         print(f"skipping deepsparse: {args.deepsparse_python} not found", file=sys.stderr)
         engines.remove("deepsparse")
@@ -200,7 +225,7 @@ def main() -> None:
         if any(r["engine"] == e for r in results):
             continue
         python = args.deepsparse_python if e == "deepsparse" else sys.executable
-        results += _run_worker(e, python, args.quick, args.repeats, args.omp_wait_policy, args.threads)
+        results += _run_worker(e, python, args.quick, args.repeats, args.omp_wait_policy, args.threads, args.baseline)
     if args.save:
         Path(args.save).write_text("".join(json.dumps(r) + "\n" for r in results))
     engines = [e for e in engines if any(r["engine"] == e for r in results)]
