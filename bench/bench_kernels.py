@@ -87,6 +87,7 @@ def _load_kernels(path: str | None):
 
     spec = importlib.util.spec_from_file_location("baseline_kernels", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # numba's disk cache re-imports the module by name
     spec.loader.exec_module(module)
     return module
 
