@@ -118,10 +118,11 @@ def main() -> None:
                 print(json.dumps({k: result[k] for k in ("samples", "pruner", "heldout_before_gap", "heldout_after_gap", "seconds")}), flush=True)
     metric = "perplexity" if rows and "perplexity_dense" in rows[0] else f"held-out {rows[0]['loss'] if rows else 'loss'}"
     print(f"| samples | pruner | {metric} 2:4 | after gAP | gAP steps x batch |\n|---|---|---|---|---|")
-    for r in sorted(rows, key=lambda r: (r["samples"], r["pruner"])):
+    order = ["magnitude", "adaprune", *VARIANTS, "obs", *LLMC]
+    for r in sorted(rows, key=lambda r: (r["samples"], order.index(r["pruner"]) if r["pruner"] in order else len(order))):
         print(f"| {r['samples']} | {r['pruner']} | {quality(r, 'before_gap'):.4f} | {quality(r, 'after_gap'):.4f} | {r['gap']['steps']} x {r['gap']['batch_size']} |")
     if rows:
-        print(f"\ndense: {quality(rows[0], 'dense'):.4f}")
+        print(f"\ndense: {abs(quality(rows[0], 'dense')):.4f}")
 
 
 if __name__ == "__main__":
