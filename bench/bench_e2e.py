@@ -35,8 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import DEEPSPARSE_PYTHON, ROOT  # noqa: E402
 
 BATCH, SEQ = 8, 128
-# Between two workers' turns: lets the previous engine's idle threads go to sleep.
-PAUSE_S = 0.05
 
 
 def _bundle():
@@ -246,7 +244,6 @@ def main() -> None:
                     for name, t in w.round().items():
                         samples.setdefault(name, []).append(t)
                 w.hold(True)
-                time.sleep(PAUSE_S)
     finally:
         for w in workers:
             w.close()

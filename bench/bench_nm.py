@@ -116,8 +116,9 @@ def main() -> None:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(rows, indent=1))
                 print(json.dumps({k: result[k] for k in ("samples", "pruner", "heldout_before_gap", "heldout_after_gap", "seconds")}), flush=True)
-    digits = ".2f" if rows and "perplexity_dense" in rows[0] else ".4f"
-    metric = "perplexity" if rows and "perplexity_dense" in rows[0] else f"held-out {rows[0]['loss'] if rows else 'loss'}"
+    perplexity = bool(rows) and "perplexity_dense" in rows[0]
+    digits = ".2f" if perplexity else ".4f"
+    metric = "perplexity" if perplexity else f"held-out {rows[0]['loss'] if rows else 'loss'}"
     print(f"| samples | pruner | {metric} 2:4 | after gAP | gAP steps x batch |\n|---|---|---|---|---|")
     order = ["magnitude", "adaprune", *VARIANTS, "obs", *LLMC]
     for r in sorted(rows, key=lambda r: (r["samples"], order.index(r["pruner"]) if r["pruner"] in order else len(order))):

