@@ -449,12 +449,21 @@ _ZERO16 = np.zeros(_LANES, dtype=np.float32)
 _SCRATCH = threading.local()
 
 
+def aligned_empty(size: int) -> np.ndarray:
+    """An uninitialised float32 array starting on a 64-byte cache line. numpy only promises 16
+    bytes, and a 512-bit load that straddles two lines costs two: packing X into a misaligned
+    buffer made the 384x1536 kernel 1.3-1.5x slower at 90% (Zen 4, 1 and 2 threads)."""
+    raw = np.empty(size + 15, dtype=np.float32)
+    start = (-raw.ctypes.data % 64) // 4
+    return raw[start:start + size]
+
+
 def _scratch(size: int) -> np.ndarray:
     """A float32 buffer of >= `size` kept per Python thread: a fresh multi-MB array per call
     costs page faults (glibc hands large freed blocks back to the OS) that rival the product."""
     buf = getattr(_SCRATCH, "buf", None)
     if buf is None or buf.size < size:
-        buf = _SCRATCH.buf = np.empty(size, dtype=np.float32)
+        buf = _SCRATCH.buf = aligned_empty(size)
     return buf[:size]
 
 
