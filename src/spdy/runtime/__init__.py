@@ -4,6 +4,7 @@ Depends on torch (and spdy.units, spdy.levels) only; never on the search, databa
 solver, so a deployment needs nothing else.
 """
 
+from spdy.runtime.attention import use_kernel_attention
 from spdy.runtime.convert import convert, formats_of, heuristic_format
 from spdy.runtime.formats import FORMATS, block_size, kernel_status, make_format, supported_formats
 from spdy.runtime.masks import magnitude_mask
@@ -26,5 +27,6 @@ __all__ = [
     "make_format",
     "sparse_module",
     "supported_formats",
+    "use_kernel_attention",
     "weight_of",
 ]

@@ -58,7 +58,10 @@ def _prefer_512_bit_vectors() -> None:
         return
     if not _cpu_has_avx512f():
         return
-    import llvmlite.binding as llvm
+    try:
+        import llvmlite.binding as llvm
+    except ImportError:  # no numba here: the kernel is unavailable anyway
+        return
 
     features = llvm.get_host_cpu_features().flatten()
     os.environ["NUMBA_CPU_FEATURES"] = features + ",-prefer-256-bit"
