@@ -84,6 +84,30 @@ def test_gelu_epilogue(n: int, out_f: int, in_f: int) -> None:
         kernels.SparseKernelWeight.from_dense(w, b).matmul(x, activation="relu")
 
 
+@pytest.mark.parametrize("n,out_f,in_f", [(1, 37, 20), (17, 384, 1536), (1000, 130, 70), (64, 384, 384)])
+def test_residual_layer_norm_epilogue(n: int, out_f: int, in_f: int) -> None:
+    """norm=(weight, bias, eps) gives LayerNorm(x W^T + b + residual), per tile in both work splits."""
+    w, b = _masked(out_f, in_f, 0.8, seed=n + out_f), torch.randn(out_f)
+    g = torch.Generator().manual_seed(n)
+    x, residual = torch.randn(n, in_f, generator=g), torch.randn(n, out_f, generator=g)
+    gamma, beta = torch.randn(out_f, generator=g), torch.randn(out_f, generator=g)
+    y = kernels.SparseKernelWeight.from_dense(w, b).matmul(x, residual=residual, norm=(gamma, beta, 1e-12))
+    ref = F.layer_norm(F.linear(x.double(), w.double(), b.double()) + residual.double(), (out_f,), gamma.double(),
+                       beta.double(), 1e-12)
+    assert (y.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+def test_residual_norm_arguments_are_checked() -> None:
+    weight = kernels.SparseKernelWeight.from_dense(_masked(8, 4, 0.5, seed=0))
+    x, ones = torch.randn(3, 4), torch.ones(8)
+    with pytest.raises(ValueError, match="only added together with norm"):
+        weight.matmul(x, residual=torch.zeros(3, 8))
+    with pytest.raises(ValueError, match=r"residual of the output's shape \(3, 8\)"):
+        weight.matmul(x, residual=torch.zeros(3, 7), norm=(ones, ones, 1e-5))
+    with pytest.raises(ValueError, match=r"shape \(8,\)"):
+        weight.matmul(x, residual=torch.zeros(3, 8), norm=(torch.ones(7), ones, 1e-5))
+
+
 def test_block_columns() -> None:
     assert kernels.block_columns(1.0) == kernels.block_columns(0.3) == 128
     assert kernels.block_columns(0.1) == 192

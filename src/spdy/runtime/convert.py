@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from spdy.runtime.formats import FORMATS, block_size, kernel_status
-from spdy.runtime.modules import SparseConv2d, SparseLinear, fuse_activations, sparse_module, weight_of
+from spdy.runtime.modules import SparseConv2d, SparseLinear, fuse_activations, fuse_residual_norms, sparse_module, weight_of
 from spdy.runtime.select import fastest_format
 from spdy.units import Unit, capture_shapes, find_units
 
@@ -63,7 +63,8 @@ def convert(
     """Replace pruned layers by `SparseLinear`/`SparseConv2d` in place and return ``model``.
 
     A kernel-format Linear followed by an exact GELU in a BERT-style block takes the GELU
-    into its store (`fuse_activations`).
+    into its store (`fuse_activations`); one in a BERT-style output block takes the residual
+    add and LayerNorm (`fuse_residual_norms`).
 
     ``formats``: module name -> format; layers mapped to ``"dense"`` stay untouched.
     Otherwise the layers of ``units`` (default: every Linear/Conv1D/Conv2d with zeros) get
@@ -91,6 +92,7 @@ def convert(
             continue
         _set_module(model, name, sparse_module(module, fmt))
     fuse_activations(model)
+    fuse_residual_norms(model)
     return model
 
 

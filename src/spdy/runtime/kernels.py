@@ -407,16 +407,37 @@ if numba is not None:
                     _vstore(q + np.uintp(192), a3)
         _store_rows(buf, tile, nr, bias, y, n0, o0, act)
 
+    @numba.njit(**_JIT)
+    def _residual_norm(y, residual, gamma, beta, eps, n0, n1):
+        """y[t] = LayerNorm(y[t] + residual[t]) * gamma + beta for rows n0 .. n1-1 (float64 sums)."""
+        m = y.shape[1]
+        for t in range(n0, n1):
+            total = 0.0
+            for j in range(m):
+                z = y[t, j] + residual[t, j]
+                y[t, j] = z
+                total += z
+            mean = np.float32(total / m)
+            total = 0.0
+            for j in range(m):
+                d = y[t, j] - mean
+                total += d * d
+            rstd = np.float32(1.0 / math.sqrt(total / m + eps))
+            for j in range(m):
+                y[t, j] = (y[t, j] - mean) * rstd * gamma[j] + beta[j]
+
     @numba.njit(parallel=True, **_JIT)
-    def _spmm(x, bptr, indices, data, bias, y, xp, zero16, v, per_thread, act):
-        """Y = X W^T + b. `per_thread`: each of xp.shape[0] threads packs its X tiles one at a time
-        into its own slot and runs every row chunk on it while the tile is in L2; else (too few
-        tiles to share evenly) all tiles are packed first and (tile, chunk) items shared out."""
+    def _spmm(x, bptr, indices, data, bias, y, xp, zero16, v, per_thread, act, residual, gamma, beta, eps, norm):
+        """Y = X W^T + b (then GELU for act 1; then, when `norm`, LayerNorm(Y + residual), each tile's
+        rows right after they are written). `per_thread`: each of xp.shape[0] threads packs its X
+        tiles one at a time into its own slot and runs every row chunk on it while the tile is in
+        L2; else (too few tiles to share evenly) all tiles are packed first and (tile, chunk) items
+        shared out."""
         numba.literally(v)
         numba.literally(act)
-        m = y.shape[1]
+        n, m = y.shape
         tile = _LANES * v
-        ntiles = (x.shape[0] + tile - 1) // tile
+        ntiles = (n + tile - 1) // tile
         chunks = (m + _CHUNK - 1) // _CHUNK
         if per_thread:
             slots = xp.shape[0]
@@ -425,6 +446,8 @@ if numba is not None:
                     _pack_tile(x, it * tile, xp[s], zero16)
                     for c in range(chunks):
                         _row_chunk(xp[s], bptr, indices, data, bias, y, it * tile, c * _CHUNK, v, act)
+                    if norm:
+                        _residual_norm(y, residual, gamma, beta, eps, it * tile, min(n, (it + 1) * tile))
         else:
             for it in prange(ntiles):
                 _pack_tile(x, it * tile, xp[it], zero16)
@@ -432,20 +455,23 @@ if numba is not None:
                 it = item // chunks
                 c = item - it * chunks
                 _row_chunk(xp[it], bptr, indices, data, bias, y, it * tile, c * _CHUNK, v, act)
+            if norm:
+                for it in prange(ntiles):
+                    _residual_norm(y, residual, gamma, beta, eps, it * tile, min(n, (it + 1) * tile))
 
     @numba.njit(**_JIT)
-    def _spmm_v1(x, bptr, indices, data, bias, y, xp, zero16, per_thread, gelu):
+    def _spmm_v1(x, bptr, indices, data, bias, y, xp, zero16, per_thread, gelu, residual, gamma, beta, eps, norm):
         if gelu:
-            _spmm(x, bptr, indices, data, bias, y, xp, zero16, 1, per_thread, 1)
+            _spmm(x, bptr, indices, data, bias, y, xp, zero16, 1, per_thread, 1, residual, gamma, beta, eps, norm)
         else:
-            _spmm(x, bptr, indices, data, bias, y, xp, zero16, 1, per_thread, 0)
+            _spmm(x, bptr, indices, data, bias, y, xp, zero16, 1, per_thread, 0, residual, gamma, beta, eps, norm)
 
     @numba.njit(**_JIT)
-    def _spmm_v4(x, bptr, indices, data, bias, y, xp, zero16, per_thread, gelu):
+    def _spmm_v4(x, bptr, indices, data, bias, y, xp, zero16, per_thread, gelu, residual, gamma, beta, eps, norm):
         if gelu:
-            _spmm(x, bptr, indices, data, bias, y, xp, zero16, 4, per_thread, 1)
+            _spmm(x, bptr, indices, data, bias, y, xp, zero16, 4, per_thread, 1, residual, gamma, beta, eps, norm)
         else:
-            _spmm(x, bptr, indices, data, bias, y, xp, zero16, 4, per_thread, 0)
+            _spmm(x, bptr, indices, data, bias, y, xp, zero16, 4, per_thread, 0, residual, gamma, beta, eps, norm)
 
 
 _ZERO16 = np.zeros(_LANES, dtype=np.float32)
@@ -533,11 +559,14 @@ class SparseKernelWeight:
         np.add.at(out, (rows, self.indices), self.data)  # padding zeros share a column with a weight
         return torch.from_numpy(out)
 
-    def matmul(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, activation: str | None = None, residual: torch.Tensor | None = None,
+               norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
         """x (..., in) float32 -> x @ W^T + b, shape (..., out). Inference only (no autograd).
 
         ``activation="gelu"`` applies the exact (erf) GELU in the store, where the values are
-        still in registers, instead of a separate pass over the output.
+        still in registers, instead of a separate pass over the output. ``norm=(weight, bias,
+        eps)`` returns LayerNorm(x W^T + b + residual) instead (a BERT output block), each tile
+        normalised while it is still in cache rather than in two more passes over the output.
         """
         ok, reason = available()
         if not ok:
@@ -552,6 +581,7 @@ class SparseKernelWeight:
         lead = x.shape[:-1]
         x2 = x.detach().reshape(-1, in_features).contiguous()
         n = x2.shape[0]
+        res, gamma, beta, eps = _norm_arrays(norm, residual, (*lead, out_features))
         y = torch.empty((n, out_features), dtype=torch.float32)
         if n > 0 and out_features > 0:
             v = 1 if n <= _SMALL_N else 4
@@ -563,8 +593,30 @@ class SparseKernelWeight:
             xp = _scratch(slots * in_features * tile).reshape(slots, in_features, tile)
             kernel = _spmm_v1 if v == 1 else _spmm_v4
             kernel(x2.numpy(), self.bptr, self.indices, self.data, self._bias_np, y.numpy(), xp, _ZERO16, per_thread,
-                   activation == "gelu")
+                   activation == "gelu", res, gamma, beta, eps, norm is not None)
         return y.reshape(*lead, out_features)
+
+
+_NO_NORM = (np.zeros((1, 1), np.float32), np.zeros(1, np.float32), np.zeros(1, np.float32), 0.0)
+
+
+def _norm_arrays(norm, residual, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(residual as (rows, out), LayerNorm weight, bias, eps) as the kernel takes them, checked."""
+    if norm is None:
+        if residual is not None:
+            raise ValueError("residual is only added together with norm=(weight, bias, eps)")
+        return _NO_NORM
+    weight, bias, eps = norm
+    out_features = shape[-1]
+    if residual is None or tuple(residual.shape) != tuple(shape) or residual.dtype != torch.float32:
+        got = None if residual is None else (tuple(residual.shape), residual.dtype)
+        raise ValueError(f"norm needs a float32 residual of the output's shape {tuple(shape)}, got {got}")
+    if tuple(weight.shape) != (out_features,) or tuple(bias.shape) != (out_features,):
+        raise ValueError(f"norm weight and bias must have shape ({out_features},), got "
+                         f"{tuple(weight.shape)} and {tuple(bias.shape)}")
+    arrays = (t.detach().to(torch.float32).contiguous() for t in (weight, bias))
+    res = residual.detach().reshape(-1, out_features).contiguous().numpy()
+    return (res, *(a.numpy() for a in arrays), float(eps))
 
 
 def warmup() -> None:
