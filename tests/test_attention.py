@@ -55,6 +55,15 @@ def test_key_padding_and_full_masks():
     _check(q, k, v, additive, scale=0.3)
 
 
+def test_views_of_a_fused_projection():
+    """q/k/v sliced out of one (batch, seq, 3 * heads * dim) output: rows spaced 3x wider, read in place."""
+    g = torch.Generator().manual_seed(4)
+    qkv = torch.randn(2, 33, 3 * 4 * 16, generator=g)
+    q, k, v = (qkv[..., i * 64:(i + 1) * 64].view(2, 33, 4, 16).transpose(1, 2) for i in range(3))
+    assert attention._heads_last(q).data_ptr() == q.data_ptr()  # no copy
+    _check(q, k, v)
+
+
 def test_contiguous_inputs_and_scale():
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 4, 40, 16, generator=g) for _ in range(3))

@@ -204,15 +204,15 @@ if kernels.numba is not None:
         rows read front to back (one head's 128-byte slices, 1.5 KB apart, starve the hardware
         prefetcher: 2.5x slower): K^T as (head dim, keys_padded) per head by 16x16 transposes,
         Q and V row-major per head."""
-        queries, width = q.shape
+        queries = q.shape[0]
         keys = k.shape[0]
         keys16 = keys - keys % 16
         for j0 in range(0, keys16, 16):
             for hh in range(hn):
                 for d0 in range(0, head_dim, 16):
-                    src = k.ctypes.data + np.uintp(4 * (j0 * width + (h0 + hh) * head_dim + d0))
+                    src = k.ctypes.data + np.uintp(j0 * k.strides[0] + 4 * ((h0 + hh) * head_dim + d0))
                     dst = kt.ctypes.data + np.uintp(4 * ((hh * head_dim + d0) * keys_padded + j0))
-                    _transpose16(src, width, dst, keys_padded, zero16.ctypes.data, 0)
+                    _transpose16(src, k.strides[0] // 4, dst, keys_padded, zero16.ctypes.data, 0)
         for hh in range(hn):
             for d in range(head_dim):
                 row = (hh * head_dim + d) * keys_padded
@@ -223,12 +223,12 @@ if kernels.numba is not None:
         for j in range(keys):
             for hh in range(hn):
                 for d in range(0, head_dim, 16):
-                    vec = _vload(v.ctypes.data + np.uintp(4 * (j * width + (h0 + hh) * head_dim + d)))
+                    vec = _vload(v.ctypes.data + np.uintp(j * v.strides[0] + 4 * ((h0 + hh) * head_dim + d)))
                     _vstore(vp.ctypes.data + np.uintp(4 * ((hh * keys + j) * head_dim + d)), vec)
         for i in range(queries):
             for hh in range(hn):
                 for d in range(0, head_dim, 16):
-                    vec = _vload(q.ctypes.data + np.uintp(4 * (i * width + (h0 + hh) * head_dim + d)))
+                    vec = _vload(q.ctypes.data + np.uintp(i * q.strides[0] + 4 * ((h0 + hh) * head_dim + d)))
                     _vstore(qp.ctypes.data + np.uintp(4 * ((hh * queries + i) * head_dim + d)), vec)
 
     @numba.njit(parallel=True, **_JIT)
@@ -299,9 +299,13 @@ def supported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> st
 
 
 def _heads_last(t: torch.Tensor) -> torch.Tensor:
-    """(B, H, S, D) -> (B, S, H * D), a view when the projection output is untouched."""
+    """(B, H, S, D) -> (B, S, H * D) with unit stride along H * D: a view of the projection's
+    output (rows may be spaced wider, as in a fused q/k/v output), else a copy."""
     b, h, s, d = t.shape
-    return t.transpose(1, 2).contiguous().reshape(b, s, h * d)
+    t = t.transpose(1, 2)
+    if t.stride(3) != 1 or t.stride(2) != d:
+        t = t.contiguous()
+    return t.reshape(b, s, h * d)
 
 
 def _padded_mask(mask: torch.Tensor | None, keys: int, keys_padded: int) -> torch.Tensor:
