@@ -97,6 +97,27 @@ def test_residual_layer_norm_epilogue(n: int, out_f: int, in_f: int) -> None:
     assert (y.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
 
 
+@pytest.mark.parametrize("n", [1, 17, 128, 1000, 1024])
+@pytest.mark.parametrize("hidden,inner", [(384, 1536), (40, 72)])
+def test_feed_forward(n: int, hidden: int, inner: int) -> None:
+    """LayerNorm(GELU(x U^T + c) W^T + b + residual) in one call: the fused tile path (and the
+    two-call fallback for few rows) match float64."""
+    up, down = _masked(inner, hidden, 0.85, seed=n), _masked(hidden, inner, 0.85, seed=n + 1)
+    g = torch.Generator().manual_seed(n)
+    c, b = torch.randn(inner, generator=g), torch.randn(hidden, generator=g)
+    x, residual = torch.randn(n, hidden, generator=g), torch.randn(n, hidden, generator=g)
+    gamma, beta = torch.randn(hidden, generator=g), torch.randn(hidden, generator=g)
+    y = kernels.feed_forward(x, kernels.SparseKernelWeight.from_dense(up, c), kernels.SparseKernelWeight.from_dense(down, b),
+                             residual, (gamma, beta, 1e-12))
+    inner_ref = F.gelu(F.linear(x.double(), up.double(), c.double()))
+    ref = F.layer_norm(F.linear(inner_ref, down.double(), b.double()) + residual.double(), (hidden,), gamma.double(),
+                       beta.double(), 1e-12)
+    assert (y.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    with pytest.raises(ValueError, match="takes"):
+        kernels.feed_forward(x, kernels.SparseKernelWeight.from_dense(up), kernels.SparseKernelWeight.from_dense(up),
+                             residual, (gamma, beta, 1e-12))
+
+
 def test_residual_norm_arguments_are_checked() -> None:
     weight = kernels.SparseKernelWeight.from_dense(_masked(8, 4, 0.5, seed=0))
     x, ones = torch.randn(3, 4), torch.ones(8)

@@ -14,6 +14,7 @@ from torch import nn
 from spdy.levels import Option
 from spdy.runtime import (
     FORMATS,
+    FeedForwardOutput,
     ResidualNormOutput,
     SparseConv2d,
     SparseLinear,
@@ -212,8 +213,10 @@ def test_minilm_converted_output_matches() -> None:
         if KERNEL_OK:  # all in the kernel format: the 6 intermediate GELUs are fused
             convert(bundle.model, {name: "kernel" for name in units})
             assert sum(m.activation == "gelu" for m in bundle.model.modules() if isinstance(m, SparseLinear)) == 6
-            # and the 12 output blocks take their residual add + LayerNorm into the kernel call
+            # and the 12 output blocks take their residual add + LayerNorm into the kernel call,
+            # the 6 feed-forward blocks running whole in one call each
             assert sum(isinstance(m, ResidualNormOutput) for m in bundle.model.modules()) == 12
+            assert sum(isinstance(m, FeedForwardOutput) for m in bundle.model.modules()) == 6
             assert len(formats_of(bundle.model)) == 36
             assert close(bundle.model(**batch), ref)
 

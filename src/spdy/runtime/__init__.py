@@ -8,12 +8,14 @@ from spdy.runtime.attention import use_kernel_attention
 from spdy.runtime.convert import convert, formats_of, heuristic_format
 from spdy.runtime.formats import FORMATS, block_size, kernel_status, make_format, supported_formats
 from spdy.runtime.masks import magnitude_mask
-from spdy.runtime.modules import (ResidualNormOutput, SparseConv2d, SparseLinear, fuse_activations, fuse_residual_norms,
-                                  sparse_module, weight_of)
+from spdy.runtime.modules import (FeedForwardInput, FeedForwardOutput, ResidualNormOutput, SparseConv2d, SparseLinear,
+                                  fuse_activations, fuse_feed_forwards, fuse_residual_norms, sparse_module, weight_of)
 from spdy.runtime.select import fastest_format, format_stats
 
 __all__ = [
     "FORMATS",
+    "FeedForwardInput",
+    "FeedForwardOutput",
     "ResidualNormOutput",
     "SparseConv2d",
     "SparseLinear",
@@ -23,6 +25,7 @@ __all__ = [
     "format_stats",
     "formats_of",
     "fuse_activations",
+    "fuse_feed_forwards",
     "fuse_residual_norms",
     "heuristic_format",
     "kernel_status",

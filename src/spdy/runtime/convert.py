@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from spdy.runtime.formats import FORMATS, block_size, kernel_status
-from spdy.runtime.modules import SparseConv2d, SparseLinear, fuse_activations, fuse_residual_norms, sparse_module, weight_of
+from spdy.runtime.modules import (SparseConv2d, SparseLinear, fuse_activations, fuse_feed_forwards, fuse_residual_norms,
+                                  sparse_module, weight_of)
 from spdy.runtime.select import fastest_format
 from spdy.units import Unit, capture_shapes, find_units
 
@@ -64,7 +65,8 @@ def convert(
 
     A kernel-format Linear followed by an exact GELU in a BERT-style block takes the GELU
     into its store (`fuse_activations`); one in a BERT-style output block takes the residual
-    add and LayerNorm (`fuse_residual_norms`).
+    add and LayerNorm (`fuse_residual_norms`); a layer's whole feed-forward block then runs as
+    one call (`fuse_feed_forwards`).
 
     ``formats``: module name -> format; layers mapped to ``"dense"`` stay untouched.
     Otherwise the layers of ``units`` (default: every Linear/Conv1D/Conv2d with zeros) get
@@ -93,6 +95,7 @@ def convert(
         _set_module(model, name, sparse_module(module, fmt))
     fuse_activations(model)
     fuse_residual_norms(model)
+    fuse_feed_forwards(model)
     return model
 
 

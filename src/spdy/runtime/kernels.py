@@ -81,7 +81,7 @@ except ImportError as exc:  # numba is optional at import time; available() says
     numba = None
     _IMPORT_ERROR = f"numba not importable: {exc}"
 
-__all__ = ["ACTIVATIONS", "SparseKernelWeight", "available", "keep_freed_memory", "set_num_threads", "warmup"]
+__all__ = ["ACTIVATIONS", "SparseKernelWeight", "available", "feed_forward", "keep_freed_memory", "set_num_threads", "warmup"]
 
 _LANES = 16  # floats per 512-bit vector
 _ROWS = 16  # output rows per 16x16 transpose
@@ -339,9 +339,39 @@ if numba is not None:
                     value = 0.5 * value * (1.0 + math.erf(value * 0.7071067811865476))
                 y[t, o0 + r] = value
 
+    @intrinsic
+    def _vact(typingctx, v, b, act):
+        """f(v + b) for a scalar b; f the identity, or GELU when the literal `act` is 1."""
+        if not isinstance(act, types.IntegerLiteral):
+            return None
+        gelu = act.literal_value == 1
+
+        def codegen(context, builder, sig, args):
+            undef = ir.Constant(_VEC, ir.Undefined)
+            lane0 = builder.insert_element(undef, args[1], ir.Constant(ir.IntType(32), 0))
+            splat = builder.shuffle_vector(lane0, undef, ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [0] * _LANES))
+            value = builder.fadd(args[0], splat)
+            return _gelu_ir(builder, value) if gelu else value
+
+        return _f32x16(_f32x16, types.float32, act), codegen
+
     @numba.njit(**_JIT)
-    def _row_chunk(xp, bptr, indices, data, bias, y, n0, o0, v, act):
+    def _store_packed(buf, tile, nr, bias, xq, o0, act):
+        """xq[o0 + r, :] = f(buf[r, :] + bias[o0 + r]): the output rows are already the next layer's
+        packed (in, tile) layout, so no transpose and no trip through memory."""
+        numba.literally(act)
+        buf_addr = buf.ctypes.data
+        xq_addr = xq.ctypes.data
+        for r in range(nr):
+            b = bias[o0 + r]
+            for t0 in range(0, tile, _LANES):
+                vec = _vload(buf_addr + np.uintp((r * tile + t0) * 4))
+                _vstore(xq_addr + np.uintp(((o0 + r) * tile + t0) * 4), _vact(vec, b, act))
+
+    @numba.njit(**_JIT)
+    def _row_chunk(xp, bptr, indices, data, bias, y, n0, o0, v, act, packed=False):
         """Y[n0:n0+tile, o0:o0+_CHUNK] from one packed X tile; v vectors (16 rows each) per tile.
+        With `packed`, y is instead the next layer's packed tile (out, tile), written row by row.
 
         The input dimension is walked in blocks (one CSR slice per block, see `bptr`) so the
         slice of the X tile being read stays in L1 while every row of the chunk uses it; the
@@ -349,7 +379,7 @@ if numba is not None:
         """
         numba.literally(v)
         numba.literally(act)
-        m = y.shape[1]
+        m = bias.shape[0]
         blocks = (bptr.shape[0] - 1) // m
         tile = _LANES * v
         row_bytes = np.uintp(tile * 4)
@@ -405,7 +435,10 @@ if numba is not None:
                 if v >= 4:
                     _vstore(q + np.uintp(128), a2)
                     _vstore(q + np.uintp(192), a3)
-        _store_rows(buf, tile, nr, bias, y, n0, o0, act)
+        if packed:
+            _store_packed(buf, tile, nr, bias, y, o0, act)
+        else:
+            _store_rows(buf, tile, nr, bias, y, n0, o0, act)
 
     @numba.njit(**_JIT)
     def _residual_norm(y, residual, gamma, beta, eps, n0, n1):
@@ -472,6 +505,26 @@ if numba is not None:
             _spmm(x, bptr, indices, data, bias, y, xp, zero16, 4, per_thread, 1, residual, gamma, beta, eps, norm)
         else:
             _spmm(x, bptr, indices, data, bias, y, xp, zero16, 4, per_thread, 0, residual, gamma, beta, eps, norm)
+
+
+    @numba.njit(parallel=True, **_JIT)
+    def _ffn(x, up_bptr, up_indices, up_data, up_bias, bptr, indices, data, bias, y, xp, hp, zero16, residual, gamma,
+             beta, eps):
+        """Y = LayerNorm(GELU(X U^T + c) W^T + b + residual), one 64-row tile of X at a time per thread:
+        the up projection's rows land, GELU applied, in the thread's packed tile for the down
+        projection (L2), so the wide intermediate is never transposed, stored or packed again."""
+        n, m = y.shape
+        tile = 4 * _LANES
+        ntiles = (n + tile - 1) // tile
+        slots = xp.shape[0]
+        for s in prange(slots):
+            for it in range(s, ntiles, slots):
+                _pack_tile(x, it * tile, xp[s], zero16)
+                for c in range((up_bias.shape[0] + _CHUNK - 1) // _CHUNK):
+                    _row_chunk(xp[s], up_bptr, up_indices, up_data, up_bias, hp[s], it * tile, c * _CHUNK, 4, 1, True)
+                for c in range((m + _CHUNK - 1) // _CHUNK):
+                    _row_chunk(hp[s], bptr, indices, data, bias, y, it * tile, c * _CHUNK, 4, 0)
+                _residual_norm(y, residual, gamma, beta, eps, it * tile, min(n, (it + 1) * tile))
 
 
 _ZERO16 = np.zeros(_LANES, dtype=np.float32)
@@ -617,6 +670,35 @@ def _norm_arrays(norm, residual, shape) -> tuple[np.ndarray, np.ndarray, np.ndar
     arrays = (t.detach().to(torch.float32).contiguous() for t in (weight, bias))
     res = residual.detach().reshape(-1, out_features).contiguous().numpy()
     return (res, *(a.numpy() for a in arrays), float(eps))
+
+
+def feed_forward(x: torch.Tensor, up: SparseKernelWeight, down: SparseKernelWeight, residual: torch.Tensor,
+                 norm: tuple[torch.Tensor, torch.Tensor, float]) -> torch.Tensor:
+    """LayerNorm(GELU(x U^T + c) W^T + b + residual): a BERT feed-forward block in one call.
+
+    Each thread runs a 64-row tile of x through both projections while it is in its L2, the
+    GELU'd intermediate written straight into the down projection's packed layout. Falls back
+    to two `matmul` calls when x has too few rows to give every thread whole tiles.
+    """
+    if up.shape[0] != down.shape[1]:
+        raise ValueError(f"up projection gives {up.shape[0]} features, down projection takes {down.shape[1]}")
+    in_features = up.shape[1]
+    if x.shape[-1] != in_features or x.dtype != torch.float32:
+        raise ValueError(f"expected float32 input with last dim {in_features}, got {tuple(x.shape)} {x.dtype}")
+    lead = x.shape[:-1]
+    x2 = x.detach().reshape(-1, in_features).contiguous()
+    n, threads, tile = x2.shape[0], numba.get_num_threads(), 4 * _LANES
+    ntiles = -(-n // tile)
+    if n <= _SMALL_N or not (ntiles % threads == 0 or ntiles >= 4 * threads):
+        return down.matmul(up.matmul(x, "gelu"), residual=residual, norm=norm)
+    res, gamma, beta, eps = _norm_arrays(norm, residual, (*lead, down.shape[0]))
+    y = torch.empty((n, down.shape[0]), dtype=torch.float32)
+    scratch = _scratch(threads * (in_features + up.shape[0]) * tile)
+    xp = scratch[:threads * in_features * tile].reshape(threads, in_features, tile)
+    hp = scratch[threads * in_features * tile:].reshape(threads, up.shape[0], tile)
+    _ffn(x2.numpy(), up.bptr, up.indices, up.data, up._bias_np, down.bptr, down.indices, down.data, down._bias_np,
+         y.numpy(), xp, hp, _ZERO16, res, gamma, beta, eps)
+    return y.reshape(*lead, down.shape[0])
 
 
 def warmup() -> None:

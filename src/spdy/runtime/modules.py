@@ -175,6 +175,53 @@ def fuse_residual_norms(model: nn.Module) -> list[str]:
     return fused
 
 
+class FeedForwardInput(nn.Module):
+    """Stands in for a BERT-style ``*Intermediate`` block whose up projection `FeedForwardOutput`
+    runs: passes its input through (it keeps ``dense`` so layer names stay the model's)."""
+
+    def __init__(self, dense: SparseLinear):
+        super().__init__()
+        self.dense = dense
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states
+
+
+class FeedForwardOutput(ResidualNormOutput):
+    """``LayerNorm(dense(gelu(up(x))) + input)``, a whole BERT feed-forward block in one kernel call
+    (`kernels.feed_forward`): each thread's token tile goes through both projections in its L2,
+    the wide intermediate never stored. Measured 1.33x over the two calls at 90%, 1.13x at 70%
+    (MiniLM shapes, 1024 tokens, 2 threads)."""
+
+    def __init__(self, up: SparseLinear, dense: SparseLinear, norm: nn.LayerNorm):
+        super().__init__(dense, norm)
+        self.up_store = up.store  # the up projection's module stays at its own name
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        from spdy.runtime.kernels import feed_forward
+
+        norm = (self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
+        x = hidden_states.reshape(-1, self.up_store.kernel.shape[1])
+        y = feed_forward(x, self.up_store.kernel, self.dense.store.kernel, input_tensor.reshape(x.shape[0], -1), norm)
+        return y.reshape(*hidden_states.shape[:-1], self.dense.out_features)
+
+
+def fuse_feed_forwards(model: nn.Module) -> list[str]:
+    """Run each BERT-style layer's feed-forward block (``intermediate`` with its GELU fused, then a
+    `ResidualNormOutput`) as one `FeedForwardOutput` call. Returns the layers' names."""
+    fused = []
+    for name, layer in list(model.named_modules()):
+        inter, out = getattr(layer, "intermediate", None), getattr(layer, "output", None)
+        up = getattr(inter, "dense", None)
+        if (type(out) is ResidualNormOutput and isinstance(up, SparseLinear) and up.format == "kernel"
+                and up.activation == "gelu" and isinstance(getattr(inter, "intermediate_act_fn", None), nn.Identity)
+                and up.out_features == out.dense.in_features and up.in_features == out.dense.out_features):
+            layer.intermediate = FeedForwardInput(up)
+            layer.output = FeedForwardOutput(up, out.dense, out.LayerNorm)
+            fused.append(name)
+    return fused
+
+
 def weight_of(module: nn.Module) -> torch.Tensor:
     """A layer's weight as the (out, in) matrix the formats store."""
     weight = module.weight.detach()
