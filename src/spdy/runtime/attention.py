@@ -145,13 +145,27 @@ if kernels.numba is not None:
 
     @numba.njit(**_JIT)
     def _softmax_row(s_addr, top, keys_padded):
-        """s = exp(s - top) in place (top = max s); returns 1 / sum."""
-        total = _vzero()
-        for c in range(0, keys_padded, 16):
-            e = _vexp_sub(_vload(s_addr + np.uintp(4 * c)), top)
-            _vstore(s_addr + np.uintp(4 * c), e)
-            total = _vadd(total, e)
-        return 1.0 / _hsum(total)
+        """s = exp(s - top) in place (top = max s); returns 1 / sum. Four vectors per step: one exp's
+        polynomial is a chain of dependent FMAs, four interleave (0.80 -> 0.53 ms per MiniLM layer, 1 thread)."""
+        t0 = _vzero()
+        t1 = _vzero()
+        t2 = _vzero()
+        t3 = _vzero()
+        for c in range(0, keys_padded, 64):
+            a = s_addr + np.uintp(4 * c)
+            e0 = _vexp_sub(_vload(a), top)
+            e1 = _vexp_sub(_vload(a + np.uintp(64)), top)
+            e2 = _vexp_sub(_vload(a + np.uintp(128)), top)
+            e3 = _vexp_sub(_vload(a + np.uintp(192)), top)
+            _vstore(a, e0)
+            _vstore(a + np.uintp(64), e1)
+            _vstore(a + np.uintp(128), e2)
+            _vstore(a + np.uintp(192), e3)
+            t0 = _vadd(t0, e0)
+            t1 = _vadd(t1, e1)
+            t2 = _vadd(t2, e2)
+            t3 = _vadd(t3, e3)
+        return 1.0 / _hsum(_vadd(_vadd(t0, t1), _vadd(t2, t3)))
 
     @numba.njit(**_JIT)
     def _pv_group(p, i0, keys, keys_padded, v_addr, v_stride, inv, out_addr, out_stride, head_dim):
