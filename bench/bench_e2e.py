@@ -9,10 +9,14 @@ asks the workers for one round at a time, alternating which goes first, so a slo
 hits every engine alike, and reports medians and per-round ratios. Rounds come in blocks per
 engine (``--block``), the first of each block unrecorded, so each engine runs warm as a deployed
 model would. The idle worker is held
-with SIGSTOP so its idle threads cannot spin on the running engine's cores. Even so, our torch
-model measured 75-79 ms at 90% beside a (stopped) DeepSparse worker and 53-60 ms in runs with
-``--engines torch`` (2 threads, quiet machine, 2026-11-22); the cause is not found yet, so
-quote both.
+with SIGSTOP so its idle threads cannot spin on the running engine's cores. Quote the per-round
+ratio ("own vs DS"), not times from separate invocations: on this shared VM the same model
+measured 51 to 100 ms at 2 threads from one process to the next, and jumped from 66 to 100 ms
+inside one process when the host got busy (dense too), so only engines timed in the same
+minutes compare.
+
+The own model is the kernel format with `convert`'s fusions and, by default, spdy's kernel
+attention (`--attention sdpa` for torch's).
 
     python bench/bench_e2e.py [--threads 2] [--rounds 20] [--sparsities 0.9,0.7] [--profile]
 """
