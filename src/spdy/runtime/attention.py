@@ -1,17 +1,19 @@
 """Own CPU attention for the kernel runtime: softmax(Q K^T * scale + mask) V per (batch, head).
 
 Why: once the Linears are sparse, attention is about a third of a pruned MiniLM's time, and
-torch's CPU flash attention scales poorly to 2 threads on short sequences (4.4 -> 3.7 ms
-per MiniLM layer, batch 8 x 128). This kernel shares (batch, head) items out over numba's
-threads and, per item:
+torch's CPU flash attention scales poorly to a second thread on short sequences (MiniLM,
+batch 8 x 128: 6.0 -> 4.5 ms per layer from 1 to 2 threads; this kernel 4.9 -> 2.6 ms, see
+bench/bench_attention.py). Work items are (batch row, group of heads), shared out over numba's
+threads; per item:
 
-* packs K^T (head dim, keys padded to 128) once, so a query row's scores are 8 independent
-  512-bit FMA chains per head-dim step (one broadcast of q times a contiguous K^T row);
-* adds the mask and takes the row softmax with a vector exp (libm's is scalar), keeping
-  1 / row-sum to scale the output instead of normalising the probabilities;
-* accumulates P V for 8 queries at once (8 chains, each V row loaded once for all 8),
-  reading V where the projection wrote it and writing the output where the next
-  projection reads it, so no head transposes are copied.
+* the group's slices of every q, k, v row are read front to back (one head's 128-byte slices,
+  1.5 KB apart, starve the hardware prefetcher) into per-head packed copies: K^T as (head dim,
+  keys padded to 128) by 16x16 transposes, so a query row's scores are 8 independent 512-bit
+  FMA chains per head-dim step (one broadcast of q times a contiguous K^T row);
+* the mask add and the row max ride along in the score loop; the softmax uses a vector exp
+  (libm's is scalar) and keeps 1 / row-sum to scale the output instead of normalising;
+* P V accumulates 8 queries at once (8 chains, each V row loaded once for all 8), written
+  straight to (batch, seq, heads * head dim), where the output projection reads it.
 
 `attend` takes the (batch, heads, seq, head dim) tensors transformers hands an attention
 function; `use_kernel_attention` registers it for a transformers model.
