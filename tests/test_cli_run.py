@@ -62,6 +62,14 @@ def test_export_loads_as_a_runnable_sparse_model(finished_run):
         assert (weight == 0).float().mean().item() == pytest.approx(sparsity, abs=1e-3), unit
 
 
+def test_export_load_attention_choice_is_checked(finished_run):
+    _, work = finished_run
+    with pytest.raises(ValueError, match="'sdpa' or 'kernel'"):
+        spdy.load(work / "export", attention="flash")
+    with pytest.raises(ValueError, match="attention='kernel'"):  # the digits MLP has no attention
+        spdy.load(work / "export", attention="kernel")
+
+
 def test_unknown_config_key_is_named(tmp_path, capsys):
     config = tmp_path / "run.toml"
     config.write_text('target = 1.2\nsampels = 3\n')

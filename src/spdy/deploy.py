@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from spdy.profile import Profile
-from spdy.runtime import convert
+from spdy.runtime import convert, kernel_status, use_kernel_attention
 
 RUNTIME = "runtime.json"
 WEIGHTS = "model.safetensors"
@@ -43,8 +43,14 @@ def export(model: nn.Module, spec: str, profile: Profile, formats: Mapping[str, 
     return directory
 
 
-def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
-    """A runnable model: the architecture (rebuilt from the MODEL spec unless given), pruned weights, sparse formats."""
+def load(directory: str | os.PathLike, model: nn.Module | None = None, attention: str = "sdpa") -> nn.Module:
+    """A runnable model: the architecture (rebuilt from the MODEL spec unless given), pruned weights, sparse formats.
+
+    ``attention="kernel"`` also runs a transformers model's attention with spdy's CPU kernel
+    (`spdy.runtime.use_kernel_attention`); ``"sdpa"`` keeps the model's own.
+    """
+    if attention not in ("sdpa", "kernel"):
+        raise ValueError(f"attention must be 'sdpa' or 'kernel', got {attention!r}")
     directory = Path(directory)
     meta_path = directory / RUNTIME
     if not meta_path.is_file():
@@ -60,4 +66,8 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or missing:
         raise ValueError(f"{directory}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return convert(model.eval(), meta["formats"])
+    model = convert(model.eval(), meta["formats"])
+    if attention == "kernel" and not use_kernel_attention(model):
+        ok, why = kernel_status()
+        raise ValueError(f"attention='kernel': {why or 'the model has no transformers attention that can switch implementation'}")
+    return model
