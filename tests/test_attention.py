@@ -83,6 +83,18 @@ def test_random_shapes(batch, heads, seq, dims, padded, seed):
     _check(q, k, v, mask)
 
 
+def test_two_python_threads_at_once():
+    """Scratch buffers are per Python thread: concurrent calls do not trample each other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [_projections(2, 3, 70, 32, seed=s) for s in range(6)]
+    with ThreadPoolExecutor(3) as pool:
+        outs = list(pool.map(lambda c: attention.attend(*c), cases))
+    for case, out in zip(cases, outs):
+        ref = _reference(*case, None)
+        assert (out.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
 def test_unsupported_inputs_name_the_reason():
     q, k, v = _projections(1, 2, 8, 24, seed=0)
     assert "head dim 24" in attention.supported(q, k, v)

@@ -21,6 +21,8 @@ function; `use_kernel_attention` registers it for a transformers model.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
@@ -286,16 +288,18 @@ if kernels.numba is not None:
                     _pv_row(p, i, keys, keys_padded, v_addr, head_dim, inv, out_addr, width, head_dim)
 
 
-_SCRATCH: dict[str, np.ndarray] = {}
+_SCRATCH = threading.local()
 
 
 def _scratch(name: str, per_thread: int) -> np.ndarray:
-    """(threads, >= per_thread) float32, kept between calls (fresh pages cost faults)."""
+    """(numba threads, >= per_thread) float32, kept between calls (fresh pages cost faults) and
+    per Python thread (two threads may attend at once)."""
     threads = numba.config.NUMBA_NUM_THREADS
-    buf = _SCRATCH.get(name)
+    buf = getattr(_SCRATCH, name, None)
     if buf is None or buf.shape[1] < per_thread:
         per_thread = -(-per_thread // 16) * 16  # every thread's slot on a cache line
-        buf = _SCRATCH[name] = kernels.aligned_empty(threads * per_thread).reshape(threads, per_thread)
+        buf = kernels.aligned_empty(threads * per_thread).reshape(threads, per_thread)
+        setattr(_SCRATCH, name, buf)
     return buf
 
 
