@@ -8,8 +8,9 @@ threads; per item:
 
 * the group's slices of every q, k, v row are read front to back (one head's 128-byte slices,
   1.5 KB apart, starve the hardware prefetcher) into per-head packed copies: K^T as (head dim,
-  keys padded to 128) by 16x16 transposes, so a query row's scores are 8 independent 512-bit
-  FMA chains per head-dim step (one broadcast of q times a contiguous K^T row);
+  keys padded to 128) by 16x16 transposes; scores are taken for two query rows at a time, 16
+  independent 512-bit FMA chains per head-dim step, each contiguous K^T load feeding two of
+  them (1.04-1.08x over one row at a time);
 * the mask add and the row max ride along in the score loop; the softmax uses a vector exp
   (libm's is scalar) and keeps 1 / row-sum to scale the output instead of normalising;
 * P V accumulates 8 queries at once (8 chains, each V row loaded once for all 8), written
@@ -110,31 +111,52 @@ if kernels.numba is not None:
         return _f32x16(_f32x16, types.float32), codegen
 
     @numba.njit(**_JIT)
-    def _scores(q, q0, kt_addr, keys_padded, head_dim, scale, mask_addr, s_addr):
-        """s = scale * q[q0:q0+head_dim] . K^T + mask, 128 keys (8 FMA chains) at a time; returns max(s)."""
-        q0 = np.uintp(q0)
-        top = _vload(mask_addr)  # any lane of s bounds nothing; replaced by the first chunk's max
+    def _scores(q, qa, qb, kt_addr, keys_padded, head_dim, scale, mask_a, mask_b, s_a, s_b):
+        """s_x = scale * q[qx:qx+head_dim] . K^T + mask_x for two query rows x = a, b (the same row
+        twice for an odd last one), 128 keys at a time: each K^T load feeds two FMAs (16 chains).
+        Returns the two rows' maxima."""
+        qa = np.uintp(qa)
+        qb = np.uintp(qb)
+        top_a = _vload(mask_a)  # replaced by the first chunk's max
+        top_b = top_a
         for c in range(0, keys_padded, _KEYS):
-            a0 = _vload(mask_addr + np.uintp(4 * c))
-            a1 = _vload(mask_addr + np.uintp(4 * c + 64))
-            a2 = _vload(mask_addr + np.uintp(4 * c + 128))
-            a3 = _vload(mask_addr + np.uintp(4 * c + 192))
-            a4 = _vload(mask_addr + np.uintp(4 * c + 256))
-            a5 = _vload(mask_addr + np.uintp(4 * c + 320))
-            a6 = _vload(mask_addr + np.uintp(4 * c + 384))
-            a7 = _vload(mask_addr + np.uintp(4 * c + 448))
+            a0 = _vload(mask_a + np.uintp(4 * c + 0))
+            a1 = _vload(mask_a + np.uintp(4 * c + 64))
+            a2 = _vload(mask_a + np.uintp(4 * c + 128))
+            a3 = _vload(mask_a + np.uintp(4 * c + 192))
+            a4 = _vload(mask_a + np.uintp(4 * c + 256))
+            a5 = _vload(mask_a + np.uintp(4 * c + 320))
+            a6 = _vload(mask_a + np.uintp(4 * c + 384))
+            a7 = _vload(mask_a + np.uintp(4 * c + 448))
+            b0 = _vload(mask_b + np.uintp(4 * c + 0))
+            b1 = _vload(mask_b + np.uintp(4 * c + 64))
+            b2 = _vload(mask_b + np.uintp(4 * c + 128))
+            b3 = _vload(mask_b + np.uintp(4 * c + 192))
+            b4 = _vload(mask_b + np.uintp(4 * c + 256))
+            b5 = _vload(mask_b + np.uintp(4 * c + 320))
+            b6 = _vload(mask_b + np.uintp(4 * c + 384))
+            b7 = _vload(mask_b + np.uintp(4 * c + 448))
             for d in range(head_dim):
-                w = q[q0 + np.uintp(d)] * scale
+                wa = q[qa + np.uintp(d)] * scale
+                wb = q[qb + np.uintp(d)] * scale
                 p = kt_addr + np.uintp(4 * (d * keys_padded + c))
-                a0 = _vfma(a0, w, p)
-                a1 = _vfma(a1, w, p + np.uintp(64))
-                a2 = _vfma(a2, w, p + np.uintp(128))
-                a3 = _vfma(a3, w, p + np.uintp(192))
-                a4 = _vfma(a4, w, p + np.uintp(256))
-                a5 = _vfma(a5, w, p + np.uintp(320))
-                a6 = _vfma(a6, w, p + np.uintp(384))
-                a7 = _vfma(a7, w, p + np.uintp(448))
-            s = s_addr + np.uintp(4 * c)
+                a0 = _vfma(a0, wa, p)
+                b0 = _vfma(b0, wb, p)
+                a1 = _vfma(a1, wa, p + np.uintp(64))
+                b1 = _vfma(b1, wb, p + np.uintp(64))
+                a2 = _vfma(a2, wa, p + np.uintp(128))
+                b2 = _vfma(b2, wb, p + np.uintp(128))
+                a3 = _vfma(a3, wa, p + np.uintp(192))
+                b3 = _vfma(b3, wb, p + np.uintp(192))
+                a4 = _vfma(a4, wa, p + np.uintp(256))
+                b4 = _vfma(b4, wb, p + np.uintp(256))
+                a5 = _vfma(a5, wa, p + np.uintp(320))
+                b5 = _vfma(b5, wb, p + np.uintp(320))
+                a6 = _vfma(a6, wa, p + np.uintp(384))
+                b6 = _vfma(b6, wb, p + np.uintp(384))
+                a7 = _vfma(a7, wa, p + np.uintp(448))
+                b7 = _vfma(b7, wb, p + np.uintp(448))
+            s = s_a + np.uintp(4 * c)
             _vstore(s, a0)
             _vstore(s + np.uintp(64), a1)
             _vstore(s + np.uintp(128), a2)
@@ -144,8 +166,19 @@ if kernels.numba is not None:
             _vstore(s + np.uintp(384), a6)
             _vstore(s + np.uintp(448), a7)
             chunk = _vmax(_vmax(_vmax(a0, a1), _vmax(a2, a3)), _vmax(_vmax(a4, a5), _vmax(a6, a7)))
-            top = chunk if c == 0 else _vmax(top, chunk)
-        return _hmax(top)
+            top_a = chunk if c == 0 else _vmax(top_a, chunk)
+            s = s_b + np.uintp(4 * c)
+            _vstore(s, b0)
+            _vstore(s + np.uintp(64), b1)
+            _vstore(s + np.uintp(128), b2)
+            _vstore(s + np.uintp(192), b3)
+            _vstore(s + np.uintp(256), b4)
+            _vstore(s + np.uintp(320), b5)
+            _vstore(s + np.uintp(384), b6)
+            _vstore(s + np.uintp(448), b7)
+            chunk = _vmax(_vmax(_vmax(b0, b1), _vmax(b2, b3)), _vmax(_vmax(b4, b5), _vmax(b6, b7)))
+            top_b = chunk if c == 0 else _vmax(top_b, chunk)
+        return _hmax(top_a), _hmax(top_b)
 
     @numba.njit(**_JIT)
     def _softmax_row(s_addr, top, keys_padded):
@@ -273,13 +306,19 @@ if kernels.numba is not None:
                 h = h0 + hh
                 kt_addr = kt.ctypes.data + np.uintp(4 * hh * head_dim * keys_padded)
                 mh = min(h, mask.shape[1] - 1)
-                for i in range(queries):
-                    s_addr = p_addr + np.uintp(4 * i * keys_padded)
-                    mq = min(i, mask.shape[2] - 1)
-                    row = (mb * mask.shape[1] + mh) * mask.shape[2] + mq
-                    top = _scores(qp, (hh * queries + i) * head_dim, kt_addr, keys_padded, head_dim, scale,
-                                  mask.ctypes.data + np.uintp(4 * row * keys_padded), s_addr)
-                    inv[i] = _softmax_row(s_addr, top, keys_padded)
+                for i in range(0, queries, 2):
+                    j = min(i + 1, queries - 1)  # an odd last row is done twice
+                    s_a = p_addr + np.uintp(4 * i * keys_padded)
+                    s_b = p_addr + np.uintp(4 * j * keys_padded)
+                    row_a = (mb * mask.shape[1] + mh) * mask.shape[2] + min(i, mask.shape[2] - 1)
+                    row_b = (mb * mask.shape[1] + mh) * mask.shape[2] + min(j, mask.shape[2] - 1)
+                    top_a, top_b = _scores(qp, (hh * queries + i) * head_dim, (hh * queries + j) * head_dim, kt_addr,
+                                           keys_padded, head_dim, scale,
+                                           mask.ctypes.data + np.uintp(4 * row_a * keys_padded),
+                                           mask.ctypes.data + np.uintp(4 * row_b * keys_padded), s_a, s_b)
+                    inv[i] = _softmax_row(s_a, top_a, keys_padded)
+                    if j != i:
+                        inv[j] = _softmax_row(s_b, top_b, keys_padded)
                 v_addr = vp.ctypes.data + np.uintp(4 * hh * keys * head_dim)
                 out_addr = out.ctypes.data + np.uintp(4 * (b * queries * width + h * head_dim))
                 for i0 in range(0, full, _GROUP):
