@@ -111,6 +111,19 @@ if kernels.numba is not None:
         return _f32x16(_f32x16, types.float32), codegen
 
     @numba.njit(**_JIT)
+    def _store_chunk(s, v0, v1, v2, v3, v4, v5, v6, v7):
+        """Store 128 scores (8 vectors) at address s; returns their lane-wise max."""
+        _vstore(s, v0)
+        _vstore(s + np.uintp(64), v1)
+        _vstore(s + np.uintp(128), v2)
+        _vstore(s + np.uintp(192), v3)
+        _vstore(s + np.uintp(256), v4)
+        _vstore(s + np.uintp(320), v5)
+        _vstore(s + np.uintp(384), v6)
+        _vstore(s + np.uintp(448), v7)
+        return _vmax(_vmax(_vmax(v0, v1), _vmax(v2, v3)), _vmax(_vmax(v4, v5), _vmax(v6, v7)))
+
+    @numba.njit(**_JIT)
     def _scores(q, qa, qb, kt_addr, keys_padded, head_dim, scale, mask_a, mask_b, s_a, s_b):
         """s_x = scale * q[qx:qx+head_dim] . K^T + mask_x for two query rows x = a, b (the same row
         twice for an odd last one), 128 keys at a time: each K^T load feeds two FMAs (16 chains).
@@ -156,27 +169,9 @@ if kernels.numba is not None:
                 b6 = _vfma(b6, wb, p + np.uintp(384))
                 a7 = _vfma(a7, wa, p + np.uintp(448))
                 b7 = _vfma(b7, wb, p + np.uintp(448))
-            s = s_a + np.uintp(4 * c)
-            _vstore(s, a0)
-            _vstore(s + np.uintp(64), a1)
-            _vstore(s + np.uintp(128), a2)
-            _vstore(s + np.uintp(192), a3)
-            _vstore(s + np.uintp(256), a4)
-            _vstore(s + np.uintp(320), a5)
-            _vstore(s + np.uintp(384), a6)
-            _vstore(s + np.uintp(448), a7)
-            chunk = _vmax(_vmax(_vmax(a0, a1), _vmax(a2, a3)), _vmax(_vmax(a4, a5), _vmax(a6, a7)))
+            chunk = _store_chunk(s_a + np.uintp(4 * c), a0, a1, a2, a3, a4, a5, a6, a7)
             top_a = chunk if c == 0 else _vmax(top_a, chunk)
-            s = s_b + np.uintp(4 * c)
-            _vstore(s, b0)
-            _vstore(s + np.uintp(64), b1)
-            _vstore(s + np.uintp(128), b2)
-            _vstore(s + np.uintp(192), b3)
-            _vstore(s + np.uintp(256), b4)
-            _vstore(s + np.uintp(320), b5)
-            _vstore(s + np.uintp(384), b6)
-            _vstore(s + np.uintp(448), b7)
-            chunk = _vmax(_vmax(_vmax(b0, b1), _vmax(b2, b3)), _vmax(_vmax(b4, b5), _vmax(b6, b7)))
+            chunk = _store_chunk(s_b + np.uintp(4 * c), b0, b1, b2, b3, b4, b5, b6, b7)
             top_b = chunk if c == 0 else _vmax(top_b, chunk)
         return _hmax(top_a), _hmax(top_b)
 
