@@ -506,7 +506,6 @@ if numba is not None:
         else:
             _spmm(x, bptr, indices, data, bias, y, xp, zero16, 4, per_thread, 0, residual, gamma, beta, eps, norm)
 
-
     @numba.njit(parallel=True, **_JIT)
     def _ffn(x, up_bptr, up_indices, up_data, up_bias, bptr, indices, data, bias, y, xp, hp, zero16, residual, gamma,
              beta, eps):
