@@ -24,11 +24,14 @@ def _masked(out_f: int, in_f: int, sparsity: float, seed: int) -> torch.Tensor:
 
 
 def _check(w: torch.Tensor, b: torch.Tensor | None, x: torch.Tensor, block: int | None = None) -> None:
-    """Relative error (max abs error / max abs reference) <= 1e-5."""
+    """Relative error <= 1e-5: max abs error over the largest |x| @ |W|^T + |b|, the magnitude float32
+    sums round at. (Over max |reference| instead, a single output that cancels to near zero failed
+    about 1 draw in 270 with out=1, n=1 though the kernel was exact to 6e-7.)"""
     y = kernels.SparseKernelWeight.from_dense(w, b, block=block).matmul(x)
     ref = F.linear(x.double(), w.double(), None if b is None else b.double())
     assert y.shape == ref.shape and y.dtype == torch.float32
-    scale = ref.abs().max().item() if ref.numel() else 0.0
+    magnitude = F.linear(x.double().abs(), w.double().abs(), None if b is None else b.double().abs())
+    scale = magnitude.max().item() if ref.numel() else 0.0
     err = (y.double() - ref).abs().max().item() if ref.numel() else 0.0
     assert err <= 1e-5 * max(scale, 1e-30), (err, scale)
 
