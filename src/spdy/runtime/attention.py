@@ -41,7 +41,7 @@ if kernels.numba is not None:
     from numba.core import cgutils
     from numba.extending import intrinsic
 
-    from spdy.runtime.kernels import _JIT, _VEC, _f32x16, _transpose16, _vadd, _vfma, _vload, _vstore, _vzero
+    from spdy.runtime.kernels import _JIT, _VEC, _broadcast, _f32x16, _transpose16, _vadd, _vfma, _vload, _vstore, _vzero
 
     def _fn(builder, name, arity):
         return cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC, [_VEC] * arity), name)
@@ -60,10 +60,7 @@ if kernels.numba is not None:
     def _vscale(typingctx, a, s):
         """a * s for a scalar s."""
         def codegen(context, builder, sig, args):
-            undef = ir.Constant(_VEC, ir.Undefined)
-            lane0 = builder.insert_element(undef, args[1], ir.Constant(ir.IntType(32), 0))
-            splat = builder.shuffle_vector(lane0, undef, ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16))
-            return builder.fmul(args[0], splat)
+            return builder.fmul(args[0], _broadcast(builder, args[1]))
 
         return _f32x16(_f32x16, types.float32), codegen
 
@@ -92,10 +89,8 @@ if kernels.numba is not None:
     def _vexp_sub(typingctx, a, m):
         """exp(a - m) for a scalar m >= every lane of a (so the result is in (0, 1])."""
         def codegen(context, builder, sig, args):
-            undef = ir.Constant(_VEC, ir.Undefined)
-            lane0 = builder.insert_element(undef, args[1], ir.Constant(ir.IntType(32), 0))
-            mv = builder.shuffle_vector(lane0, undef, ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16))
-            x = builder.call(_fn(builder, "llvm.maxnum.v16f32", 2), [builder.fsub(args[0], mv), _splat(-87.0)])
+            x = builder.call(_fn(builder, "llvm.maxnum.v16f32", 2),
+                             [builder.fsub(args[0], _broadcast(builder, args[1])), _splat(-87.0)])
             t = builder.fmul(x, _splat(1.4426950408889634))
             n = builder.call(_fn(builder, "llvm.rint.v16f32", 1), [t])
             f = builder.fsub(t, n)

@@ -150,6 +150,12 @@ if numba is not None:
     def _vec_ptr(builder, addr):
         return builder.inttoptr(addr, _VEC.as_pointer())
 
+    def _broadcast(builder, scalar):
+        """A float scalar in all 16 lanes."""
+        undef = ir.Constant(_VEC, ir.Undefined)
+        lane0 = builder.insert_element(undef, scalar, ir.Constant(ir.IntType(32), 0))
+        return builder.shuffle_vector(lane0, undef, ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [0] * _LANES))
+
     @intrinsic
     def _vzero(typingctx):
         def codegen(context, builder, sig, args):
@@ -186,10 +192,7 @@ if numba is not None:
         def codegen(context, builder, sig, args):
             acc, w, addr = args
             x = builder.load(_vec_ptr(builder, addr), align=4)
-            undef = ir.Constant(_VEC, ir.Undefined)
-            lane0 = builder.insert_element(undef, w, ir.Constant(ir.IntType(32), 0))
-            splat = ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [0] * _LANES)
-            wv = builder.shuffle_vector(lane0, undef, splat)
+            wv = _broadcast(builder, w)
             fma = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(_VEC, [_VEC] * 3), "llvm.fma.v16f32"
             )
@@ -347,10 +350,7 @@ if numba is not None:
         gelu = act.literal_value == 1
 
         def codegen(context, builder, sig, args):
-            undef = ir.Constant(_VEC, ir.Undefined)
-            lane0 = builder.insert_element(undef, args[1], ir.Constant(ir.IntType(32), 0))
-            splat = builder.shuffle_vector(lane0, undef, ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [0] * _LANES))
-            value = builder.fadd(args[0], splat)
+            value = builder.fadd(args[0], _broadcast(builder, args[1]))
             return _gelu_ir(builder, value) if gelu else value
 
         return _f32x16(_f32x16, types.float32, act), codegen
