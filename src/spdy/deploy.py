@@ -68,6 +68,6 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, attention
         raise ValueError(f"{directory}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model = convert(model.eval(), meta["formats"])
     if attention == "kernel" and not use_kernel_attention(model):
-        ok, why = kernel_status()
+        _, why = kernel_status()
         raise ValueError(f"attention='kernel': {why or 'the model has no transformers attention that can switch implementation'}")
     return model

@@ -15,7 +15,7 @@ from torch import nn
 
 from spdy.runtime.formats import FORMATS, block_size, kernel_status
 from spdy.runtime.modules import (SparseConv2d, SparseLinear, fuse_activations, fuse_feed_forwards, fuse_residual_norms,
-                                  sparse_module, weight_of)
+                                  set_module, sparse_module, weight_of)
 from spdy.runtime.select import fastest_format
 from spdy.units import Unit, capture_shapes, find_units
 
@@ -33,11 +33,6 @@ def heuristic_format(weight: torch.Tensor) -> str:
     if sparsity >= CSR_FROM:
         return "kernel" if kernel_status()[0] else "csr"
     return "dense"
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def _pruned_units(model: nn.Module, units: Mapping[str, Unit] | Sequence[str] | None) -> dict[str, Unit]:
@@ -92,7 +87,7 @@ def convert(
             raise KeyError(f"convert: the model has no module {name!r}") from None
         if fmt == "dense" or isinstance(module, (SparseLinear, SparseConv2d)):
             continue
-        _set_module(model, name, sparse_module(module, fmt))
+        set_module(model, name, sparse_module(module, fmt))
     fuse_activations(model)
     fuse_residual_norms(model)
     fuse_feed_forwards(model)

@@ -120,6 +120,12 @@ class SparseConv2d(nn.Module):
         return f"weight={self.weight_shape}, stride={self.stride}, padding={self.padding}, format={self.format}"
 
 
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``name`` inside ``model`` (replacing what is there)."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
 def _exact_gelu(module: nn.Module) -> bool:
     """nn.GELU() or transformers' GELUActivation (both the erf GELU, not the tanh approximation)."""
     if isinstance(module, nn.GELU):
@@ -169,8 +175,7 @@ def fuse_residual_norms(model: nn.Module) -> list[str]:
         if (type(block).__name__.endswith("Output") and isinstance(dense, SparseLinear) and dense.format == "kernel"
                 and dense.activation is None and isinstance(norm, nn.LayerNorm) and norm.elementwise_affine
                 and norm.bias is not None and tuple(norm.normalized_shape) == (dense.out_features,)):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, ResidualNormOutput(dense, norm))
+            set_module(model, name, ResidualNormOutput(dense, norm))
             fused.append(name)
     return fused
 

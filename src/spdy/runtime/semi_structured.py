@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from spdy.runtime.modules import set_module
+
 
 def available() -> tuple[bool, str]:
     """Whether 2:4 sparse kernels can run here, and if not, why."""
@@ -93,7 +95,5 @@ def to_semi_structured(model: nn.Module, units: Iterable[str], dtype: torch.dtyp
         module = deployed.get_submodule(name)
         if type(module) is not nn.Linear:
             raise ValueError(f"unit {name!r} is a {type(module).__name__}; 2:4 semi-structured kernels accelerate nn.Linear only")
-        parent_name, _, child = name.rpartition(".")
-        parent = deployed.get_submodule(parent_name) if parent_name else deployed
-        setattr(parent, child, SemiStructuredLinear(module, dtype, name))
+        set_module(deployed, name, SemiStructuredLinear(module, dtype, name))
     return deployed
