@@ -128,3 +128,85 @@ def test_transformers_model_matches_sdpa():
             attention.attend = original
     assert len(calls) == 6, "every layer should run the kernel attention"
     assert (out - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+def _weights(hidden, width, sparsity, seed):
+    """Masked (width, hidden) q/k/v weights and biases, and their kernel-format packs."""
+    g = torch.Generator().manual_seed(seed)
+    dense = [torch.randn(width, hidden, generator=g) * (torch.rand(width, hidden, generator=g) >= sparsity) * 0.2
+             for _ in range(3)]
+    biases = [torch.randn(width, generator=g) for _ in range(3)]
+    return dense, biases, [kernels.SparseKernelWeight.from_dense(w, b) for w, b in zip(dense, biases)]
+
+
+@pytest.mark.parametrize("batch,seq,heads,head_dim,sparsity,padded", [
+    (8, 128, 12, 32, 0.9, False),   # MiniLM: items of 6 heads (one row chunk)
+    (1, 128, 12, 32, 0.9, True),    # one batch row: items are head groups
+    (3, 100, 12, 64, 0.7, True),    # BERT-base heads, seq not a multiple of the 64-token tile
+    (2, 7, 4, 16, 0.5, False),      # shorter than a tile
+    (2, 200, 2, 48, 0.0, True),     # dense, head dim 48, keys padded past one 128-key chunk
+    (2, 33, 5, 80, 0.8, False),     # head dim 80 does not tile a row chunk: all heads per item
+])
+def test_project_attend_matches_reference(batch, seq, heads, head_dim, sparsity, padded):
+    """q/k/v projected and attended in one call give float64 attention of the float64 projections."""
+    width = heads * head_dim
+    dense, biases, packs = _weights(width, width, sparsity, seed=seq + heads)
+    x = torch.randn(batch, seq, width, generator=torch.Generator().manual_seed(seq))
+    mask = None
+    if padded:
+        lengths = torch.randint(1, seq + 1, (batch,), generator=torch.Generator().manual_seed(batch))
+        mask = (torch.arange(seq)[None, :] < lengths[:, None])[:, None, None, :]
+    q, k, v = (F.linear(x.double(), w.double(), b.double()).view(batch, seq, heads, head_dim).transpose(1, 2)
+               for w, b in zip(dense, biases))
+    ref = _reference(q, k, v, mask).reshape(batch, seq, width)
+    out = attention.project_attend(x, *packs, heads, mask)
+    assert out.shape == (batch, seq, width) and out.dtype == torch.float32
+    assert (out.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+def test_project_attend_rejects_bad_inputs():
+    _, _, packs = _weights(64, 64, 0.5, seed=0)
+    x = torch.randn(2, 8, 64)
+    with pytest.raises(ValueError, match="heads of a multiple of 16"):
+        attention.project_attend(x, *packs, 3)
+    with pytest.raises(ValueError, match="float32"):
+        attention.project_attend(x.double(), *packs, 4)
+    with pytest.raises(ValueError, match="one shape"):
+        attention.project_attend(x, packs[0], packs[1], _weights(64, 32, 0.5, seed=1)[2][0], 4)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        attention.project_attend(x, *packs, 4, torch.ones(3, 1, 1, 8, dtype=torch.bool))
+
+
+def test_fused_self_attention_in_minilm():
+    """convert() swaps MiniLM's 6 self-attention blocks (all q/k/v in the kernel format) for
+    ProjectedSelfAttention: same embeddings on a padded batch; requests it cannot serve (attention
+    weights, training mode) go to the original block."""
+    from spdy.models import load_model
+    from spdy.runtime import ProjectedSelfAttention, convert
+    from spdy.units import call_model
+
+    bundle = load_model("minilm", samples=4, heldout=0, seq_len=48, batch_size=4)
+    batch = dict(bundle.calibration[0])
+    batch["attention_mask"] = batch["attention_mask"].clone()
+    batch["attention_mask"][1, 20:] = 0
+    layers = [n for n, m in bundle.model.named_modules() if isinstance(m, torch.nn.Linear) and ".attention.self." in n]
+    with torch.no_grad():
+        reference = call_model(bundle.model, batch)
+        convert(bundle.model, {name: "kernel" for name in layers})
+        fused = [m for m in bundle.model.modules() if isinstance(m, ProjectedSelfAttention)]
+        assert len(fused) == 6 and not any(m.training for m in fused)
+        calls = []
+        original = attention.project_attend
+        attention.project_attend = lambda *args: calls.append(args) or original(*args)
+        try:
+            out = call_model(bundle.model, batch)
+            assert len(calls) == 6
+            bundle.model.bert.set_attn_implementation("eager")  # SDPA returns no attention weights
+            weights = bundle.model.bert(**batch, output_attentions=True).attentions
+            assert len(calls) == 6 and len(weights) == 6 and weights[0].shape == (4, 12, 48, 48)
+            bundle.model.train()
+            call_model(bundle.model, batch)
+            assert len(calls) == 6
+        finally:
+            attention.project_attend = original
+    assert (out - reference).abs().max() <= 1e-5 * reference.abs().max()

@@ -15,6 +15,7 @@ from spdy.levels import Option
 from spdy.runtime import (
     FORMATS,
     FeedForwardOutput,
+    ProjectedSelfAttention,
     ResidualNormOutput,
     SparseConv2d,
     SparseLinear,
@@ -217,6 +218,8 @@ def test_minilm_converted_output_matches() -> None:
             # the 6 feed-forward blocks running whole in one call each
             assert sum(isinstance(m, ResidualNormOutput) for m in bundle.model.modules()) == 12
             assert sum(isinstance(m, FeedForwardOutput) for m in bundle.model.modules()) == 6
+            # and the 6 self-attention blocks project q/k/v and attend in one call each
+            assert sum(isinstance(m, ProjectedSelfAttention) for m in bundle.model.modules()) == 6
             assert len(formats_of(bundle.model)) == 36
             assert close(bundle.model(**batch), ref)
 

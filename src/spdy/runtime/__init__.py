@@ -8,14 +8,16 @@ from spdy.runtime.attention import use_kernel_attention
 from spdy.runtime.convert import convert, formats_of, heuristic_format
 from spdy.runtime.formats import FORMATS, block_size, kernel_status, make_format, supported_formats
 from spdy.runtime.masks import magnitude_mask
-from spdy.runtime.modules import (FeedForwardInput, FeedForwardOutput, ResidualNormOutput, SparseConv2d, SparseLinear,
-                                  fuse_activations, fuse_feed_forwards, fuse_residual_norms, sparse_module, weight_of)
+from spdy.runtime.modules import (FeedForwardInput, FeedForwardOutput, ProjectedSelfAttention, ResidualNormOutput,
+                                  SparseConv2d, SparseLinear, fuse_activations, fuse_feed_forwards, fuse_residual_norms,
+                                  fuse_self_attentions, sparse_module, weight_of)
 from spdy.runtime.select import fastest_format, format_stats
 
 __all__ = [
     "FORMATS",
     "FeedForwardInput",
     "FeedForwardOutput",
+    "ProjectedSelfAttention",
     "ResidualNormOutput",
     "SparseConv2d",
     "SparseLinear",
@@ -27,6 +29,7 @@ __all__ = [
     "fuse_activations",
     "fuse_feed_forwards",
     "fuse_residual_norms",
+    "fuse_self_attentions",
     "heuristic_format",
     "kernel_status",
     "magnitude_mask",

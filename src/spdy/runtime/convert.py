@@ -15,7 +15,7 @@ from torch import nn
 
 from spdy.runtime.formats import FORMATS, block_size, kernel_status
 from spdy.runtime.modules import (SparseConv2d, SparseLinear, fuse_activations, fuse_feed_forwards, fuse_residual_norms,
-                                  set_module, sparse_module, weight_of)
+                                  fuse_self_attentions, set_module, sparse_module, weight_of)
 from spdy.runtime.select import fastest_format
 from spdy.units import Unit, capture_shapes, find_units
 
@@ -61,7 +61,8 @@ def convert(
     A kernel-format Linear followed by an exact GELU in a BERT-style block takes the GELU
     into its store (`fuse_activations`); one in a BERT-style output block takes the residual
     add and LayerNorm (`fuse_residual_norms`); a layer's whole feed-forward block then runs as
-    one call (`fuse_feed_forwards`).
+    one call (`fuse_feed_forwards`), and a self-attention block whose q/k/v are all kernel
+    format projects and attends in one call (`fuse_self_attentions`).
 
     ``formats``: module name -> format; layers mapped to ``"dense"`` stay untouched.
     Otherwise the layers of ``units`` (default: every Linear/Conv1D/Conv2d with zeros) get
@@ -91,6 +92,7 @@ def convert(
     fuse_activations(model)
     fuse_residual_norms(model)
     fuse_feed_forwards(model)
+    fuse_self_attentions(model)
     return model
 
 

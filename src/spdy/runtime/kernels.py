@@ -156,6 +156,45 @@ if numba is not None:
         lane0 = builder.insert_element(undef, scalar, ir.Constant(ir.IntType(32), 0))
         return builder.shuffle_vector(lane0, undef, ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [0] * _LANES))
 
+    def _fn(builder, name, arity):
+        """An LLVM vector intrinsic on <16 x float> (e.g. "llvm.fma.v16f32", arity 3)."""
+        return cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC, [_VEC] * arity), name)
+
+    def _reduce(op):
+        """Horizontal reduction of a <16 x float> by a 4-step shuffle tree (`op(builder, a, b)` on vectors)."""
+        @intrinsic
+        def reduce(typingctx, a):
+            def codegen(context, builder, sig, args):
+                value, undef = args[0], ir.Constant(_VEC, ir.Undefined)
+                for step in (8, 4, 2, 1):
+                    mask = ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [(i + step) % _LANES for i in range(_LANES)])
+                    value = op(builder, value, builder.shuffle_vector(value, undef, mask))
+                return builder.extract_element(value, ir.Constant(ir.IntType(32), 0))
+
+            return types.float32(_f32x16), codegen
+
+        return reduce
+
+    _hsum = _reduce(lambda builder, a, b: builder.fadd(a, b))
+    _hmax = _reduce(lambda builder, a, b: builder.call(_fn(builder, "llvm.maxnum.v16f32", 2), [a, b]))
+
+    @intrinsic
+    def _vaxpb(typingctx, v, a, b):
+        """v * a + b for float32 scalars a and b."""
+        def codegen(context, builder, sig, args):
+            v, a, b = args
+            return builder.call(_fn(builder, "llvm.fma.v16f32", 3), [v, _broadcast(builder, a), _broadcast(builder, b)])
+
+        return _f32x16(_f32x16, types.float32, types.float32), codegen
+
+    @intrinsic
+    def _vfmav(typingctx, a, b, c):
+        """a * b + c, all vectors."""
+        def codegen(context, builder, sig, args):
+            return builder.call(_fn(builder, "llvm.fma.v16f32", 3), list(args))
+
+        return _f32x16(_f32x16, _f32x16, _f32x16), codegen
+
     @intrinsic
     def _vzero(typingctx):
         def codegen(context, builder, sig, args):
@@ -239,13 +278,10 @@ if numba is not None:
         def splat(value):
             return ir.Constant(_VEC, [value] * _LANES)
 
-        def intrinsic_fn(name, arity):
-            return cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC, [_VEC] * arity), name)
-
-        fma = intrinsic_fn("llvm.fma.v16f32", 3)
+        fma = _fn(builder, "llvm.fma.v16f32", 3)
         u = builder.fmul(x, splat(0.7071067811865476))
-        u = builder.call(intrinsic_fn("llvm.minnum.v16f32", 2), [builder.call(intrinsic_fn("llvm.maxnum.v16f32", 2),
-                                                                              [u, splat(-4.0)]), splat(4.0)])
+        u = builder.call(_fn(builder, "llvm.minnum.v16f32", 2), [builder.call(_fn(builder, "llvm.maxnum.v16f32", 2),
+                                                                             [u, splat(-4.0)]), splat(4.0)])
         t = builder.fmul(u, u)
 
         def horner(coefficients):
@@ -441,23 +477,86 @@ if numba is not None:
             _store_rows(buf, tile, nr, bias, y, n0, o0, act)
 
     @numba.njit(**_JIT)
+    def _add_sum(y_addr, r_addr, m16):
+        """y += r over m16 floats (a multiple of 16); returns sum(y). Four accumulators: one add
+        chain per row made the LayerNorm latency-bound."""
+        a0 = _vzero()
+        a1 = _vzero()
+        a2 = _vzero()
+        a3 = _vzero()
+        m64 = m16 - m16 % 64
+        for j in range(0, m64, 64):
+            p = np.uintp(4 * j)
+            z0 = _vadd(_vload(y_addr + p), _vload(r_addr + p))
+            z1 = _vadd(_vload(y_addr + p + np.uintp(64)), _vload(r_addr + p + np.uintp(64)))
+            z2 = _vadd(_vload(y_addr + p + np.uintp(128)), _vload(r_addr + p + np.uintp(128)))
+            z3 = _vadd(_vload(y_addr + p + np.uintp(192)), _vload(r_addr + p + np.uintp(192)))
+            _vstore(y_addr + p, z0)
+            _vstore(y_addr + p + np.uintp(64), z1)
+            _vstore(y_addr + p + np.uintp(128), z2)
+            _vstore(y_addr + p + np.uintp(192), z3)
+            a0 = _vadd(a0, z0)
+            a1 = _vadd(a1, z1)
+            a2 = _vadd(a2, z2)
+            a3 = _vadd(a3, z3)
+        for j in range(m64, m16, _LANES):
+            z0 = _vadd(_vload(y_addr + np.uintp(4 * j)), _vload(r_addr + np.uintp(4 * j)))
+            _vstore(y_addr + np.uintp(4 * j), z0)
+            a0 = _vadd(a0, z0)
+        return _hsum(_vadd(_vadd(a0, a1), _vadd(a2, a3)))
+
+    @numba.njit(**_JIT)
+    def _square_sum(y_addr, mean, m16):
+        """sum((y - mean)^2) over m16 floats (a multiple of 16), four accumulators."""
+        a0 = _vzero()
+        a1 = _vzero()
+        a2 = _vzero()
+        a3 = _vzero()
+        m64 = m16 - m16 % 64
+        one = np.float32(1.0)
+        for j in range(0, m64, 64):
+            p = y_addr + np.uintp(4 * j)
+            d0 = _vaxpb(_vload(p), one, -mean)
+            d1 = _vaxpb(_vload(p + np.uintp(64)), one, -mean)
+            d2 = _vaxpb(_vload(p + np.uintp(128)), one, -mean)
+            d3 = _vaxpb(_vload(p + np.uintp(192)), one, -mean)
+            a0 = _vfmav(d0, d0, a0)
+            a1 = _vfmav(d1, d1, a1)
+            a2 = _vfmav(d2, d2, a2)
+            a3 = _vfmav(d3, d3, a3)
+        for j in range(m64, m16, _LANES):
+            d0 = _vaxpb(_vload(y_addr + np.uintp(4 * j)), one, -mean)
+            a0 = _vfmav(d0, d0, a0)
+        return _hsum(_vadd(_vadd(a0, a1), _vadd(a2, a3)))
+
+    @numba.njit(**_JIT)
     def _residual_norm(y, residual, gamma, beta, eps, n0, n1):
-        """y[t] = LayerNorm(y[t] + residual[t]) * gamma + beta for rows n0 .. n1-1 (float64 sums)."""
+        """y[t] = LayerNorm(y[t] + residual[t]) * gamma + beta for rows n0 .. n1-1, 16 lanes at a time
+        while the row is in L1: sum, squared deviations from the mean, then scale."""
         m = y.shape[1]
+        m16 = m - m % _LANES
+        gamma_addr = gamma.ctypes.data
+        beta_addr = beta.ctypes.data
         for t in range(n0, n1):
-            total = 0.0
-            for j in range(m):
+            y_addr = y.ctypes.data + np.uintp(4 * t * m)
+            total = _add_sum(y_addr, residual.ctypes.data + np.uintp(4 * t * m), m16)
+            for j in range(m16, m):
                 z = y[t, j] + residual[t, j]
                 y[t, j] = z
                 total += z
             mean = np.float32(total / m)
-            total = 0.0
-            for j in range(m):
+            square = _square_sum(y_addr, mean, m16)
+            for j in range(m16, m):
                 d = y[t, j] - mean
-                total += d * d
-            rstd = np.float32(1.0 / math.sqrt(total / m + eps))
-            for j in range(m):
-                y[t, j] = (y[t, j] - mean) * rstd * gamma[j] + beta[j]
+                square += d * d
+            rstd = np.float32(1.0 / math.sqrt(square / m + eps))
+            shift = np.float32(-mean * rstd)
+            for j in range(0, m16, _LANES):
+                normed = _vaxpb(_vload(y_addr + np.uintp(4 * j)), rstd, shift)
+                _vstore(y_addr + np.uintp(4 * j),
+                        _vfmav(normed, _vload(gamma_addr + np.uintp(4 * j)), _vload(beta_addr + np.uintp(4 * j))))
+            for j in range(m16, m):
+                y[t, j] = (y[t, j] * rstd + shift) * gamma[j] + beta[j]
 
     @numba.njit(parallel=True, **_JIT)
     def _spmm(x, bptr, indices, data, bias, y, xp, zero16, v, per_thread, act, residual, gamma, beta, eps, norm):
