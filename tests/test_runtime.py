@@ -15,6 +15,7 @@ from spdy.levels import Option
 from spdy.runtime import (
     FORMATS,
     FeedForwardOutput,
+    FusedEncoderLayer,
     ProjectedSelfAttention,
     ResidualNormOutput,
     SparseConv2d,
@@ -220,6 +221,7 @@ def test_minilm_converted_output_matches() -> None:
             assert sum(isinstance(m, FeedForwardOutput) for m in bundle.model.modules()) == 6
             # and the 6 self-attention blocks project q/k/v and attend in one call each
             assert sum(isinstance(m, ProjectedSelfAttention) for m in bundle.model.modules()) == 6
+            assert sum(isinstance(m, FusedEncoderLayer) for m in bundle.model.modules()) == 6  # whole layers
             assert len(formats_of(bundle.model)) == 36
             assert close(bundle.model(**batch), ref)
 

@@ -6,6 +6,7 @@ solver, so a deployment needs nothing else.
 
 from spdy.runtime.attention import use_kernel_attention
 from spdy.runtime.convert import convert, formats_of, heuristic_format
+from spdy.runtime.encoder_layer import FusedEncoderLayer, fuse_encoder_layers
 from spdy.runtime.formats import FORMATS, block_size, kernel_status, make_format, supported_formats
 from spdy.runtime.masks import magnitude_mask
 from spdy.runtime.modules import (FeedForwardInput, FeedForwardOutput, ProjectedSelfAttention, ResidualNormOutput,
@@ -17,6 +18,7 @@ __all__ = [
     "FORMATS",
     "FeedForwardInput",
     "FeedForwardOutput",
+    "FusedEncoderLayer",
     "ProjectedSelfAttention",
     "ResidualNormOutput",
     "SparseConv2d",
@@ -27,6 +29,7 @@ __all__ = [
     "format_stats",
     "formats_of",
     "fuse_activations",
+    "fuse_encoder_layers",
     "fuse_feed_forwards",
     "fuse_residual_norms",
     "fuse_self_attentions",

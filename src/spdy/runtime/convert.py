@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from spdy.runtime.encoder_layer import fuse_encoder_layers
 from spdy.runtime.formats import FORMATS, block_size, kernel_status
 from spdy.runtime.modules import (SparseConv2d, SparseLinear, fuse_activations, fuse_feed_forwards, fuse_residual_norms,
                                   fuse_self_attentions, set_module, sparse_module, weight_of)
@@ -62,7 +63,8 @@ def convert(
     into its store (`fuse_activations`); one in a BERT-style output block takes the residual
     add and LayerNorm (`fuse_residual_norms`); a layer's whole feed-forward block then runs as
     one call (`fuse_feed_forwards`), and a self-attention block whose q/k/v are all kernel
-    format projects and attends in one call (`fuse_self_attentions`).
+    format projects and attends in one call (`fuse_self_attentions`). A layer fused all through
+    runs whole, one call per batch (`fuse_encoder_layers`).
 
     ``formats``: module name -> format; layers mapped to ``"dense"`` stay untouched.
     Otherwise the layers of ``units`` (default: every Linear/Conv1D/Conv2d with zeros) get
@@ -93,6 +95,7 @@ def convert(
     fuse_residual_norms(model)
     fuse_feed_forwards(model)
     fuse_self_attentions(model)
+    fuse_encoder_layers(model)
     return model
 
 
