@@ -15,8 +15,9 @@ measured 51 to 100 ms at 2 threads from one process to the next, and jumped from
 inside one process when the host got busy (dense too), so only engines timed in the same
 minutes compare.
 
-The own model is the kernel format with `convert`'s fusions and, by default, spdy's kernel
-attention (`--attention sdpa` for torch's).
+The own model is `convert`'s kernel format with all its fusions: MiniLM's layers each run whole,
+one kernel call per layer (`--fusion blocks` stops before `fuse_encoder_layers`, `none` runs every
+block as transformers does, attention by torch's SDPA).
 
     python bench/bench_e2e.py [--threads 2] [--rounds 20] [--sparsities 0.9,0.7] [--profile]
 """
@@ -77,10 +78,11 @@ def _serve(models: dict, info: dict) -> None:
         print(json.dumps({"times": times}), flush=True)
 
 
-def torch_worker(sparsities: list[float], threads: int, profile: bool, attention: str) -> None:
+def torch_worker(sparsities: list[float], threads: int, profile: bool, fusion: str) -> None:
     import torch
 
-    from spdy.runtime import convert, kernels, use_kernel_attention
+    from spdy.runtime import convert, kernels
+    from spdy.runtime.convert import FUSIONS
     from spdy.units import call_model
 
     kernels.set_num_threads(threads)
@@ -90,9 +92,10 @@ def torch_worker(sparsities: list[float], threads: int, profile: bool, attention
     for p in sparsities:
         pruned, info["checksums"][str(p)] = _pruned(model, units, p)
         reference = call_model(pruned, batch)
-        convert(pruned, {u: "kernel" for u in units})
-        if attention == "kernel" and not use_kernel_attention(pruned):
-            raise RuntimeError("the kernel attention did not apply to MiniLM")
+        convert(pruned, {u: "kernel" for u in units}, fuse=False)
+        for fuse in {"all": FUSIONS, "blocks": FUSIONS[:-1], "none": ()}[fusion]:
+            if not fuse(pruned):
+                raise RuntimeError(f"{fuse.__name__} did not apply to MiniLM")
         out = call_model(pruned, batch)
         info["errors"][str(p)] = float((out - reference).abs().max() / reference.abs().max())
         models[f"own {p:.0%}"] = lambda m=pruned: call_model(m, batch)
@@ -155,7 +158,7 @@ class Worker:
     def __init__(self, engine: str, python: str, args: argparse.Namespace):
         cmd = [python, __file__, "--worker", engine, "--threads", str(args.threads), "--sparsities", args.sparsities]
         cmd += ["--profile"] if args.profile else []
-        cmd += ["--attention", args.attention]
+        cmd += ["--fusion", args.fusion]
         env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
         if args.omp_wait_policy:
             env["OMP_WAIT_POLICY"] = args.omp_wait_policy
@@ -215,14 +218,14 @@ def main() -> None:
     ap.add_argument("--deepsparse-python", default=str(DEEPSPARSE_PYTHON))
     ap.add_argument("--omp-wait-policy", default="", help="OMP_WAIT_POLICY for the workers ('' = inherit; PASSIVE cost 25-35%% "
                     "at 2 threads on a quiet machine, idle workers are stopped anyway)")
-    ap.add_argument("--attention", choices=["kernel", "sdpa"], default="kernel",
-                    help="attention of the own model: spdy's kernel (use_kernel_attention) or torch's SDPA")
+    ap.add_argument("--fusion", choices=["all", "blocks", "none"], default="all",
+                    help="convert()'s fusions for the own model: all, all but whole layers, or none")
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops per torch model")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     sparsities = [float(s) for s in args.sparsities.split(",")]
     if args.worker == "torch":
-        torch_worker(sparsities, args.threads, args.profile, args.attention)
+        torch_worker(sparsities, args.threads, args.profile, args.fusion)
         return
     if args.worker == "deepsparse":
         deepsparse_worker(sparsities, args.threads)
@@ -231,8 +234,8 @@ def main() -> None:
     if "deepsparse" in engines and not Path(args.deepsparse_python).exists():
         print(f"skipping deepsparse: {args.deepsparse_python} not found", file=sys.stderr)
         engines.remove("deepsparse")
-    print(f"{datetime.now():%Y-%m-%d %H:%M}, {args.threads} thread(s), {args.rounds} rounds, own model's attention: "
-          f"{args.attention}, "
+    print(f"{datetime.now():%Y-%m-%d %H:%M}, {args.threads} thread(s), {args.rounds} rounds, own model's fusions: "
+          f"{args.fusion}, "
           f"load average {os.getloadavg()[0]:.2f} at start", flush=True)
     workers = []
     for engine in engines:  # each starts alone: its warm-up and compilation are not timed against the other

@@ -56,6 +56,7 @@ def convert(
     units: Mapping[str, Unit] | Sequence[str] | None = None,
     example: Any = None,
     candidates: Sequence[str] = FORMATS,
+    fuse: bool = True,
 ) -> nn.Module:
     """Replace pruned layers by `SparseLinear`/`SparseConv2d` in place and return ``model``.
 
@@ -69,7 +70,8 @@ def convert(
     ``formats``: module name -> format; layers mapped to ``"dense"`` stay untouched.
     Otherwise the layers of ``units`` (default: every Linear/Conv1D/Conv2d with zeros) get
     the fastest of ``candidates``, timed at the input shape seen when running ``example``
-    (or the units' captured ``input_shape``), else `heuristic_format`.
+    (or the units' captured ``input_shape``), else `heuristic_format`. ``fuse=False`` only
+    swaps the layers, leaving every block as the model runs it.
     """
     if formats is None:
         chosen_units = _pruned_units(model, units)
@@ -91,12 +93,14 @@ def convert(
         if fmt == "dense" or isinstance(module, (SparseLinear, SparseConv2d)):
             continue
         set_module(model, name, sparse_module(module, fmt))
-    fuse_activations(model)
-    fuse_residual_norms(model)
-    fuse_feed_forwards(model)
-    fuse_self_attentions(model)
-    fuse_encoder_layers(model)
+    if fuse:
+        for fusion in FUSIONS:
+            fusion(model)
     return model
+
+
+# in order: each builds on the blocks the ones before it made
+FUSIONS = (fuse_activations, fuse_residual_norms, fuse_feed_forwards, fuse_self_attentions, fuse_encoder_layers)
 
 
 def formats_of(model: nn.Module) -> dict[str, str]:
