@@ -66,6 +66,13 @@ if kernels.numba is not None:
                 _residual_norm(yb, h1b, norm2[0], norm2[1], norm2[2], n0, n1)
 
 
+def _shares_evenly(batch: int) -> bool:
+    """Batch rows (the work items) keep every thread busy: a multiple of the threads, or at least
+    four per thread (3 rows on 2 threads would idle one a third of the time)."""
+    threads = numba.get_num_threads()
+    return batch % threads == 0 or batch >= 4 * threads
+
+
 def _packed(weight: kernels.SparseKernelWeight) -> tuple:
     return weight.bptr, weight.indices, weight.data, weight._bias_np
 
@@ -77,16 +84,16 @@ def _norm(layer_norm: nn.LayerNorm) -> tuple:
 
 class FusedEncoderLayer(nn.Module):
     """Mixed into a BERT-style layer's own class by `fuse_encoder_layers` (the instance keeps its
-    modules, names and hooks): inference calls with at least one batch row per thread run the
+    modules, names and hooks): inference calls whose batch rows share out evenly run the
     whole layer in one `_encoder_layer` call; anything else (training, caches, cross-attention,
-    attention weights requested, fewer rows than threads, other dtypes, masks that are not 4-D)
-    runs the layer's own forward."""
+    attention weights requested, batch rows that do not share out evenly over the threads, other
+    dtypes, masks that are not 4-D) runs the layer's own forward."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
         others = [*args, *(v for k, v in kwargs.items() if k != "position_ids")]  # e.g. encoder states, caches
         if (self.training or any(v is not None and v is not False for v in others)
                 or hidden_states.dtype != torch.float32 or hidden_states.dim() != 3
-                or hidden_states.shape[0] < numba.get_num_threads() or hidden_states.shape[1] == 0
+                or not _shares_evenly(hidden_states.shape[0]) or hidden_states.shape[1] == 0
                 or (attention_mask is not None and attention_mask.dim() != 4)
                 or not _fused_blocks(self) or getattr(self.attention.self._block[0], "is_causal", False)):
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
