@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from spdy.runtime import attention, kernels
-from spdy.runtime.modules import FeedForwardInput, FeedForwardOutput, ProjectedSelfAttention, ResidualNormOutput
+from spdy.runtime.modules import (FeedForwardInput, FeedForwardOutput, ProjectedSelfAttention, ResidualNormOutput,
+                                  defaults_only, mix_in)
 
 if kernels.numba is not None:
     import numba
@@ -91,27 +92,29 @@ class FusedEncoderLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
         others = [*args, *(v for k, v in kwargs.items() if k != "position_ids")]  # e.g. encoder states, caches
-        if (self.training or any(v is not None and v is not False for v in others)
+        if (self.training or not defaults_only(*others)
                 or hidden_states.dtype != torch.float32 or hidden_states.dim() != 3
                 or not _shares_evenly(hidden_states.shape[0]) or hidden_states.shape[1] == 0
                 or (attention_mask is not None and attention_mask.dim() != 4)
-                or not _fused_blocks(self) or getattr(self.attention.self._block[0], "is_causal", False)):
+                or not _fused_blocks(self) or getattr(self.attention.self, "is_causal", False)):
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
         sa, out, ffn = self.attention.self, self.attention.output, self.output
+        heads = sa.num_attention_heads
+        scale = np.float32(getattr(sa, "scaling", (sa.query.out_features // heads) ** -0.5))
         batch, seq, hidden = hidden_states.shape
         width = sa.query.out_features
-        head_dim = width // sa.heads
-        mask4 = attention._mask_for(attention_mask, batch, sa.heads, seq, seq)
+        head_dim = width // heads
+        mask4 = attention._mask_for(attention_mask, batch, heads, seq, seq)
         x = hidden_states.detach().reshape(batch * seq, hidden).contiguous()
         att, h1, y = torch.empty(batch, seq, width), torch.empty(batch * seq, hidden), torch.empty(batch * seq, hidden)
         tile = 4 * kernels._LANES
         up = ffn.up_store.kernel
         _encoder_layer(x.numpy(), seq, *(_packed(p.store.kernel) for p in (sa.query, sa.key, sa.value, out.dense)),
                        _norm(out.LayerNorm), _packed(up), _packed(ffn.dense.store.kernel), _norm(ffn.LayerNorm),
-                       mask4.numpy(), att.numpy(), h1.numpy(), y.numpy(), sa.heads, np.float32(sa.scaling),
+                       mask4.numpy(), att.numpy(), h1.numpy(), y.numpy(), heads, scale,
                        attention._scratch("x", hidden, tile), attention._scratch("h", up.shape[0], tile),
                        *(attention._scratch(name, seq, width) for name in ("yq", "yk", "yv")),
-                       *attention._attention_scratch(sa.heads, head_dim, seq, seq, mask4.shape[3]), kernels._ZERO16)
+                       *attention._attention_scratch(heads, head_dim, seq, seq, mask4.shape[3]), kernels._ZERO16)
         return y.view(batch, seq, hidden)
 
 
@@ -128,8 +131,6 @@ def _fused_blocks(layer: nn.Module) -> bool:
             and ffn.dense.out_features == hidden and ffn.up_store.kernel.shape[1] == hidden)
 
 
-_FUSED: dict[type, type] = {}  # a layer class -> the class mixing FusedEncoderLayer into it
-
 
 def fuse_encoder_layers(model: nn.Module) -> list[str]:
     """Make each BERT-style layer whose self-attention, attention output and feed-forward block are
@@ -141,9 +142,6 @@ def fuse_encoder_layers(model: nn.Module) -> list[str]:
         if isinstance(layer, FusedEncoderLayer) or not _fused_blocks(layer) \
                 or getattr(layer, "crossattention", None) is not None:
             continue
-        kind = type(layer)
-        if kind not in _FUSED:
-            _FUSED[kind] = type(f"Fused{kind.__name__}", (FusedEncoderLayer, kind), {"__doc__": FusedEncoderLayer.__doc__})
-        layer.__class__ = _FUSED[kind]
+        mix_in(layer, FusedEncoderLayer)
         fused.append(name)
     return fused

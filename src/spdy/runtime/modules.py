@@ -227,68 +227,67 @@ def fuse_feed_forwards(model: nn.Module) -> list[str]:
     return fused
 
 
-class ProjectedSelfAttention(nn.Module):
-    """A BERT-style ``*SelfAttention`` block whose q/k/v projections and attention run as one
-    kernel call (`attention.project_attend`): each (batch row, head group) projects its tokens
-    and attends while they are in its L2. Keeps ``query``, ``key`` and ``value`` so layer names
-    stay the model's; calls it cannot take (training, caches, cross-attention, attention
-    weights requested, causal blocks, other dtypes, masks that are not 4-D) go to the original
-    block, which shares those layers. Instances are of a subclass that also derives from the
-    block's class, so transformers' output recording (attention weights) still finds them."""
+def defaults_only(*values) -> bool:
+    """Every value is None or False: no input (encoder states, caches, requests for attention
+    weights) that a fused path would ignore."""
+    return all(v is None or v is False for v in values)
 
-    def __init__(self, block: nn.Module):
-        nn.Module.__init__(self)  # `fuse_self_attentions` mixes in the block's class, whose __init__ wants a config
-        self.config = getattr(block, "config", None)
-        self.query, self.key, self.value = block.query, block.key, block.value
-        self.heads = int(block.num_attention_heads)
-        self.scaling = float(getattr(block, "scaling", block.attention_head_size ** -0.5))
-        self._block = (block,)  # not a child: its parameters are these layers'
-        self.train(block.training)
+
+_MIXED: dict[tuple[type, type], type] = {}
+
+
+def mix_in(module: nn.Module, mixin: type) -> None:
+    """Give ``module`` a class deriving from ``mixin`` and then its own class, in place: the
+    mixin's forward runs, ``super().forward`` is the module's own, and the instance keeps its
+    modules, names and hooks (transformers' output recording matches it by class too)."""
+    kind = type(module)
+    if (mixin, kind) not in _MIXED:
+        _MIXED[mixin, kind] = type(f"{mixin.__name__}_{kind.__name__}", (mixin, kind), {"__doc__": mixin.__doc__})
+    module.__class__ = _MIXED[mixin, kind]
+
+
+class ProjectedSelfAttention(nn.Module):
+    """Mixed into a BERT-style ``*SelfAttention`` block by `fuse_self_attentions`: its q/k/v
+    projections and attention run as one kernel call (`attention.project_attend`), each (batch
+    row, head group) projecting its tokens and attending while they are in its L2. Calls it
+    cannot take (training, caches, cross-attention, attention weights requested, causal blocks,
+    other dtypes, masks that are not 4-D) run the block's own forward."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values=None, **kwargs):
-        block = self._block[0]
-        extra = {k: v for k, v in kwargs.items() if v is not None and v is not False}
-        extra.pop("position_ids", None)  # absolute positions were added by the embeddings
-        if (self.training or past_key_values is not None or extra or getattr(block, "is_causal", False)
+        # absolute positions were added by the embeddings
+        others = [v for k, v in kwargs.items() if k != "position_ids"]
+        if (self.training or not defaults_only(past_key_values, *others) or getattr(self, "is_causal", False)
                 or hidden_states.dtype != torch.float32 or hidden_states.dim() != 3
-                or (attention_mask is not None and attention_mask.dim() != 4)):
-            block.train(self.training)
-            return block(hidden_states, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+                or (attention_mask is not None and attention_mask.dim() != 4) or not projectable(self)):
+            return super().forward(hidden_states, attention_mask=attention_mask, past_key_values=past_key_values,
+                                   **kwargs)
         from spdy.runtime.attention import project_attend
 
         out = project_attend(hidden_states, self.query.store.kernel, self.key.store.kernel, self.value.store.kernel,
-                             self.heads, attention_mask, self.scaling)
+                             self.num_attention_heads, attention_mask,
+                             getattr(self, "scaling", self.attention_head_size ** -0.5))
         return out, None
 
 
-_PROJECTED: dict[type, type] = {}  # a block class -> its ProjectedSelfAttention subclass
+def projectable(block: nn.Module) -> bool:
+    """A BERT-style self-attention block whose query, key and value are kernel-format
+    `SparseLinear`s of one shape, heads a multiple of 16 wide."""
+    layers = [getattr(block, n, None) for n in ("query", "key", "value")]
+    heads, size = getattr(block, "num_attention_heads", None), getattr(block, "attention_head_size", None)
+    return (type(block).__name__.endswith("SelfAttention") and isinstance(heads, int) and isinstance(size, int)
+            and size % 16 == 0
+            and all(isinstance(l, SparseLinear) and l.format == "kernel" and l.activation is None
+                    and (l.out_features, l.in_features) == (heads * size, layers[0].in_features) for l in layers))
 
 
 def fuse_self_attentions(model: nn.Module) -> list[str]:
-    """Swap BERT-style ``*SelfAttention`` blocks whose query, key and value are kernel-format
-    `SparseLinear`s of one shape (head dims a multiple of 16) for `ProjectedSelfAttention`.
+    """Make every `projectable` self-attention block a `ProjectedSelfAttention`, in place.
     Returns their names."""
     fused = []
-    for name, block in list(model.named_modules()):
-        layers = [getattr(block, n, None) for n in ("query", "key", "value")]
-        heads, size = getattr(block, "num_attention_heads", None), getattr(block, "attention_head_size", None)
-        if (type(block).__name__.endswith("SelfAttention") and not isinstance(block, ProjectedSelfAttention)
-                and isinstance(heads, int) and isinstance(size, int)
-                and size % 16 == 0
-                and all(isinstance(l, SparseLinear) and l.format == "kernel" and l.activation is None
-                        and (l.out_features, l.in_features) == (heads * size, layers[0].in_features) for l in layers)):
-            kind = type(block)
-            if kind not in _PROJECTED:
-                _PROJECTED[kind] = type(f"Projected{kind.__name__}", (ProjectedSelfAttention, kind),
-                                        {"__doc__": ProjectedSelfAttention.__doc__})
-            fused_block = _PROJECTED[kind](block)
-            for hooks in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
-                          "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
-                # hooks on the block (e.g. transformers' output recording) move with it
-                getattr(fused_block, hooks).update(getattr(block, hooks))
-                getattr(block, hooks).clear()
-            set_module(model, name, fused_block)
+    for name, block in model.named_modules():
+        if not isinstance(block, ProjectedSelfAttention) and projectable(block):
+            mix_in(block, ProjectedSelfAttention)
             fused.append(name)
     return fused
 
