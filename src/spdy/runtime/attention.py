@@ -22,6 +22,7 @@ function; `use_kernel_attention` registers it for a transformers model.
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
@@ -337,7 +338,7 @@ def _scratch(name: str, *shape: int) -> np.ndarray:
     if len(shape) == 1:
         shape = (-(-shape[0] // 16) * 16,)
     threads = numba.config.NUMBA_NUM_THREADS
-    size = threads * int(np.prod(shape))
+    size = threads * math.prod(shape)
     buf = getattr(_SCRATCH, name, None)
     if buf is None or buf.size < size:
         buf = kernels.aligned_empty(size)
