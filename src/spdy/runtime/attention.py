@@ -17,7 +17,9 @@ threads; per item:
   straight to (batch, seq, heads * head dim), where the output projection reads it.
 
 `attend` takes the (batch, heads, seq, head dim) tensors transformers hands an attention
-function; `use_kernel_attention` registers it for a transformers model.
+function; `use_kernel_attention` registers it for a transformers model. `project_attend` also
+computes q/k/v inside each work item from kernel-format weights (`ProjectedSelfAttention`), and
+`_attend_item` is the per-item body the whole-layer kernel (`encoder_layer`) calls too.
 """
 
 from __future__ import annotations

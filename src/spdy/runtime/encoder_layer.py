@@ -5,7 +5,8 @@ output, the feed-forward block), and each hands its activations to the next thro
 to whichever core gets the tile. Here one thread takes a batch row through q/k/v, attention,
 the output projection with residual + LayerNorm, and the feed-forward block with its residual
 + LayerNorm, the row's activations staying in that core's L2 (MiniLM-L6, batch 8 x 128, 90%
-sparse, 2 threads: the encoder 1.17x faster than the same kernels block by block).
+sparse, 2 threads: the model 1.00-1.16x faster than the same kernels block by block, in
+in-process A/Bs; the gain grows with the host's load, see bench/bench_fusions.py).
 
 `fuse_encoder_layers` turns the layers `convert` has fully fused (`ProjectedSelfAttention`,
 `ResidualNormOutput`, `FeedForwardOutput`) into `FusedEncoderLayer`s; calls it cannot take go
