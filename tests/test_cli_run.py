@@ -50,6 +50,21 @@ def test_rerun_uses_the_cache_and_gives_the_same_answer(finished_run, capsys):
     assert "search:spdy" in log["stages"], "the first run's stage times are kept"
 
 
+def test_runtime_change_measures_again(finished_run, monkeypatch):
+    """Measured speedups are cached under the runtime's source digest: after the runtime changes a
+    rerun verifies again (and only verifies: timings and searches stay cached)."""
+    from spdy import pipeline
+
+    _, work = finished_run
+    real = pipeline.runtime_fingerprint()
+    assert real == pipeline.runtime_fingerprint() and len(real) == 10
+    monkeypatch.setattr(pipeline, "runtime_fingerprint", lambda: "changed")
+    assert main(["run", *FAST, "--work-dir", str(work), "--json"]) == 0
+    ran = json.loads((work / "run.json").read_text())["last"]
+    assert any(s.startswith("verify:") for s in ran)
+    assert not any(s.startswith(("timing", "search:")) for s in ran)
+
+
 def test_export_loads_as_a_runnable_sparse_model(finished_run):
     _, work = finished_run
     model = spdy.load(work / "export")

@@ -325,7 +325,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     results = {}
     batch = pipeline.timing_batch(bundle)
     for method, profile in profiles.items():
-        path = work / f"verify-{method}-{pipeline.digest(profile.options, target)}.json"
+        key = pipeline.digest(profile.options, target, cfg.threads, cfg.rounds, pipeline.runtime_fingerprint())
+        path = work / f"verify-{method}-{key}.json"
         if path.is_file():
             results[method] = json.loads(path.read_text())
             continue

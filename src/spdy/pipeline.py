@@ -34,6 +34,14 @@ def digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def runtime_fingerprint() -> str:
+    """A digest of the runtime's source. Measurements of the pruned model are cached under it, so
+    they are taken again once the code that runs the model has changed."""
+    from spdy import runtime
+
+    return digest(*[(f.name, f.read_text()) for f in sorted(Path(runtime.__file__).parent.glob("*.py"))])
+
+
 def prunable_units(bundle: ModelBundle, include: Sequence[str] | None = None, exclude: Sequence[str] = ()) -> dict[str, Unit]:
     """The bundle's default units unless ``include`` says otherwise."""
     return find_units(bundle.model, include or bundle.include, exclude)
