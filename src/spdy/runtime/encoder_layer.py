@@ -1,6 +1,6 @@
 """A whole BERT-style encoder layer as one kernel call: each batch row is one work item.
 
-Why: run block by block, a layer is five parallel calls (q/k/v with attention, the attention
+Why: run block by block, a layer is three parallel calls (q/k/v with attention, the attention
 output, the feed-forward block), and each hands its activations to the next through memory,
 to whichever core gets the tile. Here one thread takes a batch row through q/k/v, attention,
 the output projection with residual + LayerNorm, and the feed-forward block with its residual
