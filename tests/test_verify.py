@@ -74,3 +74,20 @@ def test_a_clear_miss_warns(mlp) -> None:
         result = verify(model, units, profile, x, rounds=4, formats={"0": "dense"}, threads=1)
     assert isinstance(result, VerifyResult) and result.met is False
     assert any(issubclass(w.category, SpeedupMiss) and "SPEEDUP MISSED" in str(w.message) for w in caught)
+
+
+def _result(measured: float, predicted: float | None) -> VerifyResult:
+    return VerifyResult(target=1.9, predicted_speedup=predicted, measured_speedup=measured, measured_spread=0.05,
+                        met=True, tolerance=0.03, dense_time=1.0, pruned_time=1.0 / measured, rounds=30, threads=2,
+                        output_error=0.0)
+
+
+def test_under_prediction_is_named_only_beyond_noise() -> None:
+    """A model well beyond its prediction gets a line saying why (the table sees no fusions);
+    within 25% of it, or without a prediction, nothing is said."""
+    note = _result(4.125, 1.901).under_prediction()
+    assert "2.2x" in note and "fuse" in note
+    assert _result(2.3, 1.901).under_prediction() == ""
+    assert _result(4.0, None).under_prediction() == ""
+    cached = VerifyResult(**json.loads(json.dumps(_result(4.125, 1.901).to_json())))  # as `spdy run` reads it back
+    assert cached.under_prediction() == note

@@ -214,6 +214,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         print(f"measured speedup {result.measured_speedup:.3f}x (spread {result.measured_spread:.3f}, {result.rounds} rounds), "
               f"predicted {result.predicted_speedup}, target {result.target}: {'MET' if result.met else 'NOT MET' if result.met is False else 'no target'}")
+        if note := result.under_prediction():
+            print(f"note: {note}")
     return 0 if result.met is not False else 1
 
 
@@ -274,7 +276,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from spdy.database import Stitcher
     from spdy.deploy import export
     from spdy.report import write_report
-    from spdy.verify import verify
+    from spdy.verify import VerifyResult, verify
 
     cfg = _run_config(args)
     say = (lambda *a: print(*a, file=sys.stderr)) if cfg.json else print
@@ -336,6 +338,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     main = results[cfg.method]
     say(f"[5/6] verified {cfg.method}: measured {main['measured_speedup']:.3f}x (spread {main['measured_spread']:.3f}) "
         f"for predicted {profiles[cfg.method].predicted_speedup:.3f}x, target {target:g}x: {'MET' if main['met'] else 'NOT MET'}")
+    if note := VerifyResult(**main).under_prediction():
+        say(f"      note: {note}")
     chosen = profiles[cfg.method]
     pipeline.apply(units, chosen, db)
     gap = None

@@ -59,6 +59,19 @@ class VerifyResult:
         """Plain JSON types; ``formats`` holds only the layers that run sparse."""
         return asdict(self)
 
+    def under_prediction(self) -> str:
+        """A line for users when the model runs well beyond its prediction ("" otherwise): the
+        per-layer table does not see what the runtime fuses, so the profile prunes more than its
+        target needs."""
+        if not self.predicted_speedup or self.measured_speedup < UNDER_PREDICTED * self.predicted_speedup:
+            return ""
+        return (f"the runtime beats the timing table's prediction {self.measured_speedup / self.predicted_speedup:.1f}x: "
+                "the table times layers one by one and sees none of the blocks convert() fuses, so this profile "
+                "prunes more than its target needs")
+
+
+UNDER_PREDICTED = 1.25  # measured / predicted beyond this is no longer noise
+
 
 class SpeedupMiss(RuntimeWarning):
     """The pruned model is slower than the target beyond measurement noise."""
