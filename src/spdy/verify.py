@@ -37,6 +37,9 @@ ROUNDS = 30
 Weights = Callable[[str, str], torch.Tensor] | Mapping[str, Any]
 
 
+UNDER_PREDICTED = 1.25  # measured / predicted beyond this is no longer noise
+
+
 @dataclass
 class VerifyResult:
     """Measured against predicted speedup of one profile on this machine."""
@@ -68,9 +71,6 @@ class VerifyResult:
         return (f"the runtime beats the timing table's prediction {self.measured_speedup / self.predicted_speedup:.1f}x: "
                 "the table times layers one by one and sees none of the blocks convert() fuses, so this profile "
                 "prunes more than its target needs")
-
-
-UNDER_PREDICTED = 1.25  # measured / predicted beyond this is no longer noise
 
 
 class SpeedupMiss(RuntimeWarning):

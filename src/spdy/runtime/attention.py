@@ -24,9 +24,6 @@ computes q/k/v inside each work item from kernel-format weights (`ProjectedSelfA
 
 from __future__ import annotations
 
-import math
-import threading
-
 import numpy as np
 import torch
 
@@ -330,22 +327,12 @@ if kernels.numba is not None:
                          inv_all[t], zero16)
 
 
-_SCRATCH = threading.local()
-
-
 def _scratch(name: str, *shape: int) -> np.ndarray:
-    """A float32 (numba threads, *shape) buffer, kept between calls (fresh pages cost faults) and
-    per Python thread (two threads may attend at once). Every thread's slot starts on a cache
-    line (a 1-D slot is rounded up to 16 floats)."""
+    """A `kernels._buffer` of (numba threads, *shape): one slot per thread, each starting on a
+    cache line (a 1-D slot is rounded up to 16 floats)."""
     if len(shape) == 1:
         shape = (-(-shape[0] // 16) * 16,)
-    threads = numba.config.NUMBA_NUM_THREADS
-    size = threads * math.prod(shape)
-    buf = getattr(_SCRATCH, name, None)
-    if buf is None or buf.size < size:
-        buf = kernels.aligned_empty(size)
-        setattr(_SCRATCH, name, buf)
-    return buf[:size].reshape(threads, *shape)
+    return kernels._buffer(name, numba.config.NUMBA_NUM_THREADS, *shape)
 
 
 def supported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str:
@@ -457,8 +444,7 @@ def project_attend(hidden: torch.Tensor, query: kernels.SparseKernelWeight, key:
     out = torch.empty(batch, seq, width)
     if out.numel():
         tile = 4 * kernels._LANES
-        weights = [(w.bptr, w.indices, w.data, w._bias_np) for w in (query, key, value)]
-        _project_attend(x.numpy(), seq, *weights, mask4.numpy(), out.numpy(), heads, min(group, heads), np.float32(scale),
+        _project_attend(x.numpy(), seq, query.arrays, key.arrays, value.arrays, mask4.numpy(), out.numpy(), heads, min(group, heads), np.float32(scale),
                         _scratch("x", x.shape[1], tile), *(_scratch(name, seq, width) for name in ("yq", "yk", "yv")),
                         *_attention_scratch(min(group, heads), head_dim, seq, seq, mask4.shape[3]), kernels._ZERO16)
     return out

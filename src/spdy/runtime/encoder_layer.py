@@ -75,15 +75,6 @@ def _shares_evenly(batch: int) -> bool:
     return batch % threads == 0 or batch >= 4 * threads
 
 
-def _packed(weight: kernels.SparseKernelWeight) -> tuple:
-    return weight.bptr, weight.indices, weight.data, weight._bias_np
-
-
-def _norm(layer_norm: nn.LayerNorm) -> tuple:
-    return (layer_norm.weight.detach().contiguous().numpy(), layer_norm.bias.detach().contiguous().numpy(),
-            float(layer_norm.eps))
-
-
 class FusedEncoderLayer(nn.Module):
     """Mixed into a BERT-style layer's own class by `fuse_encoder_layers` (the instance keeps its
     modules, names and hooks): inference calls whose batch rows share out evenly run the
@@ -92,31 +83,33 @@ class FusedEncoderLayer(nn.Module):
     dtypes, masks that are not 4-D) runs the layer's own forward."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
-        others = [*args, *(v for k, v in kwargs.items() if k != "position_ids")]  # e.g. encoder states, caches
-        if (self.training or not defaults_only(*others)
+        if (self.training or not defaults_only(*args, **kwargs)
                 or hidden_states.dtype != torch.float32 or hidden_states.dim() != 3
                 or not _shares_evenly(hidden_states.shape[0]) or hidden_states.shape[1] == 0
                 or (attention_mask is not None and attention_mask.dim() != 4)
                 or not _fused_blocks(self) or getattr(self.attention.self, "is_causal", False)):
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
         sa, out, ffn = self.attention.self, self.attention.output, self.output
-        heads = sa.num_attention_heads
-        scale = np.float32(getattr(sa, "scaling", (sa.query.out_features // heads) ** -0.5))
-        batch, seq, hidden = hidden_states.shape
-        width = sa.query.out_features
+        heads, width = sa.num_attention_heads, sa.query.out_features
         head_dim = width // heads
+        batch, seq, hidden = hidden_states.shape
         mask4 = attention._mask_for(attention_mask, batch, heads, seq, seq)
         x = hidden_states.detach().reshape(batch * seq, hidden).contiguous()
         att, h1, y = torch.empty(batch, seq, width), torch.empty(batch * seq, hidden), torch.empty(batch * seq, hidden)
         tile = 4 * kernels._LANES
         up = ffn.up_store.kernel
-        _encoder_layer(x.numpy(), seq, *(_packed(p.store.kernel) for p in (sa.query, sa.key, sa.value, out.dense)),
-                       _norm(out.LayerNorm), _packed(up), _packed(ffn.dense.store.kernel), _norm(ffn.LayerNorm),
-                       mask4.numpy(), att.numpy(), h1.numpy(), y.numpy(), heads, scale,
+        _encoder_layer(x.numpy(), seq, *(p.store.kernel.arrays for p in (sa.query, sa.key, sa.value, out.dense)),
+                       _norm(out.LayerNorm), up.arrays, ffn.dense.store.kernel.arrays, _norm(ffn.LayerNorm),
+                       mask4.numpy(), att.numpy(), h1.numpy(), y.numpy(), heads,
+                       np.float32(getattr(sa, "scaling", head_dim ** -0.5)),
                        attention._scratch("x", hidden, tile), attention._scratch("h", up.shape[0], tile),
                        *(attention._scratch(name, seq, width) for name in ("yq", "yk", "yv")),
                        *attention._attention_scratch(heads, head_dim, seq, seq, mask4.shape[3]), kernels._ZERO16)
         return y.view(batch, seq, hidden)
+
+
+def _norm(layer_norm: nn.LayerNorm) -> tuple:
+    return kernels.layer_norm_arrays(layer_norm.weight, layer_norm.bias, layer_norm.eps)
 
 
 def _fused_blocks(layer: nn.Module) -> bool:
@@ -130,7 +123,6 @@ def _fused_blocks(layer: nn.Module) -> bool:
     hidden = sa.query.in_features
     return (out.dense.in_features == sa.query.out_features and out.dense.out_features == hidden
             and ffn.dense.out_features == hidden and ffn.up_store.kernel.shape[1] == hidden)
-
 
 
 def fuse_encoder_layers(model: nn.Module) -> list[str]:

@@ -638,13 +638,17 @@ def aligned_empty(size: int) -> np.ndarray:
     return raw[start:start + size]
 
 
-def _scratch(size: int) -> np.ndarray:
-    """A float32 buffer of >= `size` kept per Python thread: a fresh multi-MB array per call
-    costs page faults (glibc hands large freed blocks back to the OS) that rival the product."""
-    buf = getattr(_SCRATCH, "buf", None)
+def _buffer(name: str, *shape: int) -> np.ndarray:
+    """A cache-line aligned float32 array of `shape`, kept between calls under `name` per Python
+    thread (two threads may run kernels at once): a fresh multi-MB array per call costs page
+    faults (glibc hands large freed blocks back to the OS) that rival the product. Contents are
+    left over from the last use."""
+    size = math.prod(shape)
+    buf = getattr(_SCRATCH, name, None)
     if buf is None or buf.size < size:
-        buf = _SCRATCH.buf = aligned_empty(size)
-    return buf[:size]
+        buf = aligned_empty(size)
+        setattr(_SCRATCH, name, buf)
+    return buf[:size].reshape(shape)
 
 
 def block_columns(density: float) -> int:
@@ -669,6 +673,11 @@ class SparseKernelWeight:
         self.nnz = int(data.shape[0])  # from_dense sets the count without the padding
         self._bias_np = (bias.detach().to(torch.float32).contiguous().numpy() if bias is not None
                          else np.zeros(shape[0], dtype=np.float32))
+
+    @property
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(bptr, indices, data, bias): the weight as the compiled kernels take it."""
+        return self.bptr, self.indices, self.data, self._bias_np
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -741,9 +750,9 @@ class SparseKernelWeight:
             threads = numba.get_num_threads()
             per_thread = ntiles % threads == 0 or ntiles >= 4 * threads
             slots = threads if per_thread else ntiles
-            xp = _scratch(slots * in_features * tile).reshape(slots, in_features, tile)
+            xp = _buffer("xp", slots, in_features, tile)
             kernel = _spmm_v1 if v == 1 else _spmm_v4
-            kernel(x2.numpy(), self.bptr, self.indices, self.data, self._bias_np, y.numpy(), xp, _ZERO16, per_thread,
+            kernel(x2.numpy(), *self.arrays, y.numpy(), xp, _ZERO16, per_thread,
                    activation == "gelu", res, gamma, beta, eps, norm is not None)
         return y.reshape(*lead, out_features)
 
@@ -765,9 +774,13 @@ def _norm_arrays(norm, residual, shape) -> tuple[np.ndarray, np.ndarray, np.ndar
     if tuple(weight.shape) != (out_features,) or tuple(bias.shape) != (out_features,):
         raise ValueError(f"norm weight and bias must have shape ({out_features},), got "
                          f"{tuple(weight.shape)} and {tuple(bias.shape)}")
-    arrays = (t.detach().to(torch.float32).contiguous() for t in (weight, bias))
     res = residual.detach().reshape(-1, out_features).contiguous().numpy()
-    return (res, *(a.numpy() for a in arrays), float(eps))
+    return (res, *layer_norm_arrays(weight, bias, eps))
+
+
+def layer_norm_arrays(weight: torch.Tensor, bias: torch.Tensor, eps: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """A LayerNorm's (weight, bias, eps) as the kernels' epilogue takes them."""
+    return (*(t.detach().to(torch.float32).contiguous().numpy() for t in (weight, bias)), float(eps))
 
 
 def feed_forward(x: torch.Tensor, up: SparseKernelWeight, down: SparseKernelWeight, residual: torch.Tensor,
@@ -791,11 +804,8 @@ def feed_forward(x: torch.Tensor, up: SparseKernelWeight, down: SparseKernelWeig
         return down.matmul(up.matmul(x, "gelu"), residual=residual, norm=norm)
     res, gamma, beta, eps = _norm_arrays(norm, residual, (*lead, down.shape[0]))
     y = torch.empty((n, down.shape[0]), dtype=torch.float32)
-    scratch = _scratch(threads * (in_features + up.shape[0]) * tile)
-    xp = scratch[:threads * in_features * tile].reshape(threads, in_features, tile)
-    hp = scratch[threads * in_features * tile:].reshape(threads, up.shape[0], tile)
-    _ffn(x2.numpy(), up.bptr, up.indices, up.data, up._bias_np, down.bptr, down.indices, down.data, down._bias_np,
-         y.numpy(), xp, hp, _ZERO16, res, gamma, beta, eps)
+    xp, hp = _buffer("xp", threads, in_features, tile), _buffer("hp", threads, up.shape[0], tile)
+    _ffn(x2.numpy(), *up.arrays, *down.arrays, y.numpy(), xp, hp, _ZERO16, res, gamma, beta, eps)
     return y.reshape(*lead, down.shape[0])
 
 

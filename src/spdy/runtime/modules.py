@@ -227,10 +227,12 @@ def fuse_feed_forwards(model: nn.Module) -> list[str]:
     return fused
 
 
-def defaults_only(*values) -> bool:
-    """Every value is None or False: no input (encoder states, caches, requests for attention
-    weights) that a fused path would ignore."""
-    return all(v is None or v is False for v in values)
+def defaults_only(*args, **kwargs) -> bool:
+    """Every argument is None or False: no input (encoder states, caches, requests for attention
+    weights) that a fused path would ignore. ``position_ids`` is not checked: absolute positions
+    were added by the embeddings."""
+    kwargs.pop("position_ids", None)
+    return all(v is None or v is False for v in (*args, *kwargs.values()))
 
 
 _MIXED: dict[tuple[type, type], type] = {}
@@ -255,9 +257,7 @@ class ProjectedSelfAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values=None, **kwargs):
-        # absolute positions were added by the embeddings
-        others = [v for k, v in kwargs.items() if k != "position_ids"]
-        if (self.training or not defaults_only(past_key_values, *others) or getattr(self, "is_causal", False)
+        if (self.training or not defaults_only(past_key_values, **kwargs) or getattr(self, "is_causal", False)
                 or hidden_states.dtype != torch.float32 or hidden_states.dim() != 3
                 or (attention_mask is not None and attention_mask.dim() != 4) or not projectable(self)):
             return super().forward(hidden_states, attention_mask=attention_mask, past_key_values=past_key_values,
