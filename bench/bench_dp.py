@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spdy.dp import prior_errors, solve, solve_arrays
+from spdy.search.dp import prior_errors, solve, solve_arrays
 from spdy.timing.table import TimingTable
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference-timings" / "rn50_unstr.txt"

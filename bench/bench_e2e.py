@@ -1,7 +1,7 @@
 """End to end MiniLM-L6 (batch 8 x 128): dense torch vs the own kernel format vs DeepSparse.
 
 All 36 encoder Linears are magnitude-pruned to each sparsity (the same weights in every
-engine: `spdy.verify.pruned_copy` with its default magnitude masks). torch runs the dense
+engine: `spdy.verification.pruned_copy` with its default magnitude masks). torch runs the dense
 model and the pruned model converted to the ``kernel`` format; DeepSparse 1.8.0 runs the
 dense and pruned ONNX exports (`spdy.timing.deepsparse.export_onnx`) in its own venv.
 Each engine lives in its own worker process (their thread pools would compete); the parent
@@ -53,7 +53,7 @@ def _bundle():
 def _pruned(model, units, sparsity: float):
     """The model with every unit magnitude-pruned to `sparsity`, and a weight checksum."""
     from spdy.levels import Option
-    from spdy.verify import pruned_copy
+    from spdy.verification import pruned_copy
 
     key = Option.parse(f"{sparsity:.4f}").key
     pruned = pruned_copy(model, units, {u: key for u in units})

@@ -1,6 +1,6 @@
 """Gradual pruning to SPDY vs uniform vs global-magnitude profiles, at equal fine-tuning budget.
 
-The digits CNN (spdy.zoo) is timed on torch-cpu at a subset of the SPDY grid, an OBS database
+The digits CNN (spdy.models.digits) is timed on torch-cpu at a subset of the SPDY grid, an OBS database
 is built, and for two feasible targets each method's profile is fine-tuned with the same
 recipe (cubic schedule, KL distillation + labels). Reported per target and method: held-out
 accuracy and cross-entropy one-shot (magnitude) and after gradual pruning, and the speedup of
@@ -23,18 +23,18 @@ from pathlib import Path
 import torch
 
 from spdy import pipeline
-from spdy.gradual import Recipe
+from spdy.recovery.gradual import Recipe
 from spdy.levels import spdy_grid
 from spdy.timing import measure
-from spdy.train import TrainConfig, gradual_prune
+from spdy.recovery.train import TrainConfig, gradual_prune
 from spdy.units import find_units, weight_matrix
-from spdy.zoo import digits_cnn
+from spdy.models.digits import digits_cnn
 
 METHODS = ("spdy", "uniform", "global-magnitude")
 
 
 def cnn_rows(args: argparse.Namespace, work: Path) -> None:
-    from spdy.verify import verify
+    from spdy.verification import verify
 
     bundle = digits_cnn(width=args.width, hidden=args.hidden)
     units = find_units(bundle.model)
@@ -53,7 +53,7 @@ def cnn_rows(args: argparse.Namespace, work: Path) -> None:
     for target in targets:
         for method in METHODS:
             settings = pipeline.SearchSettings(method=method, random_starts=args.random_starts, tries=args.tries)
-            profile = pipeline.search(bundle, units, table, db, target, settings, progress=False)
+            profile = pipeline.find_profile(bundle, units, table, db, target, settings, progress=False)
             student = copy.copy(bundle)
             student.model = copy.deepcopy(bundle.model)
             student_units = find_units(student.model)

@@ -1,7 +1,7 @@
 """Benchmark: 2:4 post-training pruning quality by pruner and calibration size, with and without gAP.
 
 For each calibration size and pruner (magnitude, AdaPrune, OBS) the whole model is pruned to
-2:4 with `spdy.nm.prune_nm` and then fine-tuned with gAP under a fixed step budget; held-out
+2:4 with `spdy.recovery.nm.prune_nm` and then fine-tuned with gAP under a fixed step budget; held-out
 quality is read before gAP (the pruner alone) and after. Results go to a JSON file row by
 row, so an interrupted run resumes; ``--table`` prints the Markdown table for docs/benchmarks.md.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from spdy.models import ModelBundle, load_model
-from spdy.nm import HeldOut, calibration_samples, finish_with_gap, nm_pattern_kept, prune_nm
+from spdy.recovery.nm import HeldOut, calibration_samples, finish_with_gap, nm_pattern_kept, prune_nm
 from spdy.pipeline import prunable_units
 from spdy.units import Unit
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from spdy import pipeline
 from spdy.database import Stitcher
 from spdy.models import load_model
-from spdy.profile import METHODS
+from spdy.search.profile import METHODS
 
 
 def main() -> None:
@@ -49,7 +49,7 @@ def main() -> None:
         for method in args.methods.split(","):
             settings = pipeline.SearchSettings(method, 0, args.random_starts, args.tries, args.generations)
             started = time.perf_counter()
-            p = pipeline.search(bundle, units, table, db, target, settings, work, progress=False, evaluation=evaluation)
+            p = pipeline.find_profile(bundle, units, table, db, target, settings, work, progress=False, evaluation=evaluation)
             print(f"| {target:.3f} | {method} | {p.predicted_speedup:.3f} | {p.calibration_loss:.5f} | {p.heldout_loss:.5f} "
                   f"| {p.evaluations} | {time.perf_counter() - started:.0f} |", flush=True)
 

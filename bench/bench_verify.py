@@ -4,7 +4,7 @@
         [--checkpoint CK.json] [--targets 1.1,1.2,1.3] [--rounds 20] [--threads N]
 
 Measures the torch-cpu timing table of MiniLM-L6's 36 encoder Linears at batch 8 x seq 128
-(or loads ``--table``), solves the targets with `spdy.dp.solve` (SPDY prior errors; default
+(or loads ``--table``), solves the targets with `spdy.search.dp.solve` (SPDY prior errors; default
 targets at 30/60/90% of the way from 1x to the table's maximum speedup), and verifies each
 profile with magnitude masks: dense and pruned model alternated ``--rounds`` times. Goal:
 measured >= 0.97 x target. Prints Markdown.
@@ -16,14 +16,14 @@ import argparse
 import os
 import time
 
-from spdy.dp import solve
+from spdy.search.dp import solve
 from spdy.levels import geometric_levels
 from spdy.models import load_model
-from spdy.profile import Profile
+from spdy.search.profile import Profile
 from spdy.timing import measure
 from spdy.timing.table import TimingTable
 from spdy.units import find_units
-from spdy.verify import verify
+from spdy.verification import verify
 
 
 def floats(text: str) -> list[float]:

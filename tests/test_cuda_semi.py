@@ -9,7 +9,7 @@ import torch
 
 from spdy.database import Stitcher, build_database
 from spdy.levels import DENSE, options_for
-from spdy.models import digits_mlp
+from spdy.models.digits import digits_mlp
 from spdy.runtime.semi_structured import SemiStructuredLinear, available, check_2_4, to_semi_structured
 from spdy.timing.cuda_semi import SEMI, CudaSemiBackend
 from spdy.units import capture_shapes, find_units

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spdy.dp import InfeasibleTarget, prior, scaled_errors, solve, solve_arrays
+from spdy.search.dp import InfeasibleTarget, prior, scaled_errors, solve, solve_arrays
 from spdy.timing.table import TimingTable
 
 

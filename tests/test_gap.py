@@ -10,10 +10,10 @@ import torch
 
 from spdy.cli import main
 from spdy.database import Stitcher, build_database
-from spdy.gap import GlobalAdaPrune
+from spdy.recovery.gap import GlobalAdaPrune
 from spdy.levels import options_for
-from spdy.models import digits_mlp
-from spdy.nm import HeldOut, nm_pattern_kept, prune_nm
+from spdy.models.digits import digits_mlp
+from spdy.recovery.nm import HeldOut, nm_pattern_kept, prune_nm
 from spdy.units import find_units
 
 

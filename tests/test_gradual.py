@@ -8,14 +8,14 @@ import json
 import pytest
 import torch
 
-from spdy.distill import DistillLoss
-from spdy.gradual import GradualPruner, Recipe, cubic_sparsity
+from spdy.recovery.distill import DistillLoss
+from spdy.recovery.gradual import GradualPruner, Recipe, cubic_sparsity
 from spdy.levels import Option
-from spdy.models import digits_mlp
-from spdy.profile import Profile
-from spdy.train import TrainConfig, fine_tune, gradual_prune
+from spdy.models.digits import digits_mlp
+from spdy.search.profile import Profile
+from spdy.recovery.train import TrainConfig, fine_tune, gradual_prune
 from spdy.units import find_units
-from spdy.zoo import digits_cnn
+from spdy.models.digits import digits_cnn
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from spdy.models import load_model
-from spdy.nm import HeldOut
+from spdy.recovery.nm import HeldOut
 from spdy.pipeline import prunable_units
 
 

@@ -175,7 +175,7 @@ def test_convert_explicit_formats_and_errors() -> None:
     assert close(model(x), ref)
     with pytest.raises(ValueError, match="unknown format"):
         convert(mlp("0.9000"), {"0": "coo"})
-    with pytest.raises(KeyError, match="no module"):
+    with pytest.raises(ValueError, match="no module"):
         convert(mlp("0.9000"), {"nope": "csr"})
 
 

@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from spdy import baselines
+from spdy.search import baselines
 from spdy.database import Stitcher, build_database
-from spdy.evaluate import Evaluator
-from spdy.evolution import EvoConfig, EvolutionSearch
+from spdy.search.evaluate import Evaluator
+from spdy.search.evolution import EvoConfig, EvolutionSearch
 from spdy.levels import options_for
-from spdy.models import digits_mlp
-from spdy.spdy_search import SpdyConfig, SpdySearch
+from spdy.models.digits import digits_mlp
+from spdy.search.spdy import SpdyConfig, SpdySearch
 from spdy.timing import measure
 from spdy.units import find_units, weight_matrix
 

@@ -37,7 +37,7 @@ def test_exclude_moves_dense_time_into_fixed():
     t = small_table().exclude(["a"])
     assert t.units == ["b"] and t.fixed == pytest.approx(2.0)
     assert t.predicted_time({}) == pytest.approx(4.0)
-    with pytest.raises(KeyError, match="zzz"):
+    with pytest.raises(ValueError, match="zzz"):
         small_table().exclude(["zzz"])
 
 

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from spdy.levels import DENSE
-from spdy.profile import Profile
+from spdy.search.profile import Profile
 from spdy.runtime import magnitude_mask
 from spdy.timing import measure
 from spdy.units import find_units, weight_matrix
-from spdy.verify import SpeedupMiss, VerifyResult, pruned_copy, verify
+from spdy.verification import SpeedupMiss, VerifyResult, pruned_copy, verify
 
 
 @pytest.fixture()
@@ -60,7 +60,7 @@ def test_weights_sources(mlp) -> None:
         assert torch.equal(pruned[0].weight, w0)
     default = pruned_copy(model, units, {"2": "0.9000"})
     assert torch.equal(default[2].weight != 0, magnitude_mask(model[2].weight, "0.9000"))
-    with pytest.raises(KeyError, match="no entry for unit '0'"):
+    with pytest.raises(ValueError, match="no entry for unit '0'"):
         pruned_copy(model, units, {"0": "0.5000"}, {"2": w0})
     with pytest.raises(ValueError, match="shape"):
         pruned_copy(model, units, {"0": "0.5000"}, {"0": torch.zeros(3, 3)})

@@ -7,20 +7,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
-from spdy.dp import DEFAULT_BUCKETS, InfeasibleTarget, solve
+from spdy.errors import InputError
+from spdy.pipeline import RunConfig
+from spdy.search.dp import DEFAULT_BUCKETS, InfeasibleTarget, solve
 from spdy.levels import DENSE, Option, geometric_levels
-from spdy.profile import METHODS, Profile
+from spdy.search.profile import METHODS, Profile
 from spdy.timing.table import TimingFormatError, TimingTable
 
 
-class UsageError(Exception):
-    """Bad input from the user: printed without a traceback, exit status 2."""
-
+UsageError = InputError  # bad input from the user: printed without a traceback, exit status 2
 
 def _load_errors(path: str, table: TimingTable) -> dict[str, dict[str, float]]:
     """Read ``unit -> {sparsity or option key: error}``; keys are normalised to option keys."""
@@ -99,15 +99,9 @@ def _levels(text: str | None) -> list[float] | None:
 
 
 def _bundle(args: argparse.Namespace):
-    from spdy.models import load_model
-    from spdy.pipeline import prunable_units
+    from spdy.pipeline import load_bundle
 
-    try:
-        bundle = load_model(args.model, samples=args.samples, heldout=args.heldout, seq_len=args.seq_len, batch_size=args.batch_size)
-        units = prunable_units(bundle, args.include, args.exclude or ())
-    except (ValueError, FileNotFoundError) as e:
-        raise UsageError(str(e)) from None
-    return bundle, units
+    return load_bundle(args.model, args.samples, args.heldout, args.seq_len, args.batch_size, args.include, args.exclude or ())
 
 
 def _load_table(path: str) -> TimingTable:
@@ -161,14 +155,8 @@ def cmd_database(args: argparse.Namespace) -> int:
     return 0
 
 
-def _profile_json(profile: Profile) -> dict:
-    return {"method": profile.method, "target": profile.target, "predicted_speedup": profile.predicted_speedup,
-            "calibration_loss": profile.calibration_loss, "heldout_loss": profile.heldout_loss,
-            "evaluations": profile.evaluations, "profile": profile.sparsities, "options": profile.options}
-
-
 def cmd_search(args: argparse.Namespace) -> int:
-    from spdy.pipeline import SearchSettings, search
+    from spdy.pipeline import SearchSettings, find_profile, profile_json
     bundle, units = _bundle(args)
     table = _load_table(args.timings)
     db = _open_database(args.database)
@@ -179,11 +167,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     work = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     if work:
         work.mkdir(parents=True, exist_ok=True)
-    profile = search(bundle, units, table, db, args.target, settings, work, progress=not args.json)
+    profile = find_profile(bundle, units, table, db, args.target, settings, work, progress=not args.json)
     if args.output:
         profile.save(args.output)
     if args.json:
-        print(json.dumps(_profile_json(profile), indent=1))
+        print(json.dumps(profile_json(profile), indent=1))
     else:
         print(f"{profile.method}: predicted speedup {profile.predicted_speedup:.4f}x (target {args.target:g}x), "
               f"calibration loss {profile.calibration_loss:.6g}, held-out loss {profile.heldout_loss}, {profile.evaluations} evaluations"
@@ -193,7 +181,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from spdy.pipeline import timing_batch
-    from spdy.verify import verify
+    from spdy.verification import verify
 
     bundle, units = _bundle(args)
     try:
@@ -219,16 +207,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if result.met is not False else 1
 
 
-RUN_DEFAULTS = {
-    "model": "minilm", "target": None, "engine": "torch-cpu", "pruner": "obs", "pattern": "unstructured", "levels": None,
-    "method": "spdy", "baselines": "uniform,global-magnitude,dp-errors", "samples": 64, "heldout": 32, "batch_size": 8,
-    "seq_len": 128, "include": None, "exclude": None, "work_dir": "spdy-work", "seed": 0, "random_starts": 100,
-    "tries": 100, "generations": 50, "offspring": 16, "rounds": 30, "threads": None,
-    "gap": False, "gap_epochs": 100, "gap_lr": 1e-5,
-}
-
-
-def _run_config(args: argparse.Namespace) -> argparse.Namespace:
+def _run_config(args: argparse.Namespace) -> RunConfig:
     """Flags given on the command line win over the --config TOML file, which wins over defaults."""
     file_values: dict = {}
     if args.config:
@@ -243,129 +222,36 @@ def _run_config(args: argparse.Namespace) -> argparse.Namespace:
         except tomllib.TOMLDecodeError as e:
             raise UsageError(f"--config {args.config}: {e}") from None
         file_values = {k.replace("-", "_"): v for k, v in file_values.items()}
-        unknown = sorted(set(file_values) - set(RUN_DEFAULTS))
+        keys = {f.name for f in fields(RunConfig)}
+        unknown = sorted(set(file_values) - keys)
         if unknown:
-            raise UsageError(f"--config {args.config}: unknown keys {unknown}; valid keys are {sorted(RUN_DEFAULTS)}")
-    merged = {}
-    for key, default in RUN_DEFAULTS.items():
-        given = getattr(args, key, None)
-        merged[key] = given if given is not None else file_values.get(key, default)
-    if isinstance(merged["levels"], list):
-        merged["levels"] = ",".join(str(x) for x in merged["levels"])
-    if isinstance(merged["baselines"], list):
-        merged["baselines"] = ",".join(merged["baselines"])
+            raise UsageError(f"--config {args.config}: unknown keys {unknown}; valid keys are {sorted(keys)}")
+    given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name, None) is not None}
+    merged = {**file_values, **given}
+    if isinstance(merged.get("levels"), str):
+        merged["levels"] = _levels(merged["levels"])
+    if isinstance(merged.get("baselines"), str):
+        merged["baselines"] = tuple(m.strip() for m in merged["baselines"].split(",") if m.strip())
     for key in ("include", "exclude"):
-        if isinstance(merged[key], str):
+        if isinstance(merged.get(key), str):
             merged[key] = [merged[key]]
-    return argparse.Namespace(**merged, json=args.json, config=args.config)
-
-
-def _command_line(cfg: argparse.Namespace) -> str:
-    flags = []
-    for key, default in RUN_DEFAULTS.items():
-        value = getattr(cfg, key)
-        if key == "model" or value == default or value is None:
-            continue
-        flag = "--" + key.replace("_", "-")
-        flags.append(f"{flag} {' '.join(value)}" if isinstance(value, list) else f"{flag} {value}")
-    return " ".join(["spdy run", cfg.model, *flags])
+    return RunConfig(**merged)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from spdy import pipeline
-    from spdy.database import Stitcher
-    from spdy.deploy import export
-    from spdy.report import write_report
-    from spdy.verify import VerifyResult, verify
+    from spdy.pipeline import run
 
     cfg = _run_config(args)
-    say = (lambda *a: print(*a, file=sys.stderr)) if cfg.json else print
-    work = Path(cfg.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    log = pipeline.StageLog(work / "run.json")
-    if cfg.method not in METHODS:
-        raise UsageError(f"--method {cfg.method!r}: choose one of {', '.join(METHODS)}")
-    others = [m.strip() for m in cfg.baselines.split(",") if m.strip()]
-    bad = [m for m in others if m not in METHODS]
-    if bad:
-        raise UsageError(f"--baselines: unknown methods {bad}; choose from {', '.join(METHODS)}")
-    methods = [cfg.method] + [m for m in others if m != cfg.method]
-    levels = _levels(cfg.levels)
-    progress = True
-
-    bundle, units = pipeline.timed(log, "load", lambda: _bundle(cfg))
-    say(f"[1/6] model {bundle.name}: {len(units)} prunable units, {len(bundle.calibration)} calibration and "
-        f"{len(bundle.heldout)} held-out batches, loss {bundle.loss}")
-    measure_table = lambda: pipeline.timings(bundle, units, work, cfg.pattern, levels, cfg.engine, progress, cfg.threads)
-    if pipeline.timing_path(bundle, units, work, cfg.pattern, levels, cfg.engine, cfg.threads).is_file():
-        table, table_path = measure_table()
-    else:
-        table, table_path = pipeline.timed(log, "timing", measure_table)
-    say(f"[2/6] timings ({cfg.engine}): dense {table.base * 1e3:.2f} ms, fixed {table.fixed * 1e3:.2f} ms; "
-        f"maximum attainable speedup {table.max_speedup():.3f}x  [{table_path}]")
-    target = cfg.target if cfg.target is not None else pipeline.default_target(table)
-    if target > table.max_speedup():
-        raise InfeasibleTarget(target, table.max_speedup())
-    say(f"      target {target:g}x" + ("" if cfg.target is not None else " (default: 60% of the way to the maximum)"))
-    db = pipeline.timed(log, "database", lambda: pipeline.database(bundle, units, work, cfg.pruner, cfg.pattern, levels, progress))
-    say(f"[3/6] database ({cfg.pruner}, {cfg.pattern}): {db.directory}")
-    stitcher = Stitcher({u: units[u] for u in table.units}, db)
-    evaluation = pipeline.evaluators(bundle, stitcher)
-    settings = {m: pipeline.SearchSettings(m, cfg.seed, cfg.random_starts, cfg.tries, cfg.generations, cfg.offspring) for m in methods}
-    profiles = {}
-    for method in methods:
-        path = work / f"profile-{method}-{pipeline.digest(str(table_path), str(db.directory), target, vars(settings[method]))}.json"
-        if path.is_file():
-            profiles[method] = Profile.load(path)
-        else:
-            profiles[method] = pipeline.timed(log, f"search:{method}", lambda m=method: pipeline.search(
-                bundle, units, table, db, target, settings[m], work, progress, evaluation))
-            profiles[method].save(path)
-        p = profiles[method]
-        say(f"[4/6] {method}: predicted {p.predicted_speedup:.3f}x, calibration loss {p.calibration_loss:.5g}, "
-            f"held-out loss {p.heldout_loss if p.heldout_loss is None else f'{p.heldout_loss:.5g}'} ({p.evaluations} evaluations)")
-    results = {}
-    batch = pipeline.timing_batch(bundle)
-    for method, profile in profiles.items():
-        key = pipeline.digest(profile.options, target, cfg.threads, cfg.rounds, pipeline.runtime_fingerprint())
-        path = work / f"verify-{method}-{key}.json"
-        if path.is_file():
-            results[method] = json.loads(path.read_text())
-            continue
-        result = pipeline.timed(log, f"verify:{method}", lambda p=profile: verify(bundle.model, units, p, batch, table, weights=db.weight, rounds=cfg.rounds))
-        results[method] = result.to_json()
-        path.write_text(json.dumps(results[method], indent=1))
-    main = results[cfg.method]
-    say(f"[5/6] verified {cfg.method}: measured {main['measured_speedup']:.3f}x (spread {main['measured_spread']:.3f}) "
-        f"for predicted {profiles[cfg.method].predicted_speedup:.3f}x, target {target:g}x: {'MET' if main['met'] else 'NOT MET'}")
-    if note := VerifyResult(**main).under_prediction():
-        say(f"      note: {note}")
-    chosen = profiles[cfg.method]
-    pipeline.apply(units, chosen, db)
-    gap = None
-    if cfg.gap:
-        from spdy.nm import finish_with_gap
-
-        gap_dir = work / f"gap-{pipeline.digest(chosen.options, cfg.gap_epochs, cfg.gap_lr, cfg.seed)}"
-        gap = pipeline.timed(log, "gap", lambda: finish_with_gap(bundle, units, stitcher.dense, epochs=cfg.gap_epochs, lr=cfg.gap_lr,
-                                                                  seed=cfg.seed, work_dir=gap_dir, progress=progress))
-        say(f"      gAP: held-out loss {gap['heldout_before_gap']:.5g} -> {gap['heldout_after_gap']:.5g}")
-    export_dir = pipeline.timed(log, "export", lambda: export(bundle.model, bundle.name, chosen, main.get("formats", {}), work / "export"))
-    stitcher.restore()  # dense units again (with gAP the other parameters stay fine-tuned; the run ends here)
-    summary = {
-        "model": bundle.name, "engine": cfg.engine, "pruner": cfg.pruner, "pattern": cfg.pattern, "loss": bundle.loss,
-        "method": cfg.method, "target": target, "timings": str(table_path), "database": str(db.directory), "export": str(export_dir),
-        "profiles": {m: {**_profile_json(p), "seconds": p.meta.get("seconds"), "verify": results[m]} for m, p in profiles.items()},
-        "gap": gap, "stages": log.stages, "commands": ["make run ARGS=\"" + _command_line(cfg)[len("spdy run "):] + "\"" , _command_line(cfg), f"spdy report {work}"],
-    }
-    (work / "summary.json").write_text(json.dumps(summary, indent=1))
-    md, html_path = pipeline.timed(log, "report", lambda: write_report(work))
-    say(f"[6/6] report: {md} and {html_path}; pruned model exported to {export_dir}")
-    if cfg.json:
-        print(json.dumps({"target": target, "predicted_speedup": chosen.predicted_speedup, "measured_speedup": main["measured_speedup"],
-                          "met": main["met"], "heldout": {m: p.heldout_loss for m, p in profiles.items()}, "work_dir": str(work),
-                          **({"heldout_after_gap": gap["heldout_after_gap"]} if gap else {})}, indent=1))
-    return 0
+    say = (lambda text: print(text, file=sys.stderr)) if args.json else print
+    summary = run(cfg, say)
+    met = summary["profiles"][cfg.method]["verify"]["met"]
+    if args.json:
+        chosen = summary["profiles"][cfg.method]
+        print(json.dumps({"target": summary["target"], "predicted_speedup": chosen["predicted_speedup"],
+                          "measured_speedup": chosen["verify"]["measured_speedup"], "met": chosen["verify"]["met"],
+                          "heldout": {m: p["heldout_loss"] for m, p in summary["profiles"].items()}, "work_dir": cfg.work_dir,
+                          **({"heldout_after_gap": summary["gap"]["heldout_after_gap"]} if summary["gap"] else {})}, indent=1))
+    return 0 if met else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -382,8 +268,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_gradual(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from spdy.gradual import Recipe
-    from spdy.train import TrainConfig, default_distill, gradual_prune
+    from spdy.recovery.gradual import Recipe
+    from spdy.recovery.train import TrainConfig, default_distill, gradual_prune
 
     sources = [flag for flag, value in (("--profile", args.profile), ("--recipe", args.recipe), ("--sparsity", args.sparsity)) if value is not None]
     if len(sources) != 1:
@@ -423,7 +309,7 @@ def cmd_gradual(args: argparse.Namespace) -> int:
 
 
 def cmd_nm(args: argparse.Namespace) -> int:
-    from spdy.nm import prune_nm
+    from spdy.recovery.nm import prune_nm
 
     bundle, units = _bundle(args)
     result = prune_nm(bundle, units, args.pattern, args.pruner, args.gap, args.work_dir, epochs=args.epochs, lr=args.lr,
@@ -576,6 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 1 a verified target missed, 2 bad input (one line, no traceback), 130 interrupted.
+
+    Anything else is a bug and keeps its traceback.
+    """
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
@@ -585,14 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "json", False):
             print(json.dumps({"error": "infeasible", "target": e.target, "max_speedup": e.max_speedup}))
         return 2
-    except UsageError as e:
+    except (InputError, FileNotFoundError) as e:
         print(f"spdy {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        if os.environ.get("SPDY_DEBUG"):
-            raise
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"spdy {args.command}: error: {message} (set SPDY_DEBUG=1 for a traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"spdy {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -3,18 +3,25 @@ never half of one), and JSON read back with errors that name the file and the li
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Callable
 
+from spdy.errors import InputError
+
 
 def replace_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
-    """``write`` a temporary file beside ``path``, then rename it over ``path``."""
+    """``write`` a temporary file beside ``path``, then rename it over ``path``; an interrupted write leaves no temporary file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: str | os.PathLike, data: Any, indent: int | None = 1) -> None:
@@ -22,11 +29,16 @@ def write_json(path: str | os.PathLike, data: Any, indent: int | None = 1) -> No
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:
-    """Parsed JSON; ``FileNotFoundError`` or ``ValueError`` naming ``what``, the path and the line."""
+    """Parsed JSON; ``FileNotFoundError`` or `InputError` naming ``what``, the path and the line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{what} {path}: line {e.lineno}: invalid JSON ({e.msg}); the file may be truncated") from None
+        raise InputError(f"{what} {path}: line {e.lineno}: invalid JSON ({e.msg}); the file may be truncated") from None
+
+
+def digest(*parts: Any, length: int = 10) -> str:
+    """A short stable hash of JSON-able parts, for cache file names and checkpoint keys."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:length]

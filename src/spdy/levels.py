@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from spdy.errors import InputError
+
 DENSE = "0.0000"
 UNSTRUCTURED = "unstructured"
 
@@ -34,9 +36,9 @@ def geometric_levels(min_sparsity: float = 0.4, max_sparsity: float = 0.99, step
     default gives the paper's 41 levels 0.4000, 0.4584, ..., 0.9900 (dense not included).
     """
     if not 0.0 < min_sparsity < max_sparsity < 1.0:
-        raise ValueError(f"need 0 < min_sparsity < max_sparsity < 1, got {min_sparsity} and {max_sparsity}")
+        raise InputError(f"need 0 < min_sparsity < max_sparsity < 1, got {min_sparsity} and {max_sparsity}")
     if steps < 2:
-        raise ValueError(f"steps must be >= 2, got {steps}")
+        raise InputError(f"steps must be >= 2, got {steps}")
     d0, d1 = 1.0 - min_sparsity, 1.0 - max_sparsity
     return [round(1.0 - d0 * (d1 / d0) ** (k / (steps - 1)), 4) for k in range(steps)]
 
@@ -55,7 +57,7 @@ class Option:
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.sparsity < 1.0) or np.isnan(self.sparsity):
-            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+            raise InputError(f"sparsity must be in [0, 1), got {self.sparsity}")
         validate_pattern(self.pattern)
         if self.sparsity == 0.0 and self.pattern != UNSTRUCTURED:
             object.__setattr__(self, "pattern", UNSTRUCTURED)
@@ -86,7 +88,7 @@ def _parse(key: str) -> Option:
     try:
         sparsity = float(level)
     except ValueError:
-        raise ValueError(f"option key {key!r}: expected '<sparsity>' or '<pattern>@<sparsity>', e.g. '0.9000' or '4x1@0.9000'") from None
+        raise InputError(f"option key {key!r}: expected '<sparsity>' or '<pattern>@<sparsity>', e.g. '0.9000' or '4x1@0.9000'") from None
     return Option(sparsity, pattern or UNSTRUCTURED)
 
 
@@ -106,14 +108,14 @@ def validate_pattern(pattern: str) -> str:
     elif m := _BLOCK.match(pattern):
         if int(m.group(1)) > 0 and int(m.group(2)) > 0:
             return pattern
-    raise ValueError(f"unknown pattern {pattern!r}: use 'unstructured', 'N:M' like '2:4', or blocks 'RxC' like '4x1' or '16x16'")
+    raise InputError(f"unknown pattern {pattern!r}: use 'unstructured', 'N:M' like '2:4', or blocks 'RxC' like '4x1' or '16x16'")
 
 
 def nm_sparsity(pattern: str) -> float:
     """The fixed sparsity of an N:M pattern (N zeros in every M): 2:4 -> 0.5."""
     m = _NM.match(pattern)
     if not m:
-        raise ValueError(f"{pattern!r} is not an N:M pattern")
+        raise InputError(f"{pattern!r} is not an N:M pattern")
     return int(m.group(1)) / int(m.group(2))
 
 
@@ -123,7 +125,7 @@ def block_shape(pattern: str) -> tuple[int, int]:
         return (1, 1)
     m = _BLOCK.match(pattern)
     if not m:
-        raise ValueError(f"{pattern!r} is not a block pattern")
+        raise InputError(f"{pattern!r} is not a block pattern")
     return int(m.group(1)), int(m.group(2))
 
 

@@ -9,30 +9,28 @@ affects.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from spdy import baselines
 from spdy.database import Database, Stitcher, build_database, capture
-from spdy.evaluate import Evaluator
-from spdy.evolution import EvoConfig, EvolutionSearch
+from spdy.search.evaluate import Evaluator
+from spdy.search.evolution import EvoConfig, EvolutionSearch
 from spdy.levels import DENSE, Option, options_for, spdy_grid
-from spdy.models import ModelBundle
-from spdy.profile import METHODS, Profile
-from spdy.spdy_search import SpdyConfig, SpdySearch
+from spdy.errors import InputError
+from spdy.models import ModelBundle, load_model
+from spdy.search import baselines
+from spdy.search.dp import InfeasibleTarget
+from spdy.search.profile import METHODS, Profile
+from spdy.search.spdy import SpdyConfig, SpdySearch
+from spdy.files import digest, write_json
 from spdy.timing import measure
 from spdy.timing.table import TimingTable
 from spdy.units import Unit, find_units, set_weight_matrix, weight_matrix
-
-def digest(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
 
 def runtime_fingerprint() -> str:
     """A digest of the runtime's source. Measurements of the pruned model are cached under it, so
@@ -106,7 +104,7 @@ class SearchSettings:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+            raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
 
 
 def evaluators(bundle: ModelBundle, stitcher: Stitcher) -> tuple[Evaluator, Evaluator | None]:
@@ -117,7 +115,7 @@ def evaluators(bundle: ModelBundle, stitcher: Stitcher) -> tuple[Evaluator, Eval
     return calibration, heldout
 
 
-def search(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTable, db: Database, target: float,
+def find_profile(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTable, db: Database, target: float,
            settings: SearchSettings = SearchSettings(), work: Path | None = None, progress: bool = True,
            evaluation: tuple[Evaluator, Evaluator | None] | None = None) -> Profile:
     """Find a profile with ``settings.method`` that meets ``target`` on ``table``; loss on calibration and held-out data."""
@@ -209,3 +207,164 @@ def timed(log: StageLog, stage: str, fn: Callable[[], Any], **info: Any) -> Any:
     result = fn()
     log.record(stage, time.perf_counter() - started, **info)
     return result
+
+
+@dataclass
+class RunConfig:
+    """Everything ``spdy run`` takes: the flags of the CLI and the keys of a ``--config`` TOML file."""
+
+    model: str = "minilm"
+    target: float | None = None
+    engine: str = "torch-cpu"
+    pruner: str = "obs"
+    pattern: str = "unstructured"
+    levels: list[float] | None = None
+    method: str = "spdy"
+    baselines: tuple[str, ...] = ("uniform", "global-magnitude", "dp-errors")
+    samples: int = 64
+    heldout: int = 32
+    batch_size: int = 8
+    seq_len: int = 128
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    work_dir: str = "spdy-work"
+    seed: int = 0
+    random_starts: int = 100
+    tries: int = 100
+    generations: int = 50
+    offspring: int = 16
+    rounds: int = 30
+    threads: int | None = None
+    gap: bool = False
+    gap_epochs: int = 100
+    gap_lr: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for method in (self.method, *self.baselines):
+            if method not in METHODS:
+                raise InputError(f"method {method!r}: choose one of {', '.join(METHODS)}")
+        if self.target is not None and not self.target > 1:
+            raise InputError(f"--target {self.target:g}: a target speedup must be greater than 1 (e.g. 1.5)")
+
+    @property
+    def methods(self) -> list[str]:
+        """The chosen method first, then the baselines it is compared against."""
+        return [self.method] + [m for m in self.baselines if m != self.method]
+
+    def command_line(self) -> str:
+        """The ``spdy run`` invocation that reproduces this configuration (defaults left out)."""
+        flags = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "model" or value == f.default or value is None:
+                continue
+            if isinstance(value, (list, tuple)):
+                value = " ".join(map(str, value)) if f.name in ("include", "exclude") else ",".join(map(str, value))
+            flags.append(f"--{f.name.replace('_', '-')} {value}")
+        return " ".join(["spdy run", self.model, *flags])
+
+
+def load_bundle(model: str, samples: int = 64, heldout: int = 32, seq_len: int = 128, batch_size: int = 8,
+                include: Sequence[str] | None = None, exclude: Sequence[str] = ()) -> tuple[ModelBundle, dict[str, Unit]]:
+    """The model with its data and the units to prune; bad names or patterns raise `InputError`."""
+    try:
+        bundle = load_model(model, samples=samples, heldout=heldout, seq_len=seq_len, batch_size=batch_size)
+        units = prunable_units(bundle, include, exclude or ())
+    except FileNotFoundError as e:
+        raise InputError(str(e)) from None
+    return bundle, units
+
+
+def profile_json(profile: Profile) -> dict:
+    return {"method": profile.method, "target": profile.target, "predicted_speedup": profile.predicted_speedup,
+            "calibration_loss": profile.calibration_loss, "heldout_loss": profile.heldout_loss,
+            "evaluations": profile.evaluations, "profile": profile.sparsities, "options": profile.options}
+
+
+def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Time, build the database, search with every method, verify each, export the chosen one, write the report.
+
+    Every stage is cached in ``cfg.work_dir`` under a digest of its inputs: a rerun resumes.
+    Returns the run's summary (also written to ``summary.json``).
+    """
+    from spdy.database import Stitcher
+    from spdy.report import write_report
+    from spdy.runtime.deploy import export
+    from spdy.verification import VerifyResult, verify
+
+    work = Path(cfg.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    log = StageLog(work / "run.json")
+    levels = cfg.levels
+
+    bundle, units = timed(log, "load", lambda: load_bundle(cfg.model, cfg.samples, cfg.heldout, cfg.seq_len, cfg.batch_size,
+                                                           cfg.include, cfg.exclude or ()))
+    say(f"[1/6] model {bundle.name}: {len(units)} prunable units, {len(bundle.calibration)} calibration and "
+        f"{len(bundle.heldout)} held-out batches, loss {bundle.loss}")
+    measure_table = lambda: timings(bundle, units, work, cfg.pattern, levels, cfg.engine, progress, cfg.threads)
+    if timing_path(bundle, units, work, cfg.pattern, levels, cfg.engine, cfg.threads).is_file():
+        table, table_path = measure_table()
+    else:
+        table, table_path = timed(log, "timing", measure_table)
+    say(f"[2/6] timings ({cfg.engine}): dense {table.base * 1e3:.2f} ms, fixed {table.fixed * 1e3:.2f} ms; "
+        f"maximum attainable speedup {table.max_speedup():.3f}x  [{table_path}]")
+    target = cfg.target if cfg.target is not None else default_target(table)
+    if target > table.max_speedup():
+        raise InfeasibleTarget(target, table.max_speedup())
+    say(f"      target {target:g}x" + ("" if cfg.target is not None else " (default: 60% of the way to the maximum)"))
+    db = timed(log, "database", lambda: database(bundle, units, work, cfg.pruner, cfg.pattern, levels, progress))
+    say(f"[3/6] database ({cfg.pruner}, {cfg.pattern}): {db.directory}")
+    stitcher = Stitcher({u: units[u] for u in table.units}, db)
+    evaluation = evaluators(bundle, stitcher)
+    profiles = {}
+    for method in cfg.methods:
+        settings = SearchSettings(method, cfg.seed, cfg.random_starts, cfg.tries, cfg.generations, cfg.offspring)
+        path = work / f"profile-{method}-{digest(str(table_path), str(db.directory), target, vars(settings))}.json"
+        if path.is_file():
+            profiles[method] = Profile.load(path)
+        else:
+            profiles[method] = timed(log, f"search:{method}", lambda s=settings: find_profile(
+                bundle, units, table, db, target, s, work, progress, evaluation))
+            profiles[method].save(path)
+        p = profiles[method]
+        say(f"[4/6] {method}: predicted {p.predicted_speedup:.3f}x, calibration loss {p.calibration_loss:.5g}, "
+            f"held-out loss {p.heldout_loss if p.heldout_loss is None else f'{p.heldout_loss:.5g}'} ({p.evaluations} evaluations)")
+    results = {}
+    batch = timing_batch(bundle)
+    for method, profile in profiles.items():
+        path = work / f"verify-{method}-{digest(profile.options, target, cfg.threads, cfg.rounds, runtime_fingerprint())}.json"
+        if path.is_file():
+            results[method] = json.loads(path.read_text())
+            continue
+        result = timed(log, f"verify:{method}", lambda p=profile: verify(bundle.model, units, p, batch, table, weights=db.weight, rounds=cfg.rounds))
+        results[method] = result.to_json()
+        write_json(path, results[method])
+    main = results[cfg.method]
+    say(f"[5/6] verified {cfg.method}: measured {main['measured_speedup']:.3f}x (spread {main['measured_spread']:.3f}) "
+        f"for predicted {profiles[cfg.method].predicted_speedup:.3f}x, target {target:g}x: {'MET' if main['met'] else 'NOT MET'}")
+    if note := VerifyResult(**main).under_prediction():
+        say(f"      note: {note}")
+    chosen = profiles[cfg.method]
+    apply(units, chosen, db)
+    gap = None
+    if cfg.gap:
+        from spdy.recovery.nm import finish_with_gap
+
+        gap_dir = work / f"gap-{digest(chosen.options, cfg.gap_epochs, cfg.gap_lr, cfg.seed)}"
+        gap = timed(log, "gap", lambda: finish_with_gap(bundle, units, stitcher.dense, epochs=cfg.gap_epochs, lr=cfg.gap_lr,
+                                                         seed=cfg.seed, work_dir=gap_dir, progress=progress))
+        say(f"      gAP: held-out loss {gap['heldout_before_gap']:.5g} -> {gap['heldout_after_gap']:.5g}")
+    export_dir = timed(log, "export", lambda: export(bundle.model, bundle.name, chosen, main.get("formats", {}), work / "export"))
+    stitcher.restore()  # dense units again (with gAP the other parameters stay fine-tuned; the run ends here)
+    command = cfg.command_line()
+    summary = {
+        "model": bundle.name, "engine": cfg.engine, "pruner": cfg.pruner, "pattern": cfg.pattern, "loss": bundle.loss,
+        "method": cfg.method, "target": target, "timings": str(table_path), "database": str(db.directory), "export": str(export_dir),
+        "profiles": {m: {**profile_json(p), "seconds": p.meta.get("seconds"), "verify": results[m]} for m, p in profiles.items()},
+        "gap": gap, "stages": log.stages,
+        "commands": [f'make run ARGS="{command[len("spdy run "):]}"', command, f"spdy report {work}"],
+    }
+    write_json(work / "summary.json", summary)
+    md, html_path = timed(log, "report", lambda: write_report(work))
+    say(f"[6/6] report: {md} and {html_path}; pruned model exported to {export_dir}")
+    return summary

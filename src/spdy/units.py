@@ -15,6 +15,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from spdy.errors import InputError
+
 
 def _conv1d_type() -> type | None:
     try:
@@ -84,11 +86,11 @@ def find_units(model: nn.Module, include: Sequence[str] | None = None, exclude: 
     """
     found = {name: Unit(name, m, k) for name, m in model.named_modules() if (k := _kind(m)) is not None}
     if not found:
-        raise ValueError("the model has no prunable layers (nn.Linear, nn.Conv2d or transformers Conv1D)")
+        raise InputError("the model has no prunable layers (nn.Linear, nn.Conv2d or transformers Conv1D)")
     for patterns, what in ((include or [], "include"), (exclude, "exclude")):
         for p in patterns:
             if not any(fnmatch.fnmatchcase(n, p) for n in found):
-                raise ValueError(f"--{what} pattern {p!r} matches no prunable layer; layers are e.g. {list(found)[:4]}")
+                raise InputError(f"--{what} pattern {p!r} matches no prunable layer; layers are e.g. {list(found)[:4]}")
     return {n: u for n, u in found.items() if (not include or _matches(n, include)) and not _matches(n, exclude)}
 
 
@@ -119,5 +121,5 @@ def capture_shapes(model: nn.Module, units: dict[str, Unit], batch: Any) -> None
             h.remove()
     missed = [n for n, u in units.items() if u.input_shape is None]
     if missed:
-        raise ValueError(f"units never ran on the sample input (unused layers?): {missed[:5]}; exclude them")
+        raise InputError(f"units never ran on the sample input (unused layers?): {missed[:5]}; exclude them")
 

@@ -20,6 +20,7 @@ import torch
 from spdy.database.capture import UnitStats
 from spdy.database.patterns import Pattern
 from spdy.database.pruners import Pruner, magnitude_mask
+from spdy.errors import InputError
 
 
 @dataclass
@@ -33,7 +34,7 @@ class AdaPrune(Pruner):
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.samples < 1 or self.batch < 1 or self.passes < 0:
-            raise ValueError(f"adaprune needs lr > 0, samples >= 1, batch >= 1, passes >= 0; got {self.params()}")
+            raise InputError(f"adaprune needs lr > 0, samples >= 1, batch >= 1, passes >= 0; got {self.params()}")
 
     @property
     def rows(self) -> int:
@@ -41,7 +42,7 @@ class AdaPrune(Pruner):
 
     def prepare(self, W: torch.Tensor, stats: UnitStats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if stats.rows is None:
-            raise ValueError("adaprune needs input rows: capture with rows > 0")
+            raise InputError("adaprune needs input rows: capture with rows > 0")
         X = stats.rows
         return X, W, (X @ W.t()).square().sum(1)
 

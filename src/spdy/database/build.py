@@ -20,12 +20,13 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from spdy.data import fingerprint_batches
+from spdy.models.data import fingerprint_batches
 from spdy.database.adaprune import AdaPrune
 from spdy.database.capture import UnitStats, capture
 from spdy.database.obs import OBS
 from spdy.database.pruners import Magnitude, Pruner, single_pattern
 from spdy.database.store import FORMAT, MANIFEST, Database, DatabaseError, file_sha256, read_manifest, unit_filename, write_manifest
+from spdy.errors import InputError
 from spdy.files import replace_atomically
 from spdy.levels import Option
 from spdy.units import Unit, weight_matrix
@@ -36,12 +37,12 @@ PRUNERS: dict[str, type[Pruner]] = {"obs": OBS, "adaprune": AdaPrune, "magnitude
 def make_pruner(name: str, **params) -> Pruner:
     """A pruner by name with its hyperparameters; unknown names or parameters are clear errors."""
     if name not in PRUNERS:
-        raise ValueError(f"unknown pruner {name!r}: use one of {', '.join(PRUNERS)}")
+        raise InputError(f"unknown pruner {name!r}: use one of {', '.join(PRUNERS)}")
     cls = PRUNERS[name]
     known = [f for f in cls.__dataclass_fields__]
     unknown = sorted(set(params) - set(known))
     if unknown:
-        raise ValueError(f"pruner {name!r} has no parameter {unknown[0]!r}; its parameters are {', '.join(known) or 'none'}")
+        raise InputError(f"pruner {name!r} has no parameter {unknown[0]!r}; its parameters are {', '.join(known) or 'none'}")
     return cls(**params)
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from spdy.errors import InputError
 from spdy.units import Unit, call_model
 
 
@@ -34,7 +35,7 @@ class UnitStats:
     def hessian(self) -> torch.Tensor:
         """``X X^T / n`` in float64."""
         if self.count == 0:
-            raise ValueError("no calibration rows reached this unit")
+            raise InputError("no calibration rows reached this unit")
         return self.hessian_sum / self.count
 
     def add(self, x: torch.Tensor) -> None:
@@ -56,7 +57,7 @@ def unit_inputs(unit: Unit, x: torch.Tensor) -> torch.Tensor:
         return x
     conv = unit.module
     if conv.groups != 1:
-        raise ValueError(f"unit {unit.name!r}: grouped convolutions (groups={conv.groups}) are not supported by the database; exclude the unit")
+        raise InputError(f"unit {unit.name!r}: grouped convolutions (groups={conv.groups}) are not supported by the database; exclude the unit")
     padding = conv.padding
     if isinstance(padding, str) or conv.padding_mode != "zeros":
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
@@ -84,5 +85,5 @@ def capture(model: torch.nn.Module, units: dict[str, Unit], calibration: Sequenc
             hook.remove()
     missed = [name for name, s in stats.items() if s.count == 0]
     if missed:
-        raise ValueError(f"units never ran on the calibration data (unused layers?): {missed[:5]}; exclude them")
+        raise InputError(f"units never ran on the calibration data (unused layers?): {missed[:5]}; exclude them")
     return stats

@@ -29,6 +29,7 @@ import torch
 from spdy.database.capture import UnitStats
 from spdy.database.patterns import Pattern, quota
 from spdy.database.pruners import Pruner
+from spdy.errors import InputError
 
 
 @dataclass
@@ -43,7 +44,7 @@ class OBS(Pruner):
 
     def __post_init__(self) -> None:
         if not self.damp > 0 or self.block < 1 or self.refine < 0:
-            raise ValueError(f"obs needs damp > 0, block >= 1 and refine >= 0, got {self.params()}")
+            raise InputError(f"obs needs damp > 0, block >= 1 and refine >= 0, got {self.params()}")
 
     def prepare(self, W: torch.Tensor, stats: UnitStats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The dampened Hessian, ``U`` (upper Cholesky factor of its inverse) and the dense weight, float32."""
@@ -53,7 +54,7 @@ class OBS(Pruner):
         H.diagonal().add_(self.damp * H.diagonal().mean())
         L, info = torch.linalg.cholesky_ex(H)
         if info:
-            raise ValueError(f"the Hessian is not positive definite even with damp={self.damp}; use a larger damp")
+            raise InputError(f"the Hessian is not positive definite even with damp={self.damp}; use a larger damp")
         U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
         return H.float(), U.float(), W
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from spdy.errors import InputError
 from spdy.levels import UNSTRUCTURED, block_shape, validate_pattern
 
 _NM = re.compile(r"^(\d+):(\d+)$")
@@ -50,7 +51,7 @@ class Pattern:
 
     def check(self, shape: tuple[int, int], unit: str = "") -> None:
         if self.nm and shape[1] % self.nm[1]:
-            raise ValueError(f"unit {unit!r}: input size {shape[1]} is not a multiple of {self.nm[1]}, so pattern {self.name} does not apply; exclude the unit")
+            raise InputError(f"unit {unit!r}: input size {shape[1]} is not a multiple of {self.nm[1]}, so pattern {self.name} does not apply; exclude the unit")
 
     def count(self, shape: tuple[int, int], sparsity: float) -> int:
         """Tiles to prune in the whole matrix for ``sparsity`` (N:M: its fixed count; dense: 0)."""
@@ -96,7 +97,7 @@ class Pattern:
         tile_scores = self.pool(scores).clone()
         if forced is not None:
             if int(forced.sum()) > count:
-                raise ValueError(f"{int(forced.sum())} tiles already pruned, more than the {count} asked for")
+                raise InputError(f"{int(forced.sum())} tiles already pruned, more than the {count} asked for")
             tile_scores[forced] = -math.inf
         flat = torch.zeros(tile_scores.numel(), dtype=torch.bool)
         flat[tile_scores.flatten().topk(count, largest=False).indices] = True

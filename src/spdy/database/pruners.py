@@ -15,6 +15,7 @@ import torch
 
 from spdy.database.capture import UnitStats
 from spdy.database.patterns import Pattern
+from spdy.errors import InputError
 from spdy.levels import Option
 
 
@@ -22,7 +23,7 @@ def single_pattern(options: list[Option]) -> Pattern:
     """The one pattern of a set of options (dense aside); a database holds one pattern."""
     patterns = sorted({o.pattern for o in options if not o.is_dense})
     if len(patterns) > 1:
-        raise ValueError(f"options mix patterns {patterns}; build one database per pattern")
+        raise InputError(f"options mix patterns {patterns}; build one database per pattern")
     return Pattern.parse(patterns[0] if patterns else "unstructured")
 
 

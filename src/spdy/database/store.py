@@ -20,13 +20,14 @@ import torch
 from safetensors import safe_open
 
 from spdy.levels import Option
+from spdy.errors import InputError
 from spdy.files import read_json, write_json
 
 FORMAT = "spdy.database/1"
 MANIFEST = "manifest.json"
 
 
-class DatabaseError(ValueError):
+class DatabaseError(InputError):
     """A database directory that is missing, corrupt or does not fit the request."""
 
 

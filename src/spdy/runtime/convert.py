@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from spdy.errors import InputError
 from spdy.runtime.encoder_layer import fuse_encoder_layers
 from spdy.runtime.formats import FORMATS, block_size, kernel_status
 from spdy.runtime.modules import (SparseConv2d, SparseLinear, fuse_activations, fuse_feed_forwards, fuse_residual_norms,
@@ -45,7 +46,7 @@ def _pruned_units(model: nn.Module, units: Mapping[str, Unit] | Sequence[str] | 
         return dict(units)
     missing = [n for n in units if n not in found]
     if missing:
-        raise KeyError(f"convert: no prunable layer named {missing[:5]}; layers are e.g. {list(found)[:4]}")
+        raise InputError(f"convert: no prunable layer named {missing[:5]}; layers are e.g. {list(found)[:4]}")
     return {n: found[n] for n in units}
 
 
@@ -85,11 +86,11 @@ def convert(
                 formats[name], _ = fastest_format(unit.module, unit.input_shape, candidates)
     for name, fmt in formats.items():
         if fmt not in FORMATS:
-            raise ValueError(f"convert: layer {name!r}: unknown format {fmt!r}; formats are {', '.join(FORMATS)}")
+            raise InputError(f"convert: layer {name!r}: unknown format {fmt!r}; formats are {', '.join(FORMATS)}")
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise KeyError(f"convert: the model has no module {name!r}") from None
+            raise InputError(f"convert: the model has no module {name!r}") from None
         if fmt == "dense" or isinstance(module, (SparseLinear, SparseConv2d)):
             continue
         set_module(model, name, sparse_module(module, fmt))

@@ -60,6 +60,16 @@ def kernel_status() -> tuple[bool, str]:
     return bool(ok), str(reason)
 
 
+def set_threads(n: int) -> None:
+    """Threads for everything the runtime runs: torch's pool and, where the kernel works, numba's too."""
+    if kernel_status()[0]:
+        from spdy.runtime import kernels
+
+        kernels.set_num_threads(n)
+    else:
+        torch.set_num_threads(n)
+
+
 class WeightFormat:
     """A weight (and bias) stored for one way of multiplying; subclasses fill in the products."""
 

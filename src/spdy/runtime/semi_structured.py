@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from spdy.errors import InputError
 from spdy.runtime.modules import set_module
 
 
@@ -40,11 +41,11 @@ def backend() -> str:
 def check_2_4(weight: torch.Tensor, name: str = "weight") -> None:
     """Raise unless every group of 4 consecutive inputs of the (out, in) ``weight`` has >= 2 zeros."""
     if weight.dim() != 2 or weight.shape[1] % 4:
-        raise ValueError(f"{name}: 2:4 needs an (out, in) matrix with in a multiple of 4, got shape {tuple(weight.shape)}")
+        raise InputError(f"{name}: 2:4 needs an (out, in) matrix with in a multiple of 4, got shape {tuple(weight.shape)}")
     nonzeros = (weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1)
     bad = int((nonzeros > 2).sum())
     if bad:
-        raise ValueError(f"{name}: {bad} groups of 4 inputs hold more than 2 non-zeros; prune it to 2:4 first (spdy nm, or a 2:4 database)")
+        raise InputError(f"{name}: {bad} groups of 4 inputs hold more than 2 non-zeros; prune it to 2:4 first (spdy nm, or a 2:4 database)")
 
 
 def compress(weight: torch.Tensor, name: str = "weight") -> torch.Tensor:
@@ -60,7 +61,7 @@ def compress(weight: torch.Tensor, name: str = "weight") -> torch.Tensor:
     try:
         return cls.from_dense(weight.detach().cuda().contiguous())
     except RuntimeError as e:
-        raise ValueError(f"{name}: weight {tuple(weight.shape)} {weight.dtype} cannot be 2:4-compressed with {backend()}: {e}") from None
+        raise InputError(f"{name}: weight {tuple(weight.shape)} {weight.dtype} cannot be 2:4-compressed with {backend()}: {e}") from None
 
 
 class SemiStructuredLinear(nn.Module):
@@ -94,6 +95,6 @@ def to_semi_structured(model: nn.Module, units: Iterable[str], dtype: torch.dtyp
     for name in units:
         module = deployed.get_submodule(name)
         if type(module) is not nn.Linear:
-            raise ValueError(f"unit {name!r} is a {type(module).__name__}; 2:4 semi-structured kernels accelerate nn.Linear only")
+            raise InputError(f"unit {name!r} is a {type(module).__name__}; 2:4 semi-structured kernels accelerate nn.Linear only")
         set_module(deployed, name, SemiStructuredLinear(module, dtype, name))
     return deployed

@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
+from spdy.errors import InputError
 from spdy.files import read_json, write_json
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ CHECKPOINT_FORMAT = "spdy.timing-checkpoint/1"
 _IDENTITY = ("backend", "cpu", "threads", "torch", "formats_tried")
 
 
-class FixedTimeError(ValueError):
+class FixedTimeError(InputError):
     """The units timed alone add up to more than the whole model: the table would be wrong."""
 
 
@@ -41,7 +42,7 @@ def _option_keys(units: Sequence[str], options: Mapping[str, Sequence[str]] | Se
     if isinstance(options, Mapping):
         missing = [u for u in units if u not in options]
         if missing:
-            raise KeyError(f"options given per unit, but not for {missing[:5]}")
+            raise InputError(f"options given per unit, but not for {missing[:5]}")
         per_unit = {u: list(options[u]) for u in units}
     else:
         per_unit = {u: list(options) for u in units}
@@ -58,10 +59,10 @@ def _load_checkpoint(path: Path, identity: dict) -> dict:
         return {"format": CHECKPOINT_FORMAT, "identity": identity, "entries": {}}
     data = read_json(path, "timing checkpoint (delete it to start over)")
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"timing checkpoint {path}: not a {CHECKPOINT_FORMAT} file; delete it or choose another path")
+        raise InputError(f"timing checkpoint {path}: not a {CHECKPOINT_FORMAT} file; delete it or choose another path")
     differs = {k: (data["identity"].get(k), identity.get(k)) for k in _IDENTITY if data["identity"].get(k) != identity.get(k)}
     if differs:
-        raise ValueError(f"timing checkpoint {path} was measured differently ({differs}, as checkpoint vs now); delete it or choose another path")
+        raise InputError(f"timing checkpoint {path} was measured differently ({differs}, as checkpoint vs now); delete it or choose another path")
     return data
 
 
@@ -151,7 +152,7 @@ def measure(
 
     units = dict(units)
     if not units:
-        raise ValueError("measure: no units to time")
+        raise InputError("measure: no units to time")
     if not isinstance(backend, str) and backend_options:
         raise TypeError(f"measure: backend options {sorted(backend_options)} apply only when the backend is given by name")
     engine = get_backend(backend, **backend_options) if isinstance(backend, str) else backend

@@ -18,6 +18,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from spdy.errors import InputError
 from spdy.runtime.timer import Stat
 from spdy.units import Unit
 
@@ -106,7 +107,7 @@ def get_backend(name: str, **options: Any) -> Backend:
     try:
         factory = _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown timing backend {name!r}; backends are {', '.join(backend_names())}") from None
+        raise InputError(f"unknown timing backend {name!r}; backends are {', '.join(backend_names())}") from None
     if isinstance(factory, str):
         module_name, _, cls_name = factory.partition(":")
         factory = getattr(importlib.import_module(module_name), cls_name)

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from spdy.errors import InputError
 from spdy.levels import DENSE, Option
 from spdy.runtime.masks import magnitude_mask
 from spdy.runtime.semi_structured import SemiStructuredLinear, available, backend
@@ -66,7 +67,7 @@ class CudaSemiBackend(Backend):
 
     def __init__(self, rounds: int = 30, number: int = 20, dtype: str = "float16"):
         if dtype not in ("float16", "bfloat16"):
-            raise ValueError(f"cuda-2:4: dtype must be float16 or bfloat16, got {dtype!r}")
+            raise InputError(f"cuda-2:4: dtype must be float16 or bfloat16, got {dtype!r}")
         self.rounds, self.number, self.dtype = rounds, number, getattr(torch, dtype)
 
     def prepare(self, model: nn.Module, units: dict[str, Unit], batch: Any) -> None:
@@ -75,7 +76,7 @@ class CudaSemiBackend(Backend):
             raise RuntimeError(f"timing backend cuda-2:4: {why}")
         wrong = [n for n, u in units.items() if u.kind != "linear"]
         if wrong:
-            raise ValueError(f"timing backend cuda-2:4 accelerates nn.Linear only; exclude units {wrong[:3]} (--exclude)")
+            raise InputError(f"timing backend cuda-2:4 accelerates nn.Linear only; exclude units {wrong[:3]} (--exclude)")
 
     def signature(self, unit: Unit) -> str | None:
         return f"{unit.kind}:{tuple(unit.weight_shape)}:in{tuple(unit.input_shape or ())}:bias{unit.module.bias is not None}"
@@ -83,10 +84,10 @@ class CudaSemiBackend(Backend):
     @torch.no_grad()
     def unit_times(self, unit: Unit, options: list[str]) -> UnitTiming:
         if unit.input_shape is None:
-            raise ValueError(f"unit {unit.name!r} has no input shape; run capture_shapes first")
+            raise InputError(f"unit {unit.name!r} has no input shape; run capture_shapes first")
         unknown = sorted(set(options) - {DENSE, SEMI})
         if unknown:
-            raise ValueError(f"timing backend cuda-2:4 times only {DENSE} (dense) and {SEMI}; unit {unit.name!r} asks for {unknown[:3]} "
+            raise InputError(f"timing backend cuda-2:4 times only {DENSE} (dense) and {SEMI}; unit {unit.name!r} asks for {unknown[:3]} "
                              "(use --pattern 2:4)")
         dense = copy.deepcopy(unit.module).to("cuda", self.dtype).eval()
         x = torch.randn(unit.input_shape, device="cuda", dtype=self.dtype)
@@ -97,7 +98,7 @@ class CudaSemiBackend(Backend):
             try:
                 sparse = SemiStructuredLinear(masked, self.dtype, unit.name)
             except ValueError as e:
-                raise ValueError(f"timing backend cuda-2:4: {e}") from None
+                raise InputError(f"timing backend cuda-2:4: {e}") from None
             fns[SEMI] = lambda: sparse(x)
         stats = cuda_times(fns, self.rounds, self.number)
         return UnitTiming({k: s.median for k, s in stats.items()}, {DENSE: "dense", SEMI: "2:4"} if SEMI in stats else {DENSE: "dense"},

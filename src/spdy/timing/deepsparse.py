@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from spdy.errors import InputError
 from spdy.levels import UNSTRUCTURED, Option
 from spdy.runtime.timer import Stat
 from spdy.timing.backend import Backend, UnitTiming, machine_meta
@@ -72,7 +73,7 @@ def unit_layer_times(layer_info: list[dict], units: list[str]) -> dict[str, floa
     missing = [u for u in units if u not in found]
     if missing:
         names = [str(layer.get("canonical_name", ""))[:80] for layer in layer_info[:3]]
-        raise ValueError(
+        raise InputError(
             f"deepsparse: no engine layer computes unit(s) {missing[:3]} (looked for a MatMul/Gemm/Conv output in scope "
             f"'/{missing[0].replace('.', '/')}/'); engine layers' canonical names look like {names}"
         )
@@ -158,7 +159,7 @@ class DeepSparseBackend(Backend):
         for key in options:
             option = Option.parse(key)
             if option.pattern != UNSTRUCTURED:
-                raise ValueError(f"deepsparse: unit {unit.name!r} option {key!r}: only unstructured sparsity can be imposed")
+                raise InputError(f"deepsparse: unit {unit.name!r} option {key!r}: only unstructured sparsity can be imposed")
             analysis = self._analysis(option.sparsity)
             ms = unit_layer_times(analysis["layer_info"], self.unit_names)[unit.name]
             timing.times[key] = ms / 1e3

@@ -18,12 +18,13 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from spdy.levels import DENSE, Option
+from spdy.errors import InputError
 from spdy.files import write_json
 
 FORMAT = "spdy.timings/1"
 
 
-class TimingFormatError(ValueError):
+class TimingFormatError(InputError):
     """A timing file is malformed; the message names the file, the place and what was expected."""
 
     def __init__(self, path: str | os.PathLike | None, where: str, message: str):
@@ -97,7 +98,7 @@ class TimingTable:
         try:
             return self.times[unit]
         except KeyError:
-            raise KeyError(f"unknown unit {unit!r}; the table has {len(self.times)} units, e.g. {self.units[:3]}") from None
+            raise InputError(f"unknown unit {unit!r}; the table has {len(self.times)} units, e.g. {self.units[:3]}") from None
 
     # -- predictions ------------------------------------------------------------------
     def dense_time(self, unit: str) -> float:
@@ -113,19 +114,19 @@ class TimingTable:
     def budget(self, target: float) -> float:
         """Time the solver's units may use for a ``target`` speedup: ``base / target - fixed``."""
         if not (target > 0 and math.isfinite(target)):
-            raise ValueError(f"target speedup must be a positive number, got {target!r}")
+            raise InputError(f"target speedup must be a positive number, got {target!r}")
         return self.base / target - self.fixed
 
     def predicted_time(self, profile: Mapping[str, str]) -> float:
         """``fixed`` + the chosen option's time of every unit (units not named stay dense)."""
         unknown = set(profile) - set(self.times)
         if unknown:
-            raise KeyError(f"profile names units the timing table lacks: {sorted(unknown)[:5]}")
+            raise InputError(f"profile names units the timing table lacks: {sorted(unknown)[:5]}")
         total = self.fixed
         for unit, options in self.times.items():
             key = profile.get(unit, DENSE)
             if key not in options:
-                raise KeyError(f"unit {unit!r} has no timed option {key!r}; it has {self.options(unit)}")
+                raise InputError(f"unit {unit!r} has no timed option {key!r}; it has {self.options(unit)}")
             total += options[key]
         return total
 
@@ -147,10 +148,10 @@ class TimingTable:
         names = list(names)
         missing = [n for n in names if n not in self.times]
         if missing:
-            raise KeyError(f"cannot exclude unknown units {missing}; units are e.g. {self.units[:5]}")
+            raise InputError(f"cannot exclude unknown units {missing}; units are e.g. {self.units[:5]}")
         kept = {u: dict(o) for u, o in self.times.items() if u not in names}
         if not kept:
-            raise ValueError("excluding these units leaves no unit to prune")
+            raise InputError("excluding these units leaves no unit to prune")
         fixed = self.fixed + sum(self.times[n][DENSE] for n in names)
         meta = dict(self.meta, excluded=sorted(set(self.meta.get("excluded", [])) | set(names)))
         shapes = {u: s for u, s in self.shapes.items() if u in kept}

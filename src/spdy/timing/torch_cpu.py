@@ -25,8 +25,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from spdy.errors import InputError
 from spdy.levels import DENSE, Option
-from spdy.runtime.formats import FORMATS, kernel_status
+from spdy.runtime.formats import FORMATS, kernel_status, set_threads
 from spdy.runtime.masks import magnitude_mask
 from spdy.runtime.select import MIN_GAIN, format_stats, pick
 from spdy.runtime.timer import Stat, alternating_stats, oversubscribed
@@ -45,7 +46,7 @@ class TorchCpuBackend(Backend):
         self.threads = threads or os.cpu_count() or 1
         unknown = [f for f in formats if f not in FORMATS]
         if unknown:
-            raise ValueError(f"torch-cpu: unknown formats {unknown}; formats are {', '.join(FORMATS)}")
+            raise InputError(f"torch-cpu: unknown formats {unknown}; formats are {', '.join(FORMATS)}")
         self.formats = tuple(formats)
         self.rounds, self.model_rounds, self.max_spread, self.hopeless = rounds, model_rounds, max_spread, hopeless
         self._previous_threads = torch.get_num_threads()
@@ -54,23 +55,15 @@ class TorchCpuBackend(Backend):
         if warning := oversubscribed(self.threads):
             warnings.warn(f"torch-cpu timing: {warning}", RuntimeWarning, stacklevel=3)
         self._previous_threads = torch.get_num_threads()
-        self._set_threads(self.threads)
+        set_threads(self.threads)
         if "kernel" in self.formats and kernel_status()[0]:
             from spdy.runtime import kernels
 
             kernels.warmup()
 
     def finish(self) -> None:
-        self._set_threads(self._previous_threads)
+        set_threads(self._previous_threads)
 
-    def _set_threads(self, n: int) -> None:
-        """torch's and numba's pools compete in one process: always set both."""
-        if kernel_status()[0]:
-            from spdy.runtime import kernels
-
-            kernels.set_num_threads(n)
-        else:
-            torch.set_num_threads(n)
 
     def signature(self, unit: Unit) -> str | None:
         m = unit.module
@@ -79,7 +72,7 @@ class TorchCpuBackend(Backend):
 
     def unit_times(self, unit: Unit, options: list[str]) -> UnitTiming:
         if unit.input_shape is None:
-            raise ValueError(f"unit {unit.name!r} has no input shape; run capture_shapes first")
+            raise InputError(f"unit {unit.name!r} has no input shape; run capture_shapes first")
         layer = copy.deepcopy(unit.module)
         work = Unit(unit.name, layer, unit.kind)
         dense = weight_matrix(unit).clone()

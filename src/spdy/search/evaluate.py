@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from spdy.errors import InputError
 from spdy.units import call_model
 
 LOSSES = ("cosine", "kl", "next-token", "ce", "mse")
@@ -69,11 +70,11 @@ class Evaluator:
     def __init__(self, model: nn.Module, batches: Sequence[Any], loss: str | LossFn = "cosine",
                  apply: Callable[[Mapping[str, str]], object] | None = None, labels: Sequence[torch.Tensor] | None = None):
         if isinstance(loss, str) and loss not in _BUILTIN:
-            raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)} or pass a callable")
+            raise InputError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)} or pass a callable")
         if not batches:
-            raise ValueError("the evaluator needs at least one batch")
+            raise InputError("the evaluator needs at least one batch")
         if loss == "ce" and (labels is None or len(labels) != len(batches)):
-            raise ValueError("loss 'ce' needs labels: one tensor per batch")
+            raise InputError("loss 'ce' needs labels: one tensor per batch")
         self.model, self.batches, self.loss, self.apply = model, list(batches), loss, apply
         self.fn: LossFn = _BUILTIN[loss] if isinstance(loss, str) else loss
         self.calls = 0
@@ -107,7 +108,7 @@ class Evaluator:
     def __call__(self, profile: Mapping[str, str], limit: int | None = None) -> float:
         """Put ``profile`` in place with ``apply`` and score it (it stays in place)."""
         if self.apply is None:
-            raise ValueError("this Evaluator has no apply function; use score() on the model as it stands")
+            raise InputError("this Evaluator has no apply function; use score() on the model as it stands")
         self.calls += 1
         self.apply(profile)
         return self.score(limit)

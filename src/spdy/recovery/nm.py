@@ -2,7 +2,7 @@
 
 Every unit is pruned to the one N:M option with a database pruner (magnitude, AdaPrune or
 OBS, each fitted to the dense model's inputs), the results are stitched into the model,
-and gAP (:mod:`spdy.gap`) then fine-tunes the whole model against the dense one with the
+and gAP (:mod:`spdy.recovery.gap`) then fine-tunes the whole model against the dense one with the
 masks held. Held-out quality is reported before and after gAP, with the bundle's own loss
 against the dense model (and perplexity for causal LMs), so the two steps can be compared.
 """
@@ -18,10 +18,11 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from spdy.data import fingerprint_batches
+from spdy.models.data import fingerprint_batches
 from spdy.database import Stitcher, build_database
-from spdy.evaluate import Evaluator
-from spdy.gap import GlobalAdaPrune
+from spdy.errors import InputError
+from spdy.search.evaluate import Evaluator
+from spdy.recovery.gap import GlobalAdaPrune
 from spdy.levels import nm_sparsity, options_for
 from spdy.models import ModelBundle
 from spdy.units import Unit, set_weight_matrix
@@ -33,7 +34,7 @@ class HeldOut:
 
     def __init__(self, bundle: ModelBundle, dense: nn.Module):
         if not bundle.heldout:
-            raise ValueError(f"MODEL {bundle.name!r} has no held-out batches; a module:function MODEL must return them as its third value")
+            raise InputError(f"MODEL {bundle.name!r} has no held-out batches; a module:function MODEL must return them as its third value")
         self.loss = bundle.loss
         self.evaluator = Evaluator(dense, bundle.heldout, bundle.loss, labels=bundle.heldout_labels)
 
@@ -53,7 +54,7 @@ def dense_copy(bundle: ModelBundle, units: Mapping[str, Unit], dense_weights: Ma
     teacher_units = {name: Unit(name, model.get_submodule(name), unit.kind) for name, unit in units.items()}
     missing = [name for name in units if name not in dense_weights]
     if missing:
-        raise ValueError(f"no dense weights for units {missing[:3]}")
+        raise InputError(f"no dense weights for units {missing[:3]}")
     with torch.no_grad():
         for name, unit in teacher_units.items():
             set_weight_matrix(unit, dense_weights[name])

@@ -25,9 +25,10 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from tqdm import tqdm
 
-from spdy.distill import DistillLoss
+from spdy.errors import InputError
+from spdy.recovery.distill import DistillLoss
 from spdy.files import replace_atomically, write_json
-from spdy.gradual import GradualPruner, Recipe, prune_lowest
+from spdy.recovery.gradual import GradualPruner, Recipe, prune_lowest
 from spdy.units import Unit
 
 
@@ -48,7 +49,7 @@ class TrainConfig:
     def from_dict(cls, data: Mapping[str, Any], source: str = "recipe training") -> "TrainConfig":
         unknown = sorted(set(data) - set(cls.__dataclass_fields__))
         if unknown:
-            raise ValueError(f"{source}: unknown training keys {unknown}")
+            raise InputError(f"{source}: unknown training keys {unknown}")
         return cls(**data)
 
 
@@ -67,7 +68,7 @@ class Checkpoint:
         recipe_path = self.dir / "recipe.json"
         if recipe_path.is_file() and (self.dir / "progress.json").is_file():
             if json.loads(recipe_path.read_text()) != recipe.to_dict():
-                raise ValueError(f"work dir {self.dir} holds a run of another recipe ({recipe_path}); use another --work-dir or delete it")
+                raise InputError(f"work dir {self.dir} holds a run of another recipe ({recipe_path}); use another --work-dir or delete it")
         write_json(recipe_path, recipe.to_dict())
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, pruner: GradualPruner) -> None:
@@ -90,7 +91,7 @@ class Checkpoint:
             with safe_open(str(self.dir / name), "pt") as f:
                 stamped = (f.metadata() or {}).get("step")
             if stamped != str(step):
-                raise ValueError(f"checkpoint {self.dir / name} is from step {stamped}, progress.json says {step}: "
+                raise InputError(f"checkpoint {self.dir / name} is from step {stamped}, progress.json says {step}: "
                                  f"the run was interrupted while saving; delete {self.dir} to start over")
         load_model(model, str(self.dir / "model.safetensors"), strict=True)
         tensors = load_file(str(self.dir / "state.safetensors"))
@@ -128,9 +129,9 @@ def fine_tune(model: nn.Module, units: Mapping[str, Unit], recipe: Recipe, batch
     """
     config = config or TrainConfig()
     if not batches:
-        raise ValueError("fine_tune: no training batches")
+        raise InputError("fine_tune: no training batches")
     if labels is not None and len(labels) != len(batches):
-        raise ValueError(f"fine_tune: {len(labels)} label tensors for {len(batches)} batches")
+        raise InputError(f"fine_tune: {len(labels)} label tensors for {len(batches)} batches")
     teacher = teacher if teacher is not None else copy.deepcopy(model)
     model.eval()
     pruner = GradualPruner(units, recipe)
@@ -198,17 +199,17 @@ def gradual_prune(bundle, units: Mapping[str, Unit], recipe: Recipe, config: Tra
     recipe's final targets (what fine-tuning starts from), ``heldout_dense`` that of the dense
     model; for labelled models the top-1 accuracies come too. The model stays pruned.
     """
-    from spdy.evaluate import Evaluator
+    from spdy.search.evaluate import Evaluator
 
     if not bundle.heldout:
-        raise ValueError(f"model {bundle.name!r} has no held-out batches to evaluate on")
+        raise InputError(f"model {bundle.name!r} has no held-out batches to evaluate on")
     model = bundle.model
     heldout = Evaluator(model, bundle.heldout, bundle.loss, labels=bundle.heldout_labels)
     teacher = copy.deepcopy(model)
     result: dict[str, Any] = {"heldout_dense": heldout.score()}
     accuracy = bundle.heldout_labels is not None
     if accuracy:
-        from spdy.zoo import accuracy as top1
+        from spdy.models.digits import accuracy as top1
 
         result["accuracy_dense"] = top1(model, bundle.heldout, bundle.heldout_labels)
     saved = one_shot(units, recipe.targets)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
+from spdy.errors import InputError
 from spdy.levels import Option
 from spdy.files import read_json, write_json
 
-FORMAT = "spdy.profile/1"
+FORMAT = "spdy.search.profile/1"
 METHODS = ("spdy", "evo", "uniform", "global-magnitude", "dp-errors", "owl")
 
 
@@ -49,20 +50,20 @@ class Profile:
     def from_dict(cls, data: dict, source: str = "<profile>") -> "Profile":
         """Accept our format, or any object with ``profile`` (unit -> sparsity) like `spdy solve --json`."""
         if not isinstance(data, dict) or not isinstance(data.get("profile", data.get("options")), dict):
-            raise ValueError(f"{source}: expected a JSON object with 'profile' (unit -> sparsity) or 'options' (unit -> option key)")
+            raise InputError(f"{source}: expected a JSON object with 'profile' (unit -> sparsity) or 'options' (unit -> option key)")
         if isinstance(data.get("options"), dict):
             options = {u: str(k) for u, k in data["options"].items()}
         else:
             options = {}
             for unit, sparsity in data["profile"].items():
                 if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-                    raise ValueError(f"{source}: unit {unit!r}: sparsity must be a number in [0, 1), got {sparsity!r}")
+                    raise InputError(f"{source}: unit {unit!r}: sparsity must be a number in [0, 1), got {sparsity!r}")
                 options[unit] = Option(float(sparsity)).key
         known = {f for f in cls.__dataclass_fields__ if f != "options"}
         try:
             return cls(options=options, **{k: v for k, v in data.items() if k in known})
         except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
+            raise InputError(f"{source}: {e}") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Profile":

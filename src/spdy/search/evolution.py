@@ -18,9 +18,11 @@ from typing import Callable, Mapping
 import numpy as np
 from tqdm.auto import tqdm
 
-from spdy.dp import solve
-from spdy.profile import Profile
-from spdy.spdy_search import Checkpoint, table_digest
+from spdy.errors import InputError
+from spdy.files import digest
+from spdy.search.dp import solve
+from spdy.search.profile import Profile
+from spdy.search.spdy import Checkpoint
 from spdy.timing.table import TimingTable
 
 # (profile, number of batches or None for all) -> loss
@@ -37,9 +39,9 @@ class EvoConfig:
 
     def __post_init__(self) -> None:
         if self.generations < 1 or self.offspring < 1 or self.max_switches < 1 or not self.stages:
-            raise ValueError(f"invalid evolution settings {self}")
+            raise InputError(f"invalid evolution settings {self}")
         if self.stages[-1][0] != 1.0:
-            raise ValueError("the last selection stage must use all batches (share 1.0)")
+            raise InputError("the last selection stage must use all batches (share 1.0)")
 
 
 class EvolutionSearch:
@@ -53,7 +55,7 @@ class EvolutionSearch:
         self.keys = [table.options(u) for u in table.units]
         self.times = [np.array([table.times[u][k] for k in ks]) for u, ks in zip(table.units, self.keys)]
         self.limit = table.base / target - table.fixed
-        key = {"method": "evo", "table": table_digest(table), "target": target, "config": asdict(config), "data": fingerprint}
+        key = {"method": "evo", "table": digest(table.to_dict()["units"], length=16), "target": target, "config": asdict(config), "data": fingerprint}
         self.checkpoint = Checkpoint(checkpoint, key)
         self.start = solve(table, target).profile  # the prior's DP profile; raises InfeasibleTarget
 

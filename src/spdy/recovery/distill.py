@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from spdy.errors import InputError
 from spdy.units import call_model
 
 DISTILL = ("kl", "cosine", "mse", "layer", "none")
@@ -82,7 +83,7 @@ class DistillLoss:
 
     def __post_init__(self) -> None:
         if self.distill not in DISTILL:
-            raise ValueError(f"--distill must be one of {', '.join(DISTILL)}, got {self.distill!r}")
+            raise InputError(f"--distill must be one of {', '.join(DISTILL)}, got {self.distill!r}")
         if self.distill == "layer" and self.layer == 0.0:
             self.layer = 1.0
         self.teacher.eval().requires_grad_(False)
@@ -96,7 +97,7 @@ class DistillLoss:
     def __call__(self, batch: Any, labels: torch.Tensor | None = None) -> torch.Tensor:
         """The weighted loss of the student on ``batch`` (runs both models)."""
         if labels is None and self.distill == "none":
-            raise ValueError("--distill none needs labels (a model with the 'ce' loss)")
+            raise InputError("--distill none needs labels (a model with the 'ce' loss)")
         out = call_model(self.student, batch)
         loss = out.new_zeros(())
         if self.distill not in ("layer", "none") or self._hooks:

@@ -30,12 +30,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from spdy.errors import InputError
 from spdy.files import read_json, write_json
 from spdy.levels import Option
-from spdy.profile import Profile
+from spdy.search.profile import Profile
 from spdy.units import Unit
 
-RECIPE_FORMAT = "spdy.gradual-recipe/1"
+RECIPE_FORMAT = "spdy.recovery.gradual-recipe/1"
 CRITERIA = ("magnitude", "obs")
 
 
@@ -84,25 +85,25 @@ and the remaining steps recover at the final sparsity.
     def __post_init__(self) -> None:
         for unit, s in self.targets.items():
             if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s < 1.0:
-                raise ValueError(f"recipe: unit {unit!r}: target sparsity must be a number in [0, 1), got {s!r}")
+                raise InputError(f"recipe: unit {unit!r}: target sparsity must be a number in [0, 1), got {s!r}")
         if self.criterion not in CRITERIA:
-            raise ValueError(f"recipe: criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
+            raise InputError(f"recipe: criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
         if self.update_every < 1 or self.steps < 1 or self.start < 0:
-            raise ValueError(f"recipe: need update_every >= 1, steps >= 1, start >= 0; got {self.update_every}, {self.steps}, {self.start}")
+            raise InputError(f"recipe: need update_every >= 1, steps >= 1, start >= 0; got {self.update_every}, {self.steps}, {self.start}")
         if self.start + self.steps >= self.total_steps:
-            raise ValueError(f"recipe: the schedule's last mask update (step {self.start + self.steps}) must come before "
+            raise InputError(f"recipe: the schedule's last mask update (step {self.start + self.steps}) must come before "
                              f"total_steps={self.total_steps}, so the final masks are applied and trained")
         if not 0.0 <= self.initial < 1.0:
-            raise ValueError(f"recipe: initial sparsity must be in [0, 1), got {self.initial}")
+            raise InputError(f"recipe: initial sparsity must be in [0, 1), got {self.initial}")
 
     @classmethod
     def from_profile(cls, profile: Profile, total_steps: int, prune_fraction: float = 0.75, **kwargs) -> "Recipe":
         """Targets from a SPDY profile (unstructured options only); pruning over the first ``prune_fraction`` of training."""
         for unit, key in profile.options.items():
             if Option.parse(key).pattern != "unstructured" and not Option.parse(key).is_dense:
-                raise ValueError(f"gradual pruning supports unstructured sparsity only; unit {unit!r} has option {key!r}")
+                raise InputError(f"gradual pruning supports unstructured sparsity only; unit {unit!r} has option {key!r}")
         if total_steps < 2:
-            raise ValueError(f"gradual pruning needs at least 2 steps, got {total_steps}")
+            raise InputError(f"gradual pruning needs at least 2 steps, got {total_steps}")
         steps = max(1, min(total_steps - 1, round(prune_fraction * total_steps)))
         return cls(targets=profile.sparsities, total_steps=total_steps, steps=steps, **kwargs)
 
@@ -117,15 +118,15 @@ and the remaining steps recover at the final sparsity.
         path = Path(path)
         data = read_json(path, "recipe")
         if not isinstance(data, dict) or data.get("format") != RECIPE_FORMAT:
-            raise ValueError(f"{path}: not a gradual recipe (expected \"format\": \"{RECIPE_FORMAT}\")")
+            raise InputError(f"{path}: not a gradual recipe (expected \"format\": \"{RECIPE_FORMAT}\")")
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known - {"format"})
         if unknown:
-            raise ValueError(f"{path}: unknown recipe keys {unknown}")
+            raise InputError(f"{path}: unknown recipe keys {unknown}")
         try:
             return cls(**{k: v for k, v in data.items() if k in known})
         except TypeError as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise InputError(f"{path}: {e}") from None
 
 
 class _Hessian:
@@ -147,7 +148,7 @@ class _Hessian:
 
     def inverse_diagonal(self, damp: float = 0.01) -> torch.Tensor:
         if self.sum is None:
-            raise ValueError(f"OBS scores for unit {self.unit.name!r}: no inputs seen yet (run forward passes before a mask update)")
+            raise InputError(f"OBS scores for unit {self.unit.name!r}: no inputs seen yet (run forward passes before a mask update)")
         h = self.sum / self.count
         h = h + damp * h.diagonal().mean().clamp_min(1e-12) * torch.eye(len(h))
         return torch.cholesky_inverse(torch.linalg.cholesky(h)).diagonal()
@@ -168,11 +169,11 @@ class GradualPruner:
     def __init__(self, units: Mapping[str, Unit], recipe: Recipe):
         missing = [u for u in recipe.targets if u not in units]
         if missing:
-            raise ValueError(f"recipe names units the model does not have: {missing[:3]}")
+            raise InputError(f"recipe names units the model does not have: {missing[:3]}")
         if recipe.criterion == "obs":
             odd = [u for u in recipe.targets if units[u].kind not in ("linear", "conv2d") or getattr(units[u].module, "groups", 1) != 1]
             if odd:
-                raise ValueError(f"criterion 'obs' supports linear and ungrouped conv2d units; {odd[:3]} are not")
+                raise InputError(f"criterion 'obs' supports linear and ungrouped conv2d units; {odd[:3]} are not")
         self.units = {u: units[u] for u in recipe.targets}
         self.recipe = recipe
         self.masks = {u: torch.ones_like(unit.module.weight, dtype=torch.bool) for u, unit in self.units.items()}
@@ -246,7 +247,7 @@ class GradualPruner:
     def load_masks(self, tensors: Mapping[str, torch.Tensor]) -> None:
         for name, mask in self.masks.items():
             if name not in tensors or tensors[name].shape != mask.shape:
-                raise ValueError(f"checkpoint: mask for unit {name!r} missing or of the wrong shape")
+                raise InputError(f"checkpoint: mask for unit {name!r} missing or of the wrong shape")
             self.masks[name] = tensors[name].bool()
 
     def hessian_tensors(self) -> dict[str, torch.Tensor]:

@@ -11,7 +11,6 @@ checkpoints after each accepted step, so a killed search resumes where it stood.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -23,9 +22,10 @@ from typing import Callable, Mapping
 import numpy as np
 from tqdm.auto import tqdm
 
-from spdy.dp import DEFAULT_BUCKETS, scaled_errors, solve
-from spdy.files import read_json, write_json
-from spdy.profile import Profile
+from spdy.errors import InputError
+from spdy.search.dp import DEFAULT_BUCKETS, scaled_errors, solve
+from spdy.files import digest, read_json, write_json
+from spdy.search.profile import Profile
 from spdy.timing.table import TimingTable
 
 Evaluate = Callable[[Mapping[str, str]], float]
@@ -41,11 +41,7 @@ class SpdyConfig:
 
     def __post_init__(self) -> None:
         if self.random_starts < 1 or self.tries < 1 or not 0 < self.step_fraction <= 1:
-            raise ValueError(f"invalid search settings {self}: need random_starts >= 1, tries >= 1, 0 < step_fraction <= 1")
-
-
-def table_digest(table: TimingTable) -> str:
-    return hashlib.sha256(json.dumps(table.to_dict()["units"], sort_keys=True).encode()).hexdigest()[:16]
+            raise InputError(f"invalid search settings {self}: need random_starts >= 1, tries >= 1, 0 < step_fraction <= 1")
 
 
 class Checkpoint:
@@ -60,7 +56,7 @@ class Checkpoint:
             return None
         state = read_json(self.path, "search checkpoint")
         if state.get("key") != self.key:
-            raise ValueError(f"checkpoint {self.path} was written for other inputs ({state.get('key')} vs {self.key}); delete it or use another work directory")
+            raise InputError(f"checkpoint {self.path} was written for other inputs ({state.get('key')} vs {self.key}); delete it or use another work directory")
         return state
 
     def save(self, state: dict) -> None:
@@ -93,7 +89,7 @@ class SpdySearch:
                  checkpoint: str | os.PathLike | None = None, progress: bool = True, fingerprint: str = ""):
         self.table, self.target, self.config, self.progress = table, target, config, progress
         self.objective = CachedObjective(evaluate)
-        key = {"method": "spdy", "table": table_digest(table), "target": target, "config": asdict(config), "data": fingerprint}
+        key = {"method": "spdy", "table": digest(table.to_dict()["units"], length=16), "target": target, "config": asdict(config), "data": fingerprint}
         self.checkpoint = Checkpoint(checkpoint, key)
         solve(table, target, buckets=config.buckets)  # fail fast (InfeasibleTarget) before any evaluation
 

@@ -12,6 +12,8 @@ from typing import Literal
 
 import torch
 
+from spdy.errors import InputError
+
 Split = Literal["calibration", "heldout"]
 
 
@@ -36,7 +38,7 @@ def token_batches(tokenizer, text: str, samples: int, seq_len: int, batch_size: 
     inner = seq_len - (cls is not None) - (sep is not None)
     available = len(ids) // inner
     if samples > available:
-        raise ValueError(f"the text gives only {available} sequences of {seq_len} tokens; asked for {samples} (lower --samples or --seq-len)")
+        raise InputError(f"the text gives only {available} sequences of {seq_len} tokens; asked for {samples} (lower --samples or --seq-len)")
     rows = []
     for i in range(samples):
         window = ids[i * inner : (i + 1) * inner]

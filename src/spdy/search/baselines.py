@@ -17,9 +17,10 @@ from typing import Iterable, Mapping
 import numpy as np
 import torch
 
-from spdy.dp import solve
+from spdy.errors import InputError
+from spdy.search.dp import solve
 from spdy.levels import DENSE, Option
-from spdy.profile import Profile
+from spdy.search.profile import Profile
 from spdy.timing.table import TimingTable
 
 
@@ -49,7 +50,7 @@ def _first_meeting(table: TimingTable, target: float, candidates: Iterable[dict[
             return options
         speedup = table.predicted_speedup(options)
         fastest = speedup if fastest is None else max(fastest, speedup)
-    raise ValueError(f"no {what} profile reaches {target:g}x on this table: the fastest gives {fastest:.4f}x "
+    raise InputError(f"no {what} profile reaches {target:g}x on this table: the fastest gives {fastest:.4f}x "
                      f"(the table's maximum, with every unit at its fastest option, is {table.max_speedup():.4f}x)")
 
 

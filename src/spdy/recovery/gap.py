@@ -34,11 +34,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from spdy.database.build import model_fingerprint
+from spdy.errors import InputError
 from spdy.files import replace_atomically, write_json
 from spdy.units import call_model
 
 STATE = "gap-state.json"
-FORMAT = "spdy.gap-checkpoint/1"
+FORMAT = "spdy.recovery.gap-checkpoint/1"
 
 
 # --- data: the calibration batches as one pool of samples, re-cut into batches of any size ---
@@ -83,7 +84,7 @@ class _Outputs:
             try:
                 module = model.get_submodule(name)
             except AttributeError:
-                raise ValueError(f"gAP: unit {name!r} is not a module of the model") from None
+                raise InputError(f"gAP: unit {name!r} is not a module of the model") from None
             self.hooks.append(module.register_forward_hook(lambda m, args, out, name=name: on_output(name, out)))
 
     def remove(self) -> None:
@@ -119,7 +120,7 @@ def relative_output_loss(pruned: nn.Module, dense: nn.Module, batch: Any, names:
     finally:
         hooks.remove()
     if len(terms) != len(names):
-        raise ValueError(f"gAP: {len(names) - len(terms)} units did not run in the pruned model, e.g. {sorted(targets)[:3]}")
+        raise InputError(f"gAP: {len(names) - len(terms)} units did not run in the pruned model, e.g. {sorted(targets)[:3]}")
     return torch.stack(terms).sum()
 
 
@@ -140,7 +141,7 @@ class GlobalAdaPrune:
                  seed: int = 0, max_steps: int | None = None, checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 20,
                  progress: bool = True):
         if epochs < 0 or lr <= 0 or batch_size < 1 or checkpoint_every < 1 or (max_steps is not None and max_steps < 0):
-            raise ValueError(f"gAP needs epochs >= 0, lr > 0, batch_size >= 1, checkpoint_every >= 1, max_steps >= 0; got epochs={epochs}, "
+            raise InputError(f"gAP needs epochs >= 0, lr > 0, batch_size >= 1, checkpoint_every >= 1, max_steps >= 0; got epochs={epochs}, "
                              f"lr={lr}, batch_size={batch_size}, checkpoint_every={checkpoint_every}, max_steps={max_steps}")
         self.epochs, self.lr, self.batch_size, self.betas, self.seed = epochs, lr, batch_size, tuple(betas), seed
         self.max_steps = max_steps
@@ -158,9 +159,9 @@ class GlobalAdaPrune:
         """
         names = list(units)
         if not names:
-            raise ValueError("gAP: no units given")
+            raise InputError("gAP: no units given")
         if not batches:
-            raise ValueError("gAP: no calibration batches")
+            raise InputError("gAP: no calibration batches")
         pool = _concat(list(batches))
         samples = _count(pool)
         params = dict(pruned_model.named_parameters())
@@ -242,7 +243,7 @@ class GlobalAdaPrune:
         state = json.loads(state_path.read_text())
         for key, value in identity.items():
             if state.get(key) != value:
-                raise ValueError(f"gAP: {self.checkpoint_dir} holds a fit with a different {key} ({str(state.get(key))[:80]!r}, now "
+                raise InputError(f"gAP: {self.checkpoint_dir} holds a fit with a different {key} ({str(state.get(key))[:80]!r}, now "
                                  f"{str(value)[:80]!r}); use another --work-dir or delete it to start over")
         tensors = load_file(str(self.checkpoint_dir / state["tensors"]))
         with torch.no_grad():

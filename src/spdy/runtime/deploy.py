@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from spdy.profile import Profile
+from spdy.errors import InputError
 from spdy.runtime import convert, kernel_status, use_kernel_attention
+
+if TYPE_CHECKING:  # the runtime needs no search code: a profile only has to save itself
+    from spdy.search.profile import Profile
 
 RUNTIME = "runtime.json"
 WEIGHTS = "model.safetensors"
@@ -50,7 +53,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, attention
     (`spdy.runtime.use_kernel_attention`); ``"sdpa"`` keeps the model's own.
     """
     if attention not in ("sdpa", "kernel"):
-        raise ValueError(f"attention must be 'sdpa' or 'kernel', got {attention!r}")
+        raise InputError(f"attention must be 'sdpa' or 'kernel', got {attention!r}")
     directory = Path(directory)
     meta_path = directory / RUNTIME
     if not meta_path.is_file():
@@ -65,9 +68,9 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, attention
         state[name] = state[source]
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or missing:
-        raise ValueError(f"{directory}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise InputError(f"{directory}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model = convert(model.eval(), meta["formats"])
     if attention == "kernel" and not use_kernel_attention(model):
         _, why = kernel_status()
-        raise ValueError(f"attention='kernel': {why or 'the model has no transformers attention that can switch implementation'}")
+        raise InputError(f"attention='kernel': {why or 'the model has no transformers attention that can switch implementation'}")
     return model

@@ -24,9 +24,11 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from spdy.errors import InputError
 from spdy.levels import DENSE
-from spdy.profile import Profile
+from spdy.search.profile import Profile
 from spdy.runtime import convert, formats_of, magnitude_mask
+from spdy.runtime.formats import set_threads
 from spdy.runtime.timer import oversubscribed, time_alternating
 from spdy.timing.table import TimingTable
 from spdy.units import Unit, call_model, set_weight_matrix, weight_matrix
@@ -84,15 +86,15 @@ def _pruned_weight(weights: Weights | None, unit: str, key: str, dense: torch.Te
         w = weights(unit, key)
     else:
         if unit not in weights:
-            raise KeyError(f"verify: weights has no entry for unit {unit!r} (profile option {key!r})")
+            raise InputError(f"verify: weights has no entry for unit {unit!r} (profile option {key!r})")
         w = weights[unit]
         if isinstance(w, Mapping):
             if key not in w:
-                raise KeyError(f"verify: weights[{unit!r}] has no option {key!r}; it has {sorted(w)[:5]}")
+                raise InputError(f"verify: weights[{unit!r}] has no option {key!r}; it has {sorted(w)[:5]}")
             w = w[key]
     w = torch.as_tensor(w, dtype=dense.dtype)
     if tuple(w.shape) != tuple(dense.shape):
-        raise ValueError(f"verify: weights for unit {unit!r} option {key!r} have shape {tuple(w.shape)}, expected {tuple(dense.shape)}")
+        raise InputError(f"verify: weights for unit {unit!r} option {key!r} have shape {tuple(w.shape)}, expected {tuple(dense.shape)}")
     return w
 
 
@@ -105,7 +107,7 @@ def pruned_copy(model: nn.Module, units: Mapping[str, Unit], options: Mapping[st
     """
     unknown = [u for u in options if u not in units]
     if unknown:
-        raise KeyError(f"verify: the profile names units the model lacks, e.g. {unknown[:3]}")
+        raise InputError(f"verify: the profile names units the model lacks, e.g. {unknown[:3]}")
     pruned = copy.deepcopy(model).eval()
     for name, key in options.items():
         if key == DENSE:
@@ -139,17 +141,6 @@ def _table_formats(table: TimingTable | None, options: Mapping[str, str]) -> dic
     return formats
 
 
-def _set_threads(n: int) -> None:
-    from spdy.runtime.formats import kernel_status
-
-    if kernel_status()[0]:
-        from spdy.runtime import kernels
-
-        kernels.set_num_threads(n)
-    else:
-        torch.set_num_threads(n)
-
-
 def verify(
     model: nn.Module,
     units: Mapping[str, Unit],
@@ -175,7 +166,7 @@ def verify(
     if warning := oversubscribed(int(threads)):
         warnings.warn(f"verify: {warning}", RuntimeWarning, stacklevel=2)
     previous, grad = torch.get_num_threads(), torch.is_grad_enabled()
-    _set_threads(int(threads))
+    set_threads(int(threads))
     torch.set_grad_enabled(False)
     try:
         model.eval()
@@ -191,7 +182,7 @@ def verify(
         error = float((out - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
         samples = time_alternating({"dense": lambda: call_model(model, batch), "pruned": lambda: call_model(pruned, batch)}, rounds)
     finally:
-        _set_threads(previous)
+        set_threads(previous)
         torch.set_grad_enabled(grad)
     ratios = [d / p for d, p in zip(samples["dense"], samples["pruned"])]
     measured = statistics.median(ratios)

@@ -21,13 +21,14 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from spdy.errors import InputError
 from spdy.levels import Option
 from spdy.timing.table import TimingTable
 
 DEFAULT_BUCKETS = 10_000
 
 
-class InfeasibleTarget(ValueError):
+class InfeasibleTarget(InputError):
     """No profile reaches the target; carries the largest speedup the table allows."""
 
     def __init__(self, target: float, max_speedup: float):
@@ -123,17 +124,17 @@ def solve_arrays(times: Sequence[np.ndarray], errors: Sequence[np.ndarray], budg
     Raises ``ValueError`` when even the fastest options exceed the budget.
     """
     if buckets < 1 or buckets > 10_000_000:
-        raise ValueError(f"buckets must be in [1, 1e7], got {buckets}")
+        raise InputError(f"buckets must be in [1, 1e7], got {buckets}")
     times = [np.asarray(t, float) for t in times]
     errors = [np.asarray(e, float) for e in errors]
     if len(times) != len(errors) or any(t.shape != e.shape for t, e in zip(times, errors)):
-        raise ValueError("times and errors must have one array per unit, of equal lengths")
+        raise InputError("times and errors must have one array per unit, of equal lengths")
     if any(np.isnan(e).any() for e in errors):
-        raise ValueError("errors contain NaN")
+        raise InputError("errors contain NaN")
     fastest = np.array([t.min() for t in times])
     slack = budget - fastest.sum()
     if not np.isfinite(slack) or slack < 0:
-        raise ValueError(f"infeasible: the fastest options take {fastest.sum():.6g}, budget is {budget:.6g}")
+        raise InputError(f"infeasible: the fastest options take {fastest.sum():.6g}, budget is {budget:.6g}")
     # Unavailable options get error +inf so the DP never picks them.
     errs = [np.where(np.isfinite(t), e, np.inf) for t, e in zip(times, errors)]
     if slack == 0.0:
@@ -198,10 +199,10 @@ def solve(table: TimingTable, target: float, errors: Mapping[str, Mapping[str, f
     keys, times, errs = [], [], []
     for unit in table.units:
         if unit not in errors:
-            raise KeyError(f"no errors given for unit {unit!r}")
+            raise InputError(f"no errors given for unit {unit!r}")
         options = [k for k in table.options(unit) if k in errors[unit]]
         if not options:
-            raise KeyError(f"unit {unit!r}: none of its timed options {table.options(unit)[:4]}... has an error")
+            raise InputError(f"unit {unit!r}: none of its timed options {table.options(unit)[:4]}... has an error")
         keys.append(options)
         times.append(np.array([table.times[unit][k] for k in options]))
         errs.append(np.array([float(errors[unit][k]) for k in options]))
