@@ -18,7 +18,7 @@ from datetime import datetime
 import torch
 import torch.nn.functional as F
 
-from spdy.runtime import kernels
+from spdy.runtime import cpu
 from spdy.runtime.attention import attend
 
 SHAPES = {  # name: (batch, heads, seq, head dim)
@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    kernels.keep_freed_memory()  # both sides: fresh score/output pages would cost page faults
+    cpu.keep_freed_memory()  # both sides: fresh score/output pages would cost page faults
     print(f"{datetime.now():%Y-%m-%d %H:%M}, {args.repeats} repeats of 10 calls each\n")
     print("| shape | threads | SDPA ms | own ms | own speedup |")
     print("|---|---|---|---|---|")
@@ -60,7 +60,7 @@ def main() -> None:
         error = float((attend(q, k, v, mask) - reference).abs().max() / reference.abs().max())
         assert error < 1e-5, f"{name}: own attention differs from SDPA by {error:.1e}"
         for threads in (int(t) for t in args.threads.split(",")):
-            kernels.set_num_threads(threads)
+            cpu.set_num_threads(threads)
             sdpa = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).contiguous()  # noqa: E731
             own = lambda: attend(q, k, v, mask)  # noqa: E731
             sdpa(), own()

@@ -81,11 +81,11 @@ def _serve(models: dict, info: dict) -> None:
 def torch_worker(sparsities: list[float], threads: int, profile: bool, fusion: str) -> None:
     import torch
 
-    from spdy.runtime import convert, kernels
+    from spdy.runtime import convert, cpu
     from spdy.runtime.convert import FUSIONS
     from spdy.units import call_model
 
-    kernels.set_num_threads(threads)
+    cpu.set_num_threads(threads)
     torch.set_grad_enabled(False)
     model, units, batch = _bundle()
     models, info = {"torch dense": lambda: call_model(model, batch)}, {"checksums": {}, "errors": {}}

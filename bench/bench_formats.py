@@ -27,9 +27,9 @@ LEVELS = [0.0, 0.5, 0.7, 0.9, 0.95]
 
 def set_threads(n: int) -> None:
     if kernel_status()[0]:
-        from spdy.runtime import kernels
+        from spdy.runtime import cpu, kernels
 
-        kernels.set_num_threads(n)
+        cpu.set_num_threads(n)
         kernels.warmup()
     else:
         torch.set_num_threads(n)

@@ -34,11 +34,11 @@ def main() -> None:
 
     import torch
 
-    from spdy.runtime import convert, kernels
+    from spdy.runtime import convert, cpu
     from spdy.runtime.convert import FUSIONS
     from spdy.units import call_model
 
-    kernels.set_num_threads(args.threads)
+    cpu.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     model, units, batch = _bundle()
     steps, models = ["layers only"], []

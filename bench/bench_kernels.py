@@ -97,11 +97,11 @@ def _torch_engine(engine: str, w, b, threads: int, baseline: str | None = None):
     import torch
 
     if engine in ("kernel", "base"):
-        kernels = _load_kernels(baseline if engine == "base" else None)
+        from spdy.runtime import cpu
 
-        kernels.set_num_threads(threads)
-        if hasattr(kernels, "keep_freed_memory"):
-            kernels.keep_freed_memory()  # as the kernel format does in a converted model
+        kernels = _load_kernels(baseline if engine == "base" else None)
+        cpu.set_num_threads(threads)
+        cpu.keep_freed_memory()  # as the kernel format does in a converted model
         sw = kernels.SparseKernelWeight.from_dense(w, b)
         return sw.matmul
     w_csr, b_col = w.to_sparse_csr(), b[:, None]

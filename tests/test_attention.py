@@ -6,9 +6,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spdy.runtime import attention, kernels
+from spdy.runtime import attention, cpu, kernels
+from spdy.runtime.modeling import bert
 
-ok, reason = kernels.available()
+ok, reason = cpu.available()
 pytestmark = pytest.mark.skipif(not ok, reason=f"kernel runtime unavailable: {reason}")
 
 
@@ -159,7 +160,7 @@ def test_project_attend_matches_reference(batch, seq, heads, head_dim, sparsity,
     q, k, v = (F.linear(x.double(), w.double(), b.double()).view(batch, seq, heads, head_dim).transpose(1, 2)
                for w, b in zip(dense, biases))
     ref = _reference(q, k, v, mask).reshape(batch, seq, width)
-    out = attention.project_attend(x, *packs, heads, mask)
+    out = bert.project_attend(x, *packs, heads, mask)
     assert out.shape == (batch, seq, width) and out.dtype == torch.float32
     assert (out.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
 
@@ -168,13 +169,13 @@ def test_project_attend_rejects_bad_inputs():
     _, _, packs = _weights(64, 64, 0.5, seed=0)
     x = torch.randn(2, 8, 64)
     with pytest.raises(ValueError, match="heads of a multiple of 16"):
-        attention.project_attend(x, *packs, 3)
+        bert.project_attend(x, *packs, 3)
     with pytest.raises(ValueError, match="float32"):
-        attention.project_attend(x.double(), *packs, 4)
+        bert.project_attend(x.double(), *packs, 4)
     with pytest.raises(ValueError, match="one shape"):
-        attention.project_attend(x, packs[0], packs[1], _weights(64, 32, 0.5, seed=1)[2][0], 4)
+        bert.project_attend(x, packs[0], packs[1], _weights(64, 32, 0.5, seed=1)[2][0], 4)
     with pytest.raises(ValueError, match="does not broadcast"):
-        attention.project_attend(x, *packs, 4, torch.ones(3, 1, 1, 8, dtype=torch.bool))
+        bert.project_attend(x, *packs, 4, torch.ones(3, 1, 1, 8, dtype=torch.bool))
 
 
 def test_fused_self_attention_in_minilm():
@@ -196,8 +197,8 @@ def test_fused_self_attention_in_minilm():
         fused = [m for m in bundle.model.modules() if isinstance(m, ProjectedSelfAttention)]
         assert len(fused) == 6 and not any(m.training for m in fused)
         calls = []
-        original = attention.project_attend
-        attention.project_attend = lambda *args: calls.append(args) or original(*args)
+        original = bert.project_attend
+        bert.project_attend = lambda *args: calls.append(args) or original(*args)
         try:
             out = call_model(bundle.model, batch)
             assert len(calls) == 6
@@ -208,5 +209,5 @@ def test_fused_self_attention_in_minilm():
             call_model(bundle.model, batch)
             assert len(calls) == 6
         finally:
-            attention.project_attend = original
+            bert.project_attend = original
     assert (out - reference).abs().max() <= 1e-5 * reference.abs().max()

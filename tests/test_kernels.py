@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spdy.runtime import kernels
+from spdy.runtime import cpu, kernels
 
-ok, reason = kernels.available()
+ok, reason = cpu.available()
 pytestmark = pytest.mark.skipif(not ok, reason=f"sparse kernel unavailable: {reason}")
 
 
@@ -184,12 +184,12 @@ def test_set_num_threads() -> None:
     w, x = _masked(64, 96, 0.9, seed=5), torch.randn(256, 96)
     sw = kernels.SparseKernelWeight.from_dense(w)
     try:
-        kernels.set_num_threads(1)
+        cpu.set_num_threads(1)
         assert torch.get_num_threads() == 1 and numba.get_num_threads() == 1
         y1 = sw.matmul(x)
-        kernels.set_num_threads(2)
+        cpu.set_num_threads(2)
         assert torch.get_num_threads() == 2
         assert numba.get_num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
         assert torch.equal(sw.matmul(x), y1)  # same arithmetic order whatever the split
     finally:
-        kernels.set_num_threads(before)
+        cpu.set_num_threads(before)

@@ -190,8 +190,25 @@ def test_heuristic_without_shapes() -> None:
     assert close(model(x), ref)
 
 
-def test_formats_constant() -> None:
-    assert FORMATS == ("dense", "csr", "bsr", "kernel")
+def test_every_format_multiplies_like_the_masked_dense_layer() -> None:
+    """Every name in FORMATS holds a block-pruned weight here (only the kernel may be missing, when
+    numba is) and gives the masked dense layer's output both ways, with and without the GELU, and
+    the weight back; an unknown name is refused with the valid ones listed."""
+    lin = masked_linear(64, 48, "16x16@0.8000")
+    w, b = lin.weight.detach(), lin.bias.detach()
+    x = torch.randn(10, 64)
+    ref = lin(x).detach()
+    offered = supported_formats(w)
+    assert set(FORMATS) - set(offered) == (set() if KERNEL_OK else {"kernel"})
+    for name in offered:
+        store = make_format(name, w, b)
+        assert close(store.linear(x), ref), name
+        assert close(store.linear(x, "gelu"), nn.functional.gelu(ref)), name
+        assert close(store.mm_t(x.t().contiguous()).t(), ref), name
+        assert torch.equal(store.to_dense(), w), name
+    with pytest.raises(ValueError, match="unknown weight format 'coo'") as refused:
+        make_format("coo", w)
+    assert str(refused.value).split("formats are ")[1].split(", ") == list(FORMATS)
 
 
 def test_minilm_converted_output_matches() -> None:

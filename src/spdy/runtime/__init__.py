@@ -6,12 +6,12 @@ solver, so a deployment needs nothing else.
 
 from spdy.runtime.attention import use_kernel_attention
 from spdy.runtime.convert import convert, formats_of, heuristic_format
-from spdy.runtime.encoder_layer import FusedEncoderLayer, fuse_encoder_layers
 from spdy.runtime.formats import FORMATS, block_size, kernel_status, make_format, supported_formats
 from spdy.runtime.masks import magnitude_mask
-from spdy.runtime.modules import (FeedForwardInput, FeedForwardOutput, ProjectedSelfAttention, ResidualNormOutput,
-                                  SparseConv2d, SparseLinear, fuse_activations, fuse_feed_forwards, fuse_residual_norms,
-                                  fuse_self_attentions, sparse_module, weight_of)
+from spdy.runtime.modeling.bert import (FeedForwardInput, FeedForwardOutput, ProjectedSelfAttention, ResidualNormOutput,
+                                        fuse_activations, fuse_feed_forwards, fuse_residual_norms, fuse_self_attentions)
+from spdy.runtime.modeling.bert_layer import FusedEncoderLayer, fuse_encoder_layers
+from spdy.runtime.modules import SparseConv2d, SparseLinear, sparse_module, weight_of
 from spdy.runtime.select import fastest_format, format_stats
 
 __all__ = [

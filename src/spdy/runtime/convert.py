@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from spdy.errors import InputError
-from spdy.runtime.encoder_layer import fuse_encoder_layers
 from spdy.runtime.formats import FORMATS, block_size, kernel_status
-from spdy.runtime.modules import (SparseConv2d, SparseLinear, fuse_activations, fuse_feed_forwards, fuse_residual_norms,
-                                  fuse_self_attentions, set_module, sparse_module, weight_of)
+from spdy.runtime.modeling.bert import fuse_activations, fuse_feed_forwards, fuse_residual_norms, fuse_self_attentions
+from spdy.runtime.modeling.bert_layer import fuse_encoder_layers
+from spdy.runtime.modules import SparseConv2d, SparseLinear, set_module, sparse_module, weight_of
 from spdy.runtime.select import fastest_format
 from spdy.units import Unit, capture_shapes, find_units
 
@@ -100,7 +100,7 @@ def convert(
     return model
 
 
-# in order: each builds on the blocks the ones before it made
+# in order: each builds on the blocks the ones before it made (BERT-style models: spdy.runtime.modeling)
 FUSIONS = (fuse_activations, fuse_residual_norms, fuse_feed_forwards, fuse_self_attentions, fuse_encoder_layers)
 
 

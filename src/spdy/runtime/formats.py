@@ -12,12 +12,13 @@ measure, so the table and the deployed model pay the same.
 * ``csr``: torch sparse CSR; pays off at high unstructured sparsity (~95%).
 * ``bsr``: torch sparse BSR; only offered when the zeros really come in square blocks.
 * ``kernel``: the numba kernel of :mod:`spdy.runtime.kernels`, when it imports and runs;
-  creating one sets glibc to keep freed memory (`kernels.keep_freed_memory`, process-wide).
+  creating one sets glibc to keep freed memory (`cpu.keep_freed_memory`, process-wide).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import warnings
 from typing import ClassVar
 
@@ -50,22 +51,24 @@ def block_size(weight: torch.Tensor) -> tuple[int, int] | None:
 def kernel_status() -> tuple[bool, str]:
     """Whether the numba kernel can be used here, and why not (imported lazily, once)."""
     try:
-        from spdy.runtime import kernels
+        from spdy.runtime import cpu
+
+        importlib.import_module("spdy.runtime.kernels")  # what the kernel format runs must load too
     except ImportError as e:
         return False, f"spdy.runtime.kernels does not import: {e}"
     try:
-        ok, reason = kernels.available()
+        ok, reason = cpu.available()
     except Exception as e:  # a broken optional kernel must not break the runtime
-        return False, f"spdy.runtime.kernels.available() failed: {e!r}"
+        return False, f"spdy.runtime.cpu.available() failed: {e!r}"
     return bool(ok), str(reason)
 
 
 def set_threads(n: int) -> None:
     """Threads for everything the runtime runs: torch's pool and, where the kernel works, numba's too."""
     if kernel_status()[0]:
-        from spdy.runtime import kernels
+        from spdy.runtime import cpu
 
-        kernels.set_num_threads(n)
+        cpu.set_num_threads(n)
     else:
         torch.set_num_threads(n)
 
@@ -180,7 +183,8 @@ class KernelFormat(WeightFormat):
         ok, reason = kernel_status()
         if not ok:
             raise RuntimeError(f"format 'kernel' is unavailable: {reason}")
-        from spdy.runtime.kernels import SparseKernelWeight, keep_freed_memory
+        from spdy.runtime.cpu import keep_freed_memory
+        from spdy.runtime.kernels import SparseKernelWeight
 
         keep_freed_memory()  # fresh output pages would cost as much as the sparse product
         self.kernel = SparseKernelWeight.from_dense(weight.detach(), self.bias)

@@ -20,332 +20,55 @@ from ~70-80%. Layout (chosen by measurement on AVX-512 machines):
 * Finished rows are written to Y (N, out) with 16x16 shuffle transposes that also add
   the bias, so no scalar epilogue or extra copy.
 
-The vector code is written with explicit ``<16 x float>`` LLVM intrinsics because
-numba's auto-vectoriser keeps per-row accumulators in memory and scalarises stores.
+The vector code (`spdy.runtime.vector`) is written with explicit ``<16 x float>`` LLVM
+intrinsics; `spdy.runtime.cpu` probes the host and `spdy.runtime.buffers` keeps the packed
+tiles' per-thread buffers.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import threading
 
 import numpy as np
 import torch
 
+from spdy.runtime import cpu
+from spdy.runtime.buffers import buffer
 
-def _cpu_has_avx512f() -> bool:
-    """True only when the host really has AVX-512F (never assumed)."""
-    try:
-        import llvmlite.binding as llvm
-
-        return "+avx512f" in llvm.get_host_cpu_features().flatten().split(",")
-    except Exception:
-        try:
-            with open("/proc/cpuinfo") as f:
-                return any(line.startswith("flags") and " avx512f" in line for line in f)
-        except OSError:
-            return False
-
-
-def _prefer_512_bit_vectors() -> None:
-    """LLVM tunes some AVX-512 CPUs to 256-bit vectors; ask for 512 unless the user chose.
-
-    Takes effect if set before the first numba compilation in the process (numba fixes
-    its target machine then).
-    """
-    if "NUMBA_CPU_NAME" in os.environ or "NUMBA_CPU_FEATURES" in os.environ:
-        return
-    if not _cpu_has_avx512f():
-        return
-    try:
-        import llvmlite.binding as llvm
-    except ImportError:  # no numba here: the kernel is unavailable anyway
-        return
-
-    features = llvm.get_host_cpu_features().flatten()
-    os.environ["NUMBA_CPU_FEATURES"] = features + ",-prefer-256-bit"
-
-
-_prefer_512_bit_vectors()
-
-try:
+if cpu.numba is not None:
     import numba
-    from llvmlite import ir
-    from numba import prange, types
-    from numba.core import cgutils
-    from numba.extending import intrinsic, models, register_model
+    from numba import prange
 
-    _IMPORT_ERROR = ""
-except ImportError as exc:  # numba is optional at import time; available() says why
-    numba = None
-    _IMPORT_ERROR = f"numba not importable: {exc}"
+    from spdy.runtime.vector import (JIT, LANES, hsum, stack_f32, transpose16, vact, vadd, vaxpb, vfma, vfmav, vload,
+                                     vstore, vzero)
 
-__all__ = ["ACTIVATIONS", "SparseKernelWeight", "available", "feed_forward", "keep_freed_memory", "set_num_threads", "warmup"]
+__all__ = ["ACTIVATIONS", "SparseKernelWeight", "feed_forward", "warmup"]
 
-_LANES = 16  # floats per 512-bit vector
 _ROWS = 16  # output rows per 16x16 transpose
-_CHUNK = 192  # output rows per work item: 128-256 measured 1.1-1.4x faster than 64, 192 best (1 thread)
-_CHUNK_FLOATS = _CHUNK * 4 * _LANES
+CHUNK = 192  # output rows per work item: 128-256 measured 1.1-1.4x faster than 64, 192 best (1 thread)
 _NNZ_PER_BLOCK = 19.2  # target weights per (output row, input block)
 ACTIVATIONS = (None, "gelu")
 _SMALL_N = 16  # up to this many rows a 1-vector tile wastes less than a 4-vector one
 
+if cpu.numba is not None:
+    _CHUNK_FLOATS = CHUNK * 4 * LANES
+    ZERO16 = np.zeros(LANES, dtype=np.float32)  # the zero bias `pack_tile`'s transposes add
 
-def available() -> tuple[bool, str]:
-    """(True, "") when the kernel can run here, else (False, reason)."""
-    if numba is None:
-        return False, _IMPORT_ERROR
-    return True, ""
-
-
-def set_num_threads(n: int) -> None:
-    """Set numba's and torch's thread counts together: their pools compete in one process."""
-    n = max(1, int(n))
-    torch.set_num_threads(n)
-    if numba is not None:
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed memory for reuse instead of handing it back to the OS.
-
-    By default glibc returns large freed blocks (mmap'd ones, and the heap top above 128 KiB
-    or a threshold that adapts) to the OS, so the next multi-MB activation starts on fresh
-    pages and pays a page fault per 4 KiB. For a sparse Linear those faults on its output
-    cost as much as the product (MiniLM-L6 at 90%: 181 -> 140 ms per batch on 1 thread, dense
-    410 -> 374 ms). Process-wide; True when applied (glibc only).
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    ok = mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum; larger blocks still get their own mapping
-    return bool(ok and mallopt(m_trim_threshold, 1 << 30))
-
-
-if numba is not None:
-    _VEC = ir.VectorType(ir.FloatType(), _LANES)
-    _I64 = ir.IntType(64)
-
-    class _F32x16(types.Type):
-        """numba type for one <16 x float> register value."""
-
-        def __init__(self) -> None:
-            super().__init__(name="f32x16")
-
-    _f32x16 = _F32x16()
-
-    @register_model(_F32x16)
-    class _F32x16Model(models.PrimitiveModel):
-        def __init__(self, dmm, fe_type):
-            super().__init__(dmm, fe_type, _VEC)
-
-    def _vec_ptr(builder, addr):
-        return builder.inttoptr(addr, _VEC.as_pointer())
-
-    def _broadcast(builder, scalar):
-        """A float scalar in all 16 lanes."""
-        undef = ir.Constant(_VEC, ir.Undefined)
-        lane0 = builder.insert_element(undef, scalar, ir.Constant(ir.IntType(32), 0))
-        return builder.shuffle_vector(lane0, undef, ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [0] * _LANES))
-
-    def _fn(builder, name, arity):
-        """An LLVM vector intrinsic on <16 x float> (e.g. "llvm.fma.v16f32", arity 3)."""
-        return cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC, [_VEC] * arity), name)
-
-    def _reduce(op):
-        """Horizontal reduction of a <16 x float> by a 4-step shuffle tree (`op(builder, a, b)` on vectors)."""
-        @intrinsic
-        def reduce(typingctx, a):
-            def codegen(context, builder, sig, args):
-                value, undef = args[0], ir.Constant(_VEC, ir.Undefined)
-                for step in (8, 4, 2, 1):
-                    mask = ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [(i + step) % _LANES for i in range(_LANES)])
-                    value = op(builder, value, builder.shuffle_vector(value, undef, mask))
-                return builder.extract_element(value, ir.Constant(ir.IntType(32), 0))
-
-            return types.float32(_f32x16), codegen
-
-        return reduce
-
-    _hsum = _reduce(lambda builder, a, b: builder.fadd(a, b))
-    _hmax = _reduce(lambda builder, a, b: builder.call(_fn(builder, "llvm.maxnum.v16f32", 2), [a, b]))
-
-    @intrinsic
-    def _vaxpb(typingctx, v, a, b):
-        """v * a + b for float32 scalars a and b."""
-        def codegen(context, builder, sig, args):
-            v, a, b = args
-            return builder.call(_fn(builder, "llvm.fma.v16f32", 3), [v, _broadcast(builder, a), _broadcast(builder, b)])
-
-        return _f32x16(_f32x16, types.float32, types.float32), codegen
-
-    @intrinsic
-    def _vfmav(typingctx, a, b, c):
-        """a * b + c, all vectors."""
-        def codegen(context, builder, sig, args):
-            return builder.call(_fn(builder, "llvm.fma.v16f32", 3), list(args))
-
-        return _f32x16(_f32x16, _f32x16, _f32x16), codegen
-
-    @intrinsic
-    def _vzero(typingctx):
-        def codegen(context, builder, sig, args):
-            return ir.Constant(_VEC, [0.0] * _LANES)
-
-        return _f32x16(), codegen
-
-    @intrinsic
-    def _vstore(typingctx, addr, v):
-        def codegen(context, builder, sig, args):
-            builder.store(args[1], _vec_ptr(builder, args[0]), align=4)
-            return context.get_dummy_value()
-
-        return types.void(types.uintp, _f32x16), codegen
-
-    @intrinsic
-    def _vload(typingctx, addr):
-        def codegen(context, builder, sig, args):
-            return builder.load(_vec_ptr(builder, args[0]), align=4)
-
-        return _f32x16(types.uintp), codegen
-
-    @intrinsic
-    def _vadd(typingctx, a, b):
-        def codegen(context, builder, sig, args):
-            return builder.fadd(args[0], args[1])
-
-        return _f32x16(_f32x16, _f32x16), codegen
-
-    @intrinsic
-    def _vfma(typingctx, acc, w, addr):
-        """acc + w * load16(addr) as one fused multiply-add."""
-
-        def codegen(context, builder, sig, args):
-            acc, w, addr = args
-            x = builder.load(_vec_ptr(builder, addr), align=4)
-            wv = _broadcast(builder, w)
-            fma = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(_VEC, [_VEC] * 3), "llvm.fma.v16f32"
-            )
-            return builder.call(fma, [wv, x, acc])
-
-        return _f32x16(_f32x16, types.float32, types.uintp), codegen
-
-    @intrinsic
-    def _stack_f32(typingctx, count):
-        """64-byte aligned float32 scratch on the stack (count must be a literal)."""
-        if not isinstance(count, types.IntegerLiteral):
-            return None
-        n = count.literal_value
-
-        def codegen(context, builder, sig, args):
-            with builder.goto_entry_block():
-                ptr = builder.alloca(ir.FloatType(), size=ir.Constant(_I64, n))
-                ptr.align = 64
-            return ptr
-
-        return types.CPointer(types.float32)(count), codegen
-
-    def _transpose_masks(bit: int) -> tuple[list[int], list[int]]:
-        """Shuffle masks that swap row bit `bit` with column bit `bit` for a row pair."""
-        lo, hi = [], []
-        for j in range(_LANES):
-            if j >> bit & 1:
-                lo.append(_LANES + (j ^ (1 << bit)))
-                hi.append(_LANES + j)
-            else:
-                lo.append(j)
-                hi.append(j | (1 << bit))
-        return lo, hi
-
-    # erf(u) ~ u P(u^2) / Q(u^2) on |u| <= 4 (clamped; erf(4) = 1 - 1.5e-8): our own
-    # least-squares rational fit, max error 2.4e-8 in float64, ~3e-7 evaluated in float32.
-    _ERF_P = (1.1283791065216064, 0.19436879456043243, 0.05321471020579338, 0.003921372815966606,
-              0.0002858951920643449, 1.985672497539781e-06)
-    _ERF_Q = (1.0, 0.5055867433547974, 0.11569499969482422, 0.015280752442777157,
-              0.001195811084471643, 3.748038216144778e-05)
-
-    def _gelu_ir(builder, x):
-        """x * (1 + erf(x / sqrt 2)) / 2 on a <16 x float>, without calls (libm's erf is scalar)."""
-        def splat(value):
-            return ir.Constant(_VEC, [value] * _LANES)
-
-        fma = _fn(builder, "llvm.fma.v16f32", 3)
-        u = builder.fmul(x, splat(0.7071067811865476))
-        u = builder.call(_fn(builder, "llvm.minnum.v16f32", 2), [builder.call(_fn(builder, "llvm.maxnum.v16f32", 2),
-                                                                             [u, splat(-4.0)]), splat(4.0)])
-        t = builder.fmul(u, u)
-
-        def horner(coefficients):
-            acc = splat(coefficients[-1])
-            for c in coefficients[-2::-1]:
-                acc = builder.call(fma, [acc, t, splat(c)])
-            return acc
-
-        erf = builder.fdiv(builder.fmul(u, horner(_ERF_P)), horner(_ERF_Q))
-        half_x = builder.fmul(x, splat(0.5))
-        return builder.call(fma, [half_x, erf, half_x])
-
-    @intrinsic
-    def _transpose16(typingctx, src, src_stride, dst, dst_stride, bias, act):
-        """dst[j, i] = f(src[i, j] + bias[i]) for a 16x16 float32 block (strides in floats);
-        f is the identity, or GELU when the literal `act` is 1."""
-        if not isinstance(act, types.IntegerLiteral):
-            return None
-        gelu = act.literal_value == 1
-
-        def codegen(context, builder, sig, args):
-            src, sst, dst, dstr, bias, _ = args
-
-            def row(base, stride, i):
-                offset = builder.mul(stride, ir.Constant(_I64, 4 * i))
-                return _vec_ptr(builder, builder.add(base, offset))
-
-            rows = [builder.load(row(src, sst, i), align=4) for i in range(_LANES)]
-            mask_type = ir.VectorType(ir.IntType(32), _LANES)
-            for bit in range(4):
-                lo, hi = (ir.Constant(mask_type, m) for m in _transpose_masks(bit))
-                new = list(rows)
-                for i in range(_LANES):
-                    if not i >> bit & 1:
-                        a, b = rows[i], rows[i | 1 << bit]
-                        new[i] = builder.shuffle_vector(a, b, lo)
-                        new[i | 1 << bit] = builder.shuffle_vector(a, b, hi)
-                rows = new
-            bias_vec = builder.load(_vec_ptr(builder, bias), align=4)
-            for i in range(_LANES):
-                value = builder.fadd(rows[i], bias_vec)
-                builder.store(_gelu_ir(builder, value) if gelu else value, row(dst, dstr, i), align=4)
-            return context.get_dummy_value()
-
-        sig = types.void(types.uintp, types.intp, types.uintp, types.intp, types.uintp, act)
-        return sig, codegen
-
-    _JIT = dict(fastmath=True, boundscheck=False, cache=True, nogil=True)
-
-    @numba.njit(**_JIT)
-    def _pack_tile(x, n0, xp, zero16):
+    @numba.njit(**JIT)
+    def pack_tile(x, n0, xp, zero16):
         """xp[k, t] = x[n0 + t, k] for one tile, zero-padded past the last row of x."""
         n, k_dim = x.shape
         tile = xp.shape[1]
         nv = min(tile, n - n0)
-        t16 = nv - nv % _LANES
-        k16 = k_dim - k_dim % _LANES
+        t16 = nv - nv % LANES
+        k16 = k_dim - k_dim % LANES
         x_addr = x.ctypes.data
         xp_addr = xp.ctypes.data
-        for t0 in range(0, t16, _LANES):
-            for k0 in range(0, k16, _LANES):
+        for t0 in range(0, t16, LANES):
+            for k0 in range(0, k16, LANES):
                 src = x_addr + np.uintp(((n0 + t0) * k_dim + k0) * 4)
                 dst = xp_addr + np.uintp((k0 * tile + t0) * 4)
-                _transpose16(src, k_dim, dst, tile, zero16.ctypes.data, 0)
+                transpose16(src, k_dim, dst, tile, zero16.ctypes.data, 0)
         for k in range(k16, k_dim):
             for t in range(t16):
                 xp[k, t] = x[n0 + t, k]
@@ -355,22 +78,22 @@ if numba is not None:
             for t in range(nv, tile):
                 xp[k, t] = 0.0
 
-    @numba.njit(**_JIT)
+    @numba.njit(**JIT)
     def _store_rows(buf, tile, nr, bias, y, n0, o0, act):
         """Y[n0:n0+tile, o0:o0+nr] = f(buf[r, t] + bias) (buf rows of `tile` floats; f: identity,
         or GELU for act 1), 16x16 blocks by shuffle transpose, the ragged rest by scalars."""
         numba.literally(act)
         n, m = y.shape
         nv = min(tile, n - n0)
-        t16 = nv - nv % _LANES
+        t16 = nv - nv % LANES
         r16 = nr - nr % _ROWS
         buf_addr = buf.ctypes.data
         y_addr = y.ctypes.data
         for r0 in range(0, r16, _ROWS):
             bias_addr = bias.ctypes.data + np.uintp((o0 + r0) * 4)
-            for t0 in range(0, t16, _LANES):
+            for t0 in range(0, t16, LANES):
                 dst = y_addr + np.uintp(((n0 + t0) * m + o0 + r0) * 4)
-                _transpose16(buf_addr + np.uintp((r0 * tile + t0) * 4), tile, dst, m, bias_addr, act)
+                transpose16(buf_addr + np.uintp((r0 * tile + t0) * 4), tile, dst, m, bias_addr, act)
         for t in range(n0, n0 + nv):
             for r in range(0 if t - n0 >= t16 else r16, nr):
                 value = buf[r * tile + t - n0] + bias[o0 + r]
@@ -378,20 +101,7 @@ if numba is not None:
                     value = 0.5 * value * (1.0 + math.erf(value * 0.7071067811865476))
                 y[t, o0 + r] = value
 
-    @intrinsic
-    def _vact(typingctx, v, b, act):
-        """f(v + b) for a scalar b; f the identity, or GELU when the literal `act` is 1."""
-        if not isinstance(act, types.IntegerLiteral):
-            return None
-        gelu = act.literal_value == 1
-
-        def codegen(context, builder, sig, args):
-            value = builder.fadd(args[0], _broadcast(builder, args[1]))
-            return _gelu_ir(builder, value) if gelu else value
-
-        return _f32x16(_f32x16, types.float32, act), codegen
-
-    @numba.njit(**_JIT)
+    @numba.njit(**JIT)
     def _store_packed(buf, tile, nr, bias, xq, o0, act):
         """xq[o0 + r, :] = f(buf[r, :] + bias[o0 + r]): the output rows are already the next layer's
         packed (in, tile) layout, so no transpose and no trip through memory."""
@@ -400,13 +110,13 @@ if numba is not None:
         xq_addr = xq.ctypes.data
         for r in range(nr):
             b = bias[o0 + r]
-            for t0 in range(0, tile, _LANES):
-                vec = _vload(buf_addr + np.uintp((r * tile + t0) * 4))
-                _vstore(xq_addr + np.uintp(((o0 + r) * tile + t0) * 4), _vact(vec, b, act))
+            for t0 in range(0, tile, LANES):
+                vec = vload(buf_addr + np.uintp((r * tile + t0) * 4))
+                vstore(xq_addr + np.uintp(((o0 + r) * tile + t0) * 4), vact(vec, b, act))
 
-    @numba.njit(**_JIT)
-    def _row_chunk(xp, bptr, indices, data, bias, y, n0, o0, v, act, packed=False):
-        """Y[n0:n0+tile, o0:o0+_CHUNK] from one packed X tile; v vectors (16 rows each) per tile.
+    @numba.njit(**JIT)
+    def row_chunk(xp, bptr, indices, data, bias, y, n0, o0, v, act, packed=False):
+        """Y[n0:n0+tile, o0:o0+CHUNK] from one packed X tile; v vectors (16 rows each) per tile.
         With `packed`, y is instead the next layer's packed tile (out, tile), written row by row.
 
         The input dimension is walked in blocks (one CSR slice per block, see `bptr`) so the
@@ -417,124 +127,124 @@ if numba is not None:
         numba.literally(act)
         m = bias.shape[0]
         blocks = (bptr.shape[0] - 1) // m
-        tile = _LANES * v
+        tile = LANES * v
         row_bytes = np.uintp(tile * 4)
         xp_addr = xp.ctypes.data
-        buf = numba.carray(_stack_f32(_CHUNK_FLOATS), (_CHUNK_FLOATS,))
+        buf = numba.carray(stack_f32(_CHUNK_FLOATS), (_CHUNK_FLOATS,))
         buf_addr = buf.ctypes.data
-        nr = min(_CHUNK, m - o0)
+        nr = min(CHUNK, m - o0)
         for kb in range(blocks):
             for r in range(nr):
                 i = kb * m + o0 + r
                 start, end = bptr[i], bptr[i + 1]
                 q = buf_addr + np.uintp(r) * row_bytes
                 if kb == 0:
-                    a0 = _vzero()
-                    a1 = _vzero()
-                    a2 = _vzero()
-                    a3 = _vzero()
+                    a0 = vzero()
+                    a1 = vzero()
+                    a2 = vzero()
+                    a3 = vzero()
                 elif start == end:
                     continue
                 else:
-                    a0 = _vload(q)
-                    a1 = _vload(q + np.uintp(64)) if v >= 2 else _vzero()
-                    a2 = _vload(q + np.uintp(128)) if v >= 4 else _vzero()
-                    a3 = _vload(q + np.uintp(192)) if v >= 4 else _vzero()
-                b0 = _vzero()
-                b1 = _vzero()
-                b2 = _vzero()
-                b3 = _vzero()
+                    a0 = vload(q)
+                    a1 = vload(q + np.uintp(64)) if v >= 2 else vzero()
+                    a2 = vload(q + np.uintp(128)) if v >= 4 else vzero()
+                    a3 = vload(q + np.uintp(192)) if v >= 4 else vzero()
+                b0 = vzero()
+                b1 = vzero()
+                b2 = vzero()
+                b3 = vzero()
                 j = start
                 while j < end:
                     p = xp_addr + np.uintp(indices[j]) * row_bytes
                     w = data[j]
                     p2 = xp_addr + np.uintp(indices[j + np.uint64(1)]) * row_bytes
                     w2 = data[j + np.uint64(1)]
-                    a0 = _vfma(a0, w, p)
-                    b0 = _vfma(b0, w2, p2)
+                    a0 = vfma(a0, w, p)
+                    b0 = vfma(b0, w2, p2)
                     if v >= 2:
-                        a1 = _vfma(a1, w, p + np.uintp(64))
-                        b1 = _vfma(b1, w2, p2 + np.uintp(64))
+                        a1 = vfma(a1, w, p + np.uintp(64))
+                        b1 = vfma(b1, w2, p2 + np.uintp(64))
                     if v >= 4:
-                        a2 = _vfma(a2, w, p + np.uintp(128))
-                        b2 = _vfma(b2, w2, p2 + np.uintp(128))
-                        a3 = _vfma(a3, w, p + np.uintp(192))
-                        b3 = _vfma(b3, w2, p2 + np.uintp(192))
+                        a2 = vfma(a2, w, p + np.uintp(128))
+                        b2 = vfma(b2, w2, p2 + np.uintp(128))
+                        a3 = vfma(a3, w, p + np.uintp(192))
+                        b3 = vfma(b3, w2, p2 + np.uintp(192))
                     j += np.uint64(2)
-                a0 = _vadd(a0, b0)
-                a1 = _vadd(a1, b1)
-                a2 = _vadd(a2, b2)
-                a3 = _vadd(a3, b3)
-                _vstore(q, a0)
+                a0 = vadd(a0, b0)
+                a1 = vadd(a1, b1)
+                a2 = vadd(a2, b2)
+                a3 = vadd(a3, b3)
+                vstore(q, a0)
                 if v >= 2:
-                    _vstore(q + np.uintp(64), a1)
+                    vstore(q + np.uintp(64), a1)
                 if v >= 4:
-                    _vstore(q + np.uintp(128), a2)
-                    _vstore(q + np.uintp(192), a3)
+                    vstore(q + np.uintp(128), a2)
+                    vstore(q + np.uintp(192), a3)
         if packed:
             _store_packed(buf, tile, nr, bias, y, o0, act)
         else:
             _store_rows(buf, tile, nr, bias, y, n0, o0, act)
 
-    @numba.njit(**_JIT)
+    @numba.njit(**JIT)
     def _add_sum(y_addr, r_addr, m16):
         """y += r over m16 floats (a multiple of 16); returns sum(y). Four accumulators: one add
         chain per row made the LayerNorm latency-bound."""
-        a0 = _vzero()
-        a1 = _vzero()
-        a2 = _vzero()
-        a3 = _vzero()
+        a0 = vzero()
+        a1 = vzero()
+        a2 = vzero()
+        a3 = vzero()
         m64 = m16 - m16 % 64
         for j in range(0, m64, 64):
             p = np.uintp(4 * j)
-            z0 = _vadd(_vload(y_addr + p), _vload(r_addr + p))
-            z1 = _vadd(_vload(y_addr + p + np.uintp(64)), _vload(r_addr + p + np.uintp(64)))
-            z2 = _vadd(_vload(y_addr + p + np.uintp(128)), _vload(r_addr + p + np.uintp(128)))
-            z3 = _vadd(_vload(y_addr + p + np.uintp(192)), _vload(r_addr + p + np.uintp(192)))
-            _vstore(y_addr + p, z0)
-            _vstore(y_addr + p + np.uintp(64), z1)
-            _vstore(y_addr + p + np.uintp(128), z2)
-            _vstore(y_addr + p + np.uintp(192), z3)
-            a0 = _vadd(a0, z0)
-            a1 = _vadd(a1, z1)
-            a2 = _vadd(a2, z2)
-            a3 = _vadd(a3, z3)
-        for j in range(m64, m16, _LANES):
-            z0 = _vadd(_vload(y_addr + np.uintp(4 * j)), _vload(r_addr + np.uintp(4 * j)))
-            _vstore(y_addr + np.uintp(4 * j), z0)
-            a0 = _vadd(a0, z0)
-        return _hsum(_vadd(_vadd(a0, a1), _vadd(a2, a3)))
+            z0 = vadd(vload(y_addr + p), vload(r_addr + p))
+            z1 = vadd(vload(y_addr + p + np.uintp(64)), vload(r_addr + p + np.uintp(64)))
+            z2 = vadd(vload(y_addr + p + np.uintp(128)), vload(r_addr + p + np.uintp(128)))
+            z3 = vadd(vload(y_addr + p + np.uintp(192)), vload(r_addr + p + np.uintp(192)))
+            vstore(y_addr + p, z0)
+            vstore(y_addr + p + np.uintp(64), z1)
+            vstore(y_addr + p + np.uintp(128), z2)
+            vstore(y_addr + p + np.uintp(192), z3)
+            a0 = vadd(a0, z0)
+            a1 = vadd(a1, z1)
+            a2 = vadd(a2, z2)
+            a3 = vadd(a3, z3)
+        for j in range(m64, m16, LANES):
+            z0 = vadd(vload(y_addr + np.uintp(4 * j)), vload(r_addr + np.uintp(4 * j)))
+            vstore(y_addr + np.uintp(4 * j), z0)
+            a0 = vadd(a0, z0)
+        return hsum(vadd(vadd(a0, a1), vadd(a2, a3)))
 
-    @numba.njit(**_JIT)
+    @numba.njit(**JIT)
     def _square_sum(y_addr, mean, m16):
         """sum((y - mean)^2) over m16 floats (a multiple of 16), four accumulators."""
-        a0 = _vzero()
-        a1 = _vzero()
-        a2 = _vzero()
-        a3 = _vzero()
+        a0 = vzero()
+        a1 = vzero()
+        a2 = vzero()
+        a3 = vzero()
         m64 = m16 - m16 % 64
         one = np.float32(1.0)
         for j in range(0, m64, 64):
             p = y_addr + np.uintp(4 * j)
-            d0 = _vaxpb(_vload(p), one, -mean)
-            d1 = _vaxpb(_vload(p + np.uintp(64)), one, -mean)
-            d2 = _vaxpb(_vload(p + np.uintp(128)), one, -mean)
-            d3 = _vaxpb(_vload(p + np.uintp(192)), one, -mean)
-            a0 = _vfmav(d0, d0, a0)
-            a1 = _vfmav(d1, d1, a1)
-            a2 = _vfmav(d2, d2, a2)
-            a3 = _vfmav(d3, d3, a3)
-        for j in range(m64, m16, _LANES):
-            d0 = _vaxpb(_vload(y_addr + np.uintp(4 * j)), one, -mean)
-            a0 = _vfmav(d0, d0, a0)
-        return _hsum(_vadd(_vadd(a0, a1), _vadd(a2, a3)))
+            d0 = vaxpb(vload(p), one, -mean)
+            d1 = vaxpb(vload(p + np.uintp(64)), one, -mean)
+            d2 = vaxpb(vload(p + np.uintp(128)), one, -mean)
+            d3 = vaxpb(vload(p + np.uintp(192)), one, -mean)
+            a0 = vfmav(d0, d0, a0)
+            a1 = vfmav(d1, d1, a1)
+            a2 = vfmav(d2, d2, a2)
+            a3 = vfmav(d3, d3, a3)
+        for j in range(m64, m16, LANES):
+            d0 = vaxpb(vload(y_addr + np.uintp(4 * j)), one, -mean)
+            a0 = vfmav(d0, d0, a0)
+        return hsum(vadd(vadd(a0, a1), vadd(a2, a3)))
 
-    @numba.njit(**_JIT)
-    def _residual_norm(y, residual, gamma, beta, eps, n0, n1):
+    @numba.njit(**JIT)
+    def residual_norm(y, residual, gamma, beta, eps, n0, n1):
         """y[t] = LayerNorm(y[t] + residual[t]) * gamma + beta for rows n0 .. n1-1, 16 lanes at a time
         while the row is in L1: sum, squared deviations from the mean, then scale."""
         m = y.shape[1]
-        m16 = m - m % _LANES
+        m16 = m - m % LANES
         gamma_addr = gamma.ctypes.data
         beta_addr = beta.ctypes.data
         for t in range(n0, n1):
@@ -551,14 +261,14 @@ if numba is not None:
                 square += d * d
             rstd = np.float32(1.0 / math.sqrt(square / m + eps))
             shift = np.float32(-mean * rstd)
-            for j in range(0, m16, _LANES):
-                normed = _vaxpb(_vload(y_addr + np.uintp(4 * j)), rstd, shift)
-                _vstore(y_addr + np.uintp(4 * j),
-                        _vfmav(normed, _vload(gamma_addr + np.uintp(4 * j)), _vload(beta_addr + np.uintp(4 * j))))
+            for j in range(0, m16, LANES):
+                normed = vaxpb(vload(y_addr + np.uintp(4 * j)), rstd, shift)
+                vstore(y_addr + np.uintp(4 * j),
+                        vfmav(normed, vload(gamma_addr + np.uintp(4 * j)), vload(beta_addr + np.uintp(4 * j))))
             for j in range(m16, m):
                 y[t, j] = (y[t, j] * rstd + shift) * gamma[j] + beta[j]
 
-    @numba.njit(parallel=True, **_JIT)
+    @numba.njit(parallel=True, **JIT)
     def _spmm(x, bptr, indices, data, bias, y, xp, zero16, v, per_thread, act, residual, gamma, beta, eps, norm):
         """Y = X W^T + b (then GELU for act 1; then, when `norm`, LayerNorm(Y + residual), each tile's
         rows right after they are written). `per_thread`: each of xp.shape[0] threads packs its X
@@ -568,87 +278,61 @@ if numba is not None:
         numba.literally(v)
         numba.literally(act)
         n, m = y.shape
-        tile = _LANES * v
+        tile = LANES * v
         ntiles = (n + tile - 1) // tile
-        chunks = (m + _CHUNK - 1) // _CHUNK
+        chunks = (m + CHUNK - 1) // CHUNK
         if per_thread:
             slots = xp.shape[0]
             for s in prange(slots):
                 for it in range(s, ntiles, slots):
-                    _pack_tile(x, it * tile, xp[s], zero16)
+                    pack_tile(x, it * tile, xp[s], zero16)
                     for c in range(chunks):
-                        _row_chunk(xp[s], bptr, indices, data, bias, y, it * tile, c * _CHUNK, v, act)
+                        row_chunk(xp[s], bptr, indices, data, bias, y, it * tile, c * CHUNK, v, act)
                     if norm:
-                        _residual_norm(y, residual, gamma, beta, eps, it * tile, min(n, (it + 1) * tile))
+                        residual_norm(y, residual, gamma, beta, eps, it * tile, min(n, (it + 1) * tile))
         else:
             for it in prange(ntiles):
-                _pack_tile(x, it * tile, xp[it], zero16)
+                pack_tile(x, it * tile, xp[it], zero16)
             for item in prange(ntiles * chunks):
                 it = item // chunks
                 c = item - it * chunks
-                _row_chunk(xp[it], bptr, indices, data, bias, y, it * tile, c * _CHUNK, v, act)
+                row_chunk(xp[it], bptr, indices, data, bias, y, it * tile, c * CHUNK, v, act)
             if norm:
                 for it in prange(ntiles):
-                    _residual_norm(y, residual, gamma, beta, eps, it * tile, min(n, (it + 1) * tile))
+                    residual_norm(y, residual, gamma, beta, eps, it * tile, min(n, (it + 1) * tile))
 
-    @numba.njit(**_JIT)
+    @numba.njit(**JIT)
     def _spmm_v1(x, bptr, indices, data, bias, y, xp, zero16, per_thread, gelu, residual, gamma, beta, eps, norm):
         if gelu:
             _spmm(x, bptr, indices, data, bias, y, xp, zero16, 1, per_thread, 1, residual, gamma, beta, eps, norm)
         else:
             _spmm(x, bptr, indices, data, bias, y, xp, zero16, 1, per_thread, 0, residual, gamma, beta, eps, norm)
 
-    @numba.njit(**_JIT)
+    @numba.njit(**JIT)
     def _spmm_v4(x, bptr, indices, data, bias, y, xp, zero16, per_thread, gelu, residual, gamma, beta, eps, norm):
         if gelu:
             _spmm(x, bptr, indices, data, bias, y, xp, zero16, 4, per_thread, 1, residual, gamma, beta, eps, norm)
         else:
             _spmm(x, bptr, indices, data, bias, y, xp, zero16, 4, per_thread, 0, residual, gamma, beta, eps, norm)
 
-    @numba.njit(parallel=True, **_JIT)
+    @numba.njit(parallel=True, **JIT)
     def _ffn(x, up_bptr, up_indices, up_data, up_bias, bptr, indices, data, bias, y, xp, hp, zero16, residual, gamma,
              beta, eps):
         """Y = LayerNorm(GELU(X U^T + c) W^T + b + residual), one 64-row tile of X at a time per thread:
         the up projection's rows land, GELU applied, in the thread's packed tile for the down
         projection (L2), so the wide intermediate is never transposed, stored or packed again."""
         n, m = y.shape
-        tile = 4 * _LANES
+        tile = 4 * LANES
         ntiles = (n + tile - 1) // tile
         slots = xp.shape[0]
         for s in prange(slots):
             for it in range(s, ntiles, slots):
-                _pack_tile(x, it * tile, xp[s], zero16)
-                for c in range((up_bias.shape[0] + _CHUNK - 1) // _CHUNK):
-                    _row_chunk(xp[s], up_bptr, up_indices, up_data, up_bias, hp[s], it * tile, c * _CHUNK, 4, 1, True)
-                for c in range((m + _CHUNK - 1) // _CHUNK):
-                    _row_chunk(hp[s], bptr, indices, data, bias, y, it * tile, c * _CHUNK, 4, 0)
-                _residual_norm(y, residual, gamma, beta, eps, it * tile, min(n, (it + 1) * tile))
-
-
-_ZERO16 = np.zeros(_LANES, dtype=np.float32)
-_SCRATCH = threading.local()
-
-
-def aligned_empty(size: int) -> np.ndarray:
-    """An uninitialised float32 array starting on a 64-byte cache line. numpy only promises 16
-    bytes, and a 512-bit load that straddles two lines costs two: packing X into a misaligned
-    buffer made the 384x1536 kernel 1.3-1.5x slower at 90% (Zen 4, 1 and 2 threads)."""
-    raw = np.empty(size + 15, dtype=np.float32)
-    start = (-raw.ctypes.data % 64) // 4
-    return raw[start:start + size]
-
-
-def _buffer(name: str, *shape: int) -> np.ndarray:
-    """A cache-line aligned float32 array of `shape`, kept between calls under `name` per Python
-    thread (two threads may run kernels at once): a fresh multi-MB array per call costs page
-    faults (glibc hands large freed blocks back to the OS) that rival the product. Contents are
-    left over from the last use."""
-    size = math.prod(shape)
-    buf = getattr(_SCRATCH, name, None)
-    if buf is None or buf.size < size:
-        buf = aligned_empty(size)
-        setattr(_SCRATCH, name, buf)
-    return buf[:size].reshape(shape)
+                pack_tile(x, it * tile, xp[s], zero16)
+                for c in range((up_bias.shape[0] + CHUNK - 1) // CHUNK):
+                    row_chunk(xp[s], up_bptr, up_indices, up_data, up_bias, hp[s], it * tile, c * CHUNK, 4, 1, True)
+                for c in range((m + CHUNK - 1) // CHUNK):
+                    row_chunk(hp[s], bptr, indices, data, bias, y, it * tile, c * CHUNK, 4, 0)
+                residual_norm(y, residual, gamma, beta, eps, it * tile, min(n, (it + 1) * tile))
 
 
 def block_columns(density: float) -> int:
@@ -728,7 +412,7 @@ class SparseKernelWeight:
         eps)`` returns LayerNorm(x W^T + b + residual) instead (a BERT output block), each tile
         normalised while it is still in cache rather than in two more passes over the output.
         """
-        ok, reason = available()
+        ok, reason = cpu.available()
         if not ok:
             raise RuntimeError(reason)
         if activation not in ACTIVATIONS:
@@ -745,14 +429,14 @@ class SparseKernelWeight:
         y = torch.empty((n, out_features), dtype=torch.float32)
         if n > 0 and out_features > 0:
             v = 1 if n <= _SMALL_N else 4
-            tile = _LANES * v
+            tile = LANES * v
             ntiles = (n + tile - 1) // tile
             threads = numba.get_num_threads()
             per_thread = ntiles % threads == 0 or ntiles >= 4 * threads
             slots = threads if per_thread else ntiles
-            xp = _buffer("xp", slots, in_features, tile)
+            xp = buffer("xp", slots, in_features, tile)
             kernel = _spmm_v1 if v == 1 else _spmm_v4
-            kernel(x2.numpy(), *self.arrays, y.numpy(), xp, _ZERO16, per_thread,
+            kernel(x2.numpy(), *self.arrays, y.numpy(), xp, ZERO16, per_thread,
                    activation == "gelu", res, gamma, beta, eps, norm is not None)
         return y.reshape(*lead, out_features)
 
@@ -798,22 +482,22 @@ def feed_forward(x: torch.Tensor, up: SparseKernelWeight, down: SparseKernelWeig
         raise ValueError(f"expected float32 input with last dim {in_features}, got {tuple(x.shape)} {x.dtype}")
     lead = x.shape[:-1]
     x2 = x.detach().reshape(-1, in_features).contiguous()
-    n, threads, tile = x2.shape[0], numba.get_num_threads(), 4 * _LANES
+    n, threads, tile = x2.shape[0], numba.get_num_threads(), 4 * LANES
     ntiles = -(-n // tile)
     if n <= _SMALL_N or not (ntiles % threads == 0 or ntiles >= 4 * threads):
         return down.matmul(up.matmul(x, "gelu"), residual=residual, norm=norm)
     res, gamma, beta, eps = _norm_arrays(norm, residual, (*lead, down.shape[0]))
     y = torch.empty((n, down.shape[0]), dtype=torch.float32)
-    xp, hp = _buffer("xp", threads, in_features, tile), _buffer("hp", threads, up.shape[0], tile)
-    _ffn(x2.numpy(), *up.arrays, *down.arrays, y.numpy(), xp, hp, _ZERO16, res, gamma, beta, eps)
+    xp, hp = buffer("xp", threads, in_features, tile), buffer("hp", threads, up.shape[0], tile)
+    _ffn(x2.numpy(), *up.arrays, *down.arrays, y.numpy(), xp, hp, ZERO16, res, gamma, beta, eps)
     return y.reshape(*lead, down.shape[0])
 
 
 def warmup() -> None:
     """Compile (or load from numba's disk cache) every specialisation matmul can use."""
-    if not available()[0]:
+    if not cpu.available()[0]:
         return
-    weight = SparseKernelWeight.from_dense(torch.ones(_ROWS, _LANES))
+    weight = SparseKernelWeight.from_dense(torch.ones(_ROWS, LANES))
     for n in (1, _SMALL_N + 1):
         for activation in ACTIVATIONS:
-            weight.matmul(torch.zeros(n, _LANES), activation)
+            weight.matmul(torch.zeros(n, LANES), activation)

@@ -19,18 +19,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from spdy.runtime import attention, kernels
-from spdy.runtime.modules import (FeedForwardInput, FeedForwardOutput, ProjectedSelfAttention, ResidualNormOutput,
-                                  defaults_only, mix_in)
+from spdy.runtime import cpu
+from spdy.runtime.attention import attention_scratch, mask_for
+from spdy.runtime.buffers import thread_slots
+from spdy.runtime.kernels import layer_norm_arrays
+from spdy.runtime.modeling import defaults_only, mix_in
+from spdy.runtime.modeling.bert import FeedForwardInput, FeedForwardOutput, ProjectedSelfAttention, ResidualNormOutput
 
-if kernels.numba is not None:
+if cpu.numba is not None:
     import numba
     from numba import prange
 
-    from spdy.runtime.attention import _attend_item
-    from spdy.runtime.kernels import _CHUNK, _JIT, _LANES, _pack_tile, _residual_norm, _row_chunk
+    from spdy.runtime.attention import attend_item
+    from spdy.runtime.kernels import CHUNK, ZERO16, pack_tile, residual_norm, row_chunk
+    from spdy.runtime.vector import JIT, LANES
 
-    @numba.njit(parallel=True, **_JIT)
+    @numba.njit(parallel=True, **JIT)
     def _encoder_layer(x, seq, wq, wk, wv, wo, norm1, wu, wd, norm2, mask, att, h1, y, heads, scale, xp_all, hp_all,
                        yq_all, yk_all, yv_all, kt_all, qp_all, vp_all, p_all, inv_all, zero16):
         """y = FFN block(attention block(x)) for x (B * seq, hidden), one batch row per item. w* are
@@ -39,7 +43,7 @@ if kernels.numba is not None:
         width = att.shape[2]
         hidden = x.shape[1]
         inner = wu[3].shape[0]
-        tile = 4 * _LANES
+        tile = 4 * LANES
         for b in prange(x.shape[0] // seq):
             t = numba.get_thread_id()
             xb = x[b * seq:(b + 1) * seq]
@@ -47,25 +51,25 @@ if kernels.numba is not None:
             yb = y[b * seq:(b + 1) * seq]
             xp, hp, yq, yk, yv = xp_all[t], hp_all[t], yq_all[t], yk_all[t], yv_all[t]
             for n0 in range(0, seq, tile):
-                _pack_tile(xb, n0, xp, zero16)
-                for o0 in range(0, width, _CHUNK):
-                    _row_chunk(xp, wq[0], wq[1], wq[2], wq[3], yq, n0, o0, 4, 0)
-                    _row_chunk(xp, wk[0], wk[1], wk[2], wk[3], yk, n0, o0, 4, 0)
-                    _row_chunk(xp, wv[0], wv[1], wv[2], wv[3], yv, n0, o0, 4, 0)
-            _attend_item(yq, yk, yv, mask, att, b, 0, heads, heads, scale, kt_all[t], qp_all[t], vp_all[t], p_all[t],
+                pack_tile(xb, n0, xp, zero16)
+                for o0 in range(0, width, CHUNK):
+                    row_chunk(xp, wq[0], wq[1], wq[2], wq[3], yq, n0, o0, 4, 0)
+                    row_chunk(xp, wk[0], wk[1], wk[2], wk[3], yk, n0, o0, 4, 0)
+                    row_chunk(xp, wv[0], wv[1], wv[2], wv[3], yv, n0, o0, 4, 0)
+            attend_item(yq, yk, yv, mask, att, b, 0, heads, heads, scale, kt_all[t], qp_all[t], vp_all[t], p_all[t],
                          inv_all[t], zero16)
             for n0 in range(0, seq, tile):
                 n1 = min(seq, n0 + tile)
-                _pack_tile(att[b], n0, xp, zero16)
-                for o0 in range(0, hidden, _CHUNK):
-                    _row_chunk(xp, wo[0], wo[1], wo[2], wo[3], h1b, n0, o0, 4, 0)
-                _residual_norm(h1b, xb, norm1[0], norm1[1], norm1[2], n0, n1)
-                _pack_tile(h1b, n0, xp, zero16)
-                for o0 in range(0, inner, _CHUNK):
-                    _row_chunk(xp, wu[0], wu[1], wu[2], wu[3], hp, n0, o0, 4, 1, True)
-                for o0 in range(0, hidden, _CHUNK):
-                    _row_chunk(hp, wd[0], wd[1], wd[2], wd[3], yb, n0, o0, 4, 0)
-                _residual_norm(yb, h1b, norm2[0], norm2[1], norm2[2], n0, n1)
+                pack_tile(att[b], n0, xp, zero16)
+                for o0 in range(0, hidden, CHUNK):
+                    row_chunk(xp, wo[0], wo[1], wo[2], wo[3], h1b, n0, o0, 4, 0)
+                residual_norm(h1b, xb, norm1[0], norm1[1], norm1[2], n0, n1)
+                pack_tile(h1b, n0, xp, zero16)
+                for o0 in range(0, inner, CHUNK):
+                    row_chunk(xp, wu[0], wu[1], wu[2], wu[3], hp, n0, o0, 4, 1, True)
+                for o0 in range(0, hidden, CHUNK):
+                    row_chunk(hp, wd[0], wd[1], wd[2], wd[3], yb, n0, o0, 4, 0)
+                residual_norm(yb, h1b, norm2[0], norm2[1], norm2[2], n0, n1)
 
 
 def _shares_evenly(batch: int) -> bool:
@@ -93,23 +97,23 @@ class FusedEncoderLayer(nn.Module):
         heads, width = sa.num_attention_heads, sa.query.out_features
         head_dim = width // heads
         batch, seq, hidden = hidden_states.shape
-        mask4 = attention._mask_for(attention_mask, batch, heads, seq, seq)
+        mask4 = mask_for(attention_mask, batch, heads, seq, seq)
         x = hidden_states.detach().reshape(batch * seq, hidden).contiguous()
         att, h1, y = torch.empty(batch, seq, width), torch.empty(batch * seq, hidden), torch.empty(batch * seq, hidden)
-        tile = 4 * kernels._LANES
+        tile = 4 * LANES
         up = ffn.up_store.kernel
         _encoder_layer(x.numpy(), seq, *(p.store.kernel.arrays for p in (sa.query, sa.key, sa.value, out.dense)),
                        _norm(out.LayerNorm), up.arrays, ffn.dense.store.kernel.arrays, _norm(ffn.LayerNorm),
                        mask4.numpy(), att.numpy(), h1.numpy(), y.numpy(), heads,
                        np.float32(getattr(sa, "scaling", head_dim ** -0.5)),
-                       attention._scratch("x", hidden, tile), attention._scratch("h", up.shape[0], tile),
-                       *(attention._scratch(name, seq, width) for name in ("yq", "yk", "yv")),
-                       *attention._attention_scratch(heads, head_dim, seq, seq, mask4.shape[3]), kernels._ZERO16)
+                       thread_slots("x", hidden, tile), thread_slots("h", up.shape[0], tile),
+                       *(thread_slots(name, seq, width) for name in ("yq", "yk", "yv")),
+                       *attention_scratch(heads, head_dim, seq, seq, mask4.shape[3]), ZERO16)
         return y.view(batch, seq, hidden)
 
 
 def _norm(layer_norm: nn.LayerNorm) -> tuple:
-    return kernels.layer_norm_arrays(layer_norm.weight, layer_norm.bias, layer_norm.eps)
+    return layer_norm_arrays(layer_norm.weight, layer_norm.bias, layer_norm.eps)
 
 
 def _fused_blocks(layer: nn.Module) -> bool:
