@@ -18,14 +18,6 @@ from torch import nn
 from spdy.errors import InputError
 
 
-def _conv1d_type() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return None
-    return Conv1D
-
-
 @dataclass
 class Unit:
     """One prunable layer and the shapes it sees."""
@@ -51,10 +43,9 @@ class Unit:
 
 def weight_matrix(unit: Unit) -> torch.Tensor:
     """The weight as an (out, in) matrix; a view where the layout allows."""
-    w = unit.module.weight.data
-    if unit.kind == "conv1d":
-        return w.t()
-    return w.reshape(w.shape[0], -1)
+    from spdy.runtime.modules import weight_of  # at call time: spdy.runtime imports this module
+
+    return weight_of(unit.module)
 
 
 def set_weight_matrix(unit: Unit, matrix: torch.Tensor) -> None:
@@ -64,7 +55,9 @@ def set_weight_matrix(unit: Unit, matrix: torch.Tensor) -> None:
 
 
 def _kind(module: nn.Module) -> str | None:
-    conv1d = _conv1d_type()
+    from spdy.runtime.modules import conv1d_type  # at call time: spdy.runtime imports this module
+
+    conv1d = conv1d_type()
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, nn.Conv2d):
