@@ -17,7 +17,7 @@ from spdy.pipeline import RunConfig
 from spdy.search.dp import DEFAULT_BUCKETS, InfeasibleTarget, solve
 from spdy.levels import DENSE, Option, geometric_levels
 from spdy.search.profile import METHODS, Profile
-from spdy.timing.table import TimingFormatError, TimingTable
+from spdy.timing.table import TimingFormatError, TimingTable, check_target
 
 
 UsageError = InputError  # bad input from the user: printed without a traceback, exit status 2
@@ -180,7 +180,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from spdy.pipeline import timing_batch
+    from spdy.pipeline import check_same_model, timing_batch
     from spdy.verification import verify
 
     bundle, units = _bundle(args)
@@ -195,6 +195,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         profile.target = args.target
     table = _load_table(args.timings) if args.timings else None
     db = _open_database(args.database) if args.database else None
+    check_same_model(bundle, db, profile, f"--profile {args.profile}")
     result = verify(bundle.model, units, profile, timing_batch(bundle), table=table,
                     weights=db.weight if db is not None else None, rounds=args.rounds)
     if args.json:
@@ -469,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
+        if getattr(args, "target", None) is not None:
+            check_target(args.target, "--target")  # before any model is loaded or anything is timed
         return handler(args)
     except InfeasibleTarget as e:
         print(f"spdy {args.command}: {e}", file=sys.stderr)

@@ -75,7 +75,10 @@ class Option:
 
     @classmethod
     def parse(cls, key: str) -> "Option":
-        """Inverse of :attr:`key`; raises ``ValueError`` naming the key when malformed."""
+        """Inverse of :attr:`key` that also reads other spellings ("0.9", "0.90"); raises ``InputError``
+        naming the key when it is not an option."""
+        if not isinstance(key, str):
+            raise InputError(f"option key {key!r}: expected a string like '0.9000' or '4x1@0.9000', not {type(key).__name__}")
         return _parse(key)
 
     def __str__(self) -> str:

@@ -23,13 +23,14 @@ from spdy.search.evolution import EvoConfig, EvolutionSearch
 from spdy.levels import DENSE, Option, options_for, spdy_grid
 from spdy.errors import InputError
 from spdy.models import ModelBundle, load_model
+from spdy.models.bundle import model_fingerprint
 from spdy.search import baselines
 from spdy.search.dp import InfeasibleTarget
 from spdy.search.profile import METHODS, Profile
 from spdy.search.spdy import SpdyConfig, SpdySearch
 from spdy.files import digest, write_json
 from spdy.timing import measure
-from spdy.timing.table import TimingTable
+from spdy.timing.table import TimingTable, check_target
 from spdy.units import Unit, find_units, set_weight_matrix, weight_matrix
 
 def runtime_fingerprint() -> str:
@@ -110,8 +111,8 @@ class SearchSettings:
 def evaluators(bundle: ModelBundle, stitcher: Stitcher) -> tuple[Evaluator, Evaluator | None]:
     """Calibration and held-out evaluators; built while the model is dense (they cache dense outputs)."""
     stitcher.restore()
-    calibration = Evaluator(bundle.model, bundle.calibration, bundle.loss, stitcher.apply, bundle.calibration_labels)
-    heldout = Evaluator(bundle.model, bundle.heldout, bundle.loss, stitcher.apply, bundle.heldout_labels) if bundle.heldout else None
+    calibration = Evaluator(bundle.model, bundle.calibration, bundle.loss, stitcher.apply, bundle.calibration_labels, "calibration")
+    heldout = Evaluator(bundle.model, bundle.heldout, bundle.loss, stitcher.apply, bundle.heldout_labels, "heldout") if bundle.heldout else None
     return calibration, heldout
 
 
@@ -119,6 +120,9 @@ def find_profile(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTa
            settings: SearchSettings = SearchSettings(), work: Path | None = None, progress: bool = True,
            evaluation: tuple[Evaluator, Evaluator | None] | None = None) -> Profile:
     """Find a profile with ``settings.method`` that meets ``target`` on ``table``; loss on calibration and held-out data."""
+    check_target(target)
+    fingerprint = model_fingerprint(bundle.model)  # the dense model's: every search restores it when done
+    db.check_model(fingerprint)
     stitcher = Stitcher({u: units[u] for u in table.units}, db)
     calibration, heldout = evaluation or evaluators(bundle, stitcher)
     calibration.apply = stitcher.apply
@@ -145,7 +149,7 @@ def find_profile(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTa
             profile.heldout_loss = heldout(profile.options)
     finally:
         stitcher.restore()
-    profile.meta.update(model=bundle.name, loss=bundle.loss, database=str(db.directory), pruner=db.pruner.get("name"))
+    profile.meta.update(model=bundle.name, model_fingerprint=fingerprint, loss=bundle.loss, database=str(db.directory), pruner=db.pruner.get("name"))
     return profile
 
 
@@ -272,7 +276,20 @@ def load_bundle(model: str, samples: int = 64, heldout: int = 32, seq_len: int =
         units = prunable_units(bundle, include, exclude or ())
     except FileNotFoundError as e:
         raise InputError(str(e)) from None
+    bundle.check()
     return bundle, units
+
+
+def check_same_model(bundle: ModelBundle, db: Database | None = None, profile: Profile | None = None, source: str = "profile") -> None:
+    """Refuse a database, or a profile that recorded its model's fingerprint, made from other weights
+    than ``bundle``'s (same names and shapes are not enough); profiles without one are accepted."""
+    fingerprint = model_fingerprint(bundle.model)
+    if db is not None:
+        db.check_model(fingerprint)
+    recorded = profile.meta.get("model_fingerprint") if profile is not None else None
+    if recorded is not None and recorded != fingerprint:
+        raise InputError(f"{source} was found for a different model: the weights differ (fingerprint {recorded!r}, this model's "
+                         f"{fingerprint!r}); search a profile for this model (spdy search), or pass the model it was made for")
 
 
 def profile_json(profile: Profile) -> dict:

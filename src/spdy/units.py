@@ -84,7 +84,11 @@ def find_units(model: nn.Module, include: Sequence[str] | None = None, exclude: 
         for p in patterns:
             if not any(fnmatch.fnmatchcase(n, p) for n in found):
                 raise InputError(f"--{what} pattern {p!r} matches no prunable layer; layers are e.g. {list(found)[:4]}")
-    return {n: u for n, u in found.items() if (not include or _matches(n, include)) and not _matches(n, exclude)}
+    chosen = {n: u for n, u in found.items() if (not include or _matches(n, include)) and not _matches(n, exclude)}
+    if not chosen:
+        raise InputError(f"--include {list(include) if include else 'all'} with --exclude {list(exclude)} leaves no prunable layer "
+                         f"(every include match is excluded); layers are e.g. {list(found)[:4]}")
+    return chosen
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:

@@ -9,7 +9,6 @@ option set or calibration data is refused rather than mixed.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
@@ -21,6 +20,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from spdy.models.data import fingerprint_batches
+from spdy.models.bundle import model_fingerprint  # the database depends on every weight, since a unit's inputs do
 from spdy.database.adaprune import AdaPrune
 from spdy.database.capture import UnitStats, capture
 from spdy.database.obs import OBS
@@ -44,17 +44,6 @@ def make_pruner(name: str, **params) -> Pruner:
     if unknown:
         raise InputError(f"pruner {name!r} has no parameter {unknown[0]!r}; its parameters are {', '.join(known) or 'none'}")
     return cls(**params)
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of every parameter and buffer (names, shapes, bytes): the database depends on all
-    of them, since a unit's inputs do; independent of which units are pruned."""
-    h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.flatten().view(torch.uint8).numpy())
-    return h.hexdigest()[:16]
 
 
 def relative_error(dense: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -90,6 +79,7 @@ def _start(directory: Path, identity: dict) -> dict:
     if not (directory / MANIFEST).exists():
         return {"format": FORMAT, **identity, "units": {}}
     manifest = read_manifest(directory)
+    Database(directory, manifest).check_model(identity["model"])
     for field, value in identity.items():
         if manifest.get(field) != value:
             raise DatabaseError(

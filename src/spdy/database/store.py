@@ -77,6 +77,16 @@ class Database:
     def open(cls, directory: str | os.PathLike) -> "Database":
         return cls(directory, read_manifest(Path(directory)))
 
+    def check_model(self, fingerprint: str) -> None:
+        """Refuse a database built from other weights (``model_fingerprint``): layer names and shapes
+        can agree while every pruned weight belongs to another model."""
+        built = self.manifest.get("model")
+        if built != fingerprint:
+            raise DatabaseError(
+                f"{self.directory} holds a database built from a different model: the weights differ (fingerprint "
+                f"{built!r}, this model's {fingerprint!r}), even where layer names and shapes agree; build a database "
+                f"for this model (spdy database MODEL -o NEW_DIR), or delete this one to rebuild it here")
+
     @property
     def units(self) -> list[str]:
         """Units whose file is complete, in build order."""

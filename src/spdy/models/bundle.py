@@ -2,12 +2,53 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
+import torch
 from torch import nn
 
+from spdy.errors import InputError
 from spdy.models.data import fingerprint_batches
+from spdy.units import call_model
+
+SAMPLED = 4096  # elements of each tensor the weight fingerprint reads
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A cheap, run-stable hash of every parameter and buffer: names, shapes, dtypes and an evenly
+    strided sample of each tensor's values (whole tensors up to ``SAMPLED`` elements). Two models
+    of the same shapes but other weights (another seed, fine-tuned, pruned) differ in it."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        flat = t.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // SAMPLED)][:SAMPLED].contiguous()
+        h.update(sample.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _tensors(value: Any, where: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(place, tensor) for every tensor in a batch or model output: a tensor, a dict or a sequence."""
+    if isinstance(value, torch.Tensor):
+        yield where, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _tensors(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _tensors(item, f"{where}[{i}]")
+
+
+def _non_finite(value: Any, where: str) -> str | None:
+    """Where ``value`` first holds NaN or inf, and how much of it; None when all is finite."""
+    for place, t in _tensors(value, where):
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            return f"{place} holds {bad} NaN or inf value{'s' if bad > 1 else ''} (of {t.numel()})"
+    return None
 
 
 @dataclass
@@ -26,4 +67,20 @@ class ModelBundle:
     @property
     def fingerprint(self) -> str:
         """Identifies model weights + calibration data, for cache keys."""
-        return f"{self.name}:{fingerprint_batches(self.calibration)}"
+        return f"{self.name}:{model_fingerprint(self.model)}:{fingerprint_batches(self.calibration)}"
+
+    @torch.no_grad()
+    def check(self) -> None:
+        """Refuse NaN or inf in the data (and labels) of either split, and a dense model whose output on
+        the calibration data is already non-finite: every loss would be NaN, so every search would
+        silently return its starting point and every database error would read 0."""
+        splits = (("calibration", self.calibration, self.calibration_labels), ("heldout", self.heldout, self.heldout_labels))
+        for split, batches, labels in splits:
+            for i, batch in enumerate(batches):
+                label = labels[i] if labels is not None and i < len(labels) else None
+                if problem := _non_finite(batch, "input") or _non_finite(label, "labels"):
+                    raise InputError(f"{self.name}: {split} batch {i} (of {len(batches)}): {problem}; clean or drop that data")
+        for i, batch in enumerate(self.calibration):
+            if problem := _non_finite(call_model(self.model, batch), "output"):
+                raise InputError(f"{self.name}: the dense model's output on calibration batch {i} (of {len(self.calibration)}) is "
+                                 f"already non-finite: {problem}; fix the model's weights (or its dtype's range) before pruning it")

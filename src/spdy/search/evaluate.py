@@ -64,11 +64,13 @@ class Evaluator:
 
     ``loss`` is a built-in name or a callable ``(output, dense_output, batch) -> scalar``;
     ``labels`` (one tensor per batch) are needed by ``"ce"`` only. Non-finite losses become
-    ``inf`` with a warning, so a broken candidate never wins.
+    ``inf`` with a warning, so a broken candidate never wins; a non-finite dense reference is
+    broken input (every candidate would fail) and an ``InputError`` naming the ``split`` batch.
     """
 
     def __init__(self, model: nn.Module, batches: Sequence[Any], loss: str | LossFn = "cosine",
-                 apply: Callable[[Mapping[str, str]], object] | None = None, labels: Sequence[torch.Tensor] | None = None):
+                 apply: Callable[[Mapping[str, str]], object] | None = None, labels: Sequence[torch.Tensor] | None = None,
+                 split: str = "evaluation"):
         if isinstance(loss, str) and loss not in _BUILTIN:
             raise InputError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)} or pass a callable")
         if not batches:
@@ -84,6 +86,11 @@ class Evaluator:
             self.reference = [None] * len(self.batches)
         else:
             self.reference = [self._forward(b) for b in self.batches]
+        for i, reference in enumerate(self.reference):
+            if isinstance(reference, torch.Tensor) and reference.is_floating_point() and not bool(torch.isfinite(reference).all()):
+                what = "labels" if loss == "ce" else "dense model's output"
+                raise InputError(f"the {what} for {split} batch {i} (of {len(self.batches)}) holds NaN or inf: every candidate's "
+                                 f"loss would be non-finite; clean the data or fix the model before searching")
 
     @torch.no_grad()
     def _forward(self, batch: Any) -> torch.Tensor:

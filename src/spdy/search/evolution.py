@@ -29,6 +29,11 @@ from spdy.timing.table import TimingTable
 StagedEvaluate = Callable[[Mapping[str, str], int | None], float]
 
 
+def _worst_if_broken(loss: float) -> float:
+    """NaN or inf -> inf: a broken candidate loses every comparison (NaN would also never be beaten)."""
+    return loss if math.isfinite(loss) else math.inf
+
+
 @dataclass(frozen=True)
 class EvoConfig:
     generations: int = 50
@@ -85,7 +90,7 @@ class EvolutionSearch:
         state = self.checkpoint.load()
         if state is None:
             parent = np.array([ks.index(self.start[u]) for u, ks in zip(self.table.units, self.keys)])
-            state = {"generation": 0, "parent": parent.tolist(), "loss": self.evaluate(self._profile(parent), None),
+            state = {"generation": 0, "parent": parent.tolist(), "loss": _worst_if_broken(self.evaluate(self._profile(parent), None)),
                      "evaluations": 1, "batch_evaluations": self.batches, "trace": [], "elapsed": 0.0}
         else:
             rng.bit_generator.state = state["rng"]
@@ -96,10 +101,10 @@ class EvolutionSearch:
             pool = [self.mutate(parent, rng) for _ in range(cfg.offspring)]
             for share, survivors in cfg.stages:
                 batches = max(1, round(share * self.batches))
-                scores = [self.evaluate(self._profile(g), batches) for g in pool]
+                scores = [_worst_if_broken(self.evaluate(self._profile(g), batches)) for g in pool]
                 state["evaluations"] += len(pool)
                 state["batch_evaluations"] += len(pool) * batches
-                order = np.argsort([s if math.isfinite(s) else math.inf for s in scores], kind="stable")
+                order = np.argsort(scores, kind="stable")
                 pool, best_score = [pool[i] for i in order[:survivors]], scores[order[0]]
             if best_score < state["loss"]:
                 state["parent"], state["loss"] = pool[0].tolist(), best_score
@@ -111,6 +116,8 @@ class EvolutionSearch:
             bar.set_postfix(best=f"{state['loss']:.5g}", evals=state["evaluations"])
             bar.update(1)
         bar.close()
+        if not math.isfinite(state["loss"]):
+            raise RuntimeError("every candidate's loss was NaN or inf: the pruned models are broken (check the database and the loss)")
         options = self._profile(np.array(state["parent"]))
         predicted = self.table.predicted_time(options)
         return Profile(options=options, target=self.target, predicted_time=predicted, predicted_speedup=self.table.base / predicted,

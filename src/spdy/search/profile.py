@@ -31,8 +31,15 @@ class Profile:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        """Spellings of one option ("0.9", "0.90", "0.9000") become its one canonical key, so tools that
+        look keys up in tables and databases find them; anything else is refused, naming the unit."""
+        options = {}
         for unit, key in self.options.items():
-            Option.parse(key)
+            try:
+                options[unit] = Option.parse(key).key
+            except InputError as e:
+                raise InputError(f"unit {unit!r}: {e}") from None
+        self.options = options
 
     @property
     def sparsities(self) -> dict[str, float]:

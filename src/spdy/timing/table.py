@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,13 @@ def _check_time(value: object, path, where: str) -> float:
     if math.isnan(value) or math.isinf(value) or value < 0:
         raise TimingFormatError(path, where, f"expected a finite time >= 0 seconds, got {value!r}")
     return value
+
+
+def check_target(target: float, flag: str = "target") -> float:
+    """A speedup target: a finite number above 1 (1 is the dense model itself; below 1, a slowdown)."""
+    if isinstance(target, bool) or not isinstance(target, numbers.Real) or not (target > 1 and math.isfinite(target)):
+        raise InputError(f"{flag} {target!r}: a target speedup must be greater than 1 (a finite number, e.g. 1.5)")
+    return float(target)
 
 
 @dataclass
@@ -113,9 +121,7 @@ class TimingTable:
 
     def budget(self, target: float) -> float:
         """Time the solver's units may use for a ``target`` speedup: ``base / target - fixed``."""
-        if not (target > 0 and math.isfinite(target)):
-            raise InputError(f"target speedup must be a positive number, got {target!r}")
-        return self.base / target - self.fixed
+        return self.base / check_target(target) - self.fixed
 
     def predicted_time(self, profile: Mapping[str, str]) -> float:
         """``fixed`` + the chosen option's time of every unit (units not named stay dense)."""
