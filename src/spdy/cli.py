@@ -126,7 +126,7 @@ def cmd_time(args: argparse.Namespace) -> int:
     bundle, units = _bundle(args)
     keys = [o.key for o in options_of(args.pattern, _levels(args.levels))]
     out = Path(args.output)
-    table = measure_to(out, bundle, units, keys, args.engine, not args.json, args.threads)
+    table = measure_to(out, bundle, units, keys, args.engine, not args.quiet, args.threads)
     summary = {"output": str(out), "units": len(table.units), "options": len(keys), "base": table.base,
                "fixed": table.fixed, "max_speedup": table.max_speedup()}
     if args.json:
@@ -143,7 +143,7 @@ def cmd_database(args: argparse.Namespace) -> int:
 
     bundle, units = _bundle(args)
     db = build_database(bundle.model, units, bundle.calibration, options_of(args.pattern, _levels(args.levels)),
-                        args.output, pruner=args.pruner, progress=not args.json)
+                        args.output, pruner=args.pruner, progress=not args.quiet)
     summary = {**db.summary(), "units": len(db.units), "directory": str(db.directory)}
     summary["relative_error"].pop(DENSE, None)  # dense reconstructs exactly: not worth a line
     if args.json:
@@ -167,7 +167,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     work = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     if work:
         work.mkdir(parents=True, exist_ok=True)
-    profile = find_profile(bundle, units, table, db, args.target, settings, work, progress=not args.json)
+    profile = find_profile(bundle, units, table, db, args.target, settings, work, progress=not args.quiet)
     if args.output:
         profile.save(args.output)
     if args.json:
@@ -297,7 +297,7 @@ def cmd_gradual(args: argparse.Namespace) -> int:
         config = TrainConfig.from_dict({**asdict(TrainConfig(distill=default_distill(bundle.loss))), **recipe.training,
                                         **{k: v for k, v in flags.items() if v is not None}})
         recipe.training = asdict(config)
-        result = gradual_prune(bundle, units, recipe, config, args.work_dir, progress=not args.json)
+        result = gradual_prune(bundle, units, recipe, config, args.work_dir, progress=not args.quiet)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from None
     result.update(recipe=str(Path(args.work_dir) / "recipe.json"), model=str(Path(args.work_dir) / "model.safetensors"), steps=recipe.total_steps)
@@ -314,7 +314,7 @@ def cmd_nm(args: argparse.Namespace) -> int:
 
     bundle, units = _bundle(args)
     result = prune_nm(bundle, units, args.pattern, args.pruner, args.gap, args.work_dir, epochs=args.epochs, lr=args.lr,
-                      batch_size=args.gap_batch, seed=args.seed, progress=not args.json)
+                      batch_size=args.gap_batch, seed=args.seed, progress=not args.quiet)
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
@@ -334,6 +334,7 @@ def _model_args(p: argparse.ArgumentParser, model_required: bool = True) -> None
     p.add_argument("--include", nargs="+", metavar="GLOB", help="prune only layers whose names match (default: the model's own)")
     p.add_argument("--exclude", nargs="+", metavar="GLOB", help="never prune layers whose names match")
     p.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr (shown by default, with --json too)")
 
 
 def _option_args(p: argparse.ArgumentParser) -> None:

@@ -12,16 +12,29 @@ from typing import Any, Callable
 from spdy.errors import InputError
 
 
+TMP_SUFFIX = ".tmp"
+
+
 def replace_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
-    """``write`` a temporary file beside ``path``, then rename it over ``path``; an interrupted write leaves no temporary file."""
+    """``write`` a temporary file beside ``path``, then rename it over ``path``; an interrupted
+    write leaves no temporary file (a SIGKILL can: see `remove_temporaries`)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed `replace_atomically` left under ``directory``: nothing
+    reads them, and a rerun would only overwrite them one by one."""
+    stale = [p for p in Path(directory).rglob(f"*{TMP_SUFFIX}") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def write_json(path: str | os.PathLike, data: Any, indent: int | None = 1) -> None:

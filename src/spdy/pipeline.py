@@ -371,7 +371,7 @@ def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = Tru
         gap = timed(log, "gap", lambda: finish_with_gap(bundle, units, stitcher.dense, epochs=cfg.gap_epochs, lr=cfg.gap_lr,
                                                          seed=cfg.seed, work_dir=gap_dir, progress=progress))
         say(f"      gAP: held-out loss {gap['heldout_before_gap']:.5g} -> {gap['heldout_after_gap']:.5g}")
-    export_dir = timed(log, "export", lambda: export(bundle.model, bundle.name, chosen, main.get("formats", {}), work / "export"))
+    export_dir = timed(log, "export", lambda: export(bundle.model, bundle.name, chosen, main.get("formats", {}), work / "export", tokenizer=bundle.tokenizer))
     stitcher.restore()  # dense units again (with gAP the other parameters stay fine-tuned; the run ends here)
     command = cfg.command_line()
     summary = {

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from spdy.models.data import fingerprint_batches
 from spdy.models.bundle import model_fingerprint  # the database depends on every weight, since a unit's inputs do
@@ -25,9 +25,10 @@ from spdy.database.adaprune import AdaPrune
 from spdy.database.capture import UnitStats, capture
 from spdy.database.obs import OBS
 from spdy.database.pruners import Magnitude, Pruner, single_pattern
-from spdy.database.store import FORMAT, MANIFEST, Database, DatabaseError, file_sha256, read_manifest, unit_filename, write_manifest
+from spdy.database.store import FORMAT, MANIFEST, Database, DatabaseError, file_sha256, file_stamp, read_manifest, unit_filename, write_manifest
 from spdy.errors import InputError
-from spdy.files import replace_atomically
+from spdy.files import remove_temporaries, replace_atomically
+from spdy.progress import progress_bar
 from spdy.levels import Option
 from spdy.units import Unit, weight_matrix
 
@@ -108,6 +109,7 @@ def _build_unit(directory: Path, name: str, unit: Unit, stats: UnitStats, pruner
         "shape": list(original.shape),
         "file": filename,
         "sha256": file_sha256(path),
+        **file_stamp(path),
         "rows": stats.count,
         "seconds": round(time.perf_counter() - started, 3),
         "relative_error": errors,
@@ -139,16 +141,17 @@ def build_database(
         pattern.check(unit.weight_shape, name)
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(directory)  # a killed build's half-written files
     with torch.no_grad():
         manifest = _start(directory, _identity(model, calibration, algorithm, options))
         existing = Database(directory, manifest)
-        for bad in existing.check():
+        for bad in existing.check():  # re-hashes only files changed since they were verified
             del manifest["units"][bad]
-        write_manifest(directory, manifest)
+        write_manifest(directory, manifest)  # with the stamps check() verified
         todo = {name: unit for name, unit in units.items() if name not in manifest["units"]}
         if todo:
             stats = capture(model, todo, calibration, rows=algorithm.rows, progress=progress)
-            with tqdm(total=len(todo) * len(options), desc=f"{algorithm.name} database", unit="level", disable=not progress) as bar:
+            with progress_bar(total=len(todo) * len(options), desc=f"{algorithm.name} database", unit="level", disable=not progress) as bar:
                 for name, unit in todo.items():
                     manifest["units"][name] = _build_unit(directory, name, unit, stats.pop(name), algorithm, options, bar)
                     write_manifest(directory, manifest)

@@ -14,9 +14,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from spdy.errors import InputError
+from spdy.progress import progress_bar
 from spdy.units import Unit, call_model
 
 
@@ -78,7 +78,7 @@ def capture(model: torch.nn.Module, units: dict[str, Unit], calibration: Sequenc
         for name, unit in units.items()
     ]
     try:
-        for batch in tqdm(calibration, desc="calibration", unit="batch", disable=not progress, leave=False):
+        for batch in progress_bar(calibration, desc="calibration", unit="batch", disable=not progress, leave=False):
             call_model(model, batch)
     finally:
         for hook in hooks:

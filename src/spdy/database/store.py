@@ -4,8 +4,12 @@ Each unit file holds every option of the unit (dense included) as an (out, in) m
 named by its option key. Files are read lazily through ``safetensors.safe_open``
 (memory-mapped), so memory stays bounded by what is asked for. The manifest records what
 built the database (model, pruner, pattern, options, calibration), and per unit its
-file, sha256 and relative output errors; a unit file's checksum is verified on its first
-read, so a corrupt or missing file fails loudly with its unit's name.
+file, sha256, relative output errors, and the size and mtime the file had when its
+checksum was last verified. A unit file is checked on its first read: missing or of
+another size fails loudly with its unit's name; it is re-hashed only when its mtime
+differs from the verified one or is not older than the manifest (a change within the
+file system's timestamp granularity would otherwise go unseen), so resuming or opening
+a large database does not read every file twice.
 """
 
 from __future__ import annotations
@@ -37,6 +41,12 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_stamp(path: Path) -> dict[str, int]:
+    """What a file looked like when its checksum was verified: a different stamp means re-hash."""
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def unit_filename(unit: str) -> str:
@@ -72,6 +82,10 @@ class Database:
         self.directory = Path(directory)
         self.manifest = manifest
         self._files: dict[str, Any] = {}
+        manifest_path = self.directory / MANIFEST
+        # Stamps are trusted only for files older than the manifest that recorded them.
+        self._manifest_ns = manifest_path.stat().st_mtime_ns if manifest_path.is_file() else 0
+        self._verified: dict[str, dict[str, int]] = {}  # unit -> stamp hashed by this object
 
     @classmethod
     def open(cls, directory: str | os.PathLike) -> "Database":
@@ -114,12 +128,20 @@ class Database:
         return self.directory / self._entry(unit)["file"]
 
     def problem(self, unit: str) -> str | None:
-        """Why a unit's file cannot be used, or None when it is intact."""
-        path = self.path(unit)
+        """Why a unit's file cannot be used, or None when it is intact (its verified stamp is
+        updated in the manifest held in memory; `build_database` writes it)."""
+        entry, path = self._entry(unit), self.path(unit)
         if not path.is_file():
             return f"unit {unit!r}: file {path} is missing"
-        if file_sha256(path) != self._entry(unit)["sha256"]:
+        stamp = file_stamp(path)
+        if "size" in entry and stamp["size"] != entry["size"]:
+            return f"unit {unit!r}: file {path} is corrupt ({stamp['size']} bytes, the manifest says {entry['size']}: truncated or overwritten)"
+        if self._verified.get(unit) == stamp or (stamp["mtime_ns"] == entry.get("mtime_ns") and stamp["mtime_ns"] < self._manifest_ns):
+            return None
+        if file_sha256(path) != entry["sha256"]:
             return f"unit {unit!r}: file {path} is corrupt (sha256 differs from the manifest)"
+        entry.update(stamp)
+        self._verified[unit] = stamp
         return None
 
     def check(self) -> dict[str, str]:

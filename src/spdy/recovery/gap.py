@@ -31,10 +31,10 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from spdy.database.build import model_fingerprint
 from spdy.errors import InputError
+from spdy.progress import progress_bar
 from spdy.files import replace_atomically, write_json
 from spdy.units import call_model
 
@@ -181,7 +181,7 @@ class GlobalAdaPrune:
         total = self.epochs * -(-samples // self.batch_size)
         total = total if self.max_steps is None else min(total, self.max_steps)
         self.losses_ = list(counters["losses"])
-        bar = tqdm(total=total, initial=min(counters["step"], total), desc="gAP", unit="step", disable=not self.progress)
+        bar = progress_bar(total=total, initial=min(counters["step"], total), desc="gAP", unit="step", disable=not self.progress)
         try:
             while counters["epoch"] < self.epochs and counters["step"] < total:
                 order = epoch_order(samples, self.seed, counters["epoch"]).split(self.batch_size)

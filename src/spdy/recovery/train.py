@@ -23,9 +23,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
-from tqdm import tqdm
 
 from spdy.errors import InputError
+from spdy.progress import progress_bar
 from spdy.recovery.distill import DistillLoss
 from spdy.files import replace_atomically, write_json
 from spdy.recovery.gradual import GradualPruner, Recipe, prune_lowest
@@ -140,7 +140,7 @@ def fine_tune(model: nn.Module, units: Mapping[str, Unit], recipe: Recipe, batch
     checkpoint = Checkpoint(work_dir, recipe) if work_dir is not None else None
     start = checkpoint.load(model, optimizer, pruner) if checkpoint else 0
     stop = recipe.total_steps if until is None else min(until, recipe.total_steps)
-    bar = tqdm(range(start, stop), initial=start, total=recipe.total_steps, disable=not progress, desc="gradual", leave=False)
+    bar = progress_bar(range(start, stop), initial=start, total=recipe.total_steps, disable=not progress, desc="gradual", leave=False)
     try:
         for step in bar:
             pruner.update(step, optimizer)

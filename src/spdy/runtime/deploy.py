@@ -1,21 +1,27 @@
 """Export a pruned model for deployment, and load it back as a runnable sparse model.
 
 An export directory holds ``model.safetensors`` (the pruned weights), ``profile.json`` and
-``runtime.json`` (the MODEL spec to rebuild the architecture and the runtime format of
-every pruned layer, as measured for this engine).
+``runtime.json`` (the MODEL spec, the runtime format of every pruned layer as measured for
+this engine). A Hugging Face model also gets its ``config.json`` and tokenizer files, and
+``runtime.json`` names the classes to rebuild it with, so `load` needs neither the original
+model directory nor the MODEL spec on the machine it runs on. Every file is replaced
+atomically: a killed export leaves whole files, never half of one.
 """
 
 from __future__ import annotations
 
-import json
+import importlib
+import inspect
 import os
+import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from spdy.errors import InputError
+from spdy.files import read_json, replace_atomically, write_json
 from spdy.runtime import convert, kernel_status, use_kernel_attention
 
 if TYPE_CHECKING:  # the runtime needs no search code: a profile only has to save itself
@@ -23,10 +29,44 @@ if TYPE_CHECKING:  # the runtime needs no search code: a profile only has to sav
 
 RUNTIME = "runtime.json"
 WEIGHTS = "model.safetensors"
+_STAGING = "huggingface.tmp"  # config and tokenizer are saved here, then moved in file by file
 
 
-def export(model: nn.Module, spec: str, profile: Profile, formats: Mapping[str, str], directory: str | os.PathLike) -> Path:
-    """Write the (pruned, not yet converted) model's weights, profile and format choices."""
+def _huggingface_part(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The model itself or its direct child that carries a savable Hugging Face config, when
+    the model can be rebuilt from it (a wrapper whose constructor takes just that child)."""
+    for name, module in model.named_modules():
+        if "." in name or not hasattr(getattr(module, "config", None), "save_pretrained"):
+            continue
+        if name:
+            try:
+                inspect.signature(type(model)).bind(module)
+            except TypeError:
+                return None
+        return name, module
+    return None
+
+
+def _save_huggingface(directory: Path, name: str, module: nn.Module, model: nn.Module, tokenizer: Any) -> dict:
+    """Write config.json (and the tokenizer's files) into ``directory``; return how to rebuild the model."""
+    staging = directory / _STAGING
+    shutil.rmtree(staging, ignore_errors=True)  # left by an export that was killed
+    try:
+        module.config.save_pretrained(str(staging))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+        for path in sorted(p for p in staging.iterdir() if p.is_file()):
+            os.replace(path, directory / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    wrapper = f"{type(model).__module__}:{type(model).__qualname__}" if name else None
+    return {"class": type(module).__name__, "attribute": name, "wrapper": wrapper}
+
+
+def export(model: nn.Module, spec: str, profile: Profile, formats: Mapping[str, str], directory: str | os.PathLike,
+           tokenizer: Any = None) -> Path:
+    """Write the (pruned, not yet converted) model's weights, profile and format choices, plus a
+    Hugging Face model's config and ``tokenizer`` so the export loads on its own."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -40,14 +80,39 @@ def export(model: nn.Module, spec: str, profile: Profile, formats: Mapping[str, 
             del state[name]
         else:
             seen[ptr] = name
-    save_file(state, str(directory / WEIGHTS))
+    replace_atomically(directory / WEIGHTS, lambda tmp: save_file(state, str(tmp)))
     profile.save(directory / "profile.json")
-    (directory / RUNTIME).write_text(json.dumps({"model": spec, "formats": dict(formats), "shared": shared}, indent=1))
+    meta: dict[str, Any] = {"model": spec, "formats": dict(formats), "shared": shared}
+    part = _huggingface_part(model)
+    if part is not None:
+        meta["huggingface"] = _save_huggingface(directory, *part, model, tokenizer)
+    write_json(directory / RUNTIME, meta)
     return directory
 
 
+def _rebuild(directory: Path, record: dict) -> nn.Module:
+    """The architecture from the export's own config.json and the classes runtime.json names (weights not loaded)."""
+    import transformers
+
+    cls = getattr(transformers, record["class"], None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise InputError(f"{directory / RUNTIME}: transformers {transformers.__version__} has no model class {record['class']!r}")
+    inner = cls(transformers.AutoConfig.from_pretrained(str(directory)))
+    if not record["attribute"]:
+        return inner
+    module_name, _, qualname = record["wrapper"].partition(":")
+    try:
+        wrapper = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            wrapper = getattr(wrapper, part)
+    except (ImportError, AttributeError) as e:
+        raise InputError(f"{directory / RUNTIME}: cannot import the model wrapper {record['wrapper']!r} ({e})") from None
+    return wrapper(inner)
+
+
 def load(directory: str | os.PathLike, model: nn.Module | None = None, attention: str = "sdpa") -> nn.Module:
-    """A runnable model: the architecture (rebuilt from the MODEL spec unless given), pruned weights, sparse formats.
+    """A runnable model: the architecture (given, rebuilt from the export's Hugging Face config,
+    or else from the MODEL spec), pruned weights, sparse formats.
 
     ``attention="kernel"`` also runs a transformers model's attention with spdy's CPU kernel
     (`spdy.runtime.use_kernel_attention`); ``"sdpa"`` keeps the model's own.
@@ -58,8 +123,10 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, attention
     meta_path = directory / RUNTIME
     if not meta_path.is_file():
         raise FileNotFoundError(f"{directory} is not a spdy export: {RUNTIME} is missing")
-    meta = json.loads(meta_path.read_text())
-    if model is None:
+    meta = read_json(meta_path, "export runtime file")
+    if model is None and "huggingface" in meta:
+        model = _rebuild(directory, meta["huggingface"])
+    elif model is None:
         from spdy.models import load_model
 
         model = load_model(meta["model"], samples=1, heldout=1).model

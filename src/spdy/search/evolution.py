@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Mapping
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from spdy.errors import InputError
+from spdy.progress import progress_bar
 from spdy.files import digest
 from spdy.search.dp import solve
 from spdy.search.profile import Profile
@@ -95,7 +95,7 @@ class EvolutionSearch:
         else:
             rng.bit_generator.state = state["rng"]
         started = time.perf_counter() - state["elapsed"]
-        bar = tqdm(total=cfg.generations, initial=state["generation"], desc="evolution", unit="gen", disable=not self.progress, leave=False)
+        bar = progress_bar(total=cfg.generations, initial=state["generation"], desc="evolution", unit="gen", disable=not self.progress, leave=False)
         while state["generation"] < cfg.generations:
             parent = np.array(state["parent"])
             pool = [self.mutate(parent, rng) for _ in range(cfg.offspring)]

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from spdy.errors import InputError
+from spdy.progress import progress_bar
 from spdy.search.dp import DEFAULT_BUCKETS, scaled_errors, solve
 from spdy.files import digest, read_json, write_json
 from spdy.search.profile import Profile
@@ -108,7 +108,7 @@ class SpdySearch:
         self.objective.evaluations = state["evaluations"]
         best = None if state["best"] is None else np.array(state["best"])
         started = time.perf_counter() - state["elapsed"]
-        bar = tqdm(desc="spdy search", unit="cand", disable=not self.progress, leave=False)
+        bar = progress_bar(desc="spdy search", unit="cand", disable=not self.progress, leave=False)
 
         def save(**changes) -> None:
             state.update(changes, rng=rng.bit_generator.state, evaluations=self.objective.evaluations,

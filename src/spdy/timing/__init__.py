@@ -85,12 +85,12 @@ def _measure_units(
 ) -> "tuple[Stat, Stat]":
     """The measuring loop: model time, every unit (checkpointed), model time again."""
     import torch
-    from tqdm import tqdm
+    from spdy.progress import progress_bar
 
     with torch.no_grad():
         before = engine.model_time(model, batch)
     by_signature = {e["signature"]: n for n, e in entries.items() if e.get("signature") is not None and "shared_from" not in e}
-    bar = tqdm(units.items(), desc=f"timing ({engine.name})", unit="unit", disable=not progress)
+    bar = progress_bar(units.items(), desc=f"timing ({engine.name})", unit="unit", disable=not progress)
     for name, unit in bar:
         bar.set_postfix_str(name[-40:])
         entry = entries.get(name)

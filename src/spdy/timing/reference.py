@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
+from collections import Counter
 from typing import Iterable
 
 from spdy.levels import DENSE, level_key
 from spdy.timing.table import TimingFormatError, TimingTable
+
+
+class TimingFormatWarning(UserWarning):
+    """A reference table with a repeated or missing level: imported, with what was kept said."""
 
 
 def _number(token: str, path, lineno: int, what: str) -> float:
@@ -27,6 +33,8 @@ def _number(token: str, path, lineno: int, what: str) -> float:
 
 
 def parse_reference(text: str, path: str | os.PathLike | None = None, exclude: Iterable[str] = ()) -> TimingTable:
+    """The table in ``text``; a unit listing a level twice or lacking one is kept with a
+    `TimingFormatWarning` (the authors' own tables do both), a file ending mid-unit is refused."""
     lines = [(i + 1, line.strip()) for i, line in enumerate(text.splitlines()) if line.strip()]
     header = {}
     for expected, pos in (("base", 0), ("prunable", 2)):
@@ -38,7 +46,10 @@ def parse_reference(text: str, path: str | os.PathLike | None = None, exclude: I
         header[expected] = _number(lines[pos + 1][1], path, lines[pos + 1][0], f"the {expected} time in seconds")
 
     times: dict[str, dict[str, float]] = {}
+    level_line: dict[str, dict[str, int]] = {}  # unit -> level -> the line it was read from
     unit_line: dict[str, int] = {}
+    line_count: dict[str, int] = {}
+    notes: list[str] = []
     unit = None
     for lineno, line in lines[4:]:
         parts = line.split()
@@ -46,7 +57,7 @@ def parse_reference(text: str, path: str | os.PathLike | None = None, exclude: I
             unit = parts[0]
             if unit in times:
                 raise TimingFormatError(path, f"line {lineno}", f"unit {unit!r} appears twice (first at line {unit_line[unit]})")
-            times[unit], unit_line[unit] = {}, lineno
+            times[unit], level_line[unit], unit_line[unit], line_count[unit] = {}, {}, lineno, 0
             continue
         if unit is None:
             raise TimingFormatError(path, f"line {lineno}", f"expected a layer name after the header, got {line!r}")
@@ -56,7 +67,14 @@ def parse_reference(text: str, path: str | os.PathLike | None = None, exclude: I
         sparsity = _number(parts[1], path, lineno, "a sparsity in [0, 1)")
         if sparsity >= 1:
             raise TimingFormatError(path, f"line {lineno}", f"expected a sparsity in [0, 1), got {parts[1]!r}")
-        times[unit][level_key(sparsity)] = seconds
+        key = level_key(sparsity)
+        line_count[unit] += 1
+        if key in times[unit]:
+            # The authors' yolov5 tables list a unit's 0% level twice; the first is its measurement in sequence.
+            first = level_line[unit][key]
+            notes.append(f"unit {unit!r} lists sparsity {key} twice (lines {first} and {lineno}): kept the first ({times[unit][key]} s, line {first})")
+            continue
+        times[unit][key], level_line[unit][key] = seconds, lineno
 
     # Some reference files end with a bare list of the pruned parameters ("<unit>.weight").
     listed = [u for u in times if not times[u]]
@@ -65,15 +83,26 @@ def parse_reference(text: str, path: str | os.PathLike | None = None, exclude: I
             del times[u]
     if not times:
         raise TimingFormatError(path, "end of file", "truncated: no layers after the header")
-    counts = {u: len(o) for u, o in times.items()}
-    expected = max(counts.values())
     for u, options in times.items():
         if not options:
             raise TimingFormatError(path, f"line {unit_line[u]}", f"unit {u!r} has no '<seconds> <sparsity>' lines: the file looks truncated")
         if DENSE not in options:
             raise TimingFormatError(path, f"line {unit_line[u]}", f"unit {u!r} has no dense (0.0000) time")
-        if counts[u] != expected:
-            raise TimingFormatError(path, f"line {unit_line[u]}", f"unit {u!r} has {counts[u]} options where others have {expected}: the file looks truncated")
+    # A file that ends mid-unit: its last unit has fewer lines than units usually have.
+    frequency = Counter(line_count[u] for u in times)
+    usual = max(n for n, f in frequency.items() if f == max(frequency.values()))
+    last = list(times)[-1]
+    if line_count[last] < usual:
+        end = max(level_line[last].values())
+        raise TimingFormatError(path, f"line {unit_line[last]}", f"unit {last!r} ends at line {end} after {line_count[last]} of the "
+                                f"{usual} '<seconds> <sparsity>' lines other units have: the file looks truncated")
+    grid = set().union(*(o.keys() for o in times.values()))
+    for u, options in times.items():
+        if lacking := sorted(grid - options.keys()):
+            notes.append(f"unit {u!r} (line {unit_line[u]}) has no time for sparsity {', '.join(lacking)}: "
+                         f"kept its {len(options)} levels, so the solver has fewer options for it")
+    for note in notes:
+        warnings.warn(f"{path}: {note}", TimingFormatWarning, stacklevel=2)
 
     base = header["base"]
     fixed = base - sum(o[DENSE] for o in times.values())
