@@ -41,13 +41,20 @@ def digits_mlp(hidden: int = 256, depth: int = 2, epochs: int = 40, batch_size: 
 
 
 def _fit(model: nn.Module, batches: list, labels: list, epochs: int, seed: int) -> None:
+    """Adam on one thread: float sums split over threads round differently, and the weights (so the
+    model's fingerprint, which databases and profiles are checked against) must not depend on it."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for i in torch.randperm(len(batches), generator=gen).tolist():
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(batches[i]), labels[i]).backward()
-            optimizer.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(epochs):
+            for i in torch.randperm(len(batches), generator=gen).tolist():
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(batches[i]), labels[i]).backward()
+                optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def digits_cnn(width: int = 8, hidden: int = 2048, epochs: int = 10, batch_size: int = 128, seed: int = 0) -> ModelBundle:
