@@ -12,7 +12,9 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -133,6 +135,18 @@ def test_json_output_stays_clean_while_progress_goes_to_stderr(tmp_path, capsys)
     assert json.loads(quiet.out)["entries"] == summary["entries"] and quiet.err == ""
 
 
+@contextmanager
+def file_size_limit(size: int) -> Iterator[None]:
+    """The file system refuses bytes past ``size``: a real write failing midway (EFBIG)."""
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, limits[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
 def _digits_export(bundle, directory: Path) -> Path:
     return export(bundle.model, "digits", spdy.Profile({}), {}, directory)
 
@@ -143,17 +157,22 @@ def test_a_write_failing_midway_leaves_the_old_file_and_no_temporary(tmp_path):
     before = (directory / WEIGHTS).read_bytes()
     with torch.no_grad():
         next(bundle.model.parameters()).zero_()
-    # The file system refuses bytes past a size limit: safetensors fails halfway through the file.
-    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, limits[1]))
-    try:
-        with pytest.raises(Exception, match="(?i)too large|file size"):
-            _digits_export(bundle, directory)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
-        signal.signal(signal.SIGXFSZ, handler)
+    with file_size_limit(len(before) // 2), pytest.raises(Exception, match="(?i)too large|file size"):
+        _digits_export(bundle, directory)  # safetensors fails halfway through the file
     assert sorted(p.name for p in directory.iterdir()) == sorted(["model.safetensors", "profile.json", "runtime.json"])
     assert (directory / WEIGHTS).read_bytes() == before
+
+
+def test_run_log_survives_a_write_failing_midway(tmp_path):
+    from spdy.pipeline import StageLog
+
+    log = StageLog(tmp_path / "run.json")
+    log.record("load", 1.0)
+    before = (tmp_path / "run.json").read_text()
+    with file_size_limit(len(before) + 10), pytest.raises(OSError, match="(?i)too large"):
+        log.record("timing", 2.0, note="x" * 1000)
+    assert (tmp_path / "run.json").read_text() == before and StageLog(tmp_path / "run.json").stages == {"load": {"seconds": 1.0}}
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
 
 
 def _digits_database(bundle, directory: Path, **kw) -> Database:

@@ -28,7 +28,7 @@ from spdy.search import baselines
 from spdy.search.dp import InfeasibleTarget
 from spdy.search.profile import METHODS, Profile
 from spdy.search.spdy import SpdyConfig, SpdySearch
-from spdy.files import digest, write_json
+from spdy.files import digest, replace_atomically, write_json
 from spdy.timing import measure
 from spdy.timing.table import TimingTable, check_target
 from spdy.units import Unit, find_units, set_weight_matrix, weight_matrix
@@ -203,7 +203,8 @@ class StageLog:
     def record(self, stage: str, seconds: float, **info: Any) -> None:
         self.stages[stage] = {"seconds": round(seconds, 2), **info}
         self.last.append(stage)
-        self.path.write_text(json.dumps({"stages": self.stages, "last": self.last}, indent=1, default=str))
+        text = json.dumps({"stages": self.stages, "last": self.last}, indent=1, default=str)
+        replace_atomically(self.path, lambda tmp: tmp.write_text(text))  # a killed run leaves a readable run.json
 
 
 def timed(log: StageLog, stage: str, fn: Callable[[], Any], **info: Any) -> Any:
