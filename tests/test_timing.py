@@ -55,6 +55,12 @@ def test_measure_gives_a_valid_table(net, tmp_path: Path) -> None:
             if fmt == "dense":
                 assert table.times[unit][key] == table.dense_time(unit)
     assert table.fixed >= 0 and table.base > table.fixed
+    # base is the dense model's time, before and after the units pooled; fixed is what the units leave of it
+    assert min(table.meta["base_before"], table.meta["base_after"]) <= table.base <= max(table.meta["base_before"], table.meta["base_after"])
+    assert table.fixed + sum(table.dense_time(u) for u in table.units) == pytest.approx(table.base)
+    # a format is kept only when it beats dense in the same run, so no option costs more than dense
+    assert all(t <= table.dense_time(u) for u in table.units for t in table.times[u].values())
+    assert table.max_speedup() >= 1
     assert table.meta["shared"] == {"c": "b"}  # same shapes: measured once
     assert table.meta["threads"] == 1 and table.meta["backend"] == "torch-cpu"
     assert {"cpu", "torch", "date", "batch_shapes", "base_before", "base_after"} <= set(table.meta)
@@ -128,10 +134,24 @@ def test_backend_registry_errors() -> None:
     assert isinstance(get_backend("torch-cpu", threads=1), Backend)
 
 
-def test_model_time_is_a_stat(net) -> None:
-    model, _, x = net
-    stat = TorchCpuBackend(threads=1, model_rounds=4).model_time(model, x)
-    assert isinstance(stat, Stat) and stat.median > 0 and stat.samples >= 4
+def test_model_time_grows_with_the_model() -> None:
+    """A model with ~500x the multiply-adds of another takes far longer, however noisy the machine."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 128)
+    tiny = nn.Linear(128, 16).eval()
+    big = nn.Sequential(nn.Linear(128, 1024), nn.Linear(1024, 1024)).eval()
+    backend = TorchCpuBackend(threads=1, model_rounds=4)
+    small, large = backend.model_time(tiny, x), backend.model_time(big, x)
+    assert small.samples >= 4 and large.samples >= 4
+    assert large.median > 10 * small.median
+
+
+def test_stat_median_ignores_an_outlier() -> None:
+    """One slow sample (a descheduled run) leaves the median and barely widens the spread (IQR, not range)."""
+    steady = Stat.of([1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 1.0])
+    burst = Stat.of([1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 100.0])
+    assert steady.median == burst.median == 1.0 and burst.samples == 7
+    assert steady.spread <= burst.spread < 0.2
 
 
 def test_deepsparse_layers_match_units_by_onnx_scope() -> None:
@@ -157,5 +177,5 @@ def test_deepsparse_backend_end_to_end(net, tmp_path: Path) -> None:
     model, units, x = net
     table = measure(model, units, x, levels=[0.9], backend="deepsparse", progress=False, threads=1, iterations=5, warmup_iterations=1, workdir=str(tmp_path))
     assert table.units == ["a", "b", "c"] and table.meta["backend"] == "deepsparse"
-    assert table.fixed >= 0 and all(t > 0 for u in table.units for t in table.times[u].values())
+    assert table.fixed >= 0 and table.fixed + sum(table.dense_time(u) for u in table.units) == pytest.approx(table.base)
     assert table.meta["formats"]["a"]["0.9000"] == "deepsparse"

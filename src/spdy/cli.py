@@ -126,6 +126,7 @@ def cmd_time(args: argparse.Namespace) -> int:
     bundle, units = _bundle(args)
     keys = [o.key for o in options_of(args.pattern, _levels(args.levels))]
     out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)  # the checkpoint goes beside it from the first unit on
     table = measure_to(out, bundle, units, keys, args.engine, not args.quiet, args.threads)
     summary = {"output": str(out), "units": len(table.units), "options": len(keys), "base": table.base,
                "fixed": table.fixed, "max_speedup": table.max_speedup()}
@@ -169,6 +170,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         work.mkdir(parents=True, exist_ok=True)
     profile = find_profile(bundle, units, table, db, args.target, settings, work, progress=not args.quiet)
     if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         profile.save(args.output)
     if args.json:
         print(json.dumps(profile_json(profile), indent=1))
