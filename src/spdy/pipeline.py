@@ -38,7 +38,8 @@ def runtime_fingerprint() -> str:
     they are taken again once the code that runs the model has changed."""
     from spdy import runtime
 
-    return digest(*[(f.name, f.read_text()) for f in sorted(Path(runtime.__file__).parent.glob("*.py"))])
+    root = Path(runtime.__file__).parent
+    return digest(*[(str(f.relative_to(root)), f.read_text()) for f in sorted(root.rglob("*.py"))])
 
 
 def prunable_units(bundle: ModelBundle, include: Sequence[str] | None = None, exclude: Sequence[str] = ()) -> dict[str, Unit]:
