@@ -1,8 +1,10 @@
-"""`verify` on a small real MLP: keys, formats from the table, weights sources, misses."""
+"""`verify` on a small real MLP: keys, formats from the table, weights sources, misses, the
+engine's dense baseline, and the notes on under-prediction and over-delivery."""
 
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import warnings
 
@@ -15,7 +17,8 @@ from spdy.search.profile import Profile
 from spdy.runtime import magnitude_mask
 from spdy.timing import measure
 from spdy.units import find_units, weight_matrix
-from spdy.verification import UNDER_PREDICTED, SpeedupMiss, VerifyResult, pruned_copy, verify
+from spdy.verification import (BASELINE, ENGINE_BASELINE, OVER_DELIVERED, TORCH_FASTER, UNDER_PREDICTED, SpeedupMiss,
+                               VerifyResult, pruned_copy, verify)
 
 
 @pytest.fixture()
@@ -110,10 +113,11 @@ def test_met_follows_the_measurement(wide) -> None:
         assert all(f"{result.measured_speedup:.3f}x" in m and f"{target:g}x" in m for m in misses)
 
 
-def _result(measured: float, predicted: float | None) -> VerifyResult:
-    return VerifyResult(target=1.9, predicted_speedup=predicted, measured_speedup=measured, measured_spread=0.05,
-                        met=True, tolerance=0.03, dense_time=1.0, pruned_time=1.0 / measured, rounds=30, threads=2,
-                        output_error=0.0)
+def _result(measured: float, predicted: float | None, fused: list[str] | None = None, target: float | None = 1.9,
+            met: bool | None = True) -> VerifyResult:
+    return VerifyResult(target=target, predicted_speedup=predicted, measured_speedup=measured, measured_spread=0.05,
+                        met=met, tolerance=0.03, dense_time=1.0, pruned_time=1.0 / measured, rounds=30, threads=2,
+                        output_error=0.0, fused=fused)
 
 
 def test_under_prediction_is_named_only_beyond_noise() -> None:
@@ -128,3 +132,96 @@ def test_under_prediction_is_named_only_beyond_noise() -> None:
     note = _result(4.125, 1.901).under_prediction()
     cached = VerifyResult(**json.loads(json.dumps(_result(4.125, 1.901).to_json())))  # as `spdy run` reads it back
     assert note and cached.under_prediction() == note
+
+
+def test_engine_dense_baseline_is_measured_in_the_same_rounds(wide) -> None:
+    """A kernel-format profile is also timed against the unpruned model in the kernel format: one
+    ratio per round; the speedup over the engine's fastest dense run is their median where that
+    model beats dense torch, else the speedup over dense torch; it computes what dense torch does
+    (no warning). Nothing is fused in an nn.Sequential, so a prediction far below
+    the measurement is blamed on the table, not on fusions."""
+    model, units, x = wide
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = verify(model, units, Profile(SPARSE, predicted_speedup=1.01), x, rounds=8, formats=KERNEL, threads=1)
+    assert not [w for w in caught if "engine's dense run" in str(w.message)]
+    assert result.baseline == BASELINE == "dense torch" and len(result.engine_dense_ratios) == 8
+    if result.engine_dense_time < result.dense_time:
+        assert result.engine_baseline == ENGINE_BASELINE
+        assert result.speedup_over_engine_dense == statistics.median(result.engine_dense_ratios)
+    else:
+        assert result.engine_baseline == TORCH_FASTER and result.speedup_over_engine_dense == result.measured_speedup
+    assert result.engine_dense_time > result.pruned_time and statistics.median(result.engine_dense_ratios) > 1.5  # 99% sparse vs 0%
+    assert result.fused == []
+    note = result.under_prediction()
+    assert "nothing was fused" in note and "re-time" in note and "over dense torch" in note
+    text = result.speedups()
+    assert text.startswith(f"{result.measured_speedup:.3f}x over dense torch (") and \
+        f"{result.speedup_over_engine_dense:.3f}x over the engine's fastest dense run: {result.engine_baseline})" in text
+    assert VerifyResult(**json.loads(json.dumps(result.to_json()))) == result
+
+
+def test_engine_dense_is_skipped_without_a_kernel_unit(wide) -> None:
+    """Without a unit in the kernel format the engine's dense run is dense torch itself: not measured."""
+    model, units, x = wide
+    for profile, formats in ((Profile(SPARSE), {"0": "csr", "2": "csr"}), (Profile({"0": DENSE, "2": DENSE}), KERNEL)):
+        result = verify(model, units, profile, x, rounds=4, formats=formats, threads=1)
+        assert result.engine_dense_time is None and result.speedup_over_engine_dense is None
+        assert result.engine_baseline is None and result.engine_dense_ratios == []
+        assert result.speedups() == f"{result.measured_speedup:.3f}x over dense torch"
+
+
+def test_under_prediction_names_what_is_true() -> None:
+    """Fused blocks are named when there are some; with none the table itself is blamed; a result
+    saved before fusions were recorded says both are possible."""
+    fused = _result(4.0, 1.5, fused=["encoder.layer.0", "encoder.layer.1.output"]).under_prediction()
+    assert "2 blocks convert() fused" in fused and "encoder.layer.0" in fused and "nothing was fused" not in fused
+    plain = _result(4.0, 1.5, fused=[]).under_prediction()
+    assert "nothing was fused" in plain and "re-time" in plain and "convert() fused" not in plain
+    old = _result(4.0, 1.5).to_json()
+    for key in ("baseline", "engine_baseline", "engine_dense_time", "speedup_over_engine_dense", "engine_dense_ratios", "fused"):
+        del old[key]  # a verify JSON cached before these fields existed
+    legacy = VerifyResult(**old)
+    assert legacy.baseline == "dense torch" and legacy.fused is None and legacy.speedup_over_engine_dense is None
+    assert "may not see" in legacy.under_prediction() and "re-time" in legacy.under_prediction()
+    assert _result(1.6, 1.5, fused=["x"]).under_prediction() == ""
+
+
+def test_over_delivery_is_flagged_only_beyond_the_band() -> None:
+    """A met profile more than OVER_DELIVERED x faster than its target is told it gives accuracy away;
+    within the band, a miss or no target says nothing."""
+    beyond = _result(1.9 * OVER_DELIVERED * 1.01, 1.9).over_delivery()
+    assert "over-delivered" in beyond and f"{OVER_DELIVERED * 1.01:.2f}x the 1.9x target" in beyond and "accuracy" in beyond
+    assert _result(1.9 * OVER_DELIVERED * 0.99, 1.9).over_delivery() == ""
+    assert _result(1.9 * 3, 1.9, met=False).over_delivery() == ""
+    assert _result(3.0, 1.9, target=None, met=None).over_delivery() == ""
+
+
+def test_cli_verify_names_its_baselines(tmp_path, capsys) -> None:
+    """`spdy verify` prints the speedup over dense torch, over the engine's dense run exactly when
+    that was measured (a kernel-format unit), the over-delivery note exactly when a met target is
+    exceeded beyond the band; the JSON carries the new fields."""
+    from spdy.cli import main
+    from spdy.models import load_model
+    from spdy.units import find_units
+
+    names = list(find_units(load_model("digits").model))[:-1]
+    path = tmp_path / "profile.json"
+    Profile({n: "0.9500" for n in names}, target=1.01).save(path)
+    args = ["verify", "digits", "--profile", str(path), "--rounds", "6", "--quiet"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main([*args, "--json"])
+        data = json.loads(capsys.readouterr().out)
+        assert code == (0 if data["met"] else 1)
+        assert data["baseline"] == "dense torch" and data["fused"] == []
+        assert (data["speedup_over_engine_dense"] is not None) == ("kernel" in data["formats"].values())
+        code = main(args)
+    out = capsys.readouterr().out
+    line = re.search(r"measured (\d+\.\d+)x over dense torch( \(\d+\.\d+x over the engine's fastest dense run: "
+                     r"[^)]*0%\))? \(spread .*target 1\.01x: (MET|NOT MET)\n", out)
+    assert line, out
+    measured, met = float(line.group(1)), line.group(3) == "MET"
+    assert code == (0 if met else 1)
+    if abs(measured / 1.01 - OVER_DELIVERED) > 1e-3:
+        assert ("note: over-delivered" in out) == (met and measured > OVER_DELIVERED * 1.01), out

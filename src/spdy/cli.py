@@ -203,10 +203,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_json(), indent=1))
     else:
-        print(f"measured speedup {result.measured_speedup:.3f}x (spread {result.measured_spread:.3f}, {result.rounds} rounds), "
-              f"predicted {result.predicted_speedup}, target {result.target}: {'MET' if result.met else 'NOT MET' if result.met is False else 'no target'}")
-        if note := result.under_prediction():
-            print(f"note: {note}")
+        predicted = "n/a" if result.predicted_speedup is None else f"{result.predicted_speedup:.3f}x"
+        target = "none" if result.target is None else f"{result.target:g}x"
+        print(f"measured {result.speedups()} (spread {result.measured_spread:.3f}, {result.rounds} rounds), "
+              f"predicted {predicted}, target {target}: {'MET' if result.met else 'NOT MET' if result.met is False else 'no target'}")
+        for note in (result.under_prediction(), result.over_delivery()):
+            if note:
+                print(f"note: {note}")
     return 0 if result.met is not False else 1
 
 

@@ -1,7 +1,10 @@
 """A run's report: ``report.md`` and a self-contained ``report.html`` with plots.
 
 Everything is read back from the work directory's ``summary.json`` (written by `spdy run`),
-so ``spdy report DIR`` can redraw it at any time.
+so ``spdy report DIR`` can redraw it at any time. Every speedup names its baseline: dense torch,
+and where verify measured it the engine's fastest dense run, so a reader can tell sparsity's
+share from the runtime's. Keys added later (the engine's dense run, the closed loop's
+``rounds``) are shown when present; older summaries render without them.
 """
 
 from __future__ import annotations
@@ -9,12 +12,16 @@ from __future__ import annotations
 import base64
 import html
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 
 from spdy.levels import DENSE, Option
 from spdy.timing.table import TimingTable
+from spdy.verification import BASELINE, VerifyResult
+
+ENGINE_DENSE = "the engine's fastest dense run"
 
 
 def _short(unit: str) -> str:
@@ -24,6 +31,12 @@ def _short(unit: str) -> str:
         if p.isdigit():
             return ".".join(parts[i:])
     return unit
+
+
+def _baseline(summary: dict) -> str:
+    """What the run's speedups are over: the chosen profile's verify names it (dense torch on
+    torch-cpu, and in summaries written before it was recorded)."""
+    return summary["profiles"][summary["method"]].get("verify", {}).get("baseline", BASELINE)
 
 
 def _plots(summary: dict, table: TimingTable, out: Path) -> dict[str, Path]:
@@ -68,7 +81,7 @@ def _plots(summary: dict, table: TimingTable, out: Path) -> dict[str, Path]:
         ax.legend(fontsize=8, title="weight (out x in)")
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
     ax.set_xlabel("sparsity")
-    ax.set_ylabel("time relative to dense")
+    ax.set_ylabel("time relative to the unit's 0% option")
     ax.set_title(f"Per-unit timing curves ({table.meta.get('backend', table.meta.get('engine', 'engine'))})")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -76,18 +89,25 @@ def _plots(summary: dict, table: TimingTable, out: Path) -> dict[str, Path]:
     fig.savefig(paths["timings"], dpi=110)
     plt.close(fig)
 
-    methods = list(profiles)
+    methods, baseline = list(profiles), _baseline(summary)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     xs = range(len(methods))
     predicted = [profiles[m]["predicted_speedup"] for m in methods]
     measured = [profiles[m].get("verify", {}).get("measured_speedup", float("nan")) for m in methods]
     quartiles = [np.percentile(profiles[m].get("verify", {}).get("ratios") or [v], [25, 75]) for m, v in zip(methods, measured)]
     errors = [[max(v - q[0], 0) for v, q in zip(measured, quartiles)], [max(q[1] - v, 0) for v, q in zip(measured, quartiles)]]
-    a1.bar([x - 0.2 for x in xs], predicted, 0.4, label="predicted (table)")
-    a1.bar([x + 0.2 for x in xs], measured, 0.4, yerr=errors, capsize=3, label="measured (median, quartiles)")
+    engine = [profiles[m].get("verify", {}).get("speedup_over_engine_dense") for m in methods]
+    bars = 3 if any(e is not None for e in engine) else 2
+    width = 0.8 / bars
+    a1.bar([x - 0.4 + 0.5 * width for x in xs], predicted, width, label=f"predicted (table), over {baseline}")
+    a1.bar([x - 0.4 + 1.5 * width for x in xs], measured, width, yerr=errors, capsize=3,
+           label=f"measured over {baseline} (median, quartiles)")
+    if bars == 3:
+        a1.bar([x - 0.4 + 2.5 * width for x in xs], [float("nan") if e is None else e for e in engine], width,
+               label=f"measured over {ENGINE_DENSE}")
     a1.axhline(summary["target"], color="r", ls="--", lw=1, label=f"target {summary['target']:g}x")
     a1.set_xticks(list(xs), methods, rotation=20)
-    a1.set_ylabel("speedup over dense")
+    a1.set_ylabel(f"speedup over {baseline}" if bars == 2 else "speedup (each bar's baseline in the legend)")
     a1.set_title("Predicted vs measured speedup")
     a1.legend(fontsize=8)
     heldout = [profiles[m].get("heldout_loss") for m in methods]
@@ -106,6 +126,49 @@ def _fmt(x, digits: int = 4) -> str:
     return "n/a" if x is None else f"{x:.{digits}g}" if isinstance(x, float) else str(x)
 
 
+def _verify_result(v: dict) -> VerifyResult | None:
+    """The VerifyResult of a summary's verify JSON (keys it does not know are left out), None without one."""
+    if "measured_speedup" not in v:
+        return None
+    known = {f.name for f in fields(VerifyResult)}
+    return VerifyResult(**{k: x for k, x in v.items() if k in known})
+
+
+def _headline(v: dict, predicted: float, target: float) -> list[str]:
+    """The chosen profile's measured speedup with both baselines, its ratio to the target, and
+    what went wrong: a miss, an over-delivery, a table that under-predicts."""
+    result = _verify_result(v)
+    if result is None:
+        return [f"Not verified: predicted {predicted:.4f}x for a {target:g}x target."]
+    engine = ("" if result.speedup_over_engine_dense is None else
+              f" ({result.speedup_over_engine_dense:.4g}x over {ENGINE_DENSE}: {result.engine_baseline})")
+    lines = [f"**Measured speedup {result.measured_speedup:.4g}x** over {result.baseline}{engine}, median of {result.rounds} "
+             f"alternating rounds, spread {result.measured_spread:.2g}, for a predicted {predicted:.4f}x; "
+             f"{result.measured_speedup / target:.3f}x the {target:g}x target: target {'met' if result.met else 'NOT met'}."]
+    if result.met is False:
+        lines += ["", f"**MISSED**: the profile runs below the target beyond the {result.tolerance:.0%} noise tolerance."]
+    for note in (result.over_delivery(), result.under_prediction()):
+        if note:
+            lines += ["", f"**Note**: {note}."]
+    return lines
+
+
+def _rounds(profiles: dict, target: float, baseline: str) -> list[str]:
+    """The closed loop's rounds per method (``profiles[m]["rounds"]``), when the summary has them."""
+    rows = [(m, i, r) for m, p in profiles.items() for i, r in enumerate(p.get("rounds") or [], 1)]
+    if not rows:
+        return []
+    lines = ["## Closed loop", "",
+             f"Each round solves the table for a target and verifies; a measured / target outside the accepted band "
+             f"asks the table for a corrected target. Speedups over {baseline}.", "",
+             "| method | round | target for the table | predicted | measured | measured / target |", "|---|---|---|---|---|---|"]
+    for method, i, r in rows:
+        measured = r.get("measured")
+        lines.append(f"| {method} | {i} | {_fmt(r.get('target_for_table'))} | {_fmt(r.get('predicted'))} | {_fmt(measured)} "
+                     f"| {'n/a' if measured is None else f'{measured / target:.3f}'} |")
+    return lines + [""]
+
+
 def write_report(work: str | Path) -> tuple[Path, Path]:
     """Render ``report.md`` and ``report.html`` from ``work/summary.json``."""
     work = Path(work)
@@ -116,13 +179,14 @@ def write_report(work: str | Path) -> tuple[Path, Path]:
     table = TimingTable.load(summary["timings"])
     _plots(summary, table, work / "plots")
     main = summary["profiles"][summary["method"]]
-    v = main.get("verify", {})
+    target, baseline = summary["target"], _baseline(summary)
+    engine_column = any(p.get("verify", {}).get("speedup_over_engine_dense") is not None for p in summary["profiles"].values())
     lines = [
-        f"# spdy report: {summary['model']} at {summary['target']:g}x",
+        f"# spdy report: {summary['model']} at {target:g}x over {baseline}",
         "",
-        f"**Measured speedup {_fmt(v.get('measured_speedup'))}x** (median of {v.get('rounds', 'n/a')} alternating rounds, "
-        f"spread {_fmt(v.get('measured_spread'), 2)}) for a predicted {main['predicted_speedup']:.4f}x; "
-        f"target {'met' if v.get('met') else 'NOT met'}. Maximum attainable on this table: {table.max_speedup():.3f}x.",
+        *_headline(main.get("verify", {}), main["predicted_speedup"], target),
+        "",
+        f"Maximum attainable on this table: {table.max_speedup():.3f}x over {baseline}.",
         "",
         f"Engine `{summary['engine']}`, {table.meta.get('threads', '?')} threads, CPU {table.meta.get('cpu', '?')}; "
         f"dense model {table.base * 1e3:.2f} ms, of which {table.fixed * 1e3:.2f} ms is outside the {len(table.units)} pruned units. "
@@ -133,14 +197,19 @@ def write_report(work: str | Path) -> tuple[Path, Path]:
           if summary.get("gap") else []),
         "## Methods at the same target",
         "",
-        "| method | predicted speedup | measured speedup | calibration loss | held-out loss | evaluations | search time (s) |",
-        "|---|---|---|---|---|---|---|",
+        f"| method | predicted speedup over {baseline} | measured speedup over {baseline} | measured / target "
+        f"|{f' measured speedup over {ENGINE_DENSE} |' if engine_column else ''} calibration loss | held-out loss | evaluations "
+        "| search time (s) |",
+        "|---|---|---|---|---|---|---|---|" + ("---|" if engine_column else ""),
     ]
     for method, p in summary["profiles"].items():
         pv = p.get("verify", {})
-        lines.append(f"| {method} | {p['predicted_speedup']:.4f} | {_fmt(pv.get('measured_speedup'))} | {_fmt(p.get('calibration_loss'))} "
-                     f"| {_fmt(p.get('heldout_loss'))} | {p.get('evaluations', '')} | {_fmt(p.get('seconds'))} |")
-    lines += ["", "![speedup and quality](plots/speedup_quality.png)", "", "## Profile", "",
+        measured = pv.get("measured_speedup")
+        engine = f" {_fmt(pv.get('speedup_over_engine_dense'))} |" if engine_column else ""
+        lines.append(f"| {method} | {p['predicted_speedup']:.4f} | {_fmt(measured)} | {'n/a' if measured is None else f'{measured / target:.3f}'} "
+                     f"|{engine} {_fmt(p.get('calibration_loss'))} | {_fmt(p.get('heldout_loss'))} | {p.get('evaluations', '')} "
+                     f"| {_fmt(p.get('seconds'))} |")
+    lines += ["", "![speedup and quality](plots/speedup_quality.png)", "", *_rounds(summary["profiles"], target, baseline), "## Profile", "",
               "![profile](plots/profile.png)", "", "## Timings", "", "![timings](plots/timings.png)", "",
               "## Stages", "", "| stage | seconds | detail |", "|---|---|---|"]
     for stage, info in summary.get("stages", {}).items():
