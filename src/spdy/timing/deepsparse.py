@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -35,14 +36,15 @@ from spdy.units import Unit
 _WEIGHT_OP = re.compile(r"^(?P<scope>.*)/(MatMul|Gemm|Conv)(_\d+)?_output_0$")
 
 
-def _import_deepsparse() -> Any:
+def import_deepsparse() -> Any:
+    """The deepsparse module; missing, an InputError (one line, exit 2) that says how to get it."""
     try:
         import deepsparse
     except ImportError as e:
-        raise RuntimeError(
-            f"the deepsparse backend needs deepsparse 1.8.0 ({e}); install it in its own environment: "
-            "python3 -m venv .venv-ds && .venv-ds/bin/pip install torch deepsparse==1.8.0 'numpy<2' 'onnx<1.15' "
-            "transformers safetensors tqdm && .venv-ds/bin/pip install --no-deps -e ."
+        raise InputError(
+            f"engine deepsparse needs deepsparse 1.8.0, which this Python ({sys.executable}) cannot import ({e}); it pins numpy<2 "
+            "and onnx<1.15, so it lives in its own environment: `make .venv-ds/.installed` then run .venv-ds/bin/spdy, or "
+            "`pip install 'spdy[deepsparse]'` into a fresh Python 3.11 venv"
         ) from None
     return deepsparse
 
@@ -100,6 +102,25 @@ def _inputs(batch: Any) -> tuple[list[str], tuple, dict]:
     return ["input_0"], (batch,), {}
 
 
+def _scope_graph_outputs(path: Path) -> None:
+    """Rename graph outputs after the node that computes them: the exporter names them by number
+    (e.g. ``51``), which hides a model's last layer (a classifier's Linear) from `unit_layer_times`."""
+    import onnx
+
+    model = onnx.load(str(path))
+    outputs = {o.name for o in model.graph.output}
+    renames = {name: f"{node.name}_output_{i}" for node in model.graph.node for i, name in enumerate(node.output)
+               if name in outputs and node.name.startswith("/")}
+    if not renames:
+        return
+    for node in model.graph.node:
+        node.output[:] = [renames.get(n, n) for n in node.output]
+        node.input[:] = [renames.get(n, n) for n in node.input]
+    for output in model.graph.output:
+        output.name = renames.get(output.name, output.name)
+    onnx.save(model, str(path))
+
+
 def export_onnx(model: nn.Module, batch: Any, path: Path) -> list:
     """Export with module-scoped node names; returns the batch as the engine's numpy inputs."""
     names, args, kwargs = _inputs(batch)
@@ -111,6 +132,7 @@ def export_onnx(model: nn.Module, batch: Any, path: Path) -> list:
     finally:
         for config, value in changed:
             config._attn_implementation = value
+    _scope_graph_outputs(path)
     tensors = list(batch.values()) if isinstance(batch, dict) else list(args)
     return [t.numpy() for t in tensors]
 
@@ -121,6 +143,7 @@ class DeepSparseBackend(Backend):
     name = "deepsparse"
 
     def __init__(self, threads: int | None = None, iterations: int = 20, warmup_iterations: int = 5, workdir: str | None = None):
+        self.deepsparse = import_deepsparse()  # fail before any work when the engine is missing
         self.threads = threads or os.cpu_count() or 1
         self.iterations, self.warmup_iterations = iterations, warmup_iterations
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="spdy-deepsparse-"))
@@ -128,7 +151,6 @@ class DeepSparseBackend(Backend):
         self._model: nn.Module | None = None
 
     def prepare(self, model: nn.Module, units: dict[str, Unit], batch: Any) -> None:
-        self.deepsparse = _import_deepsparse()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.onnx = self.workdir / "model.onnx"
         self.inputs = export_onnx(model, batch, self.onnx)
@@ -177,11 +199,7 @@ class DeepSparseBackend(Backend):
         return _stat(self._analysis(0.0, path, inputs))
 
     def meta(self) -> dict:
-        try:
-            version = _import_deepsparse().__version__
-        except RuntimeError:
-            version = None
-        return {"backend": self.name, **machine_meta(), "deepsparse": version, "threads": self.threads, "iterations": self.iterations, "warmup_iterations": self.warmup_iterations}
+        return {"backend": self.name, **machine_meta(), "deepsparse": self.deepsparse.__version__, "threads": self.threads, "iterations": self.iterations, "warmup_iterations": self.warmup_iterations}
 
 
 def _stat(analysis: dict) -> Stat:
