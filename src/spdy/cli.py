@@ -122,7 +122,9 @@ def _open_database(path: str):
 
 def cmd_time(args: argparse.Namespace) -> int:
     from spdy.pipeline import measure_to, options_of
+    from spdy.timing.backend import get_backend
 
+    get_backend(args.engine)  # an engine that is not installed stops here, before the model loads
     bundle, units = _bundle(args)
     keys = [o.key for o in options_of(args.pattern, _levels(args.levels))]
     out = Path(args.output)

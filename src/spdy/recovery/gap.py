@@ -204,7 +204,7 @@ class GlobalAdaPrune:
                         counters.update(epoch=counters["epoch"] + 1, batch=0, epoch_loss_sum=0.0)
                         self.losses_ = list(counters["losses"])
                     bar.update(1)
-                    bar.set_postfix(loss=f"{value:.4g}", epoch=counters["epoch"])
+                    bar.set_postfix(loss=f"{value:.4g}", epoch=counters["epoch"], refresh=False)
                     if self.checkpoint_dir is not None and (counters["step"] % self.checkpoint_every == 0 or counters["step"] == total):
                         self._save(identity, counters, params, optimizer)
                     if on_step is not None:

@@ -151,7 +151,7 @@ def fine_tune(model: nn.Module, units: Mapping[str, Unit], recipe: Recipe, batch
             optimizer.step()
             pruner.enforce()
             if progress:
-                bar.set_postfix(loss=f"{float(loss):.4g}", sparsity=f"{_overall(pruner):.3f}")
+                bar.set_postfix(loss=f"{float(loss):.4g}", sparsity=f"{_overall(pruner):.3f}", refresh=False)
             if checkpoint and (step + 1) % config.checkpoint_every == 0 and step + 1 < stop:
                 checkpoint.save(step + 1, model, optimizer, pruner)
         if checkpoint and stop > start:

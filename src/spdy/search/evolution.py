@@ -113,7 +113,7 @@ class EvolutionSearch:
             state["generation"] += 1
             state["rng"], state["elapsed"] = rng.bit_generator.state, time.perf_counter() - started
             self.checkpoint.save(state)
-            bar.set_postfix(best=f"{state['loss']:.5g}", evals=state["evaluations"])
+            bar.set_postfix(best=f"{state['loss']:.5g}", evals=state["evaluations"], refresh=False)
             bar.update(1)
         bar.close()
         if not math.isfinite(state["loss"]):

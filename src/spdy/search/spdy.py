@@ -123,7 +123,7 @@ class SpdySearch:
                                    "k": state["k"], "elapsed": round(time.perf_counter() - started, 3)})
 
         def show() -> None:
-            bar.set_postfix(evals=self.objective.evaluations, best=f"{state['best_loss']:.5g}", k=state["k"] if state["phase"] == "local" else "-")
+            bar.set_postfix(evals=self.objective.evaluations, best=f"{state['best_loss']:.5g}", k=state["k"] if state["phase"] == "local" else "-", refresh=False)
             bar.update(1)
 
         while state["phase"] == "random" and state["next"] < cfg.random_starts:

@@ -92,7 +92,7 @@ def _measure_units(
     by_signature = {e["signature"]: n for n, e in entries.items() if e.get("signature") is not None and "shared_from" not in e}
     bar = progress_bar(units.items(), desc=f"timing ({engine.name})", unit="unit", disable=not progress)
     for name, unit in bar:
-        bar.set_postfix_str(name[-40:])
+        bar.set_postfix_str(name[-40:], refresh=False)
         entry = entries.get(name)
         missing = [k for k in wanted[name] if entry is None or k not in entry["times"]]
         if not missing:
