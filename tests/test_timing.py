@@ -134,8 +134,9 @@ def test_backend_registry_errors() -> None:
     assert isinstance(get_backend("torch-cpu", threads=1), Backend)
 
 
-def test_model_time_grows_with_the_model() -> None:
-    """A model with ~500x the multiply-adds of another takes far longer, however noisy the machine."""
+def test_model_time_grows_with_the_model(one_thread) -> None:
+    """A model with ~500x the multiply-adds of another takes far longer, however noisy the machine (one
+    thread: two threads on a loaded 2-core machine make even a tiny layer wait milliseconds for a core)."""
     torch.manual_seed(0)
     x = torch.randn(64, 128)
     tiny = nn.Linear(128, 16).eval()
