@@ -180,3 +180,18 @@ def test_deepsparse_backend_end_to_end(net, tmp_path: Path) -> None:
     assert table.units == ["a", "b", "c"] and table.meta["backend"] == "deepsparse"
     assert table.fixed >= 0 and table.fixed + sum(table.dense_time(u) for u in table.units) == pytest.approx(table.base)
     assert table.meta["formats"]["a"]["0.9000"] == "deepsparse"
+
+
+def test_oversubscription_discounts_this_process_own_threads(monkeypatch) -> None:
+    """A long 2-thread job raises the load average by itself; only other processes' load should warn."""
+    import os
+
+    from spdy.runtime import timer
+
+    cores = os.cpu_count() or 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 0.1, cores, cores))
+    monkeypatch.setattr(timer, "_own_load", lambda: 2.0)
+    assert timer.oversubscribed(2) is None
+    monkeypatch.setattr(timer, "_own_load", lambda: 0.0)
+    assert "oversubscribed" in timer.oversubscribed(2)
+    assert timer.oversubscribed(1) is None

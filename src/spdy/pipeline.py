@@ -316,6 +316,9 @@ class RunConfig:
         if self.target is not None and not self.target > 1:
             raise InputError(f"--target {self.target:g}: a target speedup must be greater than 1 (e.g. 1.5)")
 
+    def settings(self, method: str) -> SearchSettings:
+        return SearchSettings(method, self.seed, self.random_starts, self.tries, self.generations, self.offspring)
+
     @property
     def methods(self) -> list[str]:
         """The chosen method first, then the baselines it is compared against."""
@@ -404,7 +407,7 @@ def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = Tru
     evaluation = evaluators(bundle, stitcher)
     profiles = {}
     for method in cfg.methods:
-        settings = SearchSettings(method, cfg.seed, cfg.random_starts, cfg.tries, cfg.generations, cfg.offspring)
+        settings = cfg.settings(method)
         path = work / f"profile-{method}-{digest(str(table_path), str(db.directory), target, vars(settings))}.json"
         if path.is_file():
             profiles[method] = Profile.load(path)
@@ -428,7 +431,7 @@ def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = Tru
         return result.to_json()
 
     def resolve(method: str, profile: Profile, table_target: float) -> Profile:
-        settings = SearchSettings(method, cfg.seed, cfg.random_starts, cfg.tries, cfg.generations, cfg.offspring)
+        settings = cfg.settings(method)
         learned = profile.meta.get("coefficients") if method == "spdy" else None
         path = work / f"profile-{method}-{digest(str(table_path), str(db.directory), target, vars(settings), table_target, learned)}.json"
         if path.is_file():

@@ -82,6 +82,15 @@ def alternating_stats(fns: dict[str, Callable[[], Any]], rounds: int, warmup: in
     return {name: Stat.of(s) for name, s in samples.items()}
 
 
+_CLOCKS = (time.monotonic(), time.process_time())
+
+
+def _own_load() -> float:
+    """This process's average busy cores since the module loaded: its share of the load average."""
+    wall, cpu = time.monotonic() - _CLOCKS[0], time.process_time() - _CLOCKS[1]
+    return cpu / wall if wall > 1.0 else 0.0
+
+
 def oversubscribed(threads: int) -> str | None:
     """A warning when other processes already keep every core busy and we want several.
 
@@ -92,9 +101,11 @@ def oversubscribed(threads: int) -> str | None:
     if threads <= 1 or not hasattr(os, "getloadavg"):
         return None
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if load < cores:
+    others = load - _own_load()  # a long job's own threads raise the load average too
+    if others < cores:
         return None
     return (
-        f"the machine is oversubscribed (load average {load:.1f} on {cores} cores): timings with {threads} threads "
+        f"the machine is oversubscribed (load average {load:.1f} on {cores} cores, {others:.1f} of it other processes): "
+        f"timings with {threads} threads "
         f"will mostly measure scheduling delays; use threads=1 or a quieter machine"
     )
