@@ -1,6 +1,7 @@
 """`spdy run` end to end on a real small model (the digits MLP), its cache, and its error paths."""
 
 import json
+from pathlib import Path
 import statistics
 
 import pytest
@@ -26,6 +27,13 @@ def test_run_end_to_end(finished_run, capsys):
     summary = json.loads((work / "summary.json").read_text())
     assert code == (0 if summary["profiles"]["spdy"]["verify"]["met"] else 1), "exit 1 exactly when the verified target is missed"
     assert set(summary["profiles"]) == {"spdy", "uniform", "global-magnitude", "dp-errors", "owl"}
+    # the searches planned on the table fitted to the deployed runtime
+    assert summary["timings"].endswith("-calibrated.json")
+    fit = json.loads(Path(summary["timings"]).read_text())["meta"]["calibration"]
+    if "skipped" in fit:  # a tiny model's times can be too noisy to fit; the run then plans on the table as timed
+        assert "do not grow" in fit["skipped"]
+    else:
+        assert len(fit["points"]) == 4 and fit["scale"] > 0 and fit["max_error_after"] <= fit["max_error_before"]
     for method, p in summary["profiles"].items():
         v = p["verify"]
         # the DP meets what the table was asked for; the closed loop may ask for less or more than the target
@@ -74,7 +82,7 @@ def test_runtime_change_measures_again(finished_run, monkeypatch):
     monkeypatch.setattr(pipeline, "runtime_fingerprint", lambda: "changed")
     assert main(["run", *FAST, "--work-dir", str(work), "--json"]) in (0, 1)
     ran = json.loads((work / "run.json").read_text())["last"]
-    assert "timing" in ran and {s for s in ran if s.startswith("verify:")} == {f"verify:{m}" for m in methods}
+    assert {"timing", "calibration"} <= set(ran) and {s for s in ran if s.startswith("verify:")} == {f"verify:{m}" for m in methods}
     summary = json.loads((work / "summary.json").read_text())
     assert summary["timings"] != first["timings"] and summary["database"] == first["database"]
     assert main(["run", *FAST, "--work-dir", str(work), "--json"]) in (0, 1)

@@ -120,3 +120,27 @@ def test_all_reference_tables_load(reference_tables):
             assert t.options(unit)[0] == DENSE and all(math.isfinite(x) for x in t.times[unit].values())
         # the reference's own 'prunable' counts layers it then kept dense; ours does not miss them
         assert t.fixed + sum(t.dense_time(u) for u in t.units) == pytest.approx(t.base)
+
+
+def test_calibration_recovers_the_runtime_line_and_refuses_what_cannot_be_fitted():
+    """Profiles measured on a runtime that runs units at 0.6x their table time plus a 1 ms fixed cost
+    (instead of the table's 2 ms): the calibrated copy predicts every one of them."""
+    import math
+
+    from spdy.errors import InputError
+
+    times = {u: {"0.0000": d, "0.5000": d * 0.7, "0.9000": d * 0.3} for u, d in (("a", 0.004), ("b", 0.003), ("c", 0.001))}
+    table = TimingTable(times, base=0.010, fixed=0.002)
+    profiles = [{"a": "0.5000"}, {"a": "0.9000", "b": "0.5000"}, {"a": "0.9000", "b": "0.9000", "c": "0.9000"}]
+    runtime = lambda p: table.base / (0.001 + 0.6 * (table.predicted_time(p) - table.fixed))  # noqa: E731
+    calibrated = table.calibrated([(p, runtime(p)) for p in profiles])
+    fit = calibrated.meta["calibration"]
+    assert math.isclose(fit["scale"], 0.6) and math.isclose(fit["fixed"], 0.001, rel_tol=1e-9)
+    assert fit["max_error_after"] < 1e-9 < fit["max_error_before"]
+    for p in profiles + [{"c": "0.5000"}]:
+        assert math.isclose(calibrated.predicted_speedup(p), runtime(p))
+    assert calibrated.base == table.base and table.fixed == 0.002  # the original is untouched
+    with pytest.raises(InputError, match="at least 2"):
+        table.calibrated([(profiles[0], 1.2)])
+    with pytest.raises(InputError, match="do not grow"):
+        table.calibrated([(profiles[0], 1.1), (profiles[2], 0.9)])

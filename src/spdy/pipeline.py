@@ -236,6 +236,40 @@ def timed(log: StageLog, stage: str, fn: Callable[[], Any], **info: Any) -> Any:
     return result
 
 
+CALIBRATION_SHARES = (0.25, 0.5, 0.75, 0.95)  # of the way from 1x to the table's maximum
+CALIBRATION_ROUNDS = 10
+
+
+def calibrate(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTable, table_path: Path,
+              say: Callable[[str], None] = lambda text: None) -> tuple[TimingTable, Path]:
+    """The table fitted to the deployed runtime (`TimingTable.calibrated`), cached beside it.
+
+    The profiles measured are the DP's (SPDY prior) at targets spread over the table's range,
+    pruned with magnitude masks (speed depends on how many weights remain, not which), run in
+    the formats the table measured with every fusion ``convert`` applies.
+    """
+    from spdy.verification import verify
+
+    path = table_path.with_name(table_path.stem + "-calibrated.json")
+    if path.is_file():
+        return TimingTable.load(path), path
+    best = table.max_speedup()
+    points = []
+    for share in CALIBRATION_SHARES:
+        target = 1 + share * (best - 1)
+        profile = Profile(solve(table, target).profile)  # no target: nothing to meet, only a point to measure
+        result = verify(bundle.model, units, profile, timing_batch(bundle), table, rounds=CALIBRATION_ROUNDS)
+        points.append((profile.options, result.measured_speedup))
+        say(f"      calibration: predicted {table.predicted_speedup(profile.options):.3f}x, measured {result.measured_speedup:.3f}x")
+    try:
+        calibrated = table.calibrated(points)
+    except InputError as e:  # measurements too noisy to fit (tiny models, a loaded machine): plan on the table as timed
+        say(f"      calibration skipped: {e}")
+        calibrated = TimingTable(table.times, table.base, table.fixed, dict(table.meta, calibration={"skipped": str(e)}), table.shapes)
+    calibrated.save(path)
+    return calibrated, path
+
+
 LANDING = (0.97, 1.08)  # measured / target accepted as landed; outside it the profile is re-solved
 MAX_RESOLVES = 3
 MIN_TABLE_TARGET = 1.001  # the solver needs a target above 1
@@ -308,6 +342,7 @@ class RunConfig:
     gap: bool = False
     gap_epochs: int = 100
     gap_lr: float = 1e-5
+    calibrate: bool = True
 
     def __post_init__(self) -> None:
         for method in (self.method, *self.baselines):
@@ -397,6 +432,13 @@ def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = Tru
         table, table_path = timed(log, "timing", measure_table)
     say(f"[2/6] timings ({cfg.engine}): dense {table.base * 1e3:.2f} ms, fixed {table.fixed * 1e3:.2f} ms; "
         f"maximum attainable speedup {table.max_speedup():.3f}x  [{table_path}]")
+    if cfg.calibrate and cfg.engine == "torch-cpu" and table.max_speedup() > 1.02:
+        table, table_path = timed(log, "calibration", lambda: calibrate(bundle, units, table, table_path, say))
+        fit = table.meta["calibration"]
+        if "scale" in fit:
+            say(f"      calibrated to the deployed runtime: fixed {fit['fixed_before'] * 1e3:.2f} -> {fit['fixed'] * 1e3:.2f} ms, "
+                f"unit times x{fit['scale']:.3f}; largest error {fit['max_error_before']:.1%} -> {fit['max_error_after']:.1%}; "
+                f"maximum attainable speedup {table.max_speedup():.3f}x")
     target = cfg.target if cfg.target is not None else default_target(table)
     if target > table.max_speedup():
         raise InfeasibleTarget(target, table.max_speedup())

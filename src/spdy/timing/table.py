@@ -14,7 +14,7 @@ import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -147,6 +147,39 @@ class TimingTable:
         for i, (u, ks) in enumerate(zip(self.units, keys)):
             arr[i, : len(ks)] = [self.times[u][k] for k in ks]
         return self.units, keys, arr
+
+    def calibrated(self, points: Sequence[tuple[Mapping[str, str], float]]) -> "TimingTable":
+        """A copy that predicts the deployed runtime, fitted to ``points``: profiles with the speedup
+        measured for them over this table's dense model.
+
+        The table times units one by one; the runtime fuses neighbours and folds work that the
+        table counts in ``fixed``, so a profile runs faster (or slower) than the sum predicts. The
+        least-squares line ``time = a + b * sum of the profile's unit times`` becomes the copy's
+        ``fixed = a`` and every unit time scaled by ``b``; ``meta["calibration"]`` keeps the points
+        and the largest relative error before and after.
+        """
+        if len(points) < 2:
+            raise InputError(f"calibration needs at least 2 measured profiles, got {len(points)}")
+        x = np.array([self.predicted_time(p) - self.fixed for p, _ in points])
+        speedups = np.array([s for _, s in points], dtype=float)
+        if not np.all(np.isfinite(speedups) & (speedups > 0)):
+            raise InputError(f"calibration: measured speedups must be finite and positive, got {speedups.tolist()}")
+        y = self.base / speedups
+        if np.ptp(x) < 1e-3 * x.max():
+            raise InputError("calibration needs profiles of different predicted times")
+        scale, fixed = np.polyfit(x, y, 1)
+        if fixed < 0:  # a line through the origin: time cannot be negative with every unit at zero
+            scale, fixed = float(x @ y / (x @ x)), 0.0
+        if scale <= 0:
+            pairs = ", ".join(f"{a * 1e3:.3f} -> {b * 1e3:.3f} ms" for a, b in zip(x, y))
+            raise InputError(f"calibration: measured times do not grow with the table's unit times ({pairs}); re-time")
+        times = {u: {k: t * scale for k, t in o.items()} for u, o in self.times.items()}
+        before = np.abs((self.fixed + x) / y - 1)
+        after = np.abs((fixed + scale * x) / y - 1)
+        calibration = {"fixed_before": self.fixed, "fixed": float(fixed), "scale": float(scale),
+                       "max_error_before": float(before.max()), "max_error_after": float(after.max()),
+                       "points": [{"unit_time": float(a), "measured_time": float(b)} for a, b in zip(x, y)]}
+        return TimingTable(times, self.base, float(fixed), dict(self.meta, calibration=calibration), dict(self.shapes))
 
     # -- editing ----------------------------------------------------------------------
     def exclude(self, names: Iterable[str]) -> "TimingTable":
