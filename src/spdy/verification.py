@@ -93,6 +93,18 @@ class VerifyResult:
     engine_dense_ratios: list[float] = field(default_factory=list)
     fused: list[str] | None = None
 
+    @classmethod
+    def from_samples(cls, dense: list[float], pruned: list[float], target: float | None, predicted: float | None,
+                     tolerance: float, threads: int, output_error: float, **fields: Any) -> "VerifyResult":
+        """Per-round ``dense / pruned`` ratios of alternated runs -> median speedup, spread (IQR / median), met."""
+        ratios = [d / p for d, p in zip(dense, pruned)]
+        measured = statistics.median(ratios)
+        q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else [min(ratios), measured, max(ratios)]
+        return cls(target=target, predicted_speedup=predicted, measured_speedup=measured, measured_spread=(q[2] - q[0]) / measured,
+                   met=None if target is None else measured >= target * (1 - tolerance), tolerance=tolerance,
+                   dense_time=statistics.median(dense), pruned_time=statistics.median(pruned), rounds=len(ratios),
+                   threads=int(threads), output_error=output_error, ratios=ratios, **fields)
+
     def to_json(self) -> dict:
         """Plain JSON types; ``formats`` holds only the layers that run sparse."""
         return asdict(self)
@@ -273,33 +285,20 @@ def verify(
     finally:
         set_threads(previous)
         torch.set_grad_enabled(grad)
-    ratios = [d / p for d, p in zip(samples["dense"], samples["pruned"])]
     engine_ratios = [d / p for d, p in zip(samples.get("engine dense", []), samples["pruned"])]
-    measured = statistics.median(ratios)
     engine_time = statistics.median(samples["engine dense"]) if engine_ratios else None
     kernel_faster = engine_time is not None and engine_time < statistics.median(samples["dense"])
-    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else [min(ratios), measured, max(ratios)]
-    met = None if target is None else measured >= target * (1 - tolerance)
-    result = VerifyResult(
-        target=target,
-        predicted_speedup=predicted,
-        measured_speedup=measured,
-        measured_spread=(q[2] - q[0]) / measured,
-        met=met,
-        tolerance=tolerance,
-        dense_time=statistics.median(samples["dense"]),
-        pruned_time=statistics.median(samples["pruned"]),
-        rounds=rounds,
-        threads=int(threads),
-        output_error=error,
+    result = VerifyResult.from_samples(
+        samples["dense"], samples["pruned"], target, predicted, tolerance, threads, error,
         formats=formats_of(pruned),
-        ratios=ratios,
         engine_baseline=None if engine_time is None else ENGINE_BASELINE if kernel_faster else TORCH_FASTER,
         engine_dense_time=engine_time,
-        speedup_over_engine_dense=None if engine_time is None else statistics.median(engine_ratios) if kernel_faster else measured,
         engine_dense_ratios=engine_ratios,
         fused=fused,
     )
+    if engine_time is not None:
+        result.speedup_over_engine_dense = statistics.median(engine_ratios) if kernel_faster else result.measured_speedup
+    measured, met = result.measured_speedup, result.met
     if met is False:
         warnings.warn(
             f"SPEEDUP MISSED: measured {measured:.3f}x over {BASELINE} (spread {result.measured_spread:.1%}) < target {target:g}x "

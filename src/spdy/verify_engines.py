@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
 import warnings
 from typing import Any, Callable, Mapping
 
@@ -102,26 +101,10 @@ def verify_on_engine(engine: str, model: nn.Module, units: Mapping[str, Unit], p
         samples, error = _deepsparse(model, pruned, batch, threads, rounds)
     else:
         samples, error = _cuda_semi(model, pruned, [u for u, k in options.items() if k != DENSE], batch, meta, rounds)
-    ratios = [d / p for d, p in zip(samples["dense"], samples["pruned"])]
-    measured = statistics.median(ratios)
-    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else [min(ratios), measured, max(ratios)]
-    met = None if target is None else measured >= target * (1 - tolerance)
-    result = VerifyResult(
-        target=target,
-        predicted_speedup=predicted,
-        measured_speedup=measured,
-        measured_spread=(q[2] - q[0]) / measured,
-        met=met,
-        tolerance=tolerance,
-        dense_time=statistics.median(samples["dense"]),
-        pruned_time=statistics.median(samples["pruned"]),
-        rounds=rounds,
-        threads=threads,
-        output_error=error,
-        ratios=ratios,
-        baseline=ENGINES[engine],
-        fused=[],  # nothing is converted: the engine runs the pruned weights as they are
-    )
+    result = VerifyResult.from_samples(samples["dense"], samples["pruned"], target, predicted, tolerance, threads, error,
+                                       baseline=ENGINES[engine],
+                                       fused=[])  # nothing is converted: the engine runs the pruned weights as they are
+    met = result.met
     if met is False:
         warnings.warn(f"SPEEDUP MISSED on {engine}: measured {result.speedups()} (spread {result.measured_spread:.1%}) < target {target:g}x "
                       f"- {tolerance:.0%} noise tolerance; re-measure the timing table on this machine", SpeedupMiss, stacklevel=3)
