@@ -30,10 +30,12 @@ def test_run_end_to_end(finished_run, capsys):
     # the searches planned on the table fitted to the deployed runtime
     assert summary["timings"].endswith("-calibrated.json")
     fit = json.loads(Path(summary["timings"]).read_text())["meta"]["calibration"]
+    md = (work / "report.md").read_text()
     if "skipped" in fit:  # a tiny model's times can be too noisy to fit; the run then plans on the table as timed
-        assert "do not grow" in fit["skipped"]
+        assert "do not grow" in fit["skipped"] and "not calibrated" in md
     else:
         assert len(fit["points"]) == 4 and fit["scale"] > 0 and fit["max_error_after"] <= fit["max_error_before"]
+        assert "calibrated to the deployed runtime on 4 profiles" in md
     for method, p in summary["profiles"].items():
         v = p["verify"]
         # the DP meets what the table was asked for; the closed loop may ask for less or more than the target

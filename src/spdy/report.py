@@ -153,6 +153,17 @@ def _headline(v: dict, predicted: float, target: float) -> list[str]:
     return lines
 
 
+def _calibration(fit: dict | None) -> list[str]:
+    """How the table was fitted to the deployed runtime, when it was."""
+    if not fit:
+        return []
+    if "skipped" in fit:
+        return [f"The table was not calibrated to the deployed runtime: {fit['skipped']}.", ""]
+    return [f"The table was calibrated to the deployed runtime on {len(fit['points'])} profiles run end to end: the time outside "
+            f"the units {fit['fixed_before'] * 1e3:.2f} -> {fit['fixed'] * 1e3:.2f} ms, unit times x{fit['scale']:.3f}; its largest "
+            f"error on those profiles {fit['max_error_before']:.1%} -> {fit['max_error_after']:.1%}.", ""]
+
+
 def _rounds(profiles: dict, target: float, baseline: str) -> list[str]:
     """The closed loop's rounds per method (``profiles[m]["rounds"]``), when the summary has them."""
     rows = [(m, i, r) for m, p in profiles.items() for i, r in enumerate(p.get("rounds") or [], 1)]
@@ -192,6 +203,7 @@ def write_report(work: str | Path) -> tuple[Path, Path]:
         f"dense model {table.base * 1e3:.2f} ms, of which {table.fixed * 1e3:.2f} ms is outside the {len(table.units)} pruned units. "
         f"Pruner `{summary['pruner']}`, pattern `{summary['pattern']}`, loss `{summary['loss']}`.",
         "",
+        *_calibration(table.meta.get("calibration")),
         *([f"Finished with global AdaPrune ({summary['gap']['gap']['epochs']} epochs, lr {summary['gap']['gap']['lr']:g}): "
            f"held-out loss {summary['gap']['heldout_before_gap']:.5g} -> {summary['gap']['heldout_after_gap']:.5g}.", ""]
           if summary.get("gap") else []),
