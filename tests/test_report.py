@@ -31,17 +31,20 @@ def summary(tmp_path_factory) -> dict:
     and one at 90% in whatever format the table found fastest ("uniform"), both verified."""
     work = tmp_path_factory.mktemp("table")
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)).eval()
-    units, x = find_units(model, exclude=["4"]), torch.randn(64, 256)
+    # the excluded last layer and the norms keep a third of the time outside the units, so timing noise
+    # cannot make the table's fixed cost negative
+    model = nn.Sequential(nn.Linear(256, 1024), nn.LayerNorm(1024), nn.GELU(), nn.Linear(1024, 1024), nn.LayerNorm(1024), nn.GELU(),
+                          nn.Linear(1024, 512)).eval()
+    units, x = find_units(model, exclude=["6"]), torch.randn(64, 256)
     table = measure(model, units, x, levels=[0.9, 0.99], progress=False, threads=1, formats=("dense", "kernel"),
                     rounds=3, model_rounds=5)
     table.save(work / "timings.json")
-    profiles = {"spdy": Profile({"0": "0.9900", "2": "0.9900"}, 1.5, method="spdy"),
-                "uniform": Profile({"0": "0.9000", "2": "0.9000"}, 1.5, method="uniform")}
+    profiles = {"spdy": Profile({"0": "0.9900", "3": "0.9900"}, 1.5, method="spdy"),
+                "uniform": Profile({"0": "0.9000", "3": "0.9000"}, 1.5, method="uniform")}
     entries = {}
     for method, profile in profiles.items():
         profile.predicted_speedup = table.predicted_speedup(profile.options)
-        formats = {"0": "kernel", "2": "kernel"} if method == "spdy" else None
+        formats = {"0": "kernel", "3": "kernel"} if method == "spdy" else None
         result = verify(model, units, profile, x, table, rounds=5, formats=formats, threads=1, tolerance=1.0)
         entries[method] = {**profile_json(profile), "seconds": 0.1, "verify": result.to_json()}
     return {"model": "mlp", "engine": "torch-cpu", "pruner": "magnitude", "pattern": "unstructured", "loss": "mse",

@@ -1,0 +1,74 @@
+"""Does the measured speedup land on the target? Raw table vs calibrated table, before and after the closed loop.
+
+    .venv/bin/python bench/bench_landing.py [--model minilm] [--work-dir spdy-work]
+        [--targets 1.3,2,2.7,3.4] [--rounds 20] [--threads N]
+
+For each target: the DP profile over the database's own errors (the `dp-errors` baseline, OBS
+weights), solved on the raw timing table and on the table calibrated to the deployed runtime
+(`pipeline.calibrate`), verified, then put through the closed loop (`pipeline.land`). Reuses
+the timing table, calibration and database cached in ``--work-dir`` by `spdy run` (or makes
+them). Prints one Markdown table: per target and table, the first round's measured / target and
+the landed one, with the rounds it took. Goal (issue 16): first rounds within [0.97, 1.08],
+median within [0.98, 1.04]; after the loop all within [0.98, 1.05].
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+from pathlib import Path
+
+from spdy import pipeline
+from spdy.search import baselines
+from spdy.verification import verify
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--work-dir", default="spdy-work")
+    parser.add_argument("--targets", default=None, help="comma-separated; default 1.3 up to 90%% of the calibrated maximum, five points")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=None, help="default: all cores (and the table `spdy run` cached)")
+    args = parser.parse_args()
+
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    bundle, units = pipeline.load_bundle(args.model)
+    raw, raw_path = pipeline.timings(bundle, units, work, threads=args.threads)
+    calibrated, _ = pipeline.calibrate(bundle, units, raw, raw_path, print)
+    db = pipeline.database(bundle, units, work)
+    errors = {u: {k: e ** 2 for k, e in errs.items()} for u, errs in db.relative_errors().items() if u in raw.times}
+    top = 0.9 * min(raw.max_speedup(), calibrated.max_speedup())
+    targets = [float(t) for t in args.targets.split(",")] if args.targets else [1.3 + i * (top - 1.3) / 4 for i in range(5)]
+    batch = pipeline.timing_batch(bundle)
+    print(f"# {bundle.name}: dense {raw.base * 1e3:.1f} ms, {raw.meta.get('threads')} threads, load {os.getloadavg()[0]:.2f}; "
+          f"maximum {raw.max_speedup():.3f}x (raw) / {calibrated.max_speedup():.3f}x (calibrated)\n")
+    print("| target | table | first: predicted | first: measured | first / target | landed: measured | landed / target | rounds |")
+    print("|---|---|---|---|---|---|---|---|")
+    firsts: dict[str, list[float]] = {"raw": [], "calibrated": []}
+    for target in targets:
+        for name, table in (("raw", raw), ("calibrated", calibrated)):
+            def measure(profile, table=table) -> dict:
+                return verify(bundle.model, units, profile, batch, table, weights=db.weight, rounds=args.rounds).to_json()
+
+            def resolve(profile, table_target, table=table):
+                new = baselines.dp_errors(table, table_target, errors)
+                new.target, new.meta["table_target"] = target, table_target
+                return new
+
+            start = baselines.dp_errors(table, target, errors)
+            start.target = target
+            _, result, rounds = pipeline.land(start, target, table.max_speedup(), measure, resolve)
+            first = rounds[0]
+            firsts[name].append(first["measured"] / target)
+            print(f"| {target:.2f} | {name} | {first['predicted']:.3f} | {first['measured']:.3f} | {first['measured'] / target:.3f} "
+                  f"| {result['measured_speedup']:.3f} | {result['measured_speedup'] / target:.3f} | {len(rounds)} |", flush=True)
+    for name, ratios in firsts.items():
+        print(f"\n{name}: first-round measured / target median {statistics.median(ratios):.3f}, range {min(ratios):.3f}-{max(ratios):.3f}")
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
