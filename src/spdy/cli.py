@@ -10,54 +10,52 @@ import json
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from spdy.errors import InputError
-from spdy.pipeline import RunConfig
 from spdy.search.dp import DEFAULT_BUCKETS, InfeasibleTarget, solve
 from spdy.levels import DENSE, Option, geometric_levels
 from spdy.search.profile import METHODS, Profile
-from spdy.timing.table import TimingFormatError, TimingTable, check_target
+from spdy.timing.table import TimingTable, check_target
+
+if TYPE_CHECKING:
+    from spdy.pipeline import RunConfig
 
 
-UsageError = InputError  # bad input from the user: printed without a traceback, exit status 2
 
 def _load_errors(path: str, table: TimingTable) -> dict[str, dict[str, float]]:
     """Read ``unit -> {sparsity or option key: error}``; keys are normalised to option keys."""
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise UsageError(f"--errors: file {path} does not exist") from None
+        raise InputError(f"--errors: file {path} does not exist") from None
     except json.JSONDecodeError as e:
-        raise UsageError(f"--errors {path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+        raise InputError(f"--errors {path}: line {e.lineno}: invalid JSON ({e.msg})") from None
     if not isinstance(data, dict):
-        raise UsageError(f"--errors {path}: expected an object unit -> {{sparsity: error}}")
+        raise InputError(f"--errors {path}: expected an object unit -> {{sparsity: error}}")
     errors = {}
     for unit, levels in data.items():
         if unit not in table.times:
-            raise UsageError(f"--errors {path}: unknown unit {unit!r}; the timing table's units are e.g. {table.units[:3]}")
+            raise InputError(f"--errors {path}: unknown unit {unit!r}; the timing table's units are e.g. {table.units[:3]}")
         if not isinstance(levels, dict):
-            raise UsageError(f"--errors {path}: unit {unit!r}: expected {{sparsity: error}}")
+            raise InputError(f"--errors {path}: unit {unit!r}: expected {{sparsity: error}}")
         errors[unit] = {}
         for level, err in levels.items():
             try:
                 key = Option.parse(str(level)).key
             except ValueError as e:
-                raise UsageError(f"--errors {path}: unit {unit!r}: {e}") from None
+                raise InputError(f"--errors {path}: unit {unit!r}: {e}") from None
             if isinstance(err, bool) or not isinstance(err, (int, float)) or err != err:
-                raise UsageError(f"--errors {path}: unit {unit!r} level {level}: error must be a number, got {err!r}")
+                raise InputError(f"--errors {path}: unit {unit!r} level {level}: error must be a number, got {err!r}")
             errors[unit][key] = float(err)
     missing = [u for u in table.units if u not in errors]
     if missing:
-        raise UsageError(f"--errors {path}: no errors for units {missing[:5]} (exclude them with --exclude, or add them)")
+        raise InputError(f"--errors {path}: no errors for units {missing[:5]} (exclude them with --exclude, or add them)")
     return errors
 
 
 def cmd_solve(args: argparse.Namespace) -> int:
-    try:
-        table = TimingTable.load(args.timings, exclude=args.exclude or ())
-    except (TimingFormatError, FileNotFoundError, KeyError) as e:
-        raise UsageError(str(e).strip('"')) from None
+    table = TimingTable.load(args.timings, exclude=args.exclude or ())
     errors = _load_errors(args.errors, table) if args.errors else None
     solution = solve(table, args.target, errors, buckets=args.buckets)
     if args.json:
@@ -91,10 +89,10 @@ def _levels(text: str | None) -> list[float] | None:
             return geometric_levels(float(lo), float(hi), int(steps))
         levels = sorted({float(x) for x in text.split(",") if x.strip()})
     except ValueError as e:
-        raise UsageError(f"--levels {text!r}: {e}; use e.g. 0.5,0.7,0.9 or 0.4:0.99:41") from None
+        raise InputError(f"--levels {text!r}: {e}; use e.g. 0.5,0.7,0.9 or 0.4:0.99:41") from None
     bad = [x for x in levels if not 0 < x < 1]
     if bad or not levels:
-        raise UsageError(f"--levels {text!r}: sparsities must lie in (0, 1), got {bad or 'none'}")
+        raise InputError(f"--levels {text!r}: sparsities must lie in (0, 1), got {bad or 'none'}")
     return levels
 
 
@@ -102,22 +100,6 @@ def _bundle(args: argparse.Namespace):
     from spdy.pipeline import load_bundle
 
     return load_bundle(args.model, args.samples, args.heldout, args.seq_len, args.batch_size, args.include, args.exclude or ())
-
-
-def _load_table(path: str) -> TimingTable:
-    try:
-        return TimingTable.load(path)
-    except (TimingFormatError, FileNotFoundError) as e:
-        raise UsageError(str(e)) from None
-
-
-def _open_database(path: str):
-    from spdy.database import Database, DatabaseError
-
-    try:
-        return Database.open(path)
-    except DatabaseError as e:
-        raise UsageError(str(e)) from None
 
 
 def cmd_time(args: argparse.Namespace) -> int:
@@ -159,13 +141,15 @@ def cmd_database(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from spdy.database import Database
     from spdy.pipeline import SearchSettings, find_profile, profile_json
+
     bundle, units = _bundle(args)
-    table = _load_table(args.timings)
-    db = _open_database(args.database)
+    table = TimingTable.load(args.timings)
+    db = Database.open(args.database)
     missing = [u for u in table.units if u not in units]
     if missing:
-        raise UsageError(f"--timings {args.timings} has units the model does not offer (check --include/--exclude): {missing[:3]}")
+        raise InputError(f"--timings {args.timings} has units the model does not offer (check --include/--exclude): {missing[:3]}")
     settings = SearchSettings(args.method, args.seed, args.random_starts, args.tries, args.generations, args.offspring)
     work = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     if work:
@@ -184,21 +168,19 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from spdy.database import Database
     from spdy.pipeline import check_same_model, timing_batch
     from spdy.verification import verify
 
     bundle, units = _bundle(args)
-    try:
-        profile = Profile.load(args.profile)
-    except (ValueError, FileNotFoundError) as e:
-        raise UsageError(str(e)) from None
+    profile = Profile.load(args.profile)
     unknown = [u for u in profile.options if u not in units]
     if unknown:
-        raise UsageError(f"--profile {args.profile} names units the model does not have: {unknown[:3]}")
+        raise InputError(f"--profile {args.profile} names units the model does not have: {unknown[:3]}")
     if args.target is not None:
         profile.target = args.target
-    table = _load_table(args.timings) if args.timings else None
-    db = _open_database(args.database) if args.database else None
+    table = TimingTable.load(args.timings) if args.timings else None
+    db = Database.open(args.database) if args.database else None
     check_same_model(bundle, db, profile, f"--profile {args.profile}")
     result = verify(bundle.model, units, profile, timing_batch(bundle), table=table,
                     weights=db.weight if db is not None else None, rounds=args.rounds)
@@ -217,6 +199,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _run_config(args: argparse.Namespace) -> RunConfig:
     """Flags given on the command line win over the --config TOML file, which wins over defaults."""
+    from spdy.pipeline import RunConfig
+
     file_values: dict = {}
     if args.config:
         try:
@@ -226,14 +210,14 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         try:
             file_values = tomllib.loads(Path(args.config).read_text())
         except FileNotFoundError:
-            raise UsageError(f"--config: file {args.config} does not exist") from None
+            raise InputError(f"--config: file {args.config} does not exist") from None
         except tomllib.TOMLDecodeError as e:
-            raise UsageError(f"--config {args.config}: {e}") from None
+            raise InputError(f"--config {args.config}: {e}") from None
         file_values = {k.replace("-", "_"): v for k, v in file_values.items()}
         keys = {f.name for f in fields(RunConfig)}
         unknown = sorted(set(file_values) - keys)
         if unknown:
-            raise UsageError(f"--config {args.config}: unknown keys {unknown}; valid keys are {sorted(keys)}")
+            raise InputError(f"--config {args.config}: unknown keys {unknown}; valid keys are {sorted(keys)}")
     given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name, None) is not None}
     merged = {**file_values, **given}
     if isinstance(merged.get("levels"), str):
@@ -265,10 +249,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from spdy.report import write_report
 
-    try:
-        md, html_path = write_report(args.work_dir)
-    except FileNotFoundError as e:
-        raise UsageError(str(e)) from None
+    md, html_path = write_report(args.work_dir)
     print(f"wrote {md} and {html_path}")
     return 0
 
@@ -281,11 +262,11 @@ def cmd_gradual(args: argparse.Namespace) -> int:
 
     sources = [flag for flag, value in (("--profile", args.profile), ("--recipe", args.recipe), ("--sparsity", args.sparsity)) if value is not None]
     if len(sources) != 1:
-        raise UsageError(f"give exactly one of --profile, --recipe, --sparsity (got {', '.join(sources) or 'none'})")
+        raise InputError(f"give exactly one of --profile, --recipe, --sparsity (got {', '.join(sources) or 'none'})")
     schedule = {"--steps": args.steps, "--update-every": args.update_every, "--prune-fraction": args.prune_fraction,
                 "--initial": args.initial, "--criterion": args.criterion}
     if args.recipe and any(v is not None for v in schedule.values()):
-        raise UsageError(f"--recipe fixes the schedule; drop {', '.join(f for f, v in schedule.items() if v is not None)}")
+        raise InputError(f"--recipe fixes the schedule; drop {', '.join(f for f, v in schedule.items() if v is not None)}")
     bundle, units = _bundle(args)
     try:
         if args.recipe:
@@ -299,14 +280,14 @@ def cmd_gradual(args: argparse.Namespace) -> int:
                                          update_every=args.update_every or 10, criterion=args.criterion or "magnitude")
         unknown = [u for u in recipe.targets if u not in units]
         if unknown:
-            raise UsageError(f"{args.profile or args.recipe} names units the model does not have (check --include/--exclude): {unknown[:3]}")
+            raise InputError(f"{args.profile or args.recipe} names units the model does not have (check --include/--exclude): {unknown[:3]}")
         flags = {"lr": args.lr, "distill": args.distill, "layer": args.layer_weight, "seed": args.seed}
         config = TrainConfig.from_dict({**asdict(TrainConfig(distill=default_distill(bundle.loss))), **recipe.training,
                                         **{k: v for k, v in flags.items() if v is not None}})
         recipe.training = asdict(config)
         result = gradual_prune(bundle, units, recipe, config, args.work_dir, progress=not args.quiet)
     except (ValueError, FileNotFoundError) as e:
-        raise UsageError(str(e)) from None
+        raise InputError(str(e)) from None
     result.update(recipe=str(Path(args.work_dir) / "recipe.json"), model=str(Path(args.work_dir) / "model.safetensors"), steps=recipe.total_steps)
     if args.json:
         print(json.dumps(result, indent=1))

@@ -348,8 +348,8 @@ class RunConfig:
         for method in (self.method, *self.baselines):
             if method not in METHODS:
                 raise InputError(f"method {method!r}: choose one of {', '.join(METHODS)}")
-        if self.target is not None and not self.target > 1:
-            raise InputError(f"--target {self.target:g}: a target speedup must be greater than 1 (e.g. 1.5)")
+        if self.target is not None:
+            check_target(self.target, "--target")
 
     def settings(self, method: str) -> SearchSettings:
         return SearchSettings(method, self.seed, self.random_starts, self.tries, self.generations, self.offspring)
