@@ -144,3 +144,26 @@ def test_calibration_recovers_the_runtime_line_and_refuses_what_cannot_be_fitted
         table.calibrated([(profiles[0], 1.2)])
     with pytest.raises(InputError, match="do not grow"):
         table.calibrated([(profiles[0], 1.1), (profiles[2], 0.9)])
+
+
+def test_planning_target_lands_calibration_profiles_on_their_measured_speedup():
+    """A runtime whose time bends (fusion pays only at high sparsity): the line misses the
+    profiles, but the planning target for a profile's measured speedup is its predicted one,
+    between profiles it interpolates, and a table without calibration plans the target itself."""
+    times = {u: {"0.0000": d, "0.5000": d * 0.7, "0.9000": d * 0.3} for u, d in (("a", 0.004), ("b", 0.003), ("c", 0.001))}
+    table = TimingTable(times, base=0.010, fixed=0.002)
+    assert table.planning_target(1.7) == 1.7
+    profiles = [{"a": "0.5000"}, {"a": "0.9000"}, {"a": "0.9000", "b": "0.5000"}, {"a": "0.9000", "b": "0.9000", "c": "0.9000"}]
+
+    def runtime(p):  # 0.7x the unit time, less a fusion bonus that grows with how much is pruned
+        units = table.predicted_time(p) - table.fixed
+        return table.base / (0.002 + 0.7 * units - 0.2 * (0.008 - units) ** 2 / 0.008)
+
+    calibrated = table.calibrated([(p, runtime(p)) for p in profiles])
+    assert calibrated.meta["calibration"]["max_error_after"] > 0.005  # the line alone misses
+    for p in profiles:
+        assert calibrated.planning_target(runtime(p)) == pytest.approx(calibrated.predicted_speedup(p), rel=1e-3)
+    assert calibrated.planning_target(1.0) == pytest.approx(calibrated.base / (calibrated.fixed + sum(calibrated.dense_time(u) for u in calibrated.units)), rel=1e-3)
+    low, high = sorted(runtime(p) for p in profiles[:2])
+    middle = calibrated.planning_target((low + high) / 2)
+    assert calibrated.planning_target(low) < middle < calibrated.planning_target(high)

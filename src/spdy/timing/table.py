@@ -181,6 +181,31 @@ class TimingTable:
                        "points": [{"unit_time": float(a), "measured_time": float(b)} for a, b in zip(x, y)]}
         return TimingTable(times, self.base, float(fixed), dict(self.meta, calibration=calibration), dict(self.shapes))
 
+    def planning_target(self, target: float) -> float:
+        """The speedup to ask this calibrated table for so the deployed runtime lands on ``target``.
+
+        The fitted line of `calibrated` is one compromise over its profiles; fusion makes the
+        real curve bend (it pays only once whole blocks run in the kernel format), so the line
+        misses most at low targets. Here the measured/predicted ratio is interpolated between
+        the calibration profiles and the dense model (exact by definition) at the predicted
+        time that solves ``predicted * ratio = base / target``. Without calibration points it
+        is ``target``.
+        """
+        fit = self.meta.get("calibration") or {}
+        if "points" not in fit or "scale" not in fit:
+            return target
+        scale, dense_units = fit["scale"], sum(self.dense_time(u) for u in self.units)
+        predicted = [self.fixed + scale * p["unit_time"] for p in fit["points"]] + [self.fixed + dense_units]
+        measured = [p["measured_time"] for p in fit["points"]] + [self.base]
+        order = np.argsort(predicted)
+        xs, ratios = np.array(predicted)[order], (np.array(measured) / np.array(predicted))[order]
+        wanted = self.base / target
+        grid = np.linspace(xs[0] * 0.5, xs[-1] * 1.5, 4001)
+        landed = grid * np.interp(grid, xs, ratios)
+        if np.any(np.diff(landed) <= 0):  # not monotone: the points are noise, not a curve
+            return target
+        return float(self.base / np.interp(wanted, landed, grid))
+
     # -- editing ----------------------------------------------------------------------
     def exclude(self, names: Iterable[str]) -> "TimingTable":
         """A copy where the named units leave the solver: their dense time moves into ``fixed``."""
