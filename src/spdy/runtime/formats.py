@@ -13,6 +13,8 @@ measure, so the table and the deployed model pay the same.
 * ``bsr``: torch sparse BSR; only offered when the zeros really come in square blocks.
 * ``kernel``: the numba kernel of :mod:`spdy.runtime.kernels`, when it imports and runs;
   creating one sets glibc to keep freed memory (`cpu.keep_freed_memory`, process-wide).
+  A Conv2d in this format runs the direct sparse convolution of
+  :mod:`spdy.runtime.conv_kernels` instead (`conv_kernel`), on channels-last activations.
 """
 
 from __future__ import annotations
@@ -53,9 +55,10 @@ def kernel_status() -> tuple[bool, str]:
     try:
         from spdy.runtime import cpu
 
-        importlib.import_module("spdy.runtime.kernels")  # what the kernel format runs must load too
+        for module in ("spdy.runtime.kernels", "spdy.runtime.conv_kernels"):  # what the kernel format runs must load too
+            importlib.import_module(module)
     except ImportError as e:
-        return False, f"spdy.runtime.kernels does not import: {e}"
+        return False, f"{module} does not import: {e}"
     try:
         ok, reason = cpu.available()
     except Exception as e:  # a broken optional kernel must not break the runtime
@@ -197,6 +200,20 @@ class KernelFormat(WeightFormat):
 
     def to_dense(self) -> torch.Tensor:
         return self.kernel.to_dense()
+
+
+def conv_kernel(weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int], padding: tuple[int, int],
+                dilation: tuple[int, int]):
+    """Format ``kernel`` for a Conv2d weight (out, in, kh, kw): a `conv_kernels.SparseConvWeight`.
+    A conv is not a product of one (out, in) matrix, so this is not a `WeightFormat`."""
+    ok, reason = kernel_status()
+    if not ok:
+        raise RuntimeError(f"format 'kernel' is unavailable: {reason}")
+    from spdy.runtime.conv_kernels import SparseConvWeight
+    from spdy.runtime.cpu import keep_freed_memory
+
+    keep_freed_memory()  # fresh output pages would cost as much as the sparse product
+    return SparseConvWeight(weight.detach(), bias, stride, padding, dilation)
 
 
 _CLASSES: dict[str, type[WeightFormat]] = {c.name: c for c in (DenseFormat, CsrFormat, BsrFormat, KernelFormat)}

@@ -1,8 +1,9 @@
 """Drop-in modules that run a pruned layer in a chosen weight format.
 
 `SparseLinear` replaces ``nn.Linear`` and transformers' ``Conv1D`` (same product, weight
-stored transposed); `SparseConv2d` replaces ``nn.Conv2d`` by an unfold + matmul, the only
-way torch's sparse formats can be applied to a convolution. Both compute what the masked
+stored transposed); `SparseConv2d` replaces ``nn.Conv2d``: by the own direct sparse
+convolution in format ``kernel``, else by an unfold + matmul, the only way torch's sparse
+formats can be applied to a convolution. Both compute what the masked
 dense layer computes, up to float rounding. Model-family fusions built on them live in
 `spdy.runtime.modeling`.
 """
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spdy.runtime.formats import make_format
+from spdy.runtime.formats import conv_kernel, make_format
 
 
 def conv1d_type() -> type | None:
@@ -68,54 +69,85 @@ class SparseLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, bias={self.store.bias is not None}{act}"
 
 
-class SparseConv2d(nn.Module):
-    """A ``groups=1``, zero-padded Conv2d whose (out, in*kh*kw) weight is held in ``format``.
+CONV_ACTIVATIONS = (None, "relu", "relu6")
 
-    Sparse formats run ``W_sparse @ unfold(x)``; ``dense`` keeps ``F.conv2d`` (oneDNN is
-    far faster than unfold for dense weights).
+
+class SparseConv2d(nn.Module):
+    """``act(conv2d(x, W) + b + residual)`` for a ``groups=1``, zero-padded Conv2d whose weight is held in ``format``.
+
+    ``kernel`` runs the direct sparse convolution of `spdy.runtime.conv_kernels` on channels-last
+    activations (its output is channels_last; give it channels_last inputs to save a copy), with
+    the residual add and activation in its store. ``dense`` keeps ``F.conv2d`` (oneDNN); the torch
+    sparse formats run ``W_sparse @ unfold(x)``; both apply residual and activation as torch ops.
+    ``activation`` (None, ``"relu"``, ``"relu6"``) and ``residual`` let a folded conv + BN + add +
+    ReLU run as this one module.
     """
 
-    def __init__(self, conv: nn.Conv2d, format: str):
+    def __init__(self, conv: nn.Conv2d, format: str, activation: str | None = None):
         super().__init__()
         if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError(
                 f"SparseConv2d supports groups=1, padding_mode='zeros' and numeric padding; got groups={conv.groups}, "
                 f"padding_mode={conv.padding_mode!r}, padding={conv.padding!r}"
             )
-        self.format = format
+        if activation not in CONV_ACTIVATIONS:
+            raise ValueError(f"SparseConv2d activation must be one of {CONV_ACTIVATIONS}, got {activation!r}")
+        self.format, self.activation = format, activation
         self.out_channels, self.kernel_size = conv.out_channels, conv.kernel_size
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
         weight = conv.weight.detach()
         self.weight_shape = tuple(weight.shape)
-        self.store = make_format(format, weight.reshape(weight.shape[0], -1), _bias(conv))
+        if format == "kernel":
+            self.store = conv_kernel(weight, _bias(conv), self.stride, self.padding, self.dilation)
+        else:
+            self.store = make_format(format, weight.reshape(weight.shape[0], -1), _bias(conv))
 
     @classmethod
-    def from_module(cls, module: nn.Module, format: str) -> "SparseConv2d":
+    def from_module(cls, module: nn.Module, format: str, activation: str | None = None) -> "SparseConv2d":
         if not isinstance(module, nn.Conv2d):
             raise TypeError(f"SparseConv2d replaces nn.Conv2d, not {type(module).__name__}")
-        return cls(module, format)
+        return cls(module, format, activation)
 
     def _out_size(self, size: int, i: int) -> int:
         return (size + 2 * self.padding[i] - self.dilation[i] * (self.kernel_size[i] - 1) - 1) // self.stride[i] + 1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 4:
             raise ValueError(f"SparseConv2d expects (batch, channels, height, width) inputs, got shape {tuple(x.shape)}")
+        if self.format == "kernel":
+            return self.store.conv(x, residual, self.activation)
         if self.format == "dense":
             weight = self.store.to_dense().reshape(self.weight_shape)
-            return F.conv2d(x, weight, self.store.bias, self.stride, self.padding, self.dilation)
-        batch = x.shape[0]
-        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (B, K, L)
-        k, length = cols.shape[1], cols.shape[2]
-        yt = self.store.mm_t(cols.transpose(0, 1).reshape(k, batch * length))  # (out, B * L)
-        y = yt.reshape(self.out_channels, batch, length).transpose(0, 1)
-        return y.reshape(batch, self.out_channels, self._out_size(x.shape[2], 0), self._out_size(x.shape[3], 1))
+            y = F.conv2d(x, weight, self.store.bias, self.stride, self.padding, self.dilation)
+        else:
+            batch = x.shape[0]
+            cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (B, K, L)
+            k, length = cols.shape[1], cols.shape[2]
+            yt = self.store.mm_t(cols.transpose(0, 1).reshape(k, batch * length))  # (out, B * L)
+            y = yt.reshape(self.out_channels, batch, length).transpose(0, 1)
+            y = y.reshape(batch, self.out_channels, self._out_size(x.shape[2], 0), self._out_size(x.shape[3], 1))
+        return _add_activate(y, residual, self.activation)
 
     def dense_weight(self) -> torch.Tensor:
-        return self.store.to_dense()
+        """The (out, in * kh * kw) weight as a dense tensor, zeros included."""
+        return self.store.to_dense().reshape(self.weight_shape[0], -1)
 
     def extra_repr(self) -> str:
-        return f"weight={self.weight_shape}, stride={self.stride}, padding={self.padding}, format={self.format}"
+        act = f", activation={self.activation}" if self.activation else ""
+        return f"weight={self.weight_shape}, stride={self.stride}, padding={self.padding}, format={self.format}{act}"
+
+
+def _add_activate(y: torch.Tensor, residual: torch.Tensor | None, activation: str | None) -> torch.Tensor:
+    """act(y + residual) with torch ops, in place on ``y`` (the conv's own fresh output)."""
+    if residual is not None:
+        if residual.shape != y.shape:
+            raise ValueError(f"residual must have the output's shape {tuple(y.shape)}, got {tuple(residual.shape)}")
+        y = y.add_(residual)
+    if activation == "relu":
+        return y.relu_()
+    if activation == "relu6":
+        return y.clamp_(0.0, 6.0)
+    return y
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -49,11 +49,16 @@ def format_stats(
     rounds: int = 11,
     max_spread: float = 0.15,
 ) -> dict[str, Stat]:
-    """Median time and spread of the layer's forward in each candidate format, alternated."""
+    """Median time and spread of the layer's forward in each candidate format, alternated
+    (a Conv2d on a channels_last input)."""
     modules = candidate_modules(layer, candidates, bias)
     if not modules:
         raise ValueError(f"none of the formats {list(candidates)} can hold this layer's weight")
     x = torch.randn(*input_shape)
+    if isinstance(layer, nn.Conv2d) and x.dim() == 4:
+        # deployed convs pass channels-last activations along (the kernel format's layout; torch's
+        # convs and elementwise ops keep it), so every format is timed on that layout
+        x = x.contiguous(memory_format=torch.channels_last)
     return alternating_stats({f: (lambda m=m: m(x)) for f, m in modules.items()}, rounds, max_spread=max_spread)
 
 
