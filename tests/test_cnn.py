@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import pytest
@@ -10,9 +11,11 @@ from torch import nn
 
 from spdy.errors import InputError
 from spdy.models.resnet import ResNet, seeded
+from spdy.runtime import convert, kernel_status, magnitude_mask
 from spdy.runtime.fold import fold_batchnorms
 from spdy.timing import measure
 from spdy.units import find_units, unsupported_layers
+from spdy.verification import fused_blocks
 
 
 def small_resnet() -> nn.Module:
@@ -134,3 +137,68 @@ def test_efficientnet_lite0_is_the_package_network_with_plain_convs() -> None:
     with torch.no_grad():
         china, flower = bundle.model(bundle.calibration[0]).argmax(-1).tolist()
     assert china in (698, 663) and flower == 985
+
+
+def _prune(model: nn.Module, sparsity: float) -> dict:
+    units = find_units(model)
+    with torch.no_grad():
+        for u in units.values():
+            w = u.module.weight
+            w.mul_(magnitude_mask(w.reshape(w.shape[0], -1), f"{sparsity:.4f}").reshape(w.shape))
+    return units
+
+
+kernel_only = pytest.mark.skipif(not kernel_status()[0], reason=f"kernel format unavailable: {kernel_status()[1]}")
+
+
+@kernel_only
+@pytest.mark.parametrize("downsampled", [False, True])
+def test_bottlenecks_store_relu_and_residual_in_kernel_convs(downsampled: bool) -> None:
+    model, x = small_resnet(), torch.randn(2, 3, 32, 32)
+    fold_batchnorms(model, x)
+    units = _prune(model, 0.8)
+    with torch.no_grad():
+        reference = model(x)
+    convs = [n for n in units if n.startswith("layer") and ("downsample" not in n or downsampled)]
+    fast = convert(copy.deepcopy(model), {n: "kernel" for n in convs})
+    assert {"layer1.0", "layer2.0"} <= set(fused_blocks(fast))
+    assert fast.get_submodule("layer1.0.conv3").activation == "relu"
+    with torch.no_grad():
+        out = fast(x)
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+
+
+@kernel_only
+def test_sequential_conv_relu_fuses_and_a_shared_relu_does_not() -> None:
+    relu = nn.ReLU()
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), relu,
+                          nn.Conv2d(16, 16, 1), relu).eval()
+    _prune(model, 0.7)
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        reference = model(x)
+    fast = convert(copy.deepcopy(model), {"0": "kernel", "2": "kernel", "4": "kernel"})
+    assert [fast[i].activation for i in (0, 2, 4)] == ["relu", None, None]
+    assert isinstance(fast[1], nn.Identity) and isinstance(fast[3], nn.ReLU)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+
+
+@kernel_only
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite_pytorch") is None, reason="needs spdy[vision]")
+def test_efficientnet_blocks_fuse_relu6_and_skip() -> None:
+    from spdy.models.efficientnet import crops, lite0
+
+    model, x = lite0(), crops(1, seed=2, left=True)
+    fold_batchnorms(model, x)
+    units = _prune(model, 0.7)
+    with torch.no_grad():
+        reference = model(x)
+    fast = convert(copy.deepcopy(model), {n: "kernel" for n in units if n.startswith("_blocks")})
+    fused = [n for n in fused_blocks(fast) if n.count(".") == 1]
+    assert len(fused) == 16  # every MBConv block
+    assert fast.get_submodule("_blocks.1._expand_conv").activation == "relu6"
+    with torch.no_grad():
+        out = fast(x)
+    torch.testing.assert_close(out, reference, rtol=1e-3, atol=1e-3 * float(reference.abs().max()))
+    assert out.argmax() == reference.argmax()

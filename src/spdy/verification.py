@@ -34,8 +34,9 @@ from torch import nn
 from spdy.errors import InputError
 from spdy.levels import DENSE
 from spdy.search.profile import Profile
-from spdy.runtime import (FeedForwardInput, FeedForwardOutput, FusedEncoderLayer, ProjectedSelfAttention, ResidualNormOutput,
-                          SparseLinear, convert, formats_of, kernel_status, magnitude_mask)
+from spdy.runtime import (FeedForwardInput, FeedForwardOutput, FusedBottleneck, FusedEncoderLayer, FusedMBConv,
+                          ProjectedSelfAttention, ResidualNormOutput, SparseConv2d, SparseLinear, convert, formats_of,
+                          kernel_status, magnitude_mask)
 from spdy.runtime.formats import FORMATS, set_threads
 from spdy.runtime.timer import oversubscribed, time_alternating
 from spdy.timing.table import TimingTable
@@ -52,14 +53,15 @@ OVER_DELIVERED = 1.08  # a met profile measured beyond this x its target prunes 
 BASELINE = "dense torch"
 ENGINE_BASELINE = "the kernel format at 0%"
 TORCH_FASTER = "dense torch, faster here than the kernel format at 0%"
-FUSED_TYPES = (ResidualNormOutput, FeedForwardInput, FeedForwardOutput, ProjectedSelfAttention, FusedEncoderLayer)
+FUSED_TYPES = (ResidualNormOutput, FeedForwardInput, FeedForwardOutput, ProjectedSelfAttention, FusedEncoderLayer,
+               FusedBottleneck, FusedMBConv)
 
 
 def fused_blocks(model: nn.Module) -> list[str]:
     """Names of the blocks `convert` fused (modules of `spdy.runtime.modeling`, and layers that took
     their GELU into the kernel): the per-layer timing table does not see these."""
     return [n for n, m in model.named_modules()
-            if isinstance(m, FUSED_TYPES) or isinstance(m, SparseLinear) and m.activation is not None]
+            if isinstance(m, FUSED_TYPES) or isinstance(m, (SparseLinear, SparseConv2d)) and m.activation is not None]
 
 
 @dataclass

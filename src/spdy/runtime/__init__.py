@@ -11,6 +11,8 @@ from spdy.runtime.masks import magnitude_mask
 from spdy.runtime.modeling.bert import (FeedForwardInput, FeedForwardOutput, ProjectedSelfAttention, ResidualNormOutput,
                                         fuse_activations, fuse_feed_forwards, fuse_residual_norms, fuse_self_attentions)
 from spdy.runtime.modeling.bert_layer import FusedEncoderLayer, fuse_encoder_layers
+from spdy.runtime.modeling.cnn import FusedBottleneck, FusedMBConv, fuse_cnn_blocks, fuse_sequential_activations
+from spdy.runtime.fold import fold_batchnorms
 from spdy.runtime.modules import SparseConv2d, SparseLinear, sparse_module, weight_of
 from spdy.runtime.select import fastest_format, format_stats
 
@@ -18,6 +20,8 @@ __all__ = [
     "FORMATS",
     "FeedForwardInput",
     "FeedForwardOutput",
+    "FusedBottleneck",
+    "FusedMBConv",
     "FusedEncoderLayer",
     "ProjectedSelfAttention",
     "ResidualNormOutput",
@@ -28,11 +32,14 @@ __all__ = [
     "fastest_format",
     "format_stats",
     "formats_of",
+    "fold_batchnorms",
     "fuse_activations",
+    "fuse_cnn_blocks",
     "fuse_encoder_layers",
     "fuse_feed_forwards",
     "fuse_residual_norms",
     "fuse_self_attentions",
+    "fuse_sequential_activations",
     "heuristic_format",
     "kernel_status",
     "magnitude_mask",

@@ -17,6 +17,7 @@ from spdy.errors import InputError
 from spdy.runtime.formats import FORMATS, block_size, kernel_status
 from spdy.runtime.modeling.bert import fuse_activations, fuse_feed_forwards, fuse_residual_norms, fuse_self_attentions
 from spdy.runtime.modeling.bert_layer import fuse_encoder_layers
+from spdy.runtime.modeling.cnn import fuse_cnn_blocks, fuse_sequential_activations
 from spdy.runtime.modules import SparseConv2d, SparseLinear, set_module, sparse_module, weight_of
 from spdy.runtime.select import fastest_format
 from spdy.units import Unit, capture_shapes, find_units
@@ -66,7 +67,9 @@ def convert(
     add and LayerNorm (`fuse_residual_norms`); a layer's whole feed-forward block then runs as
     one call (`fuse_feed_forwards`), and a self-attention block whose q/k/v are all kernel
     format projects and attends in one call (`fuse_self_attentions`). A layer fused all through
-    runs whole, one call per batch (`fuse_encoder_layers`).
+    runs whole, one call per batch (`fuse_encoder_layers`). A kernel-format conv stores the ReLU
+    (and a ResNet or MBConv block's residual add) that follows it (`fuse_cnn_blocks`,
+    `fuse_sequential_activations`).
 
     ``formats``: module name -> format; layers mapped to ``"dense"`` stay untouched.
     Otherwise the layers of ``units`` (default: every Linear/Conv1D/Conv2d with zeros) get
@@ -100,8 +103,9 @@ def convert(
     return model
 
 
-# in order: each builds on the blocks the ones before it made (BERT-style models: spdy.runtime.modeling)
-FUSIONS = (fuse_activations, fuse_residual_norms, fuse_feed_forwards, fuse_self_attentions, fuse_encoder_layers)
+# in order: each builds on the blocks the ones before it made (model families: spdy.runtime.modeling)
+FUSIONS = (fuse_activations, fuse_residual_norms, fuse_feed_forwards, fuse_self_attentions, fuse_encoder_layers,
+           fuse_cnn_blocks, fuse_sequential_activations)
 
 
 def formats_of(model: nn.Module) -> dict[str, str]:
