@@ -44,14 +44,16 @@ def _module_function(spec: str) -> ModelBundle:
 
 
 def load_model(spec: str, samples: int = 64, heldout: int = 32, seq_len: int = 128, batch_size: int = 8) -> ModelBundle:
-    """Resolve MODEL (a built-in, a local Hugging Face directory, or ``module:function``), with every
-    BatchNorm that follows a conv folded into it, as the deployed runtime runs it."""
-    from spdy.runtime.fold import fold_batchnorms
+    """Resolve MODEL (a built-in, a local Hugging Face directory, or ``module:function``) as the
+    deployed runtime runs it: every BatchNorm that follows a conv folded into it, convs channels-last."""
+    from spdy.runtime.fold import fold_batchnorms, to_channels_last
 
     bundle = _load(spec, samples, heldout, seq_len, batch_size)
     folded = fold_batchnorms(bundle.model, bundle.calibration[0])
     if folded:
         bundle.meta["folded_batchnorms"] = len(folded)
+    if to_channels_last(bundle.model):
+        bundle.meta["memory_format"] = "channels_last"
     return bundle
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from spdy.errors import InputError
+from spdy.runtime.fold import to_channels_last
 from spdy.runtime.formats import FORMATS, block_size, kernel_status
 from spdy.runtime.modeling.bert import fuse_activations, fuse_feed_forwards, fuse_residual_norms, fuse_self_attentions
 from spdy.runtime.modeling.bert_layer import fuse_encoder_layers
@@ -100,6 +101,8 @@ def convert(
     if fuse:
         for fusion in FUSIONS:
             fusion(model)
+    if any(isinstance(m, SparseConv2d) and m.format == "kernel" for m in model.modules()):
+        to_channels_last(model)  # the kernel's layout, kept by every dense conv around it
     return model
 
 

@@ -107,6 +107,19 @@ def fold_batchnorms(model: nn.Module, example: Any) -> list[tuple[str, str]]:
     return []
 
 
+def to_channels_last(model: nn.Module) -> bool:
+    """Lay a CNN's 4-D weights out channels-last, in place; returns whether it has convs.
+
+    The kernel format's convs read and write channels-last activations; dense oneDNN convs
+    follow their weights' layout (and ran ~10% faster so on ResNet-50 here), so the whole
+    network keeps one layout and no layer pays a transpose. The input may stay NCHW.
+    """
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return False
+    model.to(memory_format=torch.channels_last)
+    return True
+
+
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     scale = float(b.abs().max()) if b.numel() else 0.0
     return a.shape == b.shape and bool(torch.allclose(a.float(), b.float(), rtol=0, atol=TOLERANCE * max(scale, 1e-6)))
