@@ -1,6 +1,8 @@
-"""End to end MiniLM-L6 (batch 8 x 128): dense torch vs the own kernel format vs DeepSparse.
+"""End to end MiniLM-L6 (batch 8 x 128) or ResNet-50 (``--model resnet50 --batch 1``): dense
+torch vs the own kernel format vs DeepSparse.
 
-All 36 encoder Linears are magnitude-pruned to each sparsity (the same weights in every
+All 36 encoder Linears (ResNet-50: every conv but the first, and the classifier; BatchNorm
+folded, channels-last, as `load_model` deploys a CNN) are magnitude-pruned to each sparsity (the same weights in every
 engine: `spdy.verification.pruned_copy` with its default magnitude masks). torch runs the dense
 model and the pruned model converted to the ``kernel`` format; DeepSparse 1.8.0 runs the
 dense and pruned ONNX exports (`spdy.timing.deepsparse.export_onnx`) in its own venv.
@@ -19,7 +21,7 @@ The own model is `convert`'s kernel format with all its fusions: MiniLM's layers
 one kernel call per layer (`--fusion blocks` stops before `fuse_encoder_layers`, `none` runs every
 block as transformers does, attention by torch's SDPA).
 
-    python bench/bench_e2e.py [--threads 2] [--rounds 20] [--sparsities 0.9,0.7] [--profile]
+    python bench/bench_e2e.py [--model minilm|resnet50] [--batch N] [--threads 2] [--rounds 20] [--sparsities 0.9,0.7] [--profile]
 """
 
 from __future__ import annotations
@@ -39,14 +41,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import DEEPSPARSE_PYTHON, ROOT  # noqa: E402
 
-BATCH, SEQ = 8, 128
+SEQ = 128
 
 
-def _bundle():
+def _bundle(model: str, batch: int):
+    """(model, units to prune, timed batch)."""
+    if model == "resnet50":
+        from spdy.models.resnet import images, resnet50
+        from spdy.runtime import fold_batchnorms
+        from spdy.runtime.fold import to_channels_last
+        from spdy.units import find_units
+
+        net, x = resnet50(), images(batch, batch)[0]
+        fold_batchnorms(net, x)
+        to_channels_last(net)
+        return net, find_units(net, exclude=["conv1"]), x
     from spdy.models import load_model
     from spdy.pipeline import prunable_units
 
-    bundle = load_model("minilm", samples=BATCH, heldout=0, seq_len=SEQ, batch_size=BATCH)
+    bundle = load_model("minilm", samples=batch, heldout=0, seq_len=SEQ, batch_size=batch)
     return bundle.model, prunable_units(bundle), bundle.calibration[0]
 
 
@@ -78,24 +91,31 @@ def _serve(models: dict, info: dict) -> None:
         print(json.dumps({"times": times}), flush=True)
 
 
-def torch_worker(sparsities: list[float], threads: int, profile: bool, fusion: str) -> None:
+def torch_worker(sparsities: list[float], threads: int, profile: bool, fusion: str, model_name: str, batch_size: int) -> None:
     import torch
 
-    from spdy.runtime import convert, cpu
+    from spdy.runtime import convert, cpu, fuse_cnn_blocks, fuse_encoder_layers
     from spdy.runtime.convert import FUSIONS
+    from spdy.runtime.fold import to_channels_last
     from spdy.units import call_model
+
+    BERT_FUSIONS = FUSIONS[:5]
 
     cpu.set_num_threads(threads)
     torch.set_grad_enabled(False)
-    model, units, batch = _bundle()
+    model, units, batch = _bundle(model_name, batch_size)
     models, info = {"torch dense": lambda: call_model(model, batch)}, {"checksums": {}, "errors": {}}
     for p in sparsities:
         pruned, info["checksums"][str(p)] = _pruned(model, units, p)
         reference = call_model(pruned, batch)
         convert(pruned, {u: "kernel" for u in units}, fuse=False)
-        for fuse in {"all": FUSIONS, "blocks": FUSIONS[:-1], "none": ()}[fusion]:
-            if not fuse(pruned):
-                raise RuntimeError(f"{fuse.__name__} did not apply to MiniLM")
+        fusions = {"all": FUSIONS, "blocks": [f for f in FUSIONS if f is not fuse_encoder_layers], "none": ()}[fusion]
+        if model_name != "minilm":  # the CNN fusions only; BERT's do not apply
+            fusions = [f for f in fusions if f not in BERT_FUSIONS]
+        for fuse in fusions:
+            if not fuse(pruned) and fuse in (BERT_FUSIONS if model_name == "minilm" else (fuse_cnn_blocks,)):
+                raise RuntimeError(f"{fuse.__name__} did not apply to {model_name}")
+        to_channels_last(pruned)
         out = call_model(pruned, batch)
         info["errors"][str(p)] = float((out - reference).abs().max() / reference.abs().max())
         models[f"own {p:.0%}"] = lambda m=pruned: call_model(m, batch)
@@ -125,7 +145,7 @@ def _profile(fn, runs: int = 3) -> str:
     return "\n".join(lines)
 
 
-def deepsparse_worker(sparsities: list[float], threads: int) -> None:
+def deepsparse_worker(sparsities: list[float], threads: int, model_name: str, batch_size: int) -> None:
     import deepsparse
     import torch
 
@@ -133,13 +153,14 @@ def deepsparse_worker(sparsities: list[float], threads: int) -> None:
     from spdy.units import call_model
 
     torch.set_grad_enabled(False)
-    model, units, batch = _bundle()
+    model, units, batch = _bundle(model_name, batch_size)
+    model.to(memory_format=torch.contiguous_format)  # the ONNX graph does not depend on it; the exporter prefers it
     models, info = {}, {"checksums": {}, "errors": {}}
     with tempfile.TemporaryDirectory() as workdir:
         for p in [0.0, *sparsities]:
             pruned, checksum = _pruned(model, units, p) if p else (model, None)
-            inputs = export_onnx(pruned, batch, Path(workdir) / f"minilm-{p}.onnx")
-            engine = deepsparse.compile_model(str(Path(workdir) / f"minilm-{p}.onnx"), batch_size=BATCH, num_cores=threads)
+            inputs = export_onnx(pruned, batch, Path(workdir) / f"{model_name}-{p}.onnx")
+            engine = deepsparse.compile_model(str(Path(workdir) / f"{model_name}-{p}.onnx"), batch_size=batch_size, num_cores=threads)
             reference = call_model(pruned, batch).numpy()
             out = engine.run(inputs)[0]
             if p:
@@ -158,7 +179,7 @@ class Worker:
     def __init__(self, engine: str, python: str, args: argparse.Namespace):
         cmd = [python, __file__, "--worker", engine, "--threads", str(args.threads), "--sparsities", args.sparsities]
         cmd += ["--profile"] if args.profile else []
-        cmd += ["--fusion", args.fusion]
+        cmd += ["--fusion", args.fusion, "--model", args.model, "--batch", str(args.batch)]
         env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
         if args.omp_wait_policy:
             env["OMP_WAIT_POLICY"] = args.omp_wait_policy
@@ -209,6 +230,8 @@ def report(samples: dict[str, list[float]], sparsities: list[float]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=["minilm", "resnet50"], default="minilm")
+    ap.add_argument("--batch", type=int, help="batch size (default: 8 sequences for minilm, 1 image for resnet50)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--block", type=int, default=5, help="rounds an engine runs in a row (after one unrecorded round): "
@@ -224,17 +247,18 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     sparsities = [float(s) for s in args.sparsities.split(",")]
+    args.batch = args.batch or (8 if args.model == "minilm" else 1)
     if args.worker == "torch":
-        torch_worker(sparsities, args.threads, args.profile, args.fusion)
+        torch_worker(sparsities, args.threads, args.profile, args.fusion, args.model, args.batch)
         return
     if args.worker == "deepsparse":
-        deepsparse_worker(sparsities, args.threads)
+        deepsparse_worker(sparsities, args.threads, args.model, args.batch)
         return
     engines = args.engines.split(",")
     if "deepsparse" in engines and not Path(args.deepsparse_python).exists():
         print(f"skipping deepsparse: {args.deepsparse_python} not found", file=sys.stderr)
         engines.remove("deepsparse")
-    print(f"{datetime.now():%Y-%m-%d %H:%M}, {args.threads} thread(s), {args.rounds} rounds, own model's fusions: "
+    print(f"{datetime.now():%Y-%m-%d %H:%M}, {args.model} batch {args.batch}, {args.threads} thread(s), {args.rounds} rounds, own model's fusions: "
           f"{args.fusion}, "
           f"load average {os.getloadavg()[0]:.2f} at start", flush=True)
     workers = []
