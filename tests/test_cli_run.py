@@ -50,11 +50,16 @@ def test_run_end_to_end(finished_run, capsys):
     chosen = summary["profiles"]["spdy"]
     assert chosen["verify"]["formats"] and set(chosen["verify"]["formats"].values()) <= {"kernel", "csr", "bsr"}
     assert chosen["verify"]["measured_speedup"] > 1
-    for name in ("report.md", "report.html", "plots/profile.png", "plots/timings.png", "plots/speedup_quality.png"):
+    # the search's convergence is kept with the profile and drawn; the default wall budget (3 minutes) was not needed here
+    c = chosen["convergence"]
+    assert c["budget"] == 180 and not c["stopped_by_budget"] and c["loss"] == sorted(c["loss"], reverse=True)
+    assert c["loss"][-1] == chosen["calibration_loss"] or len(chosen["rounds"]) > 1
+    assert summary["profiles"]["uniform"]["convergence"] is None and "Search convergence (spdy)" in md
+    for name in ("report.md", "report.html", "plots/profile.png", "plots/timings.png", "plots/speedup_quality.png", "plots/convergence.png"):
         assert (work / name).stat().st_size > 0, name
     assert summary["gap"]["gap"]["epochs"] == 1 and summary["gap"]["heldout_after_gap"] != summary["gap"]["heldout_before_gap"]
     html = (work / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3 and "spdy run digits" in html
+    assert html.count("data:image/png;base64,") == 4 and "spdy run digits" in html
 
 
 def test_rerun_uses_the_cache_and_gives_the_same_answer(finished_run, capsys):
@@ -125,6 +130,8 @@ def test_unknown_config_key_is_named(tmp_path, capsys):
     (["/no/such/model"], "not found"),
     (["digits", "--baselines", "uniform,bogus"], "bogus"),
     (["digits", "--levels", "0.5,1.5"], "(0, 1)"),
+    (["digits", "--search-budget", "5x"], "--search-budget '5x': expected seconds or a duration such as 300, 300s, 5m"),
+    (["digits", "--search-budget", "0"], "--search-budget '0': the budget must be a positive"),
 ])
 def test_bad_input_exits_2(tmp_path, capsys, args, message):
     assert main(["run", *args, "--work-dir", str(tmp_path / "w")]) == 2

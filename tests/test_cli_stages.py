@@ -140,7 +140,7 @@ def test_report_rewrites_a_run_directory(tmp_path):
     assert methods_table.count("| spdy |") == 1 and methods_table.count("| uniform |") == 1
     rounds = len(summary["profiles"]["spdy"]["rounds"])
     assert md.count("| spdy | ") - 1 == (rounds if "## Closed loop" in md else 0)
-    assert (work / "report.html").read_text().count("data:image/png;base64,") == 3
+    assert (work / "report.html").read_text().count("data:image/png;base64,") == 4  # with the search's convergence
 
 
 def test_report_without_a_run_exits_2(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from spdy.pipeline import profile_json
+from spdy.pipeline import convergence, profile_json
 from spdy.report import write_report
 from spdy.search.profile import Profile
 from spdy.timing import measure
@@ -52,12 +52,12 @@ def summary(tmp_path_factory) -> dict:
             "profiles": entries, "gap": None, "stages": {"verify:spdy": {"seconds": 0.5}}, "commands": ["spdy run mlp"]}
 
 
-def render(summary: dict, work: Path) -> str:
-    """report.md of ``summary`` written into ``work`` (the HTML must render with its three plots too)."""
+def render(summary: dict, work: Path, plots: int = 3) -> str:
+    """report.md of ``summary`` written into ``work`` (the HTML must render with its ``plots`` plots too)."""
     work.mkdir()
     (work / "summary.json").write_text(json.dumps(summary))
     md, html = write_report(work)
-    assert html.read_text().count("data:image/png;base64,") == 3
+    assert html.read_text().count("data:image/png;base64,") == plots
     return md.read_text()
 
 
@@ -120,3 +120,19 @@ def test_another_engine_names_its_own_baseline(summary, tmp_path) -> None:
     md = render(s, tmp_path / "deepsparse")
     assert "x** over dense DeepSparse" in md and "| measured speedup over dense DeepSparse |" in md
     assert "dense torch" not in md and ENGINE_HEADER not in md
+
+
+def test_search_convergence_is_plotted_and_summed_up(summary, tmp_path) -> None:
+    """A search's best loss over time and evaluations: a plot, and a line saying where it ended, what
+    it cost and when it came within 1% of its final loss; searches without a trace get neither."""
+    s = copy.deepcopy(summary)
+    trace = [{"evaluations": e, "batch_evaluations": b, "loss": loss, "phase": "local", "k": 1, "elapsed": t}
+             for e, b, loss, t in ((10, 20, 0.3, 2.0), (40, 100, 0.2, 30.0), (90, 300, 0.199, 95.0))]
+    searched = Profile({"0": "0.9900", "3": "0.9900"}, 1.5, method="spdy", evaluations=400, trace=trace,
+                       meta={"seconds": 180.2, "batches": 8, "budget": 180.0, "stopped_by_budget": True})
+    s["profiles"]["spdy"]["convergence"] = convergence(searched)
+    md = render(s, tmp_path / "searched", plots=4)
+    assert ("Search convergence (spdy): best calibration loss 0.199 after 400 candidates, 300 batch passes by the last "
+            "improvement in 180.2 s; within 1% of it after 30 s; budget 180 s, which stopped it.") in md
+    assert "![convergence](plots/convergence.png)" in md and "Search convergence (uniform)" not in md
+    assert convergence(Profile({"0": "0.9000"}, method="uniform")) is None

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from spdy.errors import InputError
+from spdy.search.budget import DEFAULT_SEARCH_BUDGET, parse_budget
 from spdy.search.dp import DEFAULT_BUCKETS, InfeasibleTarget, solve
 from spdy.levels import DENSE, Option, geometric_levels
 from spdy.search.profile import METHODS, Profile
@@ -21,6 +22,9 @@ from spdy.timing.table import TimingTable, check_target
 if TYPE_CHECKING:
     from spdy.pipeline import RunConfig
 
+BUDGET_HELP = (f"wall time for the spdy/evo search: 300, 300s, 5m, 1h, or none to run it to the end (default {DEFAULT_SEARCH_BUDGET}; "
+               "a rerun with a larger budget resumes where the search stopped; where a budget cuts depends on the machine's speed, "
+               "so only --search-budget none is deterministic per seed)")
 
 
 def _load_errors(path: str, table: TimingTable) -> dict[str, dict[str, float]]:
@@ -150,7 +154,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     missing = [u for u in table.units if u not in units]
     if missing:
         raise InputError(f"--timings {args.timings} has units the model does not offer (check --include/--exclude): {missing[:3]}")
-    settings = SearchSettings(args.method, args.seed, args.random_starts, args.tries, args.generations, args.offspring)
+    settings = SearchSettings(args.method, args.seed, args.random_starts, args.tries, args.generations, args.offspring,
+                              parse_budget(args.search_budget))
     work = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     if work:
         work.mkdir(parents=True, exist_ok=True)
@@ -337,6 +342,7 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tries", type=int, default=100, help="SPDY: failed local-search tries before shrinking the step (default %(default)s)")
     p.add_argument("--generations", type=int, default=50, help="evo: generations (default %(default)s)")
     p.add_argument("--offspring", type=int, default=16, help="evo: offspring per generation (default %(default)s)")
+    p.add_argument("--search-budget", default=DEFAULT_SEARCH_BUDGET, metavar="TIME", help=BUDGET_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -408,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tries", type=int)
     p.add_argument("--generations", type=int)
     p.add_argument("--offspring", type=int)
+    p.add_argument("--search-budget", metavar="TIME", help=BUDGET_HELP)
     p.add_argument("--rounds", type=int, help="verify: alternating rounds (default 30)")
     p.add_argument("--threads", type=int, help="threads the engine runs with, timed and verified alike (default: all cores)")
     p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,
@@ -463,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "target", None) is not None:
             check_target(args.target, "--target")  # before any model is loaded or anything is timed
+        if getattr(args, "search_budget", None) is not None:
+            parse_budget(args.search_budget)  # likewise
         return handler(args)
     except InfeasibleTarget as e:
         print(f"spdy {args.command}: {e}", file=sys.stderr)

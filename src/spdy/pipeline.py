@@ -26,6 +26,7 @@ from spdy.models import ModelBundle, load_model
 from spdy.models.bundle import model_fingerprint
 from spdy.search import baselines
 from spdy.search.dp import InfeasibleTarget, scaled_errors, solve
+from spdy.search.budget import DEFAULT_SEARCH_BUDGET, parse_budget
 from spdy.search.profile import METHODS, Profile
 from spdy.search.spdy import SpdyConfig, SpdySearch
 from spdy.files import digest, replace_atomically, write_json
@@ -109,10 +110,13 @@ class SearchSettings:
     tries: int = 100
     generations: int = 50
     offspring: int = 16
+    budget: float | None = None  # seconds of wall time for the spdy/evo search; None: run to the end (deterministic)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.budget is not None and not 0 < self.budget < float("inf"):
+            raise InputError(f"search budget {self.budget!r}: need a positive, finite number of seconds")
 
 
 def evaluators(bundle: ModelBundle, stitcher: Stitcher) -> tuple[Evaluator, Evaluator | None]:
@@ -141,7 +145,9 @@ def find_profile(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTa
         heldout.apply = stitcher.apply
     checkpoint = None
     if work is not None:
-        checkpoint = work / f"search-{settings.method}-{digest(table.to_dict()['units'], db.manifest.get('identity', db.directory.name), target, asdict(settings))}.json"
+        # the budget is left out: a rerun with a larger budget resumes the search where the smaller one stopped it
+        key = {k: v for k, v in asdict(settings).items() if k != "budget"}
+        checkpoint = work / f"search-{settings.method}-{digest(table.to_dict()['units'], db.manifest.get('identity', db.directory.name), target, key)}.json"
     method = settings.method
     try:
         if method == "spdy" and coefficients is not None:
@@ -150,10 +156,11 @@ def find_profile(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTa
                               calibration(solution.profile), evaluations=1, meta={"coefficients": list(coefficients)})
         elif method == "spdy":
             cfg = SpdyConfig(random_starts=settings.random_starts, tries=settings.tries, seed=settings.seed)
-            profile = SpdySearch(table, target, calibration, cfg, checkpoint, progress, bundle.fingerprint).run()
+            profile = SpdySearch(table, target, calibration, cfg, checkpoint, progress, bundle.fingerprint, settings.budget).run()
         elif method == "evo":
             cfg = EvoConfig(generations=settings.generations, offspring=settings.offspring, seed=settings.seed)
-            profile = EvolutionSearch(table, target, calibration, len(bundle.calibration), cfg, checkpoint, progress, bundle.fingerprint).run()
+            profile = EvolutionSearch(table, target, calibration, len(bundle.calibration), cfg, checkpoint, progress, bundle.fingerprint,
+                                      settings.budget).run()
         else:
             started = time.perf_counter()
             profile = _baseline(method, bundle, table, target, units, db, stitcher)
@@ -337,6 +344,7 @@ class RunConfig:
     tries: int = 100
     generations: int = 50
     offspring: int = 16
+    search_budget: str | float | None = DEFAULT_SEARCH_BUDGET
     rounds: int = 30
     threads: int | None = None
     gap: bool = False
@@ -350,9 +358,11 @@ class RunConfig:
                 raise InputError(f"method {method!r}: choose one of {', '.join(METHODS)}")
         if self.target is not None:
             check_target(self.target, "--target")
+        parse_budget(self.search_budget)
 
     def settings(self, method: str) -> SearchSettings:
-        return SearchSettings(method, self.seed, self.random_starts, self.tries, self.generations, self.offspring)
+        return SearchSettings(method, self.seed, self.random_starts, self.tries, self.generations, self.offspring,
+                              parse_budget(self.search_budget))
 
     @property
     def methods(self) -> list[str]:
@@ -400,7 +410,19 @@ def profile_json(profile: Profile) -> dict:
     return {"method": profile.method, "target": profile.target, "table_target": profile.meta.get("table_target", profile.target),
             "predicted_speedup": profile.predicted_speedup,
             "calibration_loss": profile.calibration_loss, "heldout_loss": profile.heldout_loss,
-            "evaluations": profile.evaluations, "profile": profile.sparsities, "options": profile.options}
+            "evaluations": profile.evaluations, "profile": profile.sparsities, "options": profile.options,
+            "convergence": convergence(profile)}
+
+
+def convergence(profile: Profile) -> dict | None:
+    """A search's best loss over evaluations and seconds (None for a method that does not search)."""
+    if not profile.trace:
+        return None
+    return {"evaluations": [t["evaluations"] for t in profile.trace], "batch_evaluations": [t.get("batch_evaluations") for t in profile.trace],
+            "seconds": [t["elapsed"] for t in profile.trace], "loss": [t["loss"] for t in profile.trace],
+            "total_evaluations": profile.evaluations, "total_seconds": profile.meta.get("seconds"),
+            "batches": profile.meta.get("batches"), "budget": profile.meta.get("budget"),
+            "stopped_by_budget": profile.meta.get("stopped_by_budget", False)}
 
 
 def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = True) -> dict:
@@ -485,7 +507,7 @@ def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = Tru
         new.save(path)
         return new
 
-    results, rounds = {}, {}
+    results, rounds, searched = {}, {}, dict(profiles)  # the closed loop may re-solve; the search's convergence stays
     for method in list(profiles):
         profiles[method], results[method], rounds[method] = land(
             profiles[method], target, table.max_speedup(), lambda p, m=method: measure_profile(m, p),
@@ -514,8 +536,8 @@ def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = Tru
     summary = {
         "model": bundle.name, "engine": cfg.engine, "pruner": cfg.pruner, "pattern": cfg.pattern, "loss": bundle.loss,
         "method": cfg.method, "target": target, "timings": str(table_path), "database": str(db.directory), "export": str(export_dir),
-        "profiles": {m: {**profile_json(p), "seconds": p.meta.get("seconds"), "verify": results[m], "rounds": rounds[m]}
-                     for m, p in profiles.items()},
+        "profiles": {m: {**profile_json(p), "seconds": searched[m].meta.get("seconds"), "convergence": convergence(searched[m]),
+                         "verify": results[m], "rounds": rounds[m]} for m, p in profiles.items()},
         "gap": gap, "stages": log.stages,
         "commands": [f'make run ARGS="{command[len("spdy run "):]}"', command, f"spdy report {work}"],
     }

@@ -119,6 +119,26 @@ def _plots(summary: dict, table: TimingTable, out: Path) -> dict[str, Path]:
     paths["speedup"] = out / "speedup_quality.png"
     fig.savefig(paths["speedup"], dpi=110)
     plt.close(fig)
+
+    searched = {m: p["convergence"] for m, p in profiles.items() if p.get("convergence")}
+    if searched:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+        for method, c in searched.items():
+            # step curves of the incumbent's loss, held to the search's end
+            a1.step(c["seconds"] + [c.get("total_seconds") or c["seconds"][-1]], c["loss"] + c["loss"][-1:], where="post", label=method)
+            a2.step(c["evaluations"] + [c.get("total_evaluations") or c["evaluations"][-1]], c["loss"] + c["loss"][-1:], where="post", label=method)
+        a1.set_xlabel("seconds")
+        a2.set_xlabel("candidates evaluated (any fidelity)")
+        for ax in (a1, a2):
+            ax.set_ylabel(f"best calibration loss ({summary['loss']})")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        a1.set_title("Search convergence over time")
+        a2.set_title("... and over evaluations")
+        fig.tight_layout()
+        paths["convergence"] = out / "convergence.png"
+        fig.savefig(paths["convergence"], dpi=110)
+        plt.close(fig)
     return paths
 
 
@@ -180,6 +200,24 @@ def _rounds(profiles: dict, target: float, baseline: str) -> list[str]:
     return lines + [""]
 
 
+def _convergence(profiles: dict) -> list[str]:
+    """One line per search: where its loss ended, what it cost, and how soon it got close."""
+    lines = []
+    for method, p in profiles.items():
+        c = p.get("convergence")
+        if not c:
+            continue
+        final, seconds = c["loss"][-1], c.get("total_seconds")
+        close = next(t for t, loss in zip(c["seconds"], c["loss"]) if loss <= final * 1.01)
+        cost = f"{c['total_evaluations']} candidates" + (f", {c['batch_evaluations'][-1]} batch passes by the last improvement"
+                                                        if c.get("batch_evaluations") and c["batch_evaluations"][-1] is not None else "")
+        budget = c.get("budget")
+        stop = ("" if budget is None else f"; budget {budget:g} s, " + ("which stopped it" if c.get("stopped_by_budget") else "not reached"))
+        lines.append(f"Search convergence ({method}): best calibration loss {final:.5g} after {cost} in {_fmt(seconds)} s; "
+                     f"within 1% of it after {close:.0f} s{stop}.")
+    return lines + ["", "![convergence](plots/convergence.png)", ""] if lines else []
+
+
 def write_report(work: str | Path) -> tuple[Path, Path]:
     """Render ``report.md`` and ``report.html`` from ``work/summary.json``."""
     work = Path(work)
@@ -221,7 +259,8 @@ def write_report(work: str | Path) -> tuple[Path, Path]:
         lines.append(f"| {method} | {p['predicted_speedup']:.4f} | {_fmt(measured)} | {'n/a' if measured is None else f'{measured / target:.3f}'} "
                      f"|{engine} {_fmt(p.get('calibration_loss'))} | {_fmt(p.get('heldout_loss'))} | {p.get('evaluations', '')} "
                      f"| {_fmt(p.get('seconds'))} |")
-    lines += ["", "![speedup and quality](plots/speedup_quality.png)", "", *_rounds(summary["profiles"], target, baseline), "## Profile", "",
+    lines += ["", "![speedup and quality](plots/speedup_quality.png)", "", *_convergence(summary["profiles"]),
+              *_rounds(summary["profiles"], target, baseline), "## Profile", "",
               "![profile](plots/profile.png)", "", "## Timings", "", "![timings](plots/timings.png)", "",
               "## Stages", "", "| stage | seconds | detail |", "|---|---|---|"]
     for stage, info in summary.get("stages", {}).items():

@@ -8,8 +8,10 @@ the previous candidate; the caller restores the dense model when the search is d
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -100,13 +102,16 @@ class Evaluator:
         return out
 
     @torch.no_grad()
+    def batch_loss(self, index: int) -> float:
+        """Loss of the model as it stands on batch ``index`` (may be NaN or inf)."""
+        batch = self.batches[index]
+        return float(self.fn(self._forward(batch), self.reference[index], batch))
+
+    @torch.no_grad()
     def score(self, limit: int | None = None) -> float:
         """Mean loss of the model as it stands over the first ``limit`` batches (all by default)."""
-        total, count = 0.0, 0
-        for batch, reference in list(zip(self.batches, self.reference))[:limit]:
-            total += float(self.fn(self._forward(batch), reference, batch))
-            count += 1
-        value = total / count
+        losses = [self.batch_loss(i) for i in range(len(self.batches))[:limit]]
+        value = sum(losses) / len(losses)
         if not math.isfinite(value):
             warnings.warn(f"candidate loss is {value}: treating it as failed (inf)", RuntimeWarning, stacklevel=2)
             return math.inf
@@ -114,11 +119,121 @@ class Evaluator:
 
     def __call__(self, profile: Mapping[str, str], limit: int | None = None) -> float:
         """Put ``profile`` in place with ``apply`` and score it (it stays in place)."""
+        self._put(profile)
+        return self.score(limit)
+
+    def losses(self, profile: Mapping[str, str], start: int, stop: int) -> list[float]:
+        """Put ``profile`` in place and return its loss on batches ``start..stop-1``, stopping after
+        the first non-finite one (a broken candidate is not worth more batches)."""
+        self._put(profile)
+        out: list[float] = []
+        for i in range(start, min(stop, len(self.batches))):
+            out.append(self.batch_loss(i))
+            if not math.isfinite(out[-1]):
+                break
+        return out
+
+    def _put(self, profile: Mapping[str, str]) -> None:
         if self.apply is None:
             raise InputError("this Evaluator has no apply function; use score() on the model as it stands")
         self.calls += 1
         self.apply(profile)
-        return self.score(limit)
+
+
+def _warn_if_broken(loss: float) -> None:
+    if not math.isfinite(loss):
+        warnings.warn(f"candidate loss is {loss}: treating it as failed (inf)", RuntimeWarning, stacklevel=3)
+
+
+# a search's objective: an Evaluator, a ``profile -> loss`` callable, or ``(profile, batches) -> loss``
+Objective = Evaluator | Callable[..., float]
+
+
+class MultiFidelity:
+    """Mean loss of a profile on its first ``b`` calibration batches, for growing ``b``, each batch
+    computed once: scoring a candidate on 2 batches and later on all 8 costs 8 batch passes, not 10.
+
+    The searches score most candidates on a few batches and only the promising ones on all
+    (successive halving, early abandonment); this class makes the low fidelities cheap and the
+    upgrade free of repeated work. With an :class:`Evaluator` losses are kept per batch; a
+    ``(profile, batches) -> loss`` callable (``staged``) is called per fidelity; a plain
+    ``profile -> loss`` callable has one fidelity (all its data). Every loss is remembered
+    (different coefficients often give one profile) and, with :meth:`keep_log`, logged.
+    """
+
+    def __init__(self, evaluate: Objective, batches: int | None = None, staged: bool = False):
+        self.evaluate = evaluate
+        self.incremental = isinstance(evaluate, Evaluator)
+        self.staged = staged and not self.incremental
+        self.batches = len(evaluate.batches) if self.incremental else batches if staged and batches else 1
+        self.memo: dict[tuple[str, ...], list[float] | dict[int, float]] = {}
+        self.evaluations = 0  # distinct profiles scored at any fidelity
+        self.batch_evaluations = 0  # batch passes, the real cost
+        self.full_evaluations = 0  # profiles scored on all batches
+        self.log: Path | None = None
+
+    def mean(self, profile: Mapping[str, str], batches: int | None = None) -> float:
+        """Mean loss on the first ``batches`` batches (all by default); NaN or inf -> inf."""
+        b = self.batches if batches is None else max(1, min(batches, self.batches))
+        key = tuple(profile.values())
+        if key not in self.memo:
+            self.memo[key] = [] if self.incremental else {}
+            self.evaluations += 1
+        known = self.memo[key]
+        if self.incremental:
+            if len(known) < b and (not known or math.isfinite(known[-1])):
+                new = self.evaluate.losses(profile, len(known), b)
+                self._logged(key, len(known), new)
+                self.batch_evaluations += len(new)
+                known.extend(new)
+                _warn_if_broken(new[-1])
+                self.full_evaluations += len(known) == self.batches
+            value = sum(known[:b]) / b if len(known) >= b else math.inf
+        else:
+            if b not in known:
+                known[b] = float(self.evaluate(profile, b) if self.staged else self.evaluate(profile))
+                self._logged(key, b, known[b])
+                self.batch_evaluations += b
+                self.full_evaluations += b == self.batches
+                _warn_if_broken(known[b])
+            value = known[b]
+        return value if math.isfinite(value) else math.inf
+
+    def known(self, profile: Mapping[str, str]) -> int:
+        """The most batches ``profile`` has been scored on (0 if never)."""
+        entry = self.memo.get(tuple(profile.values()))
+        if not entry:
+            return 0
+        return len(entry) if isinstance(entry, list) else max(entry)
+
+    def keep_log(self, path: Path | None, fresh: bool) -> None:
+        """Append every loss computed from now on to ``path`` (JSON lines) and, unless ``fresh``, take
+        back the losses an earlier, killed run logged there: a resumed search pays only for the
+        evaluation that was in flight. A line cut short by the kill is ignored."""
+        self.log = path
+        if path is None:
+            return
+        if fresh:
+            path.unlink(missing_ok=True)
+            return
+        kind = "batch" if self.incremental else "mean"
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            try:
+                tag, key, at, values = json.loads(line)
+            except (ValueError, TypeError):
+                continue
+            if tag != kind:
+                continue
+            entry = self.memo.setdefault(tuple(key), [] if self.incremental else {})
+            if self.incremental and len(entry) == at:
+                entry.extend(float(v) for v in values)
+            elif not self.incremental:
+                entry[int(at)] = float(values)
+
+    def _logged(self, key: tuple[str, ...], at: int, values: list[float] | float) -> None:
+        if self.log is not None:
+            with open(self.log, "a") as f:
+                f.write(json.dumps(["batch" if self.incremental else "mean", list(key), at, values]) + "\n")
 
 
 @torch.no_grad()

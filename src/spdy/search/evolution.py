@@ -3,8 +3,14 @@
 Instead of learning error coefficients, it mutates profiles directly: a mutation makes a
 few units one level denser and then random others sparser until the time budget holds
 again. Each generation's offspring are culled in stages on growing amounts of calibration
-data, so most candidates cost a fraction of a full evaluation; the parent is replaced only
-by a child that beats it on all the data.
+data (successive halving), so most candidates cost a fraction of a full evaluation, and a
+survivor's next stage only scores the batches it has not seen (`MultiFidelity`); the parent
+is replaced only by a child that beats it on all the data.
+
+A wall-time budget may stop the search between evaluations (the generation in flight is
+then dropped). The state is checkpointed after every evaluation and every loss is logged
+beside it, so a killed search resumes losing at most the evaluation in flight; without a
+budget the run is deterministic per seed.
 """
 
 from __future__ import annotations
@@ -20,18 +26,15 @@ import numpy as np
 from spdy.errors import InputError
 from spdy.progress import progress_bar
 from spdy.files import digest
+from spdy.search.budget import Clock
 from spdy.search.dp import solve
+from spdy.search.evaluate import MultiFidelity
 from spdy.search.profile import Profile
 from spdy.search.spdy import Checkpoint
 from spdy.timing.table import TimingTable
 
-# (profile, number of batches or None for all) -> loss
+# an Evaluator, or (profile, number of batches or None for all) -> loss
 StagedEvaluate = Callable[[Mapping[str, str], int | None], float]
-
-
-def _worst_if_broken(loss: float) -> float:
-    """NaN or inf -> inf: a broken candidate loses every comparison (NaN would also never be beaten)."""
-    return loss if math.isfinite(loss) else math.inf
 
 
 @dataclass(frozen=True)
@@ -50,13 +53,17 @@ class EvoConfig:
 
 
 class EvolutionSearch:
-    """``EvolutionSearch(table, target, evaluate, batches).run()`` -> the best :class:`Profile` found."""
+    """``EvolutionSearch(table, target, evaluate, batches).run()`` -> the best :class:`Profile` found.
+
+    ``batches``: how many calibration batches ``evaluate`` has (an `Evaluator` knows its own);
+    ``budget``: seconds of wall time, None for none.
+    """
 
     def __init__(self, table: TimingTable, target: float, evaluate: StagedEvaluate, batches: int,
                  config: EvoConfig = EvoConfig(), checkpoint: str | os.PathLike | None = None, progress: bool = True,
-                 fingerprint: str = ""):
+                 fingerprint: str = "", budget: float | None = None):
         self.table, self.target, self.evaluate, self.batches = table, target, evaluate, batches
-        self.config, self.progress = config, progress
+        self.config, self.progress, self.budget = config, progress, budget
         self.keys = [table.options(u) for u in table.units]
         self.times = [np.array([table.times[u][k] for k in ks]) for u, ks in zip(table.units, self.keys)]
         self.limit = table.base / target - table.fixed
@@ -86,34 +93,56 @@ class EvolutionSearch:
 
     def run(self) -> Profile:
         cfg = self.config
+        fid = MultiFidelity(self.evaluate, self.batches, staged=True)
         rng = np.random.default_rng(cfg.seed)
-        state = self.checkpoint.load()
-        if state is None:
-            parent = np.array([ks.index(self.start[u]) for u, ks in zip(self.table.units, self.keys)])
-            state = {"generation": 0, "parent": parent.tolist(), "loss": _worst_if_broken(self.evaluate(self._profile(parent), None)),
-                     "evaluations": 1, "batch_evaluations": self.batches, "trace": [], "elapsed": 0.0}
-        else:
-            rng.bit_generator.state = state["rng"]
-        started = time.perf_counter() - state["elapsed"]
+        loaded = self.checkpoint.load()
+        state = loaded or {"generation": 0, "parent": [ks.index(self.start[u]) for u, ks in zip(self.table.units, self.keys)],
+                           "loss": None, "evaluations": 0, "batch_evaluations": 0, "full_evaluations": 0, "trace": [], "elapsed": 0.0,
+                           "rng": rng.bit_generator.state}
+        rng.bit_generator.state = state["rng"]  # as at the start of the generation in flight
+        fid.keep_log(self.checkpoint.log, fresh=loaded is None)
+        fid.evaluations, fid.batch_evaluations, fid.full_evaluations = state["evaluations"], state["batch_evaluations"], state["full_evaluations"]
+        clock = Clock(self.budget, state["elapsed"])
+
+        def save() -> None:
+            state.update(evaluations=fid.evaluations, batch_evaluations=fid.batch_evaluations, full_evaluations=fid.full_evaluations,
+                         elapsed=clock.elapsed)
+            self.checkpoint.save(state)
+
+        def score(genome: np.ndarray, batches: int | None) -> float:
+            paid = fid.batch_evaluations
+            loss = fid.mean(self._profile(genome), batches)
+            if fid.batch_evaluations != paid:
+                save()
+            return loss
+
+        if state["loss"] is None:
+            state["loss"] = score(np.array(state["parent"]), None)
         bar = progress_bar(total=cfg.generations, initial=state["generation"], desc="evolution", unit="gen", disable=not self.progress, leave=False)
-        while state["generation"] < cfg.generations:
+        while state["generation"] < cfg.generations and not clock.out():
             parent = np.array(state["parent"])
             pool = [self.mutate(parent, rng) for _ in range(cfg.offspring)]
             for share, survivors in cfg.stages:
-                batches = max(1, round(share * self.batches))
-                scores = [_worst_if_broken(self.evaluate(self._profile(g), batches)) for g in pool]
-                state["evaluations"] += len(pool)
-                state["batch_evaluations"] += len(pool) * batches
+                batches = max(1, round(share * fid.batches))
+                scores = []
+                for g in pool:
+                    if clock.out():
+                        break
+                    scores.append(score(g, batches))
+                if clock.out():
+                    break
                 order = np.argsort(scores, kind="stable")
                 pool, best_score = [pool[i] for i in order[:survivors]], scores[order[0]]
+            if clock.out():
+                break  # the generation in flight is dropped; a rerun with more budget resumes it
             if best_score < state["loss"]:
                 state["parent"], state["loss"] = pool[0].tolist(), best_score
-                state["trace"].append({"generation": state["generation"], "loss": best_score, "evaluations": state["evaluations"],
-                                       "elapsed": round(time.perf_counter() - started, 3)})
+                state["trace"].append({"generation": state["generation"], "loss": best_score, "evaluations": fid.evaluations,
+                                       "batch_evaluations": fid.batch_evaluations, "elapsed": round(clock.elapsed, 3)})
             state["generation"] += 1
-            state["rng"], state["elapsed"] = rng.bit_generator.state, time.perf_counter() - started
-            self.checkpoint.save(state)
-            bar.set_postfix(best=f"{state['loss']:.5g}", evals=state["evaluations"], refresh=False)
+            state["rng"] = rng.bit_generator.state
+            save()
+            bar.set_postfix(best=f"{state['loss']:.5g}", evals=fid.evaluations, refresh=False)
             bar.update(1)
         bar.close()
         if not math.isfinite(state["loss"]):
@@ -121,6 +150,7 @@ class EvolutionSearch:
         options = self._profile(np.array(state["parent"]))
         predicted = self.table.predicted_time(options)
         return Profile(options=options, target=self.target, predicted_time=predicted, predicted_speedup=self.table.base / predicted,
-                       method="evo", calibration_loss=state["loss"], evaluations=state["evaluations"], trace=state["trace"],
-                       meta={"config": asdict(cfg), "batch_evaluations": state["batch_evaluations"],
-                             "seconds": round(time.perf_counter() - started, 2)})
+                       method="evo", calibration_loss=state["loss"], evaluations=fid.evaluations, trace=state["trace"],
+                       meta={"config": asdict(cfg), "batch_evaluations": fid.batch_evaluations, "full_evaluations": fid.full_evaluations,
+                             "batches": fid.batches, "seconds": round(clock.elapsed, 2), "budget": self.budget,
+                             "stopped_by_budget": state["generation"] < cfg.generations})

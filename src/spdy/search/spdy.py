@@ -5,8 +5,19 @@ gets the prior ``(i/(n-1))^2`` over its sorted options times a coefficient ``c_l
 [0, 1]; a coefficient vector is scored by solving the DP and evaluating the resulting
 profile on calibration data. The search is 100 random vectors, then a local search that
 redraws k random coordinates (k from 10% of the units down to 1, lowered after 100 failed
-tries in a row). Every constant is a parameter; the run is deterministic per seed and
-checkpoints after each accepted step, so a killed search resumes where it stood.
+tries in a row), as in the paper.
+
+Most candidates are clearly worse than the incumbent, and a few calibration batches say
+so: evaluation is multi-fidelity (`MultiFidelity`). The random vectors go through
+successive halving (all scored on ``first_batches`` batches, the better half on twice as
+many, ... the last few on all); a local candidate is scored on growing prefixes of the data
+and abandoned as soon as its loss on them exceeds the incumbent's on the same batches by
+more than ``abandon_margin``. Only a candidate that beats the incumbent on all batches is
+accepted, so every accepted loss is a full one. A wall-time budget may stop the search early.
+
+Every constant is a parameter; without a budget the run is deterministic per seed. The
+state is checkpointed after every evaluation and every loss is logged beside it, so a killed
+search resumes where it stood, losing at most the evaluation in flight.
 """
 
 from __future__ import annotations
@@ -14,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -23,12 +33,12 @@ import numpy as np
 
 from spdy.errors import InputError
 from spdy.progress import progress_bar
+from spdy.search.budget import Clock
 from spdy.search.dp import DEFAULT_BUCKETS, scaled_errors, solve
+from spdy.search.evaluate import MultiFidelity, Objective
 from spdy.files import digest, read_json, write_json
 from spdy.search.profile import Profile
 from spdy.timing.table import TimingTable
-
-Evaluate = Callable[[Mapping[str, str]], float]
 
 
 @dataclass(frozen=True)
@@ -38,10 +48,24 @@ class SpdyConfig:
     step_fraction: float = 0.1
     seed: int = 0
     buckets: int = DEFAULT_BUCKETS
+    first_batches: int = 1  # the lowest fidelity; >= the number of batches makes every evaluation full
+    abandon_margin: float = 0.02  # a local candidate this much (relative) above the incumbent on a prefix is dropped
 
     def __post_init__(self) -> None:
         if self.random_starts < 1 or self.tries < 1 or not 0 < self.step_fraction <= 1:
             raise InputError(f"invalid search settings {self}: need random_starts >= 1, tries >= 1, 0 < step_fraction <= 1")
+        if self.first_batches < 1 or not 0 <= self.abandon_margin < math.inf:
+            raise InputError(f"invalid search settings {self}: need first_batches >= 1 and a finite abandon_margin >= 0")
+
+
+def fidelities(first: int, batches: int) -> list[int]:
+    """Batch counts of the fidelity ladder: ``first``, doubling, ending at all ``batches``."""
+    ladder = []
+    b = max(1, first)
+    while b < batches:
+        ladder.append(b)
+        b *= 2
+    return ladder + [batches]
 
 
 class Checkpoint:
@@ -64,31 +88,25 @@ class Checkpoint:
             return
         write_json(self.path, {**state, "key": self.key}, indent=None)
 
-
-class CachedObjective:
-    """Profile -> loss, remembering profiles already scored (different c often give one profile)."""
-
-    def __init__(self, evaluate: Evaluate):
-        self.evaluate = evaluate
-        self.cache: dict[tuple, float] = {}
-        self.evaluations = 0
-
-    def __call__(self, profile: Mapping[str, str]) -> float:
-        key = tuple(profile.values())
-        if key not in self.cache:
-            loss = self.evaluate(profile)
-            self.cache[key] = math.inf if not math.isfinite(loss) else loss
-            self.evaluations += 1
-        return self.cache[key]
+    @property
+    def log(self) -> Path | None:
+        """Where the search logs every loss it computes (see `MultiFidelity.keep_log`)."""
+        return None if self.path is None else self.path.with_suffix(".evaluations.jsonl")
 
 
 class SpdySearch:
-    """``SpdySearch(table, target, evaluate).run()`` -> the best :class:`Profile` found."""
+    """``SpdySearch(table, target, evaluate).run()`` -> the best :class:`Profile` found.
 
-    def __init__(self, table: TimingTable, target: float, evaluate: Evaluate, config: SpdyConfig = SpdyConfig(),
-                 checkpoint: str | os.PathLike | None = None, progress: bool = True, fingerprint: str = ""):
-        self.table, self.target, self.config, self.progress = table, target, config, progress
-        self.objective = CachedObjective(evaluate)
+    ``evaluate`` is an `Evaluator` (multi-fidelity) or a ``profile -> loss`` callable (every
+    evaluation full); ``budget`` (seconds, None for none) bounds the search's wall time.
+    """
+
+    def __init__(self, table: TimingTable, target: float, evaluate: Objective, config: SpdyConfig = SpdyConfig(),
+                 checkpoint: str | os.PathLike | None = None, progress: bool = True, fingerprint: str = "",
+                 budget: float | None = None):
+        self.table, self.target, self.config, self.progress, self.budget = table, target, config, progress, budget
+        self.objective = MultiFidelity(evaluate)
+        self.ladder = fidelities(config.first_batches, self.objective.batches)
         key = {"method": "spdy", "table": digest(table.to_dict()["units"], length=16), "target": target, "config": asdict(config), "data": fingerprint}
         self.checkpoint = Checkpoint(checkpoint, key)
         solve(table, target, buckets=config.buckets)  # fail fast (InfeasibleTarget) before any evaluation
@@ -97,58 +115,87 @@ class SpdySearch:
         return solve(self.table, self.target, scaled_errors(self.table, coefficients), self.config.buckets).profile
 
     def run(self) -> Profile:
-        cfg, units = self.config, len(self.table.units)
+        cfg, units, fid, full = self.config, len(self.table.units), self.objective, self.objective.batches
         rng = np.random.default_rng(cfg.seed)
-        state = self.checkpoint.load() or {
-            "phase": "random", "next": 0, "k": max(1, round(cfg.step_fraction * units)), "tries": 0,
-            "best": None, "best_loss": math.inf, "evaluations": 0, "trace": [], "elapsed": 0.0,
+        starts = rng.random((cfg.random_starts, units))
+        loaded = self.checkpoint.load()
+        state = loaded or {
+            "phase": "random", "k": max(1, round(cfg.step_fraction * units)), "tries": 0, "best": None, "best_loss": math.inf,
+            "evaluations": 0, "batch_evaluations": 0, "full_evaluations": 0, "trace": [], "elapsed": 0.0,
         }
         if "rng" in state:
             rng.bit_generator.state = state["rng"]
-        self.objective.evaluations = state["evaluations"]
+        fid.keep_log(self.checkpoint.log, fresh=loaded is None)
+        fid.evaluations, fid.batch_evaluations, fid.full_evaluations = state["evaluations"], state["batch_evaluations"], state["full_evaluations"]
         best = None if state["best"] is None else np.array(state["best"])
-        started = time.perf_counter() - state["elapsed"]
+        clock = Clock(self.budget, state["elapsed"])
         bar = progress_bar(desc="spdy search", unit="cand", disable=not self.progress, leave=False)
 
         def save(**changes) -> None:
-            state.update(changes, rng=rng.bit_generator.state, evaluations=self.objective.evaluations,
-                         best=None if best is None else best.tolist(), elapsed=time.perf_counter() - started)
+            state.update(changes, evaluations=fid.evaluations, batch_evaluations=fid.batch_evaluations, full_evaluations=fid.full_evaluations,
+                         best=None if best is None else best.tolist(), elapsed=clock.elapsed)
             self.checkpoint.save(state)
+
+        def score(profile: Mapping[str, str], batches: int) -> float:
+            """Mean loss on the first ``batches`` batches; checkpointed when it cost an evaluation."""
+            paid = fid.batch_evaluations
+            loss = fid.mean(profile, batches)
+            if fid.batch_evaluations != paid:
+                save()
+                bar.set_postfix(evals=fid.evaluations, batches=fid.batch_evaluations, best=f"{state['best_loss']:.5g}",
+                                k=state["k"] if state["phase"] == "local" else "-", refresh=False)
+                bar.update(1)
+            return loss
 
         def improve(candidate: np.ndarray, loss: float) -> None:
             nonlocal best
             best = candidate
             state["best_loss"] = loss
-            state["trace"].append({"evaluations": self.objective.evaluations, "loss": loss, "phase": state["phase"],
-                                   "k": state["k"], "elapsed": round(time.perf_counter() - started, 3)})
+            state["trace"].append({"evaluations": fid.evaluations, "batch_evaluations": fid.batch_evaluations, "loss": loss,
+                                   "phase": state["phase"], "k": state["k"], "elapsed": round(clock.elapsed, 3)})
 
-        def show() -> None:
-            bar.set_postfix(evals=self.objective.evaluations, best=f"{state['best_loss']:.5g}", k=state["k"] if state["phase"] == "local" else "-", refresh=False)
-            bar.update(1)
-
-        while state["phase"] == "random" and state["next"] < cfg.random_starts:
-            candidate = rng.random(units)
-            loss = self.objective(self.profile_for(candidate))
-            state["next"] += 1
-            if loss < state["best_loss"] or best is None:
-                improve(candidate, loss)
-                save()
-            show()
         if state["phase"] == "random":
-            save(phase="local", tries=0)
-        while state["k"] >= 1:
-            while state["tries"] < cfg.tries:
+            # successive halving: every start on the lowest fidelity, the better half on the next, ... the last on all
+            profiles = [self.profile_for(c) for c in starts]
+            alive = list(range(cfg.random_starts))
+            for b in self.ladder:
+                scored = []
+                for i in alive:
+                    if clock.out():
+                        break
+                    score(profiles[i], b)
+                    scored.append(i)
+                alive = sorted(scored, key=lambda i: fid.mean(profiles[i], b)) + alive[len(scored):]
+                if clock.out():
+                    break
+                if b < full:
+                    alive = alive[:max(1, math.ceil(len(alive) / 2))]
+            finalists = [i for i in range(cfg.random_starts) if fid.known(profiles[i]) >= full]
+            if not finalists:  # the budget ran out before any full evaluation: finish the leader
+                finalists = alive[:1]
+                score(profiles[finalists[0]], full)
+            for i in finalists:  # in draw order, so the trace shows the incumbent improving
+                loss = fid.mean(profiles[i], full)
+                if loss < state["best_loss"] or best is None:
+                    improve(starts[i], loss)
+            state.update(phase="local", tries=0, rng=rng.bit_generator.state)
+        incumbent = self.profile_for(best)
+        save()
+        while state["k"] >= 1 and not clock.out():
+            while state["tries"] < cfg.tries and not clock.out():
                 candidate = best.copy()
                 picked = rng.choice(units, size=min(state["k"], units), replace=False)
                 candidate[picked] = rng.random(len(picked))
-                loss = self.objective(self.profile_for(candidate))
-                if loss < state["best_loss"]:
-                    improve(candidate, loss)
-                    save(tries=0)
+                profile = self.profile_for(candidate)
+                if self._challenge(profile, incumbent, score):
+                    improve(candidate, fid.mean(profile))
+                    incumbent, state["tries"] = profile, 0
                 else:
                     state["tries"] += 1
-                show()
-            save(k=state["k"] - 1, tries=0)
+                state["rng"] = rng.bit_generator.state
+                save()
+            if state["tries"] >= cfg.tries:
+                save(k=state["k"] - 1, tries=0)
         bar.close()
         if not math.isfinite(state["best_loss"]):
             raise RuntimeError("every candidate's loss was NaN or inf: the pruned models are broken (check the database and the loss)")
@@ -156,6 +203,21 @@ class SpdySearch:
         return Profile(
             options=solution.profile, target=self.target, predicted_time=solution.predicted_time,
             predicted_speedup=solution.predicted_speedup, method="spdy", calibration_loss=state["best_loss"],
-            evaluations=self.objective.evaluations, trace=state["trace"],
-            meta={"coefficients": best.tolist(), "config": asdict(cfg), "seconds": round(time.perf_counter() - started, 2)},
+            evaluations=fid.evaluations, trace=state["trace"],
+            meta={"coefficients": best.tolist(), "config": asdict(cfg), "seconds": round(clock.elapsed, 2),
+                  "batch_evaluations": fid.batch_evaluations, "batches": full, "fidelities": self.ladder,
+                  "full_evaluations": fid.full_evaluations, "budget": self.budget,
+                  "stopped_by_budget": clock.out() and state["k"] >= 1},
         )
+
+    def _challenge(self, profile: Mapping[str, str], incumbent: Mapping[str, str], score: Callable[[Mapping[str, str], int], float]) -> bool:
+        """Does ``profile`` beat the incumbent on all batches? Abandoned at the first prefix of the
+        data on which it is more than ``abandon_margin`` worse (same batches for both)."""
+        fid = self.objective
+        for b in self.ladder:
+            loss, reference = score(profile, b), fid.mean(incumbent, b)
+            if b == fid.batches:
+                return loss < reference
+            if not math.isfinite(loss) or loss > reference * (1 + self.config.abandon_margin):
+                return False
+        return False
