@@ -1,0 +1,55 @@
+"""Held-out quality in the model's own terms: exact for the dense model, lower for a damaged one."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from spdy.models import load_model
+from spdy.quality import outputs, quality
+
+
+def _damage(model: torch.nn.Module, keep: float) -> torch.nn.Module:
+    damaged = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in damaged.parameters():
+            if p.dim() >= 2:
+                p.mul_((torch.rand(p.shape, generator=gen) < keep).to(p.dtype))
+    return damaged
+
+
+def test_classifier_agreement_and_accuracy() -> None:
+    bundle = load_model("digits-cnn")
+    dense = outputs(bundle.model, bundle.heldout)
+    same = quality(bundle.model, bundle.heldout, dense, "ce", bundle.heldout_labels)
+    assert same["top1_agreement"] == 1.0 and same["accuracy"] == same["dense_accuracy"] > 0.9
+    worse = quality(_damage(bundle.model, 0.05), bundle.heldout, dense, "ce", bundle.heldout_labels)
+    assert worse["top1_agreement"] < 0.9 and worse["accuracy"] < same["accuracy"]
+    assert quality(bundle.model, bundle.heldout, dense, "kl") == {"top1_agreement": 1.0}
+
+
+def test_embedding_cosine_and_neighbours() -> None:
+    gen = torch.Generator().manual_seed(1)
+    dense = [torch.randn(8, 32, generator=gen) for _ in range(3)]
+    identity = torch.nn.Identity()
+    same = quality(identity, dense, dense, "cosine")
+    assert abs(same["mean_cosine"] - 1.0) < 1e-12 and same["neighbour_agreement"] == 1.0
+    noisy = [d + 2.0 * torch.randn(d.shape, generator=gen) for d in dense]
+    worse = quality(identity, noisy, dense, "cosine")
+    assert worse["mean_cosine"] < 0.6 and worse["neighbour_agreement"] < 1.0
+
+
+def test_perplexity_of_a_language_model_batch() -> None:
+    ids = torch.tensor([[1, 2, 3, 4], [4, 3, 2, 1]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    class Uniform(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return torch.zeros(*input_ids.shape, 10)
+
+    dense = [torch.nn.functional.one_hot(torch.roll(ids, -1, 1), 10).float() * 20]
+    result = quality(Uniform(), [batch], dense, "next-token")
+    assert abs(result["perplexity"] - 10.0) < 1e-9 and result["dense_perplexity"] < 1.01
+    assert result["top1_agreement"] < 1.0
