@@ -12,7 +12,7 @@ so: evaluation is multi-fidelity (`MultiFidelity`). The random vectors go throug
 successive halving (all scored on ``first_batches`` batches, the better half on twice as
 many, ... the last few on all); a local candidate is scored on growing prefixes of the data
 and abandoned as soon as its loss on them exceeds the incumbent's on the same batches by
-more than ``abandon_margin``. Only a candidate that beats the incumbent on all batches is
+more than a margin that shrinks as the prefix grows. Only a candidate that beats the incumbent on all batches is
 accepted, so every accepted loss is a full one. A wall-time budget may stop the search early.
 
 Every constant is a parameter; without a budget the run is deterministic per seed. The
@@ -49,7 +49,9 @@ class SpdyConfig:
     seed: int = 0
     buckets: int = DEFAULT_BUCKETS
     first_batches: int = 1  # the lowest fidelity; >= the number of batches makes every evaluation full
-    abandon_margin: float = 0.02  # a local candidate this much (relative) above the incumbent on a prefix is dropped
+    # a local candidate above the incumbent by more than abandon_margin * sqrt((n - b) / b) (relative) on the first b of
+    # n batches is dropped: the margin shrinks as the prefix grows, like the noise of a prefix's mean around the full mean
+    abandon_margin: float = 0.004
 
     def __post_init__(self) -> None:
         if self.random_starts < 1 or self.tries < 1 or not 0 < self.step_fraction <= 1:
@@ -212,12 +214,13 @@ class SpdySearch:
 
     def _challenge(self, profile: Mapping[str, str], incumbent: Mapping[str, str], score: Callable[[Mapping[str, str], int], float]) -> bool:
         """Does ``profile`` beat the incumbent on all batches? Abandoned at the first prefix of the
-        data on which it is more than ``abandon_margin`` worse (same batches for both)."""
+        data on which it is clearly worse (same batches for both)."""
         fid = self.objective
         for b in self.ladder:
             loss, reference = score(profile, b), fid.mean(incumbent, b)
             if b == fid.batches:
                 return loss < reference
-            if not math.isfinite(loss) or loss > reference * (1 + self.config.abandon_margin):
+            margin = self.config.abandon_margin * math.sqrt((fid.batches - b) / b)
+            if not math.isfinite(loss) or loss > reference * (1 + margin):
                 return False
         return False
