@@ -47,57 +47,70 @@ _TILE = 32  # plane positions per work item: two 16-float vectors per weight, 4 
 _CHUNK = 64  # output channels per work item
 _PIX = 16  # pixels per store transpose
 _BUF = _CHUNK * _TILE  # floats of an item's accumulators
+_BLOCK = 256  # floats of a 16x16 tile (stack sizes must be plain constants)
+_TWO_BLOCKS = 512
 
 if cpu.numba is not None:
     _ZERO16 = np.zeros(LANES, dtype=np.float32)  # the zero bias of the packing transposes
 
     @numba.njit(**JIT)
+    def _zero(xq, start, stop):
+        for q in range(start, stop):
+            xq[q] = 0.0
+
+    @numba.njit(**JIT)
     def _pack_row(x, xq, zero16, n, ph_h, qh, g, phases_w):
         """Plane row qh of row phase ph_h of image n, every channel and used column phase: the
-        input row (zero outside it, and for rows of padding), 16x16 transposes for whole blocks."""
+        input row (zero outside it, and for rows of padding), by 16x16 transposes (a ragged
+        last block through a stack tile; scalar copies only for channels past a multiple of 16)."""
         c_in, h, w, sh, sw, pad_h, pad_w, wq, plane = g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8]
         img = c_in * sh * sw * plane
+        cstride = sh * sw * plane  # from a channel's plane to the next channel's
         ih = qh * sh + ph_h - pad_h
         x_addr = x.ctypes.data
         xq_addr = xq.ctypes.data
         c16 = c_in - c_in % LANES
+        tile = numba.carray(stack_f32(_TWO_BLOCKS), (_TWO_BLOCKS,))
+        tile_addr = tile.ctypes.data
         for ph_w in range(sw):
             if not phases_w[ph_w]:
                 continue
-            row0 = n * img + (ph_h * sw + ph_w) * plane + qh * wq  # channel 0's row; channel c adds c*sh*sw*plane
-            cstride = sh * sw * plane
+            row0 = n * img + (ph_h * sw + ph_w) * plane + qh * wq  # channel 0's row
             if ih < 0 or ih >= h:
                 for c in range(c_in):
-                    xq[row0 + c * cstride:row0 + c * cstride + wq] = 0.0
+                    _zero(xq, row0 + c * cstride, row0 + c * cstride + wq)
                 continue
             lo = max(0, -((ph_w - pad_w) // sw))  # first qw whose column qw*sw + ph_w - pad_w is >= 0
             hi = min(wq, max(lo, (w - 1 + pad_w - ph_w) // sw + 1))
             for c in range(c_in):
-                start = row0 + c * cstride
-                xq[start:start + lo] = 0.0
-                xq[start + hi:start + wq] = 0.0
-            src_row = (n * h + ih) * w
-            q16 = lo + (hi - lo) - (hi - lo) % LANES
-            for q0 in range(lo, q16, LANES):
-                iw0 = q0 * sw + ph_w - pad_w
+                _zero(xq, row0 + c * cstride, row0 + c * cstride + lo)
+                _zero(xq, row0 + c * cstride + hi, row0 + c * cstride + wq)
+            src_row = (n * h + ih) * w + ph_w - pad_w  # + qw * sw: the input pixel of plane column qw
+            for q0 in range(lo, hi, LANES):
+                m = min(LANES, hi - q0)
                 for c0 in range(0, c16, LANES):
-                    src = x_addr + np.uintp(((src_row + iw0) * c_in + c0) * 4)
+                    src = x_addr + np.uintp(((src_row + q0 * sw) * c_in + c0) * 4)
                     dst = xq_addr + np.uintp((row0 + c0 * cstride + q0) * 4)
-                    transpose16(src, sw * c_in, dst, cstride, zero16.ctypes.data, 0)
+                    if m == LANES:
+                        transpose16(src, sw * c_in, dst, cstride, zero16.ctypes.data, 0)
+                        continue
+                    for i in range(m):  # rows past the input's end must not be read: gather the m rows
+                        vstore(tile_addr + np.uintp(i * 64), vload(src + np.uintp(i * sw * c_in * 4)))
+                    transpose16(tile_addr, LANES, tile_addr + np.uintp(LANES * 64), LANES, zero16.ctypes.data, 0)
+                    for j in range(LANES):
+                        for i in range(m):
+                            xq[row0 + (c0 + j) * cstride + q0 + i] = tile[(LANES + j) * LANES + i]
                 for c in range(c16, c_in):
-                    for q in range(q0, q0 + LANES):
-                        xq[row0 + c * cstride + q] = x[((src_row + q * sw + ph_w - pad_w) * c_in) + c]
-            for q in range(q16, hi):
-                src = (src_row + q * sw + ph_w - pad_w) * c_in
-                for c in range(c_in):
-                    xq[row0 + c * cstride + q] = x[src + c]
+                    for i in range(m):
+                        xq[row0 + c * cstride + q0 + i] = x[(src_row + (q0 + i) * sw) * c_in + c]
 
     @numba.njit(**JIT)
     def _store(buf, nr, bias, y, residual, has_residual, act, n, u0, o0, g):
         """y[pixel, o0:o0+nr] = act(buf[r, t] + bias + residual) for the item's valid pixels
-        (plane position u0 + t with ow < Wo, oh < Ho), 16 channels x 16 pixels per transpose."""
+        (plane position u0 + t with ow < Wo, oh < Ho), 16 channels x 16 pixels per transpose.
+        Positions are walked, not divided out (an integer division per pixel cost more than the store)."""
         wq, h_out, w_out, c_out = g[7], g[9], g[10], g[11]
-        scratch = numba.carray(stack_f32(256), (256,))
+        scratch = numba.carray(stack_f32(_BLOCK), (_BLOCK,))
         s_addr = scratch.ctypes.data
         buf_addr = buf.ctypes.data
         y_addr = y.ctypes.data
@@ -105,42 +118,50 @@ if cpu.numba is not None:
         zero = vzero()
         minus6 = vaxpb(zero, np.float32(0.0), np.float32(-6.0))
         r16 = nr - nr % LANES
+        oh0 = u0 // wq
+        ow0 = u0 - oh0 * wq
         for t0 in range(0, _TILE, _PIX):
             for r0 in range(0, r16, LANES):
                 transpose16(buf_addr + np.uintp((r0 * _TILE + t0) * 4), _TILE, s_addr, LANES,
                             bias.ctypes.data + np.uintp((o0 + r0) * 4), 0)
+                oh, ow = oh0, ow0
                 for t in range(_PIX):
-                    u = u0 + t0 + t
-                    oh = u // wq
-                    ow = u - oh * wq
-                    if oh >= h_out or ow >= w_out:
-                        continue
-                    at = np.uintp((((n * h_out + oh) * w_out + ow) * c_out + o0 + r0) * 4)
-                    v = vload(s_addr + np.uintp(t * 64))
-                    if has_residual:
-                        v = vadd(v, vload(r_addr + at))
-                    if act == 1:
-                        v = vmax(v, zero)
-                    elif act == 2:
-                        v = vmax(v, zero)
-                        v = vscale(vmax(vscale(v, np.float32(-1.0)), minus6), np.float32(-1.0))
-                    vstore(y_addr + at, v)
-        for t in range(_TILE):
-            u = u0 + t
-            oh = u // wq
-            ow = u - oh * wq
-            if oh >= h_out or ow >= w_out:
-                continue
-            pixel = ((n * h_out + oh) * w_out + ow) * c_out + o0
+                    if oh < h_out and ow < w_out:
+                        at = np.uintp((((n * h_out + oh) * w_out + ow) * c_out + o0 + r0) * 4)
+                        v = vload(s_addr + np.uintp(t * 64))
+                        if has_residual:
+                            v = vadd(v, vload(r_addr + at))
+                        if act == 1:
+                            v = vmax(v, zero)
+                        elif act == 2:
+                            v = vmax(v, zero)
+                            v = vscale(vmax(vscale(v, np.float32(-1.0)), minus6), np.float32(-1.0))
+                        vstore(y_addr + at, v)
+                    ow += 1
+                    if ow == wq:
+                        ow = 0
+                        oh += 1
             for r in range(r16, nr):
-                value = buf[r * _TILE + t] + bias[o0 + r]
-                if has_residual:
-                    value += residual[pixel + r]
-                if act >= 1:
-                    value = max(value, np.float32(0.0))
-                if act == 2:
-                    value = min(value, np.float32(6.0))
-                y[pixel + r] = value
+                oh, ow = oh0, ow0
+                for t in range(t0, t0 + _PIX):
+                    if oh < h_out and ow < w_out:
+                        pixel = ((n * h_out + oh) * w_out + ow) * c_out + o0 + r
+                        value = buf[r * _TILE + t] + bias[o0 + r]
+                        if has_residual:
+                            value += residual[pixel]
+                        if act >= 1:
+                            value = max(value, np.float32(0.0))
+                        if act == 2:
+                            value = min(value, np.float32(6.0))
+                        y[pixel] = value
+                    ow += 1
+                    if ow == wq:
+                        ow = 0
+                        oh += 1
+            ow0 += _PIX
+            while ow0 >= wq:
+                ow0 -= wq
+                oh0 += 1
 
     @numba.njit(**JIT)
     def _item(xq, bptr, offsets, data, bias, y, residual, has_residual, act, n, u0, o0, g):
