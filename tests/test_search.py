@@ -222,3 +222,15 @@ def test_budget_spellings(text, seconds):
 def test_bad_budgets_name_the_flag_and_what_is_valid(text):
     with pytest.raises(InputError, match=r"--search-budget .*(300s, 5m|positive, finite)"):
         parse_budget(text)
+
+
+def test_a_rerun_with_a_larger_budget_resumes_the_cut_search(setup, tmp_path):
+    """The budget is left out of the checkpoint's key: the cut search's state is taken up, not redone."""
+    _, _, table, _, evaluator, target = setup
+    path = tmp_path / "search.json"
+    cut = SpdySearch(table, target, evaluator, LONGER, checkpoint=path, progress=False, budget=1e-3).run()
+    assert cut.meta["stopped_by_budget"]
+    done = SpdySearch(table, target, evaluator, LONGER, checkpoint=path, progress=False, budget=None).run()
+    assert not done.meta["stopped_by_budget"] and done.calibration_loss <= cut.calibration_loss
+    assert done.trace[:len(cut.trace)] == cut.trace and done.meta["batch_evaluations"] > cut.meta["batch_evaluations"]
+    assert done.calibration_loss == evaluator(done.options)
