@@ -58,6 +58,11 @@ def test_run_end_to_end(finished_run, capsys):
     assert c["budget"] == 180 and not c["stopped_by_budget"] and c["loss"] == sorted(c["loss"], reverse=True)
     assert c["loss"][-1] == chosen["calibration_loss"] or len(chosen["rounds"]) > 1
     assert summary["profiles"]["uniform"]["convergence"] is None and "Search convergence (spdy)" in md
+    # held-out quality in the classifier's own terms, against the dense model (digits has labels)
+    for method, p in summary["profiles"].items():
+        q = p["quality"]
+        assert 0 < q["top1_agreement"] <= 1 and 0 < q["accuracy"] <= 1 and q["dense_accuracy"] > 0.9, method
+    assert "Held-out quality against the dense model" in md and "top1 agreement" in md
     for name in ("report.md", "report.html", "plots/profile.png", "plots/timings.png", "plots/speedup_quality.png", "plots/convergence.png"):
         assert (work / name).stat().st_size > 0, name
     assert summary["gap"]["gap"]["epochs"] == 1 and summary["gap"]["heldout_after_gap"] != summary["gap"]["heldout_before_gap"]

@@ -192,6 +192,24 @@ def _baseline(method: str, bundle: ModelBundle, table: TimingTable, target: floa
     return baselines.owl(table, target, weights, norms)
 
 
+def heldout_quality(bundle: ModelBundle, stitcher: Stitcher, profiles: Mapping[str, Profile]) -> dict[str, dict[str, float]]:
+    """Each profile's held-out quality in the model's own terms (`spdy.quality`); none without held-out data."""
+    from spdy.quality import outputs, quality
+
+    if not bundle.heldout:
+        return {}
+    stitcher.restore()
+    dense = outputs(bundle.model, bundle.heldout)
+    result = {}
+    try:
+        for method, profile in profiles.items():
+            stitcher.apply(profile.options)
+            result[method] = quality(bundle.model, bundle.heldout, dense, bundle.loss, bundle.heldout_labels)
+    finally:
+        stitcher.restore()
+    return result
+
+
 def apply(units: Mapping[str, Unit], profile: Profile, db: Database | None = None) -> None:
     """Put the profile's pruned weights into the model for good (database weights, else magnitude masks)."""
     from spdy.runtime import magnitude_mask
@@ -526,6 +544,9 @@ def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = Tru
     for note in (verified.under_prediction(), verified.over_delivery()):
         if note:
             say(f"      note: {note}")
+    qualities = heldout_quality(bundle, stitcher, profiles)
+    if cfg.method in qualities:
+        say("      held-out quality: " + ", ".join(f"{k} {v:.4g}" for k, v in qualities[cfg.method].items()))
     chosen = profiles[cfg.method]
     apply(units, chosen, db)
     gap = None
@@ -543,7 +564,7 @@ def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = Tru
         "model": bundle.name, "engine": cfg.engine, "pruner": cfg.pruner, "pattern": cfg.pattern, "loss": bundle.loss,
         "method": cfg.method, "target": target, "planned_table_target": plan, "timings": str(table_path), "database": str(db.directory), "export": str(export_dir),
         "profiles": {m: {**profile_json(p), "seconds": searched[m].meta.get("seconds"), "convergence": convergence(searched[m]),
-                         "verify": results[m], "rounds": rounds[m]} for m, p in profiles.items()},
+                         "verify": results[m], "rounds": rounds[m], "quality": qualities.get(m)} for m, p in profiles.items()},
         "gap": gap, "stages": log.stages,
         "commands": [f'make run ARGS="{command[len("spdy run "):]}"', command, f"spdy report {work}"],
     }

@@ -218,6 +218,29 @@ def _convergence(profiles: dict) -> list[str]:
     return lines + ["", "![convergence](plots/convergence.png)", ""] if lines else []
 
 
+def _kept_dense(kept: dict | None) -> list[str]:
+    """Layers that look prunable but stay dense, grouped by reason."""
+    if not kept:
+        return []
+    by_reason: dict[str, list[str]] = {}
+    for name, why in kept.items():
+        by_reason.setdefault(why.split(" (")[0] if "convolution (groups=" in why else why, []).append(name)
+    parts = [f"{len(names)} x {why} (e.g. `{names[0]}`)" for why, names in by_reason.items()]
+    return [f"{len(kept)} layers stay dense in every profile, their time part of the fixed cost: " + "; ".join(parts) + ".", ""]
+
+
+def _quality(profiles: dict) -> list[str]:
+    """Held-out quality of each method's profile in the model's own terms (`spdy.quality`)."""
+    rows = {m: p["quality"] for m, p in profiles.items() if p.get("quality")}
+    if not rows:
+        return []
+    names = list(dict.fromkeys(k for q in rows.values() for k in q))
+    lines = ["### Held-out quality against the dense model", "",
+             "| method | " + " | ".join(n.replace("_", " ") for n in names) + " |", "|---|" + "---|" * len(names)]
+    lines += [f"| {m} | " + " | ".join(_fmt(q.get(n)) for n in names) + " |" for m, q in rows.items()]
+    return lines + [""]
+
+
 def write_report(work: str | Path) -> tuple[Path, Path]:
     """Render ``report.md`` and ``report.html`` from ``work/summary.json``."""
     work = Path(work)
@@ -242,6 +265,7 @@ def write_report(work: str | Path) -> tuple[Path, Path]:
         f"Pruner `{summary['pruner']}`, pattern `{summary['pattern']}`, loss `{summary['loss']}`.",
         "",
         *_calibration(table.meta.get("calibration")),
+        *_kept_dense(table.meta.get("kept_dense")),
         *([f"Finished with global AdaPrune ({summary['gap']['gap']['epochs']} epochs, lr {summary['gap']['gap']['lr']:g}): "
            f"held-out loss {summary['gap']['heldout_before_gap']:.5g} -> {summary['gap']['heldout_after_gap']:.5g}.", ""]
           if summary.get("gap") else []),
@@ -259,7 +283,7 @@ def write_report(work: str | Path) -> tuple[Path, Path]:
         lines.append(f"| {method} | {p['predicted_speedup']:.4f} | {_fmt(measured)} | {'n/a' if measured is None else f'{measured / target:.3f}'} "
                      f"|{engine} {_fmt(p.get('calibration_loss'))} | {_fmt(p.get('heldout_loss'))} | {p.get('evaluations', '')} "
                      f"| {_fmt(p.get('seconds'))} |")
-    lines += ["", "![speedup and quality](plots/speedup_quality.png)", "", *_convergence(summary["profiles"]),
+    lines += ["", "![speedup and quality](plots/speedup_quality.png)", "", *_quality(summary["profiles"]), *_convergence(summary["profiles"]),
               *_rounds(summary["profiles"], target, baseline), "## Profile", "",
               "![profile](plots/profile.png)", "", "## Timings", "", "![timings](plots/timings.png)", "",
               "## Stages", "", "| stage | seconds | detail |", "|---|---|---|"]
