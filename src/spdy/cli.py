@@ -319,7 +319,8 @@ def cmd_nm(args: argparse.Namespace) -> int:
 
 def _model_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
     p.add_argument("model", metavar="MODEL", nargs=None if model_required else "?", default="minilm",
-                   help="minilm | smollm2 | digits | a local Hugging Face model directory | module:function")
+                   help="minilm | smollm2 | digits | digits-cnn | efficientnet-lite0 | a local Hugging Face model directory | "
+                        "module:function (e.g. spdy.models.resnet:resnet50_job)")
     p.add_argument("--samples", type=int, default=64, help="calibration sequences/samples (default %(default)s)")
     p.add_argument("--heldout", type=int, default=32, help="held-out sequences (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="batch size, also the timed deployment batch (default %(default)s)")
