@@ -1,11 +1,13 @@
-"""Does the measured speedup land on the target? Raw table vs calibrated table, before and after the closed loop.
+"""Does the measured speedup land on the target? Raw vs calibrated vs planned table, before and after the closed loop.
 
     .venv/bin/python bench/bench_landing.py [--model minilm] [--work-dir spdy-work]
-        [--targets 1.3,2,2.7,3.4] [--rounds 20] [--threads N]
+        [--targets 1.3,2,2.7,3.4] [--rounds 20] [--threads N] [--variants raw,calibrated,planned]
 
 For each target: the DP profile over the database's own errors (the `dp-errors` baseline, OBS
-weights), solved on the raw timing table and on the table calibrated to the deployed runtime
-(`pipeline.calibrate`), verified, then put through the closed loop (`pipeline.land`). Reuses
+weights), solved on the raw timing table, on the table calibrated to the deployed runtime
+(`pipeline.calibrate`) at the target, and on the calibrated table at its planning target
+(`TimingTable.planning_target`: what `spdy run` does), verified, then put through the closed
+loop (`pipeline.land`). Reuses
 the timing table, calibration and database cached in ``--work-dir`` by `spdy run` (or makes
 them). Prints one Markdown table: per target and table, the first round's measured / target and
 the landed one, with the rounds it took. Goal (issue 16): first rounds within [0.97, 1.08],
@@ -31,6 +33,7 @@ def main() -> None:
     parser.add_argument("--targets", default=None, help="comma-separated; default 1.3 up to 90%% of the calibrated maximum, five points")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="default: all cores (and the table `spdy run` cached)")
+    parser.add_argument("--variants", default="raw,calibrated,planned")
     args = parser.parse_args()
 
     work = Path(args.work_dir)
@@ -47,9 +50,12 @@ def main() -> None:
           f"maximum {raw.max_speedup():.3f}x (raw) / {calibrated.max_speedup():.3f}x (calibrated)\n")
     print("| target | table | first: predicted | first: measured | first / target | landed: measured | landed / target | rounds |")
     print("|---|---|---|---|---|---|---|---|")
-    firsts: dict[str, list[float]] = {"raw": [], "calibrated": []}
+    variants = args.variants.split(",")
+    firsts: dict[str, list[float]] = {name: [] for name in variants}
     for target in targets:
-        for name, table in (("raw", raw), ("calibrated", calibrated)):
+        plans = {"raw": (raw, target), "calibrated": (calibrated, target), "planned": (calibrated, calibrated.planning_target(target))}
+        for name in variants:
+            table, plan = plans[name]
             def measure(profile, table=table) -> dict:
                 return verify(bundle.model, units, profile, batch, table, weights=db.weight, rounds=args.rounds).to_json()
 
@@ -58,8 +64,8 @@ def main() -> None:
                 new.target, new.meta["table_target"] = target, table_target
                 return new
 
-            start = baselines.dp_errors(table, target, errors)
-            start.target = target
+            start = baselines.dp_errors(table, plan, errors)
+            start.target, start.meta["table_target"] = target, plan
             _, result, rounds = pipeline.land(start, target, table.max_speedup(), measure, resolve)
             first = rounds[0]
             firsts[name].append(first["measured"] / target)
