@@ -106,6 +106,8 @@ def test_unsupported_convs_are_never_units_and_say_why() -> None:
     assert "depthwise" in why["depthwise"] and "reflect" in why["reflect"] and "own forward" in why["project"]
     with pytest.raises(InputError, match="stay dense.*depthwise"):
         find_units(model, include=["depthwise"])
+    with pytest.raises(InputError, match="layer 'depthwise' cannot run in format 'csr': depthwise"):
+        convert(model, {"depthwise": "csr"})
 
 
 def test_timing_a_depthwise_model_records_what_stays_dense() -> None:

@@ -21,7 +21,7 @@ from spdy.runtime.modeling.bert_layer import fuse_encoder_layers
 from spdy.runtime.modeling.cnn import fuse_cnn_blocks, fuse_sequential_activations
 from spdy.runtime.modules import SparseConv2d, SparseLinear, set_module, sparse_module, weight_of
 from spdy.runtime.select import fastest_format
-from spdy.units import Unit, capture_shapes, find_units
+from spdy.units import Unit, capture_shapes, find_units, unsupported_reason
 
 # From the engine notes (2 cores, AVX-512, 1024 rows): CSR pays off from ~95% unstructured
 # sparsity, BSR over real 16/32 blocks from ~85-90%.
@@ -97,6 +97,8 @@ def convert(
             raise InputError(f"convert: the model has no module {name!r}") from None
         if fmt == "dense" or isinstance(module, (SparseLinear, SparseConv2d)):
             continue
+        if (why := unsupported_reason(module)) is not None:
+            raise InputError(f"convert: layer {name!r} cannot run in format {fmt!r}: {why}; map it to 'dense'")
         set_module(model, name, sparse_module(module, fmt))
     if fuse:
         for fusion in FUSIONS:
