@@ -149,6 +149,25 @@ def test_random_draws() -> None:
         assert err <= TOL, (err, case)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bands(monkeypatch, threads: int) -> None:
+    """Positions cut into bands of one or two tiles (small `_BAND_BYTES`), each packed with its halo
+    by the thread that runs it; and each image one band, packed first (odd band counts)."""
+    monkeypatch.setattr(conv_kernels, "_BAND_BYTES", 3000)
+    previous = cpu.numba.get_num_threads()
+    cpu.numba.set_num_threads(min(threads, cpu.numba.config.NUMBA_NUM_THREADS))
+    try:
+        for case in (dict(c_out=20, c_in=8, k=3, h=23, w_in=17, padding=1, batch=2),
+                     dict(c_out=20, c_in=8, k=3, h=23, w_in=17, padding=1, batch=1),
+                     dict(c_out=9, c_in=5, k=5, h=30, w_in=9, stride=2, padding=2, dilation=1, batch=3),
+                     dict(c_out=40, c_in=16, k=1, h=11, w_in=13, batch=4),
+                     dict(c_out=7, c_in=6, k=3, h=19, w_in=8, dilation=2, padding=1, batch=1)):
+            _, err = _run(**case, residual=True, activation="relu")
+            assert err <= TOL, (err, case)
+    finally:
+        cpu.numba.set_num_threads(previous)
+
+
 def test_error_detects_a_wrong_tap() -> None:
     """The tolerance is tight enough to catch a kernel that reads one tap one pixel off."""
     w = _masked(16, 8, 3, 3, 0.9, 5)

@@ -5,19 +5,24 @@ oneDNN's dense convolution beats unfold + sparse matmul almost everywhere (the u
 every input value kh*kw times). This kernel vectorises over output pixels and broadcasts one
 weight at a time, like `spdy.runtime.kernels`, but reads the input in place:
 
-* The input is packed once per call from NHWC into zero-padded planes, one per (channel, row
-  phase, column phase) of the stride: padded pixel (ih, iw) of channel c goes to plane
-  (c, ih % sh, iw % sw) at (ih // sh, iw // sw). Output pixel (oh, ow) then reads tap
-  (c, dy, dx) at plane position (oh + dy*dh // sh, ow + dx*dw // sw): a fixed offset from a base
-  linear in (oh, ow). So 32 consecutive plane positions u = oh * Wq + ow times one weight are
-  two contiguous 16-float loads and FMAs whatever the stride, padding or dilation, and every
-  weight is stored once, as its offset. Positions with ow >= Wo are computed and dropped
-  (Wo / Wq of the work is kept: 7/9 at ResNet's 7x7 stage, 56/58 at 56x56), far less waste than
-  padding each output row to whole vectors (7/16). Packing is one pass of 16x16 transposes,
-  each input value written once (only the phases some tap reads), not kh*kw times as by unfold.
-* A work item is (image, 32 plane positions, 64 output channels). Input channels are walked in
-  blocks (the weights of one (block, output channel) are contiguous), so the block's rows of the
-  planes stay in L1 while all 64 channels use them; accumulators wait in a stack buffer between
+* The input is packed into zero-padded planes, one per (channel, row phase, column phase) of
+  the stride: padded pixel (ih, iw) of channel c goes to plane (c, ih % sh, iw % sw) at
+  (ih // sh, iw // sw). Output pixel (oh, ow) then reads tap (c, dy, dx) at plane position
+  (oh + dy*dh // sh, ow + dx*dw // sw): a fixed offset from a base linear in (oh, ow). So 32
+  consecutive plane positions u = oh * Wq + ow times one weight are two contiguous 16-float loads
+  and FMAs whatever the stride, padding or dilation, and every weight is stored once, as its
+  offset. Positions with ow >= Wo are computed and dropped (Wo / Wq of the work is kept: 7/9 at
+  ResNet's 7x7 stage, 56/58 at 56x56), far less waste than padding each output row to whole
+  vectors (7/16). A pointwise conv (1x1, stride 1, no padding) is one row of H*W positions.
+* Packing is 16x16 transposes, each input value written once per band that reads it (only the
+  phases some tap reads), not kh*kw times as by unfold. A band is a run of whole 32-position
+  tiles whose planes fit a thread's L2 slot (`_BAND_BYTES`); a thread packs a band and runs all
+  its items at once, so packed values never go to memory (ResNet-50's 1024->256 1x1 at 14x14,
+  90%: 1.4 -> 0.9 ms against packing whole images first). Too few bands to share evenly (batch 1
+  on small maps): each image is one band, packed in parallel, then the items are shared out.
+* A work item is (32 positions of a band, 64 output channels). Input channels are walked in
+  blocks (the weights of one (block, output channel) are contiguous), so the block's part of the
+  planes stays in L1 while all 64 channels use it; accumulators wait in a stack buffer between
   blocks, as in `spdy.runtime.kernels` (whose block size rule this reuses).
 * The store transposes 16 channels x 16 pixels with the bias (`transpose16`) into a stack tile,
   then adds the residual and applies the activation while the values are in L1, and writes
@@ -47,6 +52,7 @@ _TILE = 32  # plane positions per work item: two 16-float vectors per weight, 4 
 _CHUNK = 64  # output channels per work item
 _PIX = 16  # pixels per store transpose
 _BUF = _CHUNK * _TILE  # floats of an item's accumulators
+_BAND_BYTES = 192 << 10  # a thread's packed planes: L2-resident next to the weights streaming through
 _BLOCK = 256  # floats of a 16x16 tile (stack sizes must be plain constants)
 _TWO_BLOCKS = 512
 
@@ -59,13 +65,19 @@ if cpu.numba is not None:
             xq[q] = 0.0
 
     @numba.njit(**JIT)
-    def _pack_row(x, xq, zero16, n, ph_h, qh, g, phases_w):
-        """Plane row qh of row phase ph_h of image n, every channel and used column phase: the
-        input row (zero outside it, and for rows of padding), by 16x16 transposes (a ragged
-        last block through a stack tile; scalar copies only for channels past a multiple of 16)."""
-        c_in, h, w, sh, sw, pad_h, pad_w, wq, plane = g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8]
-        img = c_in * sh * sw * plane
-        cstride = sh * sw * plane  # from a channel's plane to the next channel's
+    def _pack_row(x, xq, zero16, n, ph_h, u0, r, g, phases_w):
+        """Row r of the band of image n that starts at plane position u0, for row phase ph_h, every
+        channel and used column phase: the part of plane row u0 // wq + r within the band's span
+        (positions u0 .. u0+span-1), from the input row (zero outside it, and for rows of padding),
+        by 16x16 transposes (a ragged last block through a stack tile; scalar copies only for
+        channels past a multiple of 16)."""
+        c_in, h, w, sh, sw, pad_h, pad_w, wq, span = g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8]
+        qh = u0 // wq + r
+        col0 = max(0, u0 - qh * wq)
+        col1 = min(wq, u0 + span - qh * wq)
+        if col1 <= col0:
+            return
+        cstride = sh * sw * span  # from a channel's plane to the next channel's
         ih = qh * sh + ph_h - pad_h
         x_addr = x.ctypes.data
         xq_addr = xq.ctypes.data
@@ -75,16 +87,16 @@ if cpu.numba is not None:
         for ph_w in range(sw):
             if not phases_w[ph_w]:
                 continue
-            row0 = n * img + (ph_h * sw + ph_w) * plane + qh * wq  # channel 0's row
+            row0 = (ph_h * sw + ph_w) * span + qh * wq - u0  # where column 0 of channel 0's row would be
             if ih < 0 or ih >= h:
                 for c in range(c_in):
-                    _zero(xq, row0 + c * cstride, row0 + c * cstride + wq)
+                    _zero(xq, row0 + c * cstride + col0, row0 + c * cstride + col1)
                 continue
-            lo = max(0, -((ph_w - pad_w) // sw))  # first qw whose column qw*sw + ph_w - pad_w is >= 0
-            hi = min(wq, max(lo, (w - 1 + pad_w - ph_w) // sw + 1))
+            lo = max(col0, -((ph_w - pad_w) // sw))  # columns qw*sw + ph_w - pad_w >= 0 ...
+            hi = min(col1, max(lo, (w - 1 + pad_w - ph_w) // sw + 1))  # ... and < w
             for c in range(c_in):
-                _zero(xq, row0 + c * cstride, row0 + c * cstride + lo)
-                _zero(xq, row0 + c * cstride + hi, row0 + c * cstride + wq)
+                _zero(xq, row0 + c * cstride + col0, row0 + c * cstride + lo)
+                _zero(xq, row0 + c * cstride + hi, row0 + c * cstride + col1)
             src_row = (n * h + ih) * w + ph_w - pad_w  # + qw * sw: the input pixel of plane column qw
             for q0 in range(lo, hi, LANES):
                 m = min(LANES, hi - q0)
@@ -164,16 +176,16 @@ if cpu.numba is not None:
                 oh0 += 1
 
     @numba.njit(**JIT)
-    def _item(xq, bptr, offsets, data, bias, y, residual, has_residual, act, n, u0, o0, g):
-        """One work item: output channels o0 .. o0+63 at plane positions u0 .. u0+31 of image n.
+    def _item(xq, bptr, offsets, data, bias, y, residual, has_residual, act, n, ul, u0, o0, g):
+        """One work item: output channels o0 .. o0+63 at the 32 positions from ul of the band's planes
+        in xq, which are image n's positions from u0.
 
         Input-channel blocks outermost (see `bptr`), so a block's plane rows stay in L1 while
         every channel of the item uses them; weights come in pairs onto two accumulator sets.
         """
         c_out = g[11]
         blocks = (bptr.shape[0] - 1) // c_out
-        img = g[0] * g[3] * g[4] * g[8]
-        base = xq.ctypes.data + np.uintp((n * img + u0) * 4)
+        base = xq.ctypes.data + np.uintp(ul * 4)
         buf = numba.carray(stack_f32(_BUF), (_BUF,))
         buf_addr = buf.ctypes.data
         nr = min(_CHUNK, c_out - o0)
@@ -207,22 +219,46 @@ if cpu.numba is not None:
                 vstore(q + np.uintp(64), vadd(a1, b1))
         _store(buf, nr, bias, y, residual, has_residual, act, n, u0, o0, g)
 
-    @numba.njit(parallel=True, **JIT)
-    def _conv(x, xq, zero16, bptr, offsets, data, bias, y, residual, has_residual, act, g, phases_h, phases_w):
-        """Pack every image's used phase planes (parallel over plane rows), then run every
-        (image, run of plane positions, channel chunk) item (parallel)."""
-        batch, sh, rows, ntiles, c_out = g[12], g[3], g[13], g[14], g[11]
-        for k in prange(batch * sh * rows):
-            n = k // (sh * rows)
-            ph_h = (k // rows) % sh
+    @numba.njit(**JIT)
+    def _pack_band(x, xq, zero16, band, g, phases_h, phases_w):
+        """The planes of band `band` into xq: positions u0 .. u0+span-1 of its image, every used phase."""
+        sh, rows, tiles, bands = g[3], g[13], g[14], g[15]
+        for ph_h in range(sh):
             if phases_h[ph_h]:
-                _pack_row(x, xq, zero16, n, ph_h, k % rows, g, phases_w)
+                for r in range(rows):
+                    _pack_row(x, xq, zero16, band // bands, ph_h, (band % bands) * tiles * _TILE, r, g, phases_w)
+
+    @numba.njit(parallel=True, **JIT)
+    def _conv(x, xq, zero16, bptr, offsets, data, bias, y, residual, has_residual, act, g, phases_h, phases_w,
+              per_slot):
+        """Every (band, tile, channel chunk) item. `per_slot`: each of xq.shape[0] threads packs its
+        bands one at a time into its own L2-sized slot and runs all the band's items on it (one
+        parallel region; packed values stay in L2); else (too few bands to share evenly) every band
+        gets its own slot, all packed first in parallel over plane rows, then the items are shared."""
+        batch, sh, rows, tiles, bands, c_out = g[12], g[3], g[13], g[14], g[15], g[11]
         chunks = (c_out + _CHUNK - 1) // _CHUNK
-        for item in prange(batch * ntiles * chunks):
-            c = item % chunks
-            it = item // chunks
-            _item(xq, bptr, offsets, data, bias, y, residual, has_residual, act, it // ntiles,
-                  (it % ntiles) * _TILE, c * _CHUNK, g)
+        if per_slot:
+            slots = xq.shape[0]
+            for s in prange(slots):
+                for band in range(s, batch * bands, slots):
+                    _pack_band(x, xq[s], zero16, band, g, phases_h, phases_w)
+                    u0 = (band % bands) * tiles * _TILE
+                    for t in range(tiles):
+                        for c in range(chunks):
+                            _item(xq[s], bptr, offsets, data, bias, y, residual, has_residual, act, band // bands,
+                                  t * _TILE, u0 + t * _TILE, c * _CHUNK, g)
+        else:
+            for k in prange(batch * bands * sh * rows):
+                band = k // (sh * rows)
+                ph_h = (k // rows) % sh
+                if phases_h[ph_h]:
+                    _pack_row(x, xq[band], zero16, band // bands, ph_h, (band % bands) * tiles * _TILE, k % rows, g,
+                              phases_w)
+            for item in prange(batch * bands * tiles * chunks):
+                it = item // chunks
+                band, t = it // tiles, it % tiles
+                _item(xq[band], bptr, offsets, data, bias, y, residual, has_residual, act, band // bands, t * _TILE,
+                      (band % bands) * tiles * _TILE + t * _TILE, (item % chunks) * _CHUNK, g)
 
 
 def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
@@ -269,7 +305,8 @@ class SparseConvWeight:
         self._bias_np = (self.bias.numpy() if self.bias is not None else np.zeros(c_out, dtype=np.float32))
         self._phases = tuple(np.isin(np.arange(s), np.arange(k) * d % s)
                              for s, k, d in zip(self.stride, (kh, kw), self.dilation))
-        self._layouts: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._pointwise = (kh, kw) == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+        self._layouts: dict[tuple[int, int, int, int], tuple[np.ndarray, np.ndarray, bool]] = {}
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         """(Ho, Wo) for an input of h x w, as F.conv2d computes it."""
@@ -277,27 +314,40 @@ class SparseConvWeight:
         return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in
                      zip((h, w), self.padding, self.dilation, (kh, kw), self.stride))
 
-    def _layout(self, batch: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-        """(geometry the kernel takes, tap offsets into an image's packed planes) for this input size."""
-        key = (batch, h, w)
+    def _layout(self, batch: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(geometry the kernel takes, tap offsets into a band's packed planes, per_slot) for this
+        input size and the current thread count.
+
+        An image's plane positions are cut into bands of whole tiles whose planes (the positions
+        the tiles read, `_BAND_BYTES`) fit in L2; with enough bands to share evenly each thread packs
+        and runs whole bands (`_conv`'s per_slot), else each image is one band, packed first, and
+        the items are shared out."""
+        threads = numba.get_num_threads()
+        key = (batch, h, w, threads)
         if key not in self._layouts:
             (sh, sw), (pad_h, pad_w), (dh, dw) = self.stride, self.padding, self.dilation
             c_out, c_in, kh, kw = self.shape
             h_out, w_out = self.output_size(h, w)
-            hq, wq = -(-(h + 2 * pad_h) // sh), -(-(w + 2 * pad_w) // sw)
-            ntiles = -(-(h_out * wq) // _TILE)
+            wq = -(-(w + 2 * pad_w) // sw)
             reach = (kh - 1) * dh // sh * wq + (kw - 1) * dw // sw  # furthest tap from a position, in a plane
-            rows = max(hq, -(-(ntiles * _TILE + reach) // wq))  # every item's reads stay in its plane
-            plane = rows * wq
+            tiles_img = -(-(h_out * wq) // _TILE)
+            fit = _BAND_BYTES // (4 * c_in * sh * sw)  # plane positions a band may hold
+            tiles = min(tiles_img, max(1, (fit - reach) // _TILE))
+            bands = -(-tiles_img // tiles)
+            per_slot = batch * bands >= 4 * threads or batch * bands % threads == 0
+            if not per_slot:
+                tiles, bands = tiles_img, 1
+            span = tiles * _TILE + reach  # positions a band's tiles read: its planes' length
+            rows = span // wq + 2  # plane rows a span can touch
             ci, dy, dx = self.taps
-            offsets = (((ci * sh + dy * dh % sh) * sw + dx * dw % sw) * plane + dy * dh // sh * wq + dx * dw // sw)
+            offsets = (((ci * sh + dy * dh % sh) * sw + dx * dw % sw) * span + dy * dh // sh * wq + dx * dw // sw)
             if offsets.size and offsets.max() >= 2**31:
                 raise ValueError(f"input {h}x{w} with {c_in} channels is too large for 32-bit tap offsets")
-            g = np.array([c_in, h, w, sh, sw, pad_h, pad_w, wq, plane, h_out, w_out, c_out, batch, rows, ntiles],
-                         dtype=np.int64)
+            g = np.array([c_in, h, w, sh, sw, pad_h, pad_w, wq, span, h_out, w_out, c_out, batch, rows, tiles,
+                          bands], dtype=np.int64)
             if len(self._layouts) >= 8:
                 self._layouts.clear()
-            self._layouts[key] = (g, offsets.astype(np.int32))
+            self._layouts[key] = (g, offsets.astype(np.int32), per_slot)
         return self._layouts[key]
 
     def to_dense(self) -> torch.Tensor:
@@ -333,11 +383,13 @@ class SparseConvWeight:
                              f"{tuple(residual.shape)} {residual.dtype}")
         if batch == 0:
             return y
-        g, offsets = self._layout(batch, h, w)
-        xq = buffer("conv_xq", batch * c_in * self.stride[0] * self.stride[1] * int(g[8]))
+        # a pointwise conv is a product over channels: pixels as one row, so no column is ever padding
+        g, offsets, per_slot = self._layout(batch, *((1, h * w) if self._pointwise else (h, w)))
+        slots = numba.get_num_threads() if per_slot else batch
+        xq = buffer("conv_xq", slots, c_in * self.stride[0] * self.stride[1] * int(g[8]))
         res = _nhwc(residual) if residual is not None else _ZERO16
         _conv(_nhwc(x), xq, _ZERO16, self.bptr, offsets, self.data, self._bias_np, _nhwc(y), res,
-              residual is not None, ACTIVATIONS.index(activation), g, *self._phases)
+              residual is not None, ACTIVATIONS.index(activation), g, *self._phases, per_slot)
         return y
 
 
