@@ -22,6 +22,7 @@ import statistics
 from pathlib import Path
 
 from spdy import pipeline
+from spdy.cli import _levels as parse_levels
 from spdy.search import baselines
 from spdy.verification import verify
 
@@ -34,14 +35,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="default: all cores (and the table `spdy run` cached)")
     parser.add_argument("--variants", default="raw,calibrated,planned")
+    parser.add_argument("--levels", default=None, help="sparsity levels as `spdy run` takes them (default: the SPDY grid)")
+    parser.add_argument("--pruner", default="obs")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--exclude", nargs="*", default=(), help="units never pruned (e.g. a ResNet's first conv)")
     args = parser.parse_args()
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    bundle, units = pipeline.load_bundle(args.model)
-    raw, raw_path = pipeline.timings(bundle, units, work, threads=args.threads)
+    bundle, units = pipeline.load_bundle(args.model, batch_size=args.batch_size, exclude=args.exclude)
+    levels = parse_levels(args.levels) if args.levels else None
+    raw, raw_path = pipeline.timings(bundle, units, work, levels=levels, threads=args.threads)
     calibrated, _ = pipeline.calibrate(bundle, units, raw, raw_path, print)
-    db = pipeline.database(bundle, units, work)
+    db = pipeline.database(bundle, units, work, pruner=args.pruner, levels=levels)
     errors = {u: {k: e ** 2 for k, e in errs.items()} for u, errs in db.relative_errors().items() if u in raw.times}
     top = 0.9 * min(raw.max_speedup(), calibrated.max_speedup())
     targets = [float(t) for t in args.targets.split(",")] if args.targets else [1.3 + i * (top - 1.3) / 4 for i in range(5)]
