@@ -306,7 +306,7 @@ class SparseConvWeight:
         self._phases = tuple(np.isin(np.arange(s), np.arange(k) * d % s)
                              for s, k, d in zip(self.stride, (kh, kw), self.dilation))
         self._pointwise = (kh, kw) == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
-        self._layouts: dict[tuple[int, int, int, int], tuple[np.ndarray, np.ndarray, bool]] = {}
+        self._plans: dict[tuple[int, int, int, int], tuple] = {}
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         """(Ho, Wo) for an input of h x w, as F.conv2d computes it."""
@@ -314,17 +314,21 @@ class SparseConvWeight:
         return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in
                      zip((h, w), self.padding, self.dilation, (kh, kw), self.stride))
 
-    def _layout(self, batch: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray, bool]:
-        """(geometry the kernel takes, tap offsets into a band's packed planes, per_slot) for this
-        input size and the current thread count.
+    def _plan(self, batch: int, h: int, w: int, threads: int) -> tuple:
+        """(geometry the kernel takes, tap offsets into a band's packed planes, per_slot, slots,
+        floats per slot, (Ho, Wo)) for this input size and thread count, made once.
 
         An image's plane positions are cut into bands of whole tiles whose planes (the positions
         the tiles read, `_BAND_BYTES`) fit in L2; with enough bands to share evenly each thread packs
         and runs whole bands (`_conv`'s per_slot), else each image is one band, packed first, and
         the items are shared out."""
-        threads = numba.get_num_threads()
         key = (batch, h, w, threads)
-        if key not in self._layouts:
+        if key not in self._plans:
+            out_size = self.output_size(h, w)
+            if min(out_size) < 1:
+                raise ValueError(f"input {h}x{w} is smaller than the {tuple(self.shape[2:])} kernel's dilated extent")
+            if self._pointwise:  # a product over channels: pixels as one row, so no column is ever padding
+                h, w = 1, h * w
             (sh, sw), (pad_h, pad_w), (dh, dw) = self.stride, self.padding, self.dilation
             c_out, c_in, kh, kw = self.shape
             h_out, w_out = self.output_size(h, w)
@@ -345,10 +349,11 @@ class SparseConvWeight:
                 raise ValueError(f"input {h}x{w} with {c_in} channels is too large for 32-bit tap offsets")
             g = np.array([c_in, h, w, sh, sw, pad_h, pad_w, wq, span, h_out, w_out, c_out, batch, rows, tiles,
                           bands], dtype=np.int64)
-            if len(self._layouts) >= 8:
-                self._layouts.clear()
-            self._layouts[key] = (g, offsets.astype(np.int32), per_slot)
-        return self._layouts[key]
+            if len(self._plans) >= 8:
+                self._plans.clear()
+            self._plans[key] = (g, offsets.astype(np.int32), per_slot, threads if per_slot else batch,
+                                  c_in * sh * sw * span, out_size)
+        return self._plans[key]
 
     def to_dense(self) -> torch.Tensor:
         """The masked weight back as a dense (out, in, kh, kw) float32 tensor."""
@@ -365,40 +370,37 @@ class SparseConvWeight:
         x is (N, in, H, W) float32, best in torch's channels_last memory format (any other layout
         is converted first, a copy); so is `residual` (the output's shape), when given.
         """
-        ok, reason = cpu.available()
-        if not ok:
-            raise RuntimeError(reason)
+        if cpu.numba is None:
+            raise RuntimeError(cpu.available()[1])
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         c_out, c_in = self.shape[:2]
         if x.dim() != 4 or x.shape[1] != c_in or x.dtype != torch.float32:
             raise ValueError(f"expected a float32 (N, {c_in}, H, W) input, got {tuple(x.shape)} {x.dtype}")
         batch, _, h, w = x.shape
-        h_out, w_out = self.output_size(h, w)
-        if h_out < 1 or w_out < 1:
-            raise ValueError(f"input {h}x{w} is smaller than the {tuple(self.shape[2:])} kernel's dilated extent")
-        y = torch.empty((batch, c_out, h_out, w_out), dtype=torch.float32, memory_format=torch.channels_last)
-        if residual is not None and (tuple(residual.shape) != tuple(y.shape) or residual.dtype != torch.float32):
+        g, offsets, per_slot, slots, slot_floats, (h_out, w_out) = self._plan(batch, h, w, numba.get_num_threads())
+        y_nhwc = torch.empty((batch, h_out, w_out, c_out), dtype=torch.float32)
+        y = y_nhwc.permute(0, 3, 1, 2)  # channels_last (N, out, Ho, Wo)
+        if residual is not None and (residual.shape != y.shape or residual.dtype != torch.float32):
             raise ValueError(f"residual must be float32 of the output's shape {tuple(y.shape)}, got "
                              f"{tuple(residual.shape)} {residual.dtype}")
         if batch == 0:
             return y
-        # a pointwise conv is a product over channels: pixels as one row, so no column is ever padding
-        g, offsets, per_slot = self._layout(batch, *((1, h * w) if self._pointwise else (h, w)))
-        slots = numba.get_num_threads() if per_slot else batch
-        xq = buffer("conv_xq", slots, c_in * self.stride[0] * self.stride[1] * int(g[8]))
         res = _nhwc(residual) if residual is not None else _ZERO16
-        _conv(_nhwc(x), xq, _ZERO16, self.bptr, offsets, self.data, self._bias_np, _nhwc(y), res,
-              residual is not None, ACTIVATIONS.index(activation), g, *self._phases, per_slot)
+        _conv(_nhwc(x), buffer("conv_xq", slots, slot_floats), _ZERO16, self.bptr, offsets, self.data, self._bias_np,
+              y_nhwc.numpy().reshape(-1), res, residual is not None, ACTIVATIONS.index(activation), g, *self._phases,
+              per_slot)
         return y
 
 
 def _nhwc(t: torch.Tensor) -> np.ndarray:
-    """A (N, C, H, W) tensor's values as a flat NHWC float32 array: a view when it is channels_last."""
-    nhwc = t.detach().permute(0, 2, 3, 1)
-    if not nhwc.is_contiguous():
-        nhwc = nhwc.contiguous()
-    return nhwc.numpy().reshape(-1)
+    """A (N, C, H, W) tensor's values as a flat NHWC float32 array: a view when it is channels_last
+    (numpy's views cost a fraction of torch's; this runs on every call)."""
+    if t.requires_grad:
+        t = t.detach()
+    if not t.is_contiguous(memory_format=torch.channels_last):
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t.numpy().transpose(0, 2, 3, 1).reshape(-1)
 
 
 def warmup() -> None:
