@@ -152,7 +152,7 @@ def test_random_draws() -> None:
 @pytest.mark.parametrize("threads", [1, 2])
 def test_bands(monkeypatch, threads: int) -> None:
     """Positions cut into bands of one or two tiles (small `_BAND_BYTES`), each packed with its halo
-    by the thread that runs it; and each image one band, packed first (odd band counts)."""
+    by the thread that runs it; and odd band counts, where each thread runs a share of the channels."""
     monkeypatch.setattr(conv_kernels, "_BAND_BYTES", 3000)
     previous = cpu.numba.get_num_threads()
     cpu.numba.set_num_threads(min(threads, cpu.numba.config.NUMBA_NUM_THREADS))

@@ -19,7 +19,7 @@ weight at a time, like `spdy.runtime.kernels`, but reads the input in place:
   tiles whose planes fit a thread's L2 slot (`_BAND_BYTES`); a thread packs a band and runs all
   its items at once, so packed values never go to memory (ResNet-50's 1024->256 1x1 at 14x14,
   90%: 1.4 -> 0.9 ms against packing whole images first). Too few bands to share evenly (batch 1
-  on small maps): each image is one band, packed in parallel, then the items are shared out.
+  on small maps): each thread packs every band and runs its share of the output channels.
 * A work item is (32 positions of a band, 64 output channels). Input channels are walked in
   blocks (the weights of one (block, output channel) are contiguous), so the block's part of the
   planes stays in L1 while all 64 channels use it; accumulators wait in a stack buffer between
@@ -54,7 +54,6 @@ _PIX = 16  # pixels per store transpose
 _BUF = _CHUNK * _TILE  # floats of an item's accumulators
 _BAND_BYTES = 192 << 10  # a thread's packed planes: L2-resident next to the weights streaming through
 _BLOCK = 256  # floats of a 16x16 tile (stack sizes must be plain constants)
-_TWO_BLOCKS = 512
 
 if cpu.numba is not None:
     _ZERO16 = np.zeros(LANES, dtype=np.float32)  # the zero bias of the packing transposes
@@ -69,52 +68,50 @@ if cpu.numba is not None:
         """Row r of the band of image n that starts at plane position u0, for row phase ph_h, every
         channel and used column phase: the part of plane row u0 // wq + r within the band's span
         (positions u0 .. u0+span-1), from the input row (zero outside it, and for rows of padding),
-        by 16x16 transposes (a ragged last block through a stack tile; scalar copies only for
-        channels past a multiple of 16)."""
-        c_in, h, w, sh, sw, pad_h, pad_w, wq, span = g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8]
+        by 16x16 transposes; scalar copies only for channels past a multiple of 16.
+
+        A ragged last block is gathered into a stack tile and transposed whole: its spare columns
+        land in the next row's positions (packed after this one) or the 16 floats of slack after
+        each plane, so no scalar loop is needed (each one multiplied numba's compile time)."""
+        c_in, h, w, sh, sw, pad_h, pad_w = g[0], g[1], g[2], g[3], g[4], g[5], g[6]
+        wq, plane, span = g[7], g[8], g[17]
         qh = u0 // wq + r
         col0 = max(0, u0 - qh * wq)
         col1 = min(wq, u0 + span - qh * wq)
         if col1 <= col0:
             return
-        cstride = sh * sw * span  # from a channel's plane to the next channel's
+        cstride = sh * sw * plane  # from a channel's plane to the next channel's
         ih = qh * sh + ph_h - pad_h
         x_addr = x.ctypes.data
         xq_addr = xq.ctypes.data
         c16 = c_in - c_in % LANES
-        tile = numba.carray(stack_f32(_TWO_BLOCKS), (_TWO_BLOCKS,))
+        tile = numba.carray(stack_f32(_BLOCK), (_BLOCK,))
         tile_addr = tile.ctypes.data
         for ph_w in range(sw):
             if not phases_w[ph_w]:
                 continue
-            row0 = (ph_h * sw + ph_w) * span + qh * wq - u0  # where column 0 of channel 0's row would be
-            if ih < 0 or ih >= h:
-                for c in range(c_in):
-                    _zero(xq, row0 + c * cstride + col0, row0 + c * cstride + col1)
-                continue
-            lo = max(col0, -((ph_w - pad_w) // sw))  # columns qw*sw + ph_w - pad_w >= 0 ...
-            hi = min(col1, max(lo, (w - 1 + pad_w - ph_w) // sw + 1))  # ... and < w
-            for c in range(c_in):
-                _zero(xq, row0 + c * cstride + col0, row0 + c * cstride + lo)
-                _zero(xq, row0 + c * cstride + hi, row0 + c * cstride + col1)
+            row0 = (ph_h * sw + ph_w) * plane + qh * wq - u0  # where column 0 of channel 0's row would be
+            lo, hi = col1, col1  # a row of padding: all zeros
+            if 0 <= ih < h:
+                lo = max(col0, -((ph_w - pad_w) // sw))  # columns qw*sw + ph_w - pad_w >= 0 ...
+                hi = min(col1, max(lo, (w - 1 + pad_w - ph_w) // sw + 1))  # ... and < w
             src_row = (n * h + ih) * w + ph_w - pad_w  # + qw * sw: the input pixel of plane column qw
             for q0 in range(lo, hi, LANES):
                 m = min(LANES, hi - q0)
                 for c0 in range(0, c16, LANES):
                     src = x_addr + np.uintp(((src_row + q0 * sw) * c_in + c0) * 4)
-                    dst = xq_addr + np.uintp((row0 + c0 * cstride + q0) * 4)
-                    if m == LANES:
-                        transpose16(src, sw * c_in, dst, cstride, zero16.ctypes.data, 0)
-                        continue
-                    for i in range(m):  # rows past the input's end must not be read: gather the m rows
-                        vstore(tile_addr + np.uintp(i * 64), vload(src + np.uintp(i * sw * c_in * 4)))
-                    transpose16(tile_addr, LANES, tile_addr + np.uintp(LANES * 64), LANES, zero16.ctypes.data, 0)
-                    for j in range(LANES):
+                    if m < LANES:  # rows past the input's end must not be read: gather the m rows
                         for i in range(m):
-                            xq[row0 + (c0 + j) * cstride + q0 + i] = tile[(LANES + j) * LANES + i]
+                            vstore(tile_addr + np.uintp(i * 64), vload(src + np.uintp(i * sw * c_in * 4)))
+                        src = tile_addr
+                    transpose16(src, sw * c_in if m == LANES else LANES,
+                                xq_addr + np.uintp((row0 + c0 * cstride + q0) * 4), cstride, zero16.ctypes.data, 0)
                 for c in range(c16, c_in):
                     for i in range(m):
                         xq[row0 + c * cstride + q0 + i] = x[(src_row + (q0 + i) * sw) * c_in + c]
+            for c in range(c_in):  # after the data: a ragged block's spare columns may have covered these
+                _zero(xq, row0 + c * cstride + col0, row0 + c * cstride + lo)
+                _zero(xq, row0 + c * cstride + hi, row0 + c * cstride + col1)
 
     @numba.njit(**JIT)
     def _store(buf, nr, bias, y, residual, has_residual, act, n, u0, o0, g):
@@ -229,36 +226,27 @@ if cpu.numba is not None:
                     _pack_row(x, xq, zero16, band // bands, ph_h, (band % bands) * tiles * _TILE, r, g, phases_w)
 
     @numba.njit(parallel=True, **JIT)
-    def _conv(x, xq, zero16, bptr, offsets, data, bias, y, residual, has_residual, act, g, phases_h, phases_w,
-              per_slot):
-        """Every (band, tile, channel chunk) item. `per_slot`: each of xq.shape[0] threads packs its
-        bands one at a time into its own L2-sized slot and runs all the band's items on it (one
-        parallel region; packed values stay in L2); else (too few bands to share evenly) every band
-        gets its own slot, all packed first in parallel over plane rows, then the items are shared."""
-        batch, sh, rows, tiles, bands, c_out = g[12], g[3], g[13], g[14], g[15], g[11]
+    def _conv(x, xq, zero16, bptr, offsets, data, bias, y, residual, has_residual, act, g, phases_h, phases_w):
+        """Every (band, tile, channel chunk) item: each of xq.shape[0] threads takes its share of the
+        (band, channel group) units, packs the unit's band into its own L2-sized slot and runs the
+        unit's items on it, so packed values stay in L2 and there is one parallel region. With too
+        few bands to share evenly the channel chunks are split into one group per thread (each
+        thread then packs every band). One call site per kernel part: numba compiles the parallel
+        body with everything inlined, and each extra site cost a minute of compile time."""
+        batch, tiles, bands, groups, c_out = g[12], g[14], g[15], g[16], g[11]
         chunks = (c_out + _CHUNK - 1) // _CHUNK
-        if per_slot:
-            slots = xq.shape[0]
-            for s in prange(slots):
-                for band in range(s, batch * bands, slots):
-                    _pack_band(x, xq[s], zero16, band, g, phases_h, phases_w)
-                    u0 = (band % bands) * tiles * _TILE
-                    for t in range(tiles):
-                        for c in range(chunks):
-                            _item(xq[s], bptr, offsets, data, bias, y, residual, has_residual, act, band // bands,
-                                  t * _TILE, u0 + t * _TILE, c * _CHUNK, g)
-        else:
-            for k in prange(batch * bands * sh * rows):
-                band = k // (sh * rows)
-                ph_h = (k // rows) % sh
-                if phases_h[ph_h]:
-                    _pack_row(x, xq[band], zero16, band // bands, ph_h, (band % bands) * tiles * _TILE, k % rows, g,
-                              phases_w)
-            for item in prange(batch * bands * tiles * chunks):
-                it = item // chunks
-                band, t = it // tiles, it % tiles
-                _item(xq[band], bptr, offsets, data, bias, y, residual, has_residual, act, band // bands, t * _TILE,
-                      (band % bands) * tiles * _TILE + t * _TILE, (item % chunks) * _CHUNK, g)
+        per_group = (chunks + groups - 1) // groups
+        slots = xq.shape[0]
+        for s in prange(slots):
+            for unit in range(s, batch * bands * groups, slots):
+                band = unit // groups
+                first = unit % groups * per_group
+                _pack_band(x, xq[s], zero16, band, g, phases_h, phases_w)
+                u0 = (band % bands) * tiles * _TILE
+                for t in range(tiles):
+                    for c in range(first, min(chunks, first + per_group)):
+                        _item(xq[s], bptr, offsets, data, bias, y, residual, has_residual, act, band // bands,
+                              t * _TILE, u0 + t * _TILE, c * _CHUNK, g)
 
 
 def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
@@ -315,13 +303,13 @@ class SparseConvWeight:
                      zip((h, w), self.padding, self.dilation, (kh, kw), self.stride))
 
     def _plan(self, batch: int, h: int, w: int, threads: int) -> tuple:
-        """(geometry the kernel takes, tap offsets into a band's packed planes, per_slot, slots,
-        floats per slot, (Ho, Wo)) for this input size and thread count, made once.
+        """(geometry the kernel takes, tap offsets into a band's packed planes, floats per thread
+        slot, (Ho, Wo)) for this input size and thread count, made once.
 
         An image's plane positions are cut into bands of whole tiles whose planes (the positions
-        the tiles read, `_BAND_BYTES`) fit in L2; with enough bands to share evenly each thread packs
-        and runs whole bands (`_conv`'s per_slot), else each image is one band, packed first, and
-        the items are shared out."""
+        the tiles read, `_BAND_BYTES`) fit in L2, as few as fit rounded up to a multiple of the
+        threads; when the bands still cannot be shared evenly (batch 1 on small maps), each band's
+        channel chunks are split into one group per thread."""
         key = (batch, h, w, threads)
         if key not in self._plans:
             out_size = self.output_size(h, w)
@@ -336,23 +324,23 @@ class SparseConvWeight:
             reach = (kh - 1) * dh // sh * wq + (kw - 1) * dw // sw  # furthest tap from a position, in a plane
             tiles_img = -(-(h_out * wq) // _TILE)
             fit = _BAND_BYTES // (4 * c_in * sh * sw)  # plane positions a band may hold
-            tiles = min(tiles_img, max(1, (fit - reach) // _TILE))
+            bands = -(-tiles_img // min(tiles_img, max(1, (fit - reach) // _TILE)))
+            bands = -(-bands // threads) * threads  # as many as fit, rounded up to share evenly
+            tiles = -(-tiles_img // bands)
             bands = -(-tiles_img // tiles)
-            per_slot = batch * bands >= 4 * threads or batch * bands % threads == 0
-            if not per_slot:
-                tiles, bands = tiles_img, 1
-            span = tiles * _TILE + reach  # positions a band's tiles read: its planes' length
+            groups = 1 if batch * bands >= 4 * threads or batch * bands % threads == 0 else threads
+            span = tiles * _TILE + reach  # positions a band's tiles read
+            plane = span + LANES  # a plane and the slack a ragged pack block may spill into
             rows = span // wq + 2  # plane rows a span can touch
             ci, dy, dx = self.taps
-            offsets = (((ci * sh + dy * dh % sh) * sw + dx * dw % sw) * span + dy * dh // sh * wq + dx * dw // sw)
+            offsets = (((ci * sh + dy * dh % sh) * sw + dx * dw % sw) * plane + dy * dh // sh * wq + dx * dw // sw)
             if offsets.size and offsets.max() >= 2**31:
                 raise ValueError(f"input {h}x{w} with {c_in} channels is too large for 32-bit tap offsets")
-            g = np.array([c_in, h, w, sh, sw, pad_h, pad_w, wq, span, h_out, w_out, c_out, batch, rows, tiles,
-                          bands], dtype=np.int64)
+            g = np.array([c_in, h, w, sh, sw, pad_h, pad_w, wq, plane, h_out, w_out, c_out, batch, rows, tiles,
+                          bands, groups, span], dtype=np.int64)
             if len(self._plans) >= 8:
                 self._plans.clear()
-            self._plans[key] = (g, offsets.astype(np.int32), per_slot, threads if per_slot else batch,
-                                  c_in * sh * sw * span, out_size)
+            self._plans[key] = (g, offsets.astype(np.int32), c_in * sh * sw * plane, out_size)
         return self._plans[key]
 
     def to_dense(self) -> torch.Tensor:
@@ -378,7 +366,8 @@ class SparseConvWeight:
         if x.dim() != 4 or x.shape[1] != c_in or x.dtype != torch.float32:
             raise ValueError(f"expected a float32 (N, {c_in}, H, W) input, got {tuple(x.shape)} {x.dtype}")
         batch, _, h, w = x.shape
-        g, offsets, per_slot, slots, slot_floats, (h_out, w_out) = self._plan(batch, h, w, numba.get_num_threads())
+        threads = numba.get_num_threads()
+        g, offsets, slot_floats, (h_out, w_out) = self._plan(batch, h, w, threads)
         y_nhwc = torch.empty((batch, h_out, w_out, c_out), dtype=torch.float32)
         y = y_nhwc.permute(0, 3, 1, 2)  # channels_last (N, out, Ho, Wo)
         if residual is not None and (residual.shape != y.shape or residual.dtype != torch.float32):
@@ -387,9 +376,9 @@ class SparseConvWeight:
         if batch == 0:
             return y
         res = _nhwc(residual) if residual is not None else _ZERO16
-        _conv(_nhwc(x), buffer("conv_xq", slots, slot_floats), _ZERO16, self.bptr, offsets, self.data, self._bias_np,
-              y_nhwc.numpy().reshape(-1), res, residual is not None, ACTIVATIONS.index(activation), g, *self._phases,
-              per_slot)
+        _conv(_nhwc(x), buffer("conv_xq", threads, slot_floats), _ZERO16, self.bptr, offsets, self.data,
+              self._bias_np, y_nhwc.numpy().reshape(-1), res, residual is not None, ACTIVATIONS.index(activation), g,
+              *self._phases)
         return y
 
 
