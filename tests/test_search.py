@@ -170,6 +170,9 @@ def test_evolution_is_deterministic_and_resumes(setup, tmp_path, monkeypatch):
     b = EvolutionSearch(table, target, evaluator, n, cfg, checkpoint=path, progress=False).run()
     assert a.options == b.options and a.calibration_loss == b.calibration_loss
     assert b.meta["batch_evaluations"] == a.meta["batch_evaluations"]  # nothing scored before the kill was paid again
+    # the convergence curve starts at the DP prior's profile and only goes down
+    assert a.trace[0]["generation"] is None and [t["loss"] for t in a.trace] == sorted((t["loss"] for t in a.trace), reverse=True)
+    assert [dict(t, elapsed=0) for t in a.trace] == [dict(t, elapsed=0) for t in b.trace]
 
 
 FULL = 10**6  # first_batches beyond the batch count: every evaluation on all batches, the search before multi-fidelity

@@ -115,24 +115,28 @@ class EvolutionSearch:
                 save()
             return loss
 
-        if state["loss"] is None:
+        if state["loss"] is None:  # the DP prior's profile, the first parent: where the convergence curve starts
             state["loss"] = score(np.array(state["parent"]), None)
+            state["trace"].append({"generation": None, "loss": state["loss"], "evaluations": fid.evaluations,
+                                   "batch_evaluations": fid.batch_evaluations, "elapsed": round(clock.elapsed, 3)})
         bar = progress_bar(total=cfg.generations, initial=state["generation"], desc="evolution", unit="gen", disable=not self.progress, leave=False)
         while state["generation"] < cfg.generations and not clock.out():
             parent = np.array(state["parent"])
             pool = [self.mutate(parent, rng) for _ in range(cfg.offspring)]
+            cut = False
             for share, survivors in cfg.stages:
                 batches = max(1, round(share * fid.batches))
                 scores = []
                 for g in pool:
-                    if clock.out():
+                    cut = clock.out()
+                    if cut:
                         break
                     scores.append(score(g, batches))
-                if clock.out():
+                if cut:
                     break
                 order = np.argsort(scores, kind="stable")
                 pool, best_score = [pool[i] for i in order[:survivors]], scores[order[0]]
-            if clock.out():
+            if cut:
                 break  # the generation in flight is dropped; a rerun with more budget resumes it
             if best_score < state["loss"]:
                 state["parent"], state["loss"] = pool[0].tolist(), best_score
