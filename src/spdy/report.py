@@ -209,7 +209,8 @@ def _convergence(profiles: dict) -> list[str]:
             continue
         final, seconds = c["loss"][-1], c.get("total_seconds")
         close = next(t for t, loss in zip(c["seconds"], c["loss"]) if loss <= final * 1.01)
-        cost = f"{c['total_evaluations']} candidates" + (f", {c['batch_evaluations'][-1]} batch passes by the last improvement"
+        n = c["total_evaluations"]
+        cost = f"{n} candidate{'s' if n != 1 else ''}" + (f", {c['batch_evaluations'][-1]} batch passes by the last improvement"
                                                         if c.get("batch_evaluations") and c["batch_evaluations"][-1] is not None else "")
         budget = c.get("budget")
         stop = ("" if budget is None else f"; budget {budget:g} s, " + ("which stopped it" if c.get("stopped_by_budget") else "not reached"))
