@@ -13,6 +13,10 @@ pipe latency is not in its figure; a one-conv model includes DeepSparse's layout
 model's edges, which a whole network pays only once. Prints one Markdown table: times, and
 ratios dense / engine (> 1 = faster than dense) and DeepSparse / own (> 1 = own faster), with
 the 1-minute load average when each row was measured.
+
+OMP_WAIT_POLICY is PASSIVE unless set in the environment (torch's idle OpenMP threads would
+otherwise spin on the cores numba's threads need, as in bench_kernels.py); run with
+OMP_WAIT_POLICY=ACTIVE to see oneDNN with spinning workers.
 """
 
 from __future__ import annotations
