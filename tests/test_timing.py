@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,30 @@ def test_oversubscription_discounts_this_process_own_threads(monkeypatch) -> Non
     monkeypatch.setattr(timer, "_own_load", lambda: 0.0)
     assert "oversubscribed" in timer.oversubscribed(2)
     assert timer.oversubscribed(1) is None
+
+
+class ConstantTimes(Backend):
+    """Every unit takes 1 ms dense and half that pruned; the model takes ``model_ms``: known numbers."""
+
+    name = "constant"
+
+    def __init__(self, model_ms: float):
+        self.model_ms = model_ms
+
+    def unit_times(self, unit: Unit, options: list[str]) -> UnitTiming:
+        return UnitTiming({k: 1e-3 if k == DENSE else 0.5e-3 for k in options})
+
+    def model_time(self, model: nn.Module, batch) -> Stat:
+        return Stat(self.model_ms * 1e-3, 0.0, 1)
+
+
+@pytest.mark.parametrize("model_ms, fixed_ms", [(2.94, 0.0), (3.5, 0.5)])
+def test_units_a_little_over_the_model_mean_zero_fixed(net, model_ms: float, fixed_ms: float) -> None:
+    model, units, x = net  # 3 units of 1 ms each
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        table = measure(model, units, x, levels=[0.9], backend=ConstantTimes(model_ms), progress=False, dedupe=False)
+    assert table.fixed == pytest.approx(fixed_ms * 1e-3)
+    assert any("within timing noise" in str(w.message) for w in caught) == (fixed_ms == 0.0)
+    with pytest.raises(FixedTimeError, match="more than the whole model"):
+        measure(model, units, x, levels=[0.9], backend=ConstantTimes(2.9), progress=False, dedupe=False)
