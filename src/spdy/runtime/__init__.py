@@ -13,6 +13,7 @@ from spdy.runtime.modeling.bert import (FeedForwardInput, FeedForwardOutput, Pro
 from spdy.runtime.modeling.bert_layer import FusedEncoderLayer, fuse_encoder_layers
 from spdy.runtime.modeling.cnn import FusedBottleneck, FusedMBConv, fuse_cnn_blocks, fuse_sequential_activations
 from spdy.runtime.fold import fold_batchnorms
+from spdy.runtime.conv_kernels import SparseConvWeight
 from spdy.runtime.modules import SparseConv2d, SparseLinear, sparse_module, weight_of
 from spdy.runtime.select import fastest_format, format_stats
 
@@ -26,6 +27,7 @@ __all__ = [
     "ProjectedSelfAttention",
     "ResidualNormOutput",
     "SparseConv2d",
+    "SparseConvWeight",
     "SparseLinear",
     "block_size",
     "convert",

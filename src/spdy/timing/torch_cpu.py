@@ -57,9 +57,11 @@ class TorchCpuBackend(Backend):
         self._previous_threads = torch.get_num_threads()
         set_threads(self.threads)
         if "kernel" in self.formats and kernel_status()[0]:
-            from spdy.runtime import kernels
+            from spdy.runtime import conv_kernels, kernels
 
             kernels.warmup()
+            if any(u.kind == "conv2d" for u in units.values()):
+                conv_kernels.warmup()  # compiled here, not inside the first conv's timing rounds
 
     def finish(self) -> None:
         set_threads(self._previous_threads)
