@@ -15,10 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spdy.search.evaluate import next_token_labels
 from spdy.units import call_model
-
-CLASSIFIER_LOSSES = ("kl", "ce", "mse")
-
 
 @torch.no_grad()
 def outputs(model: nn.Module, batches: Sequence[Any]) -> list[torch.Tensor]:
@@ -51,9 +49,7 @@ def _embeddings(pruned: list[torch.Tensor], dense: list[torch.Tensor]) -> dict[s
 def _perplexity(out: list[torch.Tensor], batches: Sequence[Any]) -> float:
     total, count = 0.0, 0
     for logits, batch in zip(out, batches):
-        labels = batch["input_ids"][:, 1:].clone()
-        if "attention_mask" in batch:
-            labels[batch["attention_mask"][:, 1:] == 0] = -100
+        labels = next_token_labels(batch)
         total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).double(), labels.flatten(), ignore_index=-100, reduction="sum"))
         count += int((labels != -100).sum())
     return math.exp(total / max(count, 1))

@@ -39,13 +39,17 @@ def _kl(out: torch.Tensor, dense: torch.Tensor, batch: Any) -> torch.Tensor:
     return F.kl_div(logp, logq, log_target=True, reduction="batchmean")
 
 
-def _next_token(out: torch.Tensor, dense: torch.Tensor | None, batch: Any) -> torch.Tensor:
-    """Causal LM cross-entropy of each next token (the log of perplexity)."""
-    ids = batch["input_ids"]
-    labels = ids[:, 1:].clone()
+def next_token_labels(batch: Any) -> torch.Tensor:
+    """Each position's next token, -100 (ignored) where the attention mask hides it."""
+    labels = batch["input_ids"][:, 1:].clone()
     if "attention_mask" in batch:
         labels[batch["attention_mask"][:, 1:] == 0] = -100
-    return F.cross_entropy(out[:, :-1].flatten(0, 1).double(), labels.flatten(), ignore_index=-100)
+    return labels
+
+
+def _next_token(out: torch.Tensor, dense: torch.Tensor | None, batch: Any) -> torch.Tensor:
+    """Causal LM cross-entropy of each next token (the log of perplexity)."""
+    return F.cross_entropy(out[:, :-1].flatten(0, 1).double(), next_token_labels(batch).flatten(), ignore_index=-100)
 
 
 def _ce(out: torch.Tensor, labels: torch.Tensor, batch: Any) -> torch.Tensor:
