@@ -35,8 +35,8 @@ def test_run_end_to_end(finished_run, capsys):
     if "skipped" in fit:  # a tiny model's times can be too noisy to fit; the run then plans on the table as timed
         assert "do not grow" in fit["skipped"] and "not calibrated" in md
     else:
-        assert len(fit["points"]) == 4 and fit["scale"] > 0 and fit["max_error_after"] <= fit["max_error_before"]
-        assert "calibrated to the deployed runtime on 4 profiles" in md
+        assert len(fit["points"]) in (4, 5) and fit["scale"] > 0 and fit["max_error_after"] <= fit["max_error_before"]
+        assert f"calibrated to the deployed runtime on {len(fit['points'])} profiles" in md
     table = TimingTable.load(summary["timings"])
     assert summary["planned_table_target"] == pytest.approx(min(max(table.planning_target(summary["target"]), 1.001), table.max_speedup()))
     for method, p in summary["profiles"].items():
@@ -55,7 +55,7 @@ def test_run_end_to_end(finished_run, capsys):
     assert chosen["verify"]["measured_speedup"] > 1
     # the search's convergence is kept with the profile and drawn; the default wall budget (3 minutes) was not needed here
     c = chosen["convergence"]
-    assert c["budget"] == 180 and not c["stopped_by_budget"] and c["loss"] == sorted(c["loss"], reverse=True)
+    assert c["budget"] in (180, 60) and not c["stopped_by_budget"] and c["loss"] == sorted(c["loss"], reverse=True)
     assert c["loss"][-1] == chosen["calibration_loss"] or len(chosen["rounds"]) > 1
     assert summary["profiles"]["uniform"]["convergence"] is None and "Search convergence (spdy)" in md
     # held-out quality in the classifier's own terms, against the dense model (digits has labels)
@@ -63,11 +63,56 @@ def test_run_end_to_end(finished_run, capsys):
         q = p["quality"]
         assert 0 < q["top1_agreement"] <= 1 and 0 < q["accuracy"] <= 1 and q["dense_accuracy"] > 0.9, method
     assert "Held-out quality against the dense model" in md and "top1 agreement" in md
-    for name in ("report.md", "report.html", "plots/profile.png", "plots/timings.png", "plots/speedup_quality.png", "plots/convergence.png"):
+    for name in ("report.md", "report.html", "plots/curve.png", "plots/profile.png", "plots/timings.png", "plots/speedup_quality.png",
+                 "plots/convergence.png"):
         assert (work / name).stat().st_size > 0, name
     assert summary["gap"]["gap"]["epochs"] == 1 and summary["gap"]["heldout_after_gap"] != summary["gap"]["heldout_before_gap"]
     html = (work / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4 and "spdy run digits" in html
+    assert html.count("data:image/png;base64,") == 5 and "spdy run digits" in html
+
+
+def test_the_default_run_is_a_curve_that_exports_the_fastest_profile_within_the_quality_limit(finished_run):
+    _, work = finished_run
+    summary = json.loads((work / "summary.json").read_text())
+    table = TimingTable.load(summary["timings"])
+    targets = summary["targets"]
+    assert len(targets) == 5 and targets == sorted(targets) and targets[-1] <= table.max_speedup()
+    assert {(p["target"], p["method"]) for p in summary["curve"]} == {(t, m) for t in targets for m in summary["profiles"]}
+    choice, ours = summary["choice"], [p for p in summary["curve"] if p["method"] == "spdy"]
+    assert choice["max_loss"] == 0.01 and "top-1 agreement" in choice["quality_loss_is"]  # a classifier's default
+    for p in summary["curve"]:
+        assert p["quality_loss"] == pytest.approx(1 - p["quality"]["top1_agreement"])
+        assert p["rounds"] == 7  # --rounds 7, below the curve's 10
+    within = [p for p in ours if p["quality_loss"] <= choice["max_loss"]]
+    if within:
+        best = max(within, key=lambda p: p["measured_speedup"])
+        assert choice["within"] and summary["target"] == best["target"] and "fastest spdy profile" in choice["why"]
+    else:
+        assert not choice["within"] and summary["target"] == targets[0] and "exported the mildest" in choice["why"]
+    md = (work / "report.md").read_text()
+    assert md.index("## Speed against quality") < md.index("## Methods at the same target") and "spdy export" in md
+    # the SPDY searches after the first start from the previous target's coefficients, with a third of the budget
+    budgets = [json.loads(Path(p["profile_file"]).read_text())["meta"].get("budget") for p in ours]
+    assert budgets[0] == 180 and set(budgets[1:]) <= {60.0, None}
+
+
+def test_export_of_another_curve_point_runs_no_stage(finished_run, capsys):
+    _, work = finished_run
+    summary = json.loads((work / "summary.json").read_text())
+    other = next(t for t in summary["targets"] if t != summary["target"])
+    before = (work / "run.json").read_text()
+    assert main(["export", str(work), "--target", f"{other:g}", "--method", "uniform"]) == 0
+    assert "exported the uniform profile" in capsys.readouterr().out and (work / "run.json").read_text() == before
+    model = spdy.load(work / f"export-{other:g}x-uniform")
+    point = next(p for p in summary["curve"] if p["target"] == other and p["method"] == "uniform")
+    for unit, sparsity in spdy.Profile.load(work / f"export-{other:g}x-uniform" / "profile.json").sparsities.items():
+        module = model.get_submodule(unit)
+        weight = module.dense_weight() if hasattr(module, "dense_weight") else module.weight
+        assert (weight == 0).float().mean().item() == pytest.approx(sparsity, abs=1e-3), unit
+    assert point["measured_speedup"] > 0
+    assert main(["export", str(work), "--target", "1.777"]) == 2
+    err = capsys.readouterr().err
+    assert "this run measured spdy at" in err and f"{other:g}" in err
 
 
 def test_rerun_uses_the_cache_and_gives_the_same_answer(finished_run, capsys):
@@ -94,7 +139,7 @@ def test_runtime_change_measures_again(finished_run, monkeypatch):
     _, work = finished_run
     first = json.loads((work / "summary.json").read_text())
     methods = set(first["profiles"])
-    monkeypatch.setattr(pipeline, "runtime_fingerprint", lambda: "changed")
+    monkeypatch.setattr(pipeline, "runtime_fingerprint", lambda package="runtime": f"changed {package}")
     assert main(["run", *FAST, "--work-dir", str(work), "--json"]) in (0, 1)
     ran = json.loads((work / "run.json").read_text())["last"]
     assert {"timing", "calibration"} <= set(ran) and {s for s in ran if s.startswith("verify:")} == {f"verify:{m}" for m in methods}
@@ -140,6 +185,9 @@ def test_unknown_config_key_is_named(tmp_path, capsys):
     (["digits", "--levels", "0.5,1.5"], "(0, 1)"),
     (["digits", "--search-budget", "5x"], "--search-budget '5x': expected seconds or a duration such as 300, 300s, 5m"),
     (["digits", "--search-budget", "0"], "--search-budget '0': the budget must be a positive"),
+    (["digits", "--target", "1.5", "--targets", "1.2,1.4"], "not both"),
+    (["digits", "--targets", "1.2,x"], "--targets '1.2,x'"),
+    (["digits", "--max-loss", "-1"], "--max-loss -1"),
 ])
 def test_bad_input_exits_2(tmp_path, capsys, args, message):
     assert main(["run", *args, "--work-dir", str(tmp_path / "w")]) == 2

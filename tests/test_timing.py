@@ -70,6 +70,30 @@ def test_measure_gives_a_valid_table(net, tmp_path: Path) -> None:
     assert TimingTable.load(tmp_path / "t.json").times == table.times
 
 
+def test_the_dense_option_runs_in_the_kernel_format_where_that_is_faster(net) -> None:
+    """The deployed runtime runs an unpruned unit in the kernel format when that beats torch's ``F.linear``
+    (it does on some CPUs): then the dense option is the kernel's time, ``base`` still holds torch's, and
+    verify converts those unpruned units too, computing what the dense model does."""
+    from spdy.runtime import kernel_status
+    from spdy.search.profile import Profile
+    from spdy.verification import verify
+
+    if not kernel_status()[0]:
+        pytest.skip(f"the kernel format is unavailable here: {kernel_status()[1]}")
+    model, units, x = net
+    table = measure(model, units, x, levels=[0.9], progress=False, threads=1, formats=("dense", "kernel"), rounds=5, model_rounds=5)
+    unpruned = table.meta["unpruned"]
+    assert set(unpruned) == set(table.units) and table.fixed + sum(unpruned.values()) == pytest.approx(table.base)
+    for unit in table.units:
+        assert table.unpruned_time(unit) == unpruned[unit]
+        if table.meta["formats"][unit][DENSE] == "dense":
+            assert table.dense_time(unit) == unpruned[unit]
+        else:  # kept only when faster than torch by the formats' minimum gain
+            assert table.meta["formats"][unit][DENSE] == "kernel" and table.dense_time(unit) < unpruned[unit]
+    result = verify(model, units, Profile({u: DENSE for u in table.units}), x, table, rounds=3, threads=1)
+    assert result.formats == table.dense_formats() and result.output_error < 1e-5
+
+
 def test_option_keys_per_unit_and_block_patterns(net) -> None:
     model, units, x = net
     options = {"a": ["16x16@0.9000"], "b": ["0.9900"], "c": ["0.9900"]}

@@ -17,6 +17,7 @@ from spdy.search.budget import DEFAULT_SEARCH_BUDGET, parse_budget
 from spdy.search.dp import DEFAULT_BUCKETS, InfeasibleTarget, solve
 from spdy.levels import DENSE, Option, geometric_levels
 from spdy.search.profile import METHODS, Profile
+from spdy.search.select import VALIDATION
 from spdy.timing.table import TimingTable, check_target
 
 if TYPE_CHECKING:
@@ -103,7 +104,8 @@ def _levels(text: str | None) -> list[float] | None:
 def _bundle(args: argparse.Namespace):
     from spdy.pipeline import load_bundle
 
-    return load_bundle(args.model, args.samples, args.heldout, args.seq_len, args.batch_size, args.include, args.exclude or ())
+    return load_bundle(args.model, args.samples, args.heldout, args.seq_len, args.batch_size, args.include, args.exclude or (),
+                       args.validation)
 
 
 def cmd_time(args: argparse.Namespace) -> int:
@@ -244,11 +246,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     met = summary["profiles"][cfg.method]["verify"]["met"]
     if args.json:
         chosen = summary["profiles"][cfg.method]
-        print(json.dumps({"target": summary["target"], "predicted_speedup": chosen["predicted_speedup"],
+        print(json.dumps({"target": summary["target"], "targets": summary["targets"], "why": summary["choice"].get("why"),
+                          "predicted_speedup": chosen["predicted_speedup"],
                           "measured_speedup": chosen["verify"]["measured_speedup"], "met": chosen["verify"]["met"],
                           "heldout": {m: p["heldout_loss"] for m, p in summary["profiles"].items()}, "work_dir": cfg.work_dir,
                           **({"heldout_after_gap": summary["gap"]["heldout_after_gap"]} if summary["gap"] else {})}, indent=1))
     return 0 if met else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from spdy.pipeline import export_point
+
+    directory, point = export_point(args.work_dir, args.target, args.method, args.output)
+    print(f"exported the {point['method']} profile for {point['target']:g}x (measured {point['measured_speedup']:.3f}x"
+          + (f", held-out quality loss {point['quality_loss']:.3g}" if point.get("quality_loss") is not None else "") + f") to {directory}")
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -323,6 +335,8 @@ def _model_args(p: argparse.ArgumentParser, model_required: bool = True) -> None
                         "module:function (e.g. spdy.models.resnet:resnet50_job)")
     p.add_argument("--samples", type=int, default=64, help="calibration sequences/samples (default %(default)s)")
     p.add_argument("--heldout", type=int, default=32, help="held-out sequences (default %(default)s)")
+    p.add_argument("--validation", type=int, default=VALIDATION, help="validation samples, drawn like the calibration data but "
+                   "disjoint from it: a search's final profile is its finalist that does best on them (0: none; default %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="batch size, also the timed deployment batch (default %(default)s)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence for text models (default %(default)s)")
     p.add_argument("--include", nargs="+", metavar="GLOB", help="prune only layers whose names match (default: the model's own)")
@@ -396,7 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="everything: time -> database -> search -> verify -> export -> report (resumable)")
     p.add_argument("model", metavar="MODEL", nargs="?", help="default minilm (all-MiniLM-L6-v2 on pydoc text)")
     p.add_argument("--config", help="TOML file with any of the flags below as keys (flags given here win)")
-    p.add_argument("--target", type=float, help="target speedup (default: 60%% of the way to the maximum attainable)")
+    p.add_argument("--target", type=float, help="one target speedup (default: a curve of targets, see --targets)")
+    p.add_argument("--targets", help="comma-separated speedups, or auto (the default without --target: five spread over what the "
+                   "engine can do on this model): a profile per target, each measured; the fastest whose held-out quality stays "
+                   "within --max-loss is exported")
+    p.add_argument("--max-loss", type=float, help="held-out quality loss the exported profile may have, in the model's own terms "
+                   "(default: 0.05 of mean cosine for sentence encoders, +10%% perplexity for causal LMs, 1%% top-1 disagreement "
+                   "for classifiers)")
     p.add_argument("--engine", help="timing backend (default torch-cpu)")
     p.add_argument("--pruner", choices=("obs", "adaprune", "magnitude"), help="database pruner (default obs)")
     p.add_argument("--pattern", help="unstructured | N:M | RxC blocks (default unstructured)")
@@ -405,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", help="comma-separated methods to compare against (default uniform,global-magnitude,dp-errors)")
     p.add_argument("--samples", type=int, help="calibration samples (default 64)")
     p.add_argument("--heldout", type=int, help="held-out samples (default 32)")
+    p.add_argument("--validation", type=int, help=f"validation samples that pick a search's final profile (default {VALIDATION})")
     p.add_argument("--batch-size", type=int, help="batch size, also the timed deployment batch (default 8)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default 128)")
     p.add_argument("--include", nargs="+", metavar="GLOB")
@@ -425,6 +446,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gap-lr", type=float, help="gAP Adam learning rate (default 1e-5)")
     p.add_argument("--json", action="store_true", help="end with one JSON object (for scripts); progress goes to stderr")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("export", help="export another point of a run's curve (any target and method it measured), no stage re-run")
+    p.add_argument("work_dir", metavar="DIR", help="the work directory of a spdy run")
+    p.add_argument("--target", type=float, required=True, help="one of the run's targets")
+    p.add_argument("--method", default=None, help="the run's method by default (e.g. spdy, uniform)")
+    p.add_argument("-o", "--output", help="export directory (default DIR/export-TARGETx-METHOD)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="(re)write report.md and report.html of a run's work directory")
     p.add_argument("work_dir", metavar="DIR")

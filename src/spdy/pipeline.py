@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -28,6 +28,8 @@ from spdy.search import baselines
 from spdy.search.dp import InfeasibleTarget, scaled_errors, solve
 from spdy.search.budget import DEFAULT_SEARCH_BUDGET, parse_budget
 from spdy.search.profile import METHODS, Profile
+from spdy.search.select import VALIDATION, pick_on_validation
+from spdy.quality import default_max_loss, quality_loss
 from spdy.search.spdy import SpdyConfig, SpdySearch
 from spdy.files import digest, replace_atomically, write_json
 from spdy.timing import measure
@@ -35,12 +37,10 @@ from spdy.timing.backend import get_backend
 from spdy.timing.table import TimingTable, check_target
 from spdy.units import Unit, find_units, set_weight_matrix, weight_matrix
 
-def runtime_fingerprint() -> str:
-    """A digest of the runtime's source. Measurements of the pruned model are cached under it, so
-    they are taken again once the code that runs the model has changed."""
-    from spdy import runtime
-
-    root = Path(runtime.__file__).parent
+def runtime_fingerprint(package: str = "runtime") -> str:
+    """A digest of the source of ``spdy.<package>`` (the runtime by default). Measurements are cached
+    under it, so they are taken again once the code that runs (or times) the model has changed."""
+    root = Path(__file__).parent / package
     return digest(*[(str(f.relative_to(root)), f.read_text()) for f in sorted(root.rglob("*.py"))])
 
 
@@ -68,7 +68,7 @@ def timing_path(bundle: ModelBundle, units: Mapping[str, Unit], work: Path, patt
     keys = [o.key for o in options_of(pattern, levels)]
     batch = timing_batch(bundle)
     shape = {k: list(v.shape) for k, v in batch.items()} if isinstance(batch, dict) else list(getattr(batch, "shape", []))
-    machine = [runtime_fingerprint(), torch.__version__, cpu_model()]
+    machine = [runtime_fingerprint(), runtime_fingerprint("timing"), torch.__version__, cpu_model()]
     return work / f"timings-{digest(bundle.name, model_fingerprint(bundle.model), sorted(units), keys, engine, shape, threads, machine)}.json"
 
 
@@ -111,6 +111,7 @@ class SearchSettings:
     generations: int = 50
     offspring: int = 16
     budget: float | None = None  # seconds of wall time for the spdy/evo search; None: run to the end (deterministic)
+    tie: str = "none"  # SPDY: coefficients per unit, or shared by kind and depth (`SpdyConfig.tie`)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -119,35 +120,54 @@ class SearchSettings:
             raise InputError(f"search budget {self.budget!r}: need a positive, finite number of seconds")
 
 
-def evaluators(bundle: ModelBundle, stitcher: Stitcher) -> tuple[Evaluator, Evaluator | None]:
-    """Calibration and held-out evaluators; built while the model is dense (they cache dense outputs)."""
+class Evaluators(NamedTuple):
+    """The search's objective on calibration data, on validation data (picks the final profile) and on held-out data."""
+
+    calibration: Evaluator
+    validation: Evaluator | None
+    heldout: Evaluator | None
+
+    def attach(self, apply: Callable[[Mapping[str, str]], object]) -> None:
+        for evaluator in self:
+            if evaluator is not None:
+                evaluator.apply = apply
+
+
+def evaluators(bundle: ModelBundle, stitcher: Stitcher) -> Evaluators:
+    """Built while the model is dense (they cache dense outputs); all three score the search's loss
+    (`ModelBundle.objective`), so calibration, validation and held-out losses compare."""
     stitcher.restore()
-    calibration = Evaluator(bundle.model, bundle.calibration, bundle.loss, stitcher.apply, bundle.calibration_labels, "calibration")
-    heldout = Evaluator(bundle.model, bundle.heldout, bundle.loss, stitcher.apply, bundle.heldout_labels, "heldout") if bundle.heldout else None
-    return calibration, heldout
+
+    def make(batches: list, labels: list | None, split: str) -> Evaluator | None:
+        return Evaluator(bundle.model, batches, bundle.objective, stitcher.apply, labels, split, bundle.search_output) if batches else None
+
+    return Evaluators(make(bundle.calibration, bundle.calibration_labels, "calibration"),
+                      make(bundle.validation, bundle.validation_labels, "validation"), make(bundle.heldout, bundle.heldout_labels, "heldout"))
 
 
 def find_profile(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTable, db: Database, target: float,
            settings: SearchSettings = SearchSettings(), work: Path | None = None, progress: bool = True,
-           evaluation: tuple[Evaluator, Evaluator | None] | None = None, coefficients: Sequence[float] | None = None) -> Profile:
-    """Find a profile with ``settings.method`` that meets ``target`` on ``table``; loss on calibration and held-out data.
+           evaluation: Evaluators | None = None, coefficients: Sequence[float] | None = None,
+           start: Sequence[float] | None = None) -> Profile:
+    """Find a profile with ``settings.method`` that meets ``target`` on ``table``; loss on calibration, validation and
+    held-out data. With validation data a search's final profile is its finalist that does best there.
 
     ``coefficients`` (SPDY only): the per-unit sensitivities an earlier search learned; the DP
-    is solved with them at ``target`` instead of searching again.
+    is solved with them at ``target`` instead of searching again. ``start`` (SPDY only): such
+    coefficients to search from (a warm start, e.g. from a neighbouring target).
     """
     check_target(target)
     fingerprint = model_fingerprint(bundle.model)  # the dense model's: every search restores it when done
     db.check_model(fingerprint)
     stitcher = Stitcher({u: units[u] for u in table.units}, db)
-    calibration, heldout = evaluation or evaluators(bundle, stitcher)
-    calibration.apply = stitcher.apply
-    if heldout is not None:
-        heldout.apply = stitcher.apply
+    evaluation = evaluation or evaluators(bundle, stitcher)
+    evaluation.attach(stitcher.apply)
+    calibration, validation, heldout = evaluation
     checkpoint = None
     if work is not None:
         # the budget is left out: a rerun with a larger budget resumes the search where the smaller one stopped it
         key = {k: v for k, v in asdict(settings).items() if k != "budget"}
-        checkpoint = work / f"search-{settings.method}-{digest(table.to_dict()['units'], db.manifest.get('identity', db.directory.name), target, key)}.json"
+        checkpoint = work / f"search-{settings.method}-{digest(table.to_dict()['units'], db.manifest.get('identity', db.directory.name), target, key, start)}.json"
     method = settings.method
     try:
         if method == "spdy" and coefficients is not None:
@@ -155,8 +175,8 @@ def find_profile(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTa
             profile = Profile(solution.profile, target, solution.predicted_time, solution.predicted_speedup, "spdy",
                               calibration(solution.profile), evaluations=1, meta={"coefficients": list(coefficients)})
         elif method == "spdy":
-            cfg = SpdyConfig(random_starts=settings.random_starts, tries=settings.tries, seed=settings.seed)
-            profile = SpdySearch(table, target, calibration, cfg, checkpoint, progress, bundle.fingerprint, settings.budget).run()
+            cfg = SpdyConfig(random_starts=settings.random_starts, tries=settings.tries, seed=settings.seed, tie=settings.tie)
+            profile = SpdySearch(table, target, calibration, cfg, checkpoint, progress, bundle.fingerprint, settings.budget, start).run()
         elif method == "evo":
             cfg = EvoConfig(generations=settings.generations, offspring=settings.offspring, seed=settings.seed)
             profile = EvolutionSearch(table, target, calibration, len(bundle.calibration), cfg, checkpoint, progress, bundle.fingerprint,
@@ -167,11 +187,14 @@ def find_profile(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTa
             profile.calibration_loss = calibration(profile.options)
             profile.evaluations = 1
             profile.meta["seconds"] = round(time.perf_counter() - started, 2)
+        if validation is not None:
+            profile = pick_on_validation(profile, table, validation)
+        profile.meta.pop("finalists", None)
         if heldout is not None:
             profile.heldout_loss = heldout(profile.options)
     finally:
         stitcher.restore()
-    profile.meta.update(model=bundle.name, model_fingerprint=fingerprint, loss=bundle.loss, database=str(db.directory), pruner=db.pruner.get("name"))
+    profile.meta.update(model=bundle.name, model_fingerprint=fingerprint, loss=bundle.objective, database=str(db.directory), pruner=db.pruner.get("name"))
     return profile
 
 
@@ -280,9 +303,10 @@ def calibrate(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTable
         return TimingTable.load(path), path
     best = table.max_speedup()
     points = []
-    for share in CALIBRATION_SHARES:
-        target = 1 + share * (best - 1)
-        profile = Profile(solve(table, target).profile)  # no target: nothing to meet, only a point to measure
+    profiles = [Profile(solve(table, 1 + share * (best - 1)).profile) for share in CALIBRATION_SHARES]
+    if table.dense_formats():  # unpruned layers run faster than torch's: that profile is a point of its own
+        profiles.insert(0, Profile({u: DENSE for u in table.units}))
+    for profile in profiles:  # no target: nothing to meet, only a point to measure
         result = verify(bundle.model, units, profile, timing_batch(bundle), table, rounds=CALIBRATION_ROUNDS)
         points.append((profile.options, result.measured_speedup))
         say(f"      calibration: predicted {table.predicted_speedup(profile.options):.3f}x, measured {result.measured_speedup:.3f}x")
@@ -338,12 +362,68 @@ def land(profile: Profile, target: float, max_speedup: float, measure: Callable[
     return chosen[0], chosen[1], rounds
 
 
+AUTO_POWERS = (0.1, 0.2, 0.35, 0.5, 0.7)  # --targets auto: the maximum speedup to these powers (denser where models stay usable)
+WARM_BUDGET = 1 / 3  # share of the search budget a warm-started SPDY search gets (it skips the random starts)
+CURVE_ROUNDS = 10  # verify rounds of a curve's points (at most --rounds); the exported one is measured with --rounds
+
+
+def auto_targets(table: TimingTable) -> list[float]:
+    """Targets spread from mild to most of what this engine can do on this model."""
+    default_target(table)  # the same refusal when nothing is worth pruning for
+    return sorted({max(round(table.max_speedup() ** p, 3), 1.01) for p in AUTO_POWERS})
+
+
+def choose(points: Mapping[float, Mapping[str, dict]], targets: Sequence[float], cfg: "RunConfig", loss: str) -> tuple[float, dict]:
+    """The target whose ``cfg.method`` profile to export: the only one, or on a curve the fastest measured
+    one whose held-out quality loss stays within ``cfg.max_loss`` (default per family), else the mildest."""
+    limit = cfg.max_loss if cfg.max_loss is not None else default_max_loss(loss)
+    what = quality_loss({"mean_cosine": 1, "perplexity": 1, "dense_perplexity": 1, "top1_agreement": 1}, loss)[1]
+    ours = [(t, points[t][cfg.method]) for t in targets]
+    scored = [(t, p) for t, p in ours if "quality_loss" in p]
+    within = [(t, p) for t, p in scored if p["quality_loss"] <= limit]
+    choice = {"max_loss": limit, "quality_loss_is": what}
+    if len(targets) == 1:
+        t, p = ours[0]
+        if "quality_loss" in p:
+            choice.update(within=p["quality_loss"] <= limit, quality_loss=p["quality_loss"])
+            choice["why"] = (f"the target asked for; its {what} is {p['quality_loss']:.3g}, "
+                             + ("within" if choice["within"] else f"BEYOND the {limit:g} a deployable model keeps (--max-loss)"))
+        else:
+            choice["why"] = "the target asked for"
+        return t, choice
+    if within:
+        t, p = max(within, key=lambda tp: tp[1]["verify"]["measured_speedup"])
+        faster = [(u, q) for u, q in scored if q["verify"]["measured_speedup"] > p["verify"]["measured_speedup"]]
+        why = (f"the fastest {cfg.method} profile (measured {p['verify']['measured_speedup']:.3f}x) whose {what} stays within "
+               f"{limit:g} ({p['quality_loss']:.3g})")
+        if faster:
+            u, q = min(faster, key=lambda tp: tp[1]["verify"]["measured_speedup"])
+            why += f"; the next faster one ({q['verify']['measured_speedup']:.3f}x at {u:g}x) would lose {q['quality_loss']:.3g}"
+        return t, {**choice, "target": t, "within": True, "quality_loss": p["quality_loss"], "why": why}
+    t, p = ours[0]
+    return t, {**choice, "target": t, "within": False, "quality_loss": p.get("quality_loss"),
+               "why": f"no {cfg.method} profile keeps its {what} within {limit:g} (the mildest, {t:g}x, loses "
+                      f"{p.get('quality_loss', float('nan')):.3g}): exported the mildest; ask for lower --targets or a larger --max-loss"}
+
+
+def curve_point(target: float, method: str, point: Mapping[str, Any]) -> dict:
+    """One point of the speed/quality curve, for the summary and `spdy export --target`."""
+    profile, result = point["profile"], point["verify"]
+    return {"target": target, "method": method, "measured_speedup": result["measured_speedup"], "measured_spread": result["measured_spread"],
+            "met": result["met"], "rounds": result["rounds"], "predicted_speedup": profile.predicted_speedup,
+            "calibration_loss": profile.calibration_loss, "validation_loss": profile.validation_loss, "heldout_loss": profile.heldout_loss,
+            "quality": point.get("quality"), "quality_loss": point.get("quality_loss"), "profile_file": point["file"],
+            "formats": result.get("formats", {})}
+
+
 @dataclass
 class RunConfig:
     """Everything ``spdy run`` takes: the flags of the CLI and the keys of a ``--config`` TOML file."""
 
     model: str = "minilm"
     target: float | None = None
+    targets: str | list[float] | None = None  # "auto" (the default without --target) or speedups: one search per target, a curve
+    max_loss: float | None = None  # held-out quality loss a curve's exported profile may have (default per family, `spdy.quality`)
     engine: str = "torch-cpu"
     pruner: str = "obs"
     pattern: str = "unstructured"
@@ -352,6 +432,7 @@ class RunConfig:
     baselines: tuple[str, ...] = ("uniform", "global-magnitude", "dp-errors")
     samples: int = 64
     heldout: int = 32
+    validation: int = VALIDATION
     batch_size: int = 8
     seq_len: int = 128
     include: list[str] | None = None
@@ -376,7 +457,37 @@ class RunConfig:
                 raise InputError(f"method {method!r}: choose one of {', '.join(METHODS)}")
         if self.target is not None:
             check_target(self.target, "--target")
+        if self.target is not None and self.targets is not None:
+            raise InputError("give --target (one profile) or --targets (a curve), not both")
+        if isinstance(self.targets, str) and self.targets != "auto":
+            try:
+                self.targets = [float(t) for t in self.targets.split(",") if t.strip()]
+            except ValueError:
+                raise InputError(f"--targets {self.targets!r}: use auto or comma-separated speedups, e.g. 1.25,1.5,2,3") from None
+        if isinstance(self.targets, list):
+            if not self.targets:
+                raise InputError("--targets: no speedup given; use auto or e.g. 1.25,1.5,2,3")
+            for t in self.targets:
+                check_target(t, "--targets")
+            self.targets = sorted(set(self.targets))
+        if self.max_loss is not None and not 0 <= self.max_loss < float("inf"):
+            raise InputError(f"--max-loss {self.max_loss!r}: need a finite number >= 0 (e.g. 0.05 for 1 - mean cosine)")
         parse_budget(self.search_budget)
+
+    def target_list(self, table: TimingTable, heldout: bool) -> list[float]:
+        """The targets to search: --target's, --targets', or (the default) a curve spread over the table's range;
+        a curve needs held-out data to choose its exported point, so without any the default is one target."""
+        if self.target is not None:
+            return [self.target]
+        if isinstance(self.targets, list):
+            if len(self.targets) > 1 and not heldout:
+                raise InputError("--targets needs held-out data to choose the profile to export by its quality; give one --target")
+            return self.targets
+        if not heldout:
+            if self.targets == "auto":
+                raise InputError("--targets auto needs held-out data to choose the profile to export by its quality; give one --target")
+            return [default_target(table)]
+        return auto_targets(table)
 
     def settings(self, method: str) -> SearchSettings:
         return SearchSettings(method, self.seed, self.random_starts, self.tries, self.generations, self.offspring,
@@ -401,10 +512,10 @@ class RunConfig:
 
 
 def load_bundle(model: str, samples: int = 64, heldout: int = 32, seq_len: int = 128, batch_size: int = 8,
-                include: Sequence[str] | None = None, exclude: Sequence[str] = ()) -> tuple[ModelBundle, dict[str, Unit]]:
+                include: Sequence[str] | None = None, exclude: Sequence[str] = (), validation: int = 0) -> tuple[ModelBundle, dict[str, Unit]]:
     """The model with its data and the units to prune; bad names or patterns raise `InputError`."""
     try:
-        bundle = load_model(model, samples=samples, heldout=heldout, seq_len=seq_len, batch_size=batch_size)
+        bundle = load_model(model, samples=samples, heldout=heldout, seq_len=seq_len, batch_size=batch_size, validation=validation)
         units = prunable_units(bundle, include, exclude or ())
     except FileNotFoundError as e:
         raise InputError(str(e)) from None
@@ -427,8 +538,8 @@ def check_same_model(bundle: ModelBundle, db: Database | None = None, profile: P
 def profile_json(profile: Profile) -> dict:
     return {"method": profile.method, "target": profile.target, "table_target": profile.meta.get("table_target", profile.target),
             "predicted_speedup": profile.predicted_speedup,
-            "calibration_loss": profile.calibration_loss, "heldout_loss": profile.heldout_loss,
-            "evaluations": profile.evaluations, "profile": profile.sparsities, "options": profile.options,
+            "calibration_loss": profile.calibration_loss, "validation_loss": profile.validation_loss, "heldout_loss": profile.heldout_loss,
+            "validation": profile.meta.get("validation"), "evaluations": profile.evaluations, "profile": profile.sparsities, "options": profile.options,
             "convergence": convergence(profile)}
 
 
@@ -462,9 +573,9 @@ def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = Tru
     levels = cfg.levels
 
     bundle, units = timed(log, "load", lambda: load_bundle(cfg.model, cfg.samples, cfg.heldout, cfg.seq_len, cfg.batch_size,
-                                                           cfg.include, cfg.exclude or ()))
-    say(f"[1/6] model {bundle.name}: {len(units)} prunable units, {len(bundle.calibration)} calibration and "
-        f"{len(bundle.heldout)} held-out batches, loss {bundle.loss}")
+                                                           cfg.include, cfg.exclude or (), cfg.validation))
+    say(f"[1/6] model {bundle.name}: {len(units)} prunable units, {len(bundle.calibration)} calibration, {len(bundle.validation)} "
+        f"validation and {len(bundle.heldout)} held-out batches, search loss {bundle.objective}")
     measure_table = lambda: timings(bundle, units, work, cfg.pattern, levels, cfg.engine, progress, cfg.threads)
     if timing_path(bundle, units, work, cfg.pattern, levels, cfg.engine, cfg.threads).is_file():
         table, table_path = measure_table()
@@ -479,74 +590,97 @@ def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = Tru
             say(f"      calibrated to the deployed runtime: fixed {fit['fixed_before'] * 1e3:.2f} -> {fit['fixed'] * 1e3:.2f} ms, "
                 f"unit times x{fit['scale']:.3f}; largest error {fit['max_error_before']:.1%} -> {fit['max_error_after']:.1%}; "
                 f"maximum attainable speedup {table.max_speedup():.3f}x")
-    target = cfg.target if cfg.target is not None else default_target(table)
-    if target > table.max_speedup():
-        raise InfeasibleTarget(target, table.max_speedup())
-    say(f"      target {target:g}x" + ("" if cfg.target is not None else " (default: 60% of the way to the maximum)"))
+    targets = cfg.target_list(table, bool(bundle.heldout))
+    if max(targets) > table.max_speedup():
+        raise InfeasibleTarget(max(targets), table.max_speedup())
+    curve = len(targets) > 1
+    if curve:
+        say(f"      targets {', '.join(f'{t:g}x' for t in targets)}: a profile per target, measured; the fastest that keeps "
+            f"held-out quality is exported")
+    else:
+        say(f"      target {targets[0]:g}x" + ("" if cfg.target is not None else " (no held-out data for a curve: 60% of the way to the maximum)"))
     db = timed(log, "database", lambda: database(bundle, units, work, cfg.pruner, cfg.pattern, levels, progress))
     say(f"[3/6] database ({cfg.pruner}, {cfg.pattern}): {db.directory}")
     stitcher = Stitcher({u: units[u] for u in table.units}, db)
     evaluation = evaluators(bundle, stitcher)
-    profiles = {}
-    # where the calibration profiles say the runtime lands on the target (the table's line bends)
-    plan = min(max(table.planning_target(target), MIN_TABLE_TARGET), table.max_speedup())
-    if abs(plan - target) > 1e-3 * target:
-        say(f"      the table is asked for {plan:.3f}x: the calibration profiles put the runtime's {target:g}x there")
-    for method in cfg.methods:
-        settings = cfg.settings(method)
-        path = work / f"profile-{method}-{digest(str(table_path), str(db.directory), target, vars(settings), plan)}.json"
-        if path.is_file():
-            profiles[method] = Profile.load(path)
-        else:
-            profiles[method] = timed(log, f"search:{method}", lambda s=settings: find_profile(
-                bundle, units, table, db, plan, s, work, progress, evaluation))
-            profiles[method].target = target
-            profiles[method].meta["table_target"] = plan
-            profiles[method].save(path)
-        p = profiles[method]
-        say(f"[4/6] {method}: predicted {p.predicted_speedup:.3f}x, calibration loss {p.calibration_loss:.5g}, "
-            f"held-out loss {p.heldout_loss if p.heldout_loss is None else f'{p.heldout_loss:.5g}'} ({p.evaluations} evaluations)")
     batch = timing_batch(bundle)
 
-    def measure_profile(method: str, profile: Profile) -> dict:
-        key = digest(profile.options, target, cfg.engine, cfg.threads, cfg.rounds, runtime_fingerprint(), Path(verification.__file__).read_text())
+    def measure_profile(method: str, profile: Profile, target: float, rounds: int) -> dict:
+        key = digest(profile.options, target, cfg.engine, cfg.threads, rounds, runtime_fingerprint(), Path(verification.__file__).read_text())
         path = work / f"verify-{method}-{key}.json"
         if path.is_file():
             return json.loads(path.read_text())
         result = timed(log, f"verify:{method}", lambda: verify(bundle.model, units, profile, batch, table, weights=db.weight,
-                                                              rounds=cfg.rounds, engine=cfg.engine))
+                                                              rounds=rounds, engine=cfg.engine))
         write_json(path, result.to_json())
         return result.to_json()
 
-    def resolve(method: str, profile: Profile, table_target: float) -> Profile:
+    def search(method: str, target: float, table_target: float, start: Sequence[float] | None = None,
+               coefficients: Sequence[float] | None = None) -> tuple[Profile, Path]:
         settings = cfg.settings(method)
-        learned = profile.meta.get("coefficients") if method == "spdy" else None
-        path = work / f"profile-{method}-{digest(str(table_path), str(db.directory), target, vars(settings), table_target, learned)}.json"
+        if start is not None:
+            settings = replace(settings, budget=None if settings.budget is None else settings.budget * WARM_BUDGET)
+        path = work / f"profile-{method}-{digest(str(table_path), str(db.directory), target, vars(settings), table_target, start, coefficients)}.json"
         if path.is_file():
-            return Profile.load(path)
-        new = timed(log, f"resolve:{method}", lambda: find_profile(bundle, units, table, db, table_target, settings, work, progress,
-                                                                  evaluation, coefficients=learned))
+            return Profile.load(path), path
+        stage = "resolve" if coefficients is not None else "search"
+        new = timed(log, f"{stage}:{method}", lambda: find_profile(bundle, units, table, db, table_target, settings, work, progress,
+                                                                  evaluation, coefficients=coefficients, start=start))
         new.target = target
         new.meta["table_target"] = table_target
         new.save(path)
-        return new
+        return new, path
 
-    results, rounds, searched = {}, {}, dict(profiles)  # the closed loop may re-solve; the search's convergence stays
-    for method in list(profiles):
-        profiles[method], results[method], rounds[method] = land(
-            profiles[method], target, table.max_speedup(), lambda p, m=method: measure_profile(m, p),
-            lambda p, t, m=method: resolve(m, p, t), say=lambda text, m=method: say(f"      {m}: {text}"))
-    main = results[cfg.method]
+    points: dict[float, dict[str, dict]] = {}  # target -> method -> what was found, measured and kept
+    plans: dict[float, float] = {}  # target -> what the table was first asked for
+    learned = None  # the SPDY coefficients found at the previous target: the next search starts from them
+    for target in targets:
+        # where the calibration profiles say the runtime lands on the target (the table's line bends)
+        plan = plans[target] = min(max(table.planning_target(target), MIN_TABLE_TARGET), table.max_speedup())
+        if abs(plan - target) > 1e-3 * target:
+            say(f"      {target:g}x: the table is asked for {plan:.3f}x (the calibration profiles put the runtime's {target:g}x there)")
+        at = points[target] = {}
+        for method in cfg.methods:
+            found, path = search(method, target, plan, start=learned if method == "spdy" and curve else None)
+            if method == "spdy":
+                learned = found.meta.get("coefficients")
+            say(f"[4/6] {target:g}x {method}: predicted {found.predicted_speedup:.3f}x, calibration loss {found.calibration_loss:.5g}"
+                + (f", validation {found.validation_loss:.5g}" if found.validation_loss is not None else "")
+                + (f", held-out {found.heldout_loss:.5g}" if found.heldout_loss is not None else "") + f" ({found.evaluations} evaluations)")
+            learned_here = found.meta.get("coefficients") if method == "spdy" else None
+            files = {id(found): path}
+
+            def resolve(p: Profile, table_target: float, m: str = method, t: float = target, c=learned_here) -> Profile:
+                new, where = search(m, t, table_target, coefficients=c)
+                files[id(new)] = where
+                return new
+
+            kept, result, rounds = land(found, target, table.max_speedup(),
+                                        lambda p, m=method, t=target: measure_profile(m, p, t, min(CURVE_ROUNDS, cfg.rounds) if curve else cfg.rounds),
+                                        resolve, say=lambda text, m=method, t=target: say(f"      {t:g}x {m}: {text}"))
+            at[method] = {"profile": kept, "searched": found, "verify": result, "rounds": rounds, "file": str(files[id(kept)])}
+        for method, quality in heldout_quality(bundle, stitcher, {m: v["profile"] for m, v in at.items()}).items():
+            at[method]["quality"] = quality
+            at[method]["quality_loss"] = quality_loss(quality, bundle.loss)[0]
+    target, choice = choose(points, targets, cfg, bundle.loss)
+    if curve:
+        say(f"      chose {target:g}x: {choice['why']}")
+    chosen_point = points[target][cfg.method]
+    if curve and chosen_point["verify"]["rounds"] < cfg.rounds:  # the exported profile is measured in full
+        chosen_point["verify"] = measure_profile(cfg.method, chosen_point["profile"], target, cfg.rounds)
+    main = chosen_point["verify"]
+    profiles = {m: v["profile"] for m, v in points[target].items()}
     verified = VerifyResult(**main)
+    rounds_note = f" after {len(chosen_point['rounds'])} rounds" if len(chosen_point["rounds"]) > 1 else ""
     say(f"[5/6] verified {cfg.method}: measured {verified.speedups()} (spread {main['measured_spread']:.3f}) "
-        f"for predicted {profiles[cfg.method].predicted_speedup:.3f}x, target {target:g}x: {'MET' if main['met'] else 'NOT MET'}"
-        + (f" after {len(rounds[cfg.method])} rounds" if len(rounds[cfg.method]) > 1 else ""))
+        f"for predicted {profiles[cfg.method].predicted_speedup:.3f}x, target {target:g}x: {'MET' if main['met'] else 'NOT MET'}{rounds_note}")
     for note in (verified.under_prediction(), verified.over_delivery()):
         if note:
             say(f"      note: {note}")
-    qualities = heldout_quality(bundle, stitcher, profiles)
-    if cfg.method in qualities:
-        say("      held-out quality: " + ", ".join(f"{k} {v:.4g}" for k, v in qualities[cfg.method].items()))
+    if "quality" in chosen_point:
+        say("      held-out quality: " + ", ".join(f"{k} {v:.4g}" for k, v in chosen_point["quality"].items()))
+    if not choice.get("within", True):
+        say(f"      WARNING: {choice['why']}")
     chosen = profiles[cfg.method]
     apply(units, chosen, db)
     gap = None
@@ -558,17 +692,53 @@ def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = Tru
                                                          seed=cfg.seed, work_dir=gap_dir, progress=progress))
         say(f"      gAP: held-out loss {gap['heldout_before_gap']:.5g} -> {gap['heldout_after_gap']:.5g}")
     export_dir = timed(log, "export", lambda: export(bundle.model, bundle.name, chosen, main.get("formats", {}), work / "export", tokenizer=bundle.tokenizer))
+    if curve:
+        say(f"      any other point of the curve: spdy export {work} --target T [--method M]")
     stitcher.restore()  # dense units again (with gAP the other parameters stay fine-tuned; the run ends here)
     command = cfg.command_line()
     summary = {
         "model": bundle.name, "engine": cfg.engine, "pruner": cfg.pruner, "pattern": cfg.pattern, "loss": bundle.loss,
-        "method": cfg.method, "target": target, "planned_table_target": plan, "timings": str(table_path), "database": str(db.directory), "export": str(export_dir),
-        "profiles": {m: {**profile_json(p), "seconds": searched[m].meta.get("seconds"), "convergence": convergence(searched[m]),
-                         "verify": results[m], "rounds": rounds[m], "quality": qualities.get(m)} for m, p in profiles.items()},
-        "gap": gap, "stages": log.stages,
+        "search_loss": bundle.objective, "method": cfg.method, "target": target, "targets": targets, "choice": choice,
+        "planned_table_target": plans[target], "timings": str(table_path),
+        "database": str(db.directory), "export": str(export_dir),
+        "profiles": {m: {**profile_json(v["profile"]), "seconds": v["searched"].meta.get("seconds"), "convergence": convergence(v["searched"]),
+                         "verify": v["verify"], "rounds": v["rounds"], "quality": v.get("quality"), "file": v["file"]}
+                     for m, v in points[target].items()},
+        "curve": [curve_point(t, m, v) for t in targets for m, v in points[t].items()],
+        "gap": gap, "stages": log.stages, "config": asdict(cfg),
         "commands": [f'make run ARGS="{command[len("spdy run "):]}"', command, f"spdy report {work}"],
     }
     write_json(work / "summary.json", summary)
     md, html_path = timed(log, "report", lambda: write_report(work))
     say(f"[6/6] report: {md} and {html_path}; pruned model exported to {export_dir}")
     return summary
+
+
+def export_point(work_dir: str | Path, target: float, method: str | None = None, output: str | Path | None = None) -> tuple[Path, dict]:
+    """Export the profile a run measured at ``target`` with ``method`` (the run's own by default) from its
+    cached stages: no timing, database, search or verify runs again."""
+    from spdy.database import Database
+    from spdy.files import read_json
+    from spdy.runtime.deploy import export
+
+    work = Path(work_dir)
+    if not (work / "summary.json").is_file():
+        raise InputError(f"{work}: no summary.json; run `spdy run --work-dir {work}` first")
+    summary = read_json(work / "summary.json", "run summary")
+    if "curve" not in summary or "config" not in summary:
+        raise InputError(f"{work / 'summary.json'} was written by an older spdy that kept no curve; rerun `spdy run --work-dir {work}`")
+    method = method or summary["method"]
+    points = [p for p in summary["curve"] if p["method"] == method and abs(p["target"] - target) <= 1e-6 * target]
+    if not points:
+        measured = sorted({p["target"] for p in summary["curve"] if p["method"] == method})
+        raise InputError(f"--target {target:g} --method {method}: this run measured {method} at "
+                         f"{', '.join(f'{t:g}' for t in measured) or 'no target'} (methods: {', '.join(sorted({p['method'] for p in summary['curve']}))})")
+    point = points[0]
+    cfg = RunConfig(**summary["config"])
+    bundle, units = load_bundle(cfg.model, cfg.samples, cfg.heldout, cfg.seq_len, cfg.batch_size, cfg.include, cfg.exclude or ())
+    db = Database.open(work / Path(summary["database"]).name)  # every stage lives in the work directory, wherever it moved
+    check_same_model(bundle, db)
+    profile = Profile.load(work / Path(point["profile_file"]).name)
+    apply(units, profile, db)
+    directory = Path(output) if output else work / f"export-{target:g}x-{method}"
+    return export(bundle.model, bundle.name, profile, point["formats"], directory, tokenizer=bundle.tokenizer), point

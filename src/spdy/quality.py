@@ -18,6 +18,7 @@ from torch import nn
 from spdy.search.evaluate import next_token_labels
 from spdy.units import call_model
 
+
 @torch.no_grad()
 def outputs(model: nn.Module, batches: Sequence[Any]) -> list[torch.Tensor]:
     """The model's output tensor on each batch (the reference for `quality`)."""
@@ -75,3 +76,21 @@ def quality(model: nn.Module, batches: Sequence[Any], dense: Sequence[torch.Tens
         result["accuracy"] = sum(int((p.argmax(-1) == y).sum()) for p, y in zip(pruned, labels)) / total
         result["dense_accuracy"] = sum(int((d.argmax(-1) == y).sum()) for d, y in zip(dense, labels)) / total
     return result
+
+
+# what "loses too much" means by default, in each family's own terms (`quality_loss`)
+DEFAULT_MAX_LOSS = {"cosine": 0.05, "next-token": 0.10, "classifier": 0.01}
+
+
+def quality_loss(metrics: dict[str, float], loss: str) -> tuple[float, str]:
+    """One number per profile for ``--max-loss``, and what it is: 1 - mean cosine for encoders, the
+    relative perplexity increase for causal LMs, 1 - top-1 agreement for classifiers."""
+    if loss == "cosine":
+        return 1.0 - metrics["mean_cosine"], "1 - held-out mean cosine to the dense embeddings"
+    if loss == "next-token":
+        return metrics["perplexity"] / metrics["dense_perplexity"] - 1.0, "relative held-out perplexity increase"
+    return 1.0 - metrics["top1_agreement"], "1 - held-out top-1 agreement with the dense model"
+
+
+def default_max_loss(loss: str) -> float:
+    return DEFAULT_MAX_LOSS.get(loss, DEFAULT_MAX_LOSS["classifier"])

@@ -50,6 +50,31 @@ def _plots(summary: dict, table: TimingTable, out: Path) -> dict[str, Path]:
     units = table.units
     profiles = summary["profiles"]
 
+    curve = [p for p in summary.get("curve", []) if p.get("quality_loss") is not None]
+    if len({p["target"] for p in curve}) > 1:
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        for method in dict.fromkeys(p["method"] for p in curve):
+            points = sorted((p["measured_speedup"], p["quality_loss"]) for p in curve if p["method"] == method)
+            xs, ys = zip(*[(1.0, 0.0), *points])
+            ax.plot(xs, ys, marker="o", ms=4, lw=2 if method == summary["method"] else 1.2, label=method)
+        choice = summary.get("choice", {})
+        ax.plot([1.0], [0.0], "ks", label="dense model")
+        chosen = next((p for p in curve if p["method"] == summary["method"] and p["target"] == summary["target"]), None)
+        if chosen:
+            ax.plot([chosen["measured_speedup"]], [chosen["quality_loss"]], "r*", ms=14, label="exported")
+        if choice.get("max_loss") is not None:
+            ax.axhline(choice["max_loss"], color="r", ls="--", lw=1, label=f"--max-loss {choice['max_loss']:g}")
+        ax.set_yscale("symlog", linthresh=0.01)
+        ax.set_xlabel(f"measured speedup over {_baseline(summary)}")
+        ax.set_ylabel(f"held-out quality loss\n({choice.get('quality_loss_is', 'lower is better')})", fontsize=8)
+        ax.set_title("Speed against quality: each point a profile, verified")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths["curve"] = out / "curve.png"
+        fig.savefig(paths["curve"], dpi=110)
+        plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(max(8, len(units) * 0.3), 4.5))
     width = 0.8 / len(profiles)
     for i, (method, p) in enumerate(profiles.items()):
@@ -113,7 +138,7 @@ def _plots(summary: dict, table: TimingTable, out: Path) -> dict[str, Path]:
     heldout = [profiles[m].get("heldout_loss") for m in methods]
     a2.bar(list(xs), [h if h is not None else float("nan") for h in heldout], color="tab:purple")
     a2.set_xticks(list(xs), methods, rotation=20)
-    a2.set_ylabel(f"held-out loss ({summary['loss']}, lower is better)")
+    a2.set_ylabel(f"held-out loss ({summary.get('search_loss', summary['loss'])}, lower is better)")
     a2.set_title("Held-out quality at the same target")
     fig.tight_layout()
     paths["speedup"] = out / "speedup_quality.png"
@@ -130,7 +155,7 @@ def _plots(summary: dict, table: TimingTable, out: Path) -> dict[str, Path]:
         a1.set_xlabel("seconds")
         a2.set_xlabel("candidates evaluated (any fidelity)")
         for ax in (a1, a2):
-            ax.set_ylabel(f"best calibration loss ({summary['loss']})")
+            ax.set_ylabel(f"best calibration loss ({summary.get('search_loss', summary['loss'])})")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         a1.set_title("Search convergence over time")
@@ -219,6 +244,21 @@ def _convergence(profiles: dict) -> list[str]:
     return lines + ["", "![convergence](plots/convergence.png)", ""] if lines else []
 
 
+def _validation(profiles: dict) -> list[str]:
+    """How the validation split chose among each search's finalists: an overfit search shows as a pick
+    other than its best calibration loss, or as validation losses well above calibration ones."""
+    lines = []
+    for method, p in profiles.items():
+        finalists = p.get("validation") or []
+        if len(finalists) < 2:
+            continue
+        picked = min(range(len(finalists)), key=lambda i: finalists[i]["validation_loss"])
+        lines.append(f"Validation pick ({method}): of its {len(finalists)} best profiles on calibration data (calibration loss "
+                     f"{finalists[0]['calibration_loss']:.5g} to {finalists[-1]['calibration_loss']:.5g}), number {picked + 1} did best on "
+                     f"validation data ({finalists[picked]['validation_loss']:.5g}; the calibration-best had {finalists[0]['validation_loss']:.5g}).")
+    return lines + [""] if lines else []
+
+
 def _kept_dense(kept: dict | None) -> list[str]:
     """Layers that look prunable but stay dense, grouped by reason."""
     if not kept:
@@ -228,6 +268,23 @@ def _kept_dense(kept: dict | None) -> list[str]:
         by_reason.setdefault(why.split(" (")[0] if "convolution (groups=" in why else why, []).append(name)
     parts = [f"{len(names)} x {why} (e.g. `{names[0]}`)" for why, names in by_reason.items()]
     return [f"{len(kept)} layers stay dense in every profile, their time part of the fixed cost: " + "; ".join(parts) + ".", ""]
+
+
+def _curve(summary: dict) -> list[str]:
+    """The speed/quality curve first: what each target bought and cost, and why one was exported."""
+    curve, choice = summary.get("curve") or [], summary.get("choice") or {}
+    if len({p["target"] for p in curve}) < 2:
+        return [f"Choice: {choice['why']}.", ""] if choice.get("why") else []
+    lines = ["## Speed against quality", "", f"Exported: **{summary['target']:g}x**, {choice.get('why', '')}. Any other point: "
+             f"`spdy export WORK_DIR --target T --method M`.", ""]
+    if (Path(summary.get("_work", ".")) / "plots" / "curve.png").is_file():
+        lines += ["![curve](plots/curve.png)", ""]
+    lines += [f"| target | method | measured speedup | quality loss | calibration loss | validation loss | held-out loss |", "|---|---|---|---|---|---|---|"]
+    for p in curve:
+        lines.append(f"| {p['target']:g} | {p['method']} | {_fmt(p['measured_speedup'])} | {_fmt(p.get('quality_loss'))} "
+                     f"| {_fmt(p.get('calibration_loss'))} | {_fmt(p.get('validation_loss'))} | {_fmt(p.get('heldout_loss'))} |")
+    return lines + ["", f"Quality loss: {choice.get('quality_loss_is', 'n/a')}. Losses: the search's (`{summary.get('search_loss', summary['loss'])}`) "
+                    "on calibration, validation and held-out data.", ""]
 
 
 def _quality(profiles: dict) -> list[str]:
@@ -249,6 +306,7 @@ def write_report(work: str | Path) -> tuple[Path, Path]:
     if not path.is_file():
         raise FileNotFoundError(f"{work} has no summary.json: run `spdy run --work-dir {work}` first")
     summary = json.loads(path.read_text())
+    summary["_work"] = str(work)
     table = TimingTable.load(summary["timings"])
     _plots(summary, table, work / "plots")
     main = summary["profiles"][summary["method"]]
@@ -259,11 +317,13 @@ def write_report(work: str | Path) -> tuple[Path, Path]:
         "",
         *_headline(main.get("verify", {}), main["predicted_speedup"], target),
         "",
+        *_curve(summary),
         f"Maximum attainable on this table: {table.max_speedup():.3f}x over {baseline}.",
         "",
         f"Engine `{summary['engine']}`, {table.meta.get('threads', '?')} threads, CPU {table.meta.get('cpu', '?')}; "
         f"dense model {table.base * 1e3:.2f} ms, of which {table.fixed * 1e3:.2f} ms is outside the {len(table.units)} pruned units. "
-        f"Pruner `{summary['pruner']}`, pattern `{summary['pattern']}`, loss `{summary['loss']}`.",
+        f"Pruner `{summary['pruner']}`, pattern `{summary['pattern']}`, the model's loss `{summary['loss']}`, the search's "
+        f"`{summary.get('search_loss', summary['loss'])}`.",
         "",
         *_calibration(table.meta.get("calibration")),
         *_kept_dense(table.meta.get("kept_dense")),
@@ -273,18 +333,20 @@ def write_report(work: str | Path) -> tuple[Path, Path]:
         "## Methods at the same target",
         "",
         f"| method | predicted speedup over {baseline} | measured speedup over {baseline} | measured / target "
-        f"|{f' measured speedup over {ENGINE_DENSE} |' if engine_column else ''} calibration loss | held-out loss | evaluations "
-        "| search time (s) |",
-        "|---|---|---|---|---|---|---|---|" + ("---|" if engine_column else ""),
+        f"|{f' measured speedup over {ENGINE_DENSE} |' if engine_column else ''} calibration loss | validation loss | held-out loss "
+        "| evaluations | search time (s) |",
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if engine_column else ""),
     ]
     for method, p in summary["profiles"].items():
         pv = p.get("verify", {})
         measured = pv.get("measured_speedup")
         engine = f" {_fmt(pv.get('speedup_over_engine_dense'))} |" if engine_column else ""
         lines.append(f"| {method} | {p['predicted_speedup']:.4f} | {_fmt(measured)} | {'n/a' if measured is None else f'{measured / target:.3f}'} "
-                     f"|{engine} {_fmt(p.get('calibration_loss'))} | {_fmt(p.get('heldout_loss'))} | {p.get('evaluations', '')} "
+                     f"|{engine} {_fmt(p.get('calibration_loss'))} | {_fmt(p.get('validation_loss'))} | {_fmt(p.get('heldout_loss'))} "
+                     f"| {p.get('evaluations', '')} "
                      f"| {_fmt(p.get('seconds'))} |")
-    lines += ["", "![speedup and quality](plots/speedup_quality.png)", "", *_quality(summary["profiles"]), *_convergence(summary["profiles"]),
+    lines += ["", "![speedup and quality](plots/speedup_quality.png)", "", *_quality(summary["profiles"]), *_validation(summary["profiles"]),
+              *_convergence(summary["profiles"]),
               *_rounds(summary["profiles"], target, baseline), "## Profile", "",
               "![profile](plots/profile.png)", "", "## Timings", "", "![timings](plots/timings.png)", "",
               "## Stages", "", "| stage | seconds | detail |", "|---|---|---|"]

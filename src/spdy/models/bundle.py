@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -63,6 +63,18 @@ class ModelBundle:
     calibration_labels: list | None = None  # one tensor per batch, for the "ce" loss
     heldout_labels: list | None = None
     tokenizer: Any = None  # text models: what made the batches, for tools that re-tokenize or decode
+    # batches from the calibration source, disjoint from the calibration batches: the search picks its final profile on them
+    validation: list = field(default_factory=list)
+    validation_labels: list | None = None
+    # what the search compares with the dense model, when the family has a richer signal than the output (e.g. per-token
+    # hidden states of a pooled encoder); None: the output, scored with ``loss``
+    search_loss: str | None = None
+    search_output: Callable[[Any], Any] | None = None
+
+    @property
+    def objective(self) -> str:
+        """The loss the search minimises."""
+        return self.search_loss or self.loss
 
     @property
     def fingerprint(self) -> str:
@@ -74,7 +86,8 @@ class ModelBundle:
         """Refuse NaN or inf in the data (and labels) of either split, and a dense model whose output on
         the calibration data is already non-finite: every loss would be NaN, so every search would
         silently return its starting point and every database error would read 0."""
-        splits = (("calibration", self.calibration, self.calibration_labels), ("heldout", self.heldout, self.heldout_labels))
+        splits = (("calibration", self.calibration, self.calibration_labels), ("validation", self.validation, self.validation_labels),
+                  ("heldout", self.heldout, self.heldout_labels))
         for split, batches, labels in splits:
             for i, batch in enumerate(batches):
                 label = labels[i] if labels is not None and i < len(labels) else None

@@ -19,10 +19,14 @@ class SentenceEncoder(nn.Module):
         self.bert = bert
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.token_states(input_ids, attention_mask)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         return nn.functional.normalize(pooled, dim=-1)
+
+    def token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The last layer's state of every token: what the pooled embedding averages, 128x the signal per sequence."""
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
 class CausalLM(nn.Module):
@@ -36,13 +40,16 @@ class CausalLM(nn.Module):
         return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
-def _text_bundle(name: str, model: nn.Module, tokenizer, samples: int, heldout: int, seq_len: int, batch_size: int, loss: str, include, special: bool) -> ModelBundle:
-    calibration = token_batches(tokenizer, pydoc_text("calibration"), samples, seq_len, batch_size, special)
-    held = token_batches(tokenizer, pydoc_text("heldout"), heldout, seq_len, batch_size, special)
-    return ModelBundle(name, model.eval(), calibration, held, loss, include, {"seq_len": seq_len, "batch_size": batch_size}, tokenizer=tokenizer)
+def _text_bundle(name: str, model: nn.Module, tokenizer, samples: int, heldout: int, seq_len: int, batch_size: int, loss: str, include,
+                 special: bool, validation: int) -> ModelBundle:
+    calibration, valid = token_batches(tokenizer, pydoc_text("calibration"), samples, seq_len, batch_size, special, validation)
+    held, _ = token_batches(tokenizer, pydoc_text("heldout"), heldout, seq_len, batch_size, special)
+    return ModelBundle(name, model.eval(), calibration, held, loss, include, {"seq_len": seq_len, "batch_size": batch_size}, tokenizer=tokenizer,
+                       validation=valid)
 
 
-def load_directory(path: Path, samples: int, heldout: int, seq_len: int, batch_size: int, gguf_file: str | None = None) -> ModelBundle:
+def load_directory(path: Path, samples: int, heldout: int, seq_len: int, batch_size: int, gguf_file: str | None = None,
+                   validation: int = 0) -> ModelBundle:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
@@ -52,6 +59,10 @@ def load_directory(path: Path, samples: int, heldout: int, seq_len: int, batch_s
     causal = gguf_file is not None or any(a.endswith("ForCausalLM") for a in (config.architectures or []))
     if causal:
         lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kwargs)
-        return _text_bundle(path.name, CausalLM(lm), tokenizer, samples, heldout, seq_len, batch_size, "next-token", ["lm.model.layers.*"], special=False)
-    bert = AutoModel.from_pretrained(str(path), **kwargs)
-    return _text_bundle(path.name, SentenceEncoder(bert), tokenizer, samples, heldout, seq_len, batch_size, "cosine", ["bert.encoder.*"], special=True)
+        return _text_bundle(path.name, CausalLM(lm), tokenizer, samples, heldout, seq_len, batch_size, "next-token", ["lm.model.layers.*"],
+                            special=False, validation=validation)
+    encoder = SentenceEncoder(AutoModel.from_pretrained(str(path), **kwargs))
+    bundle = _text_bundle(path.name, encoder, tokenizer, samples, heldout, seq_len, batch_size, "cosine", ["bert.encoder.*"],
+                          special=True, validation=validation)
+    bundle.search_loss, bundle.search_output = "token-cosine", lambda batch: encoder.token_states(**batch)
+    return bundle

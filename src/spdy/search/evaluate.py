@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from spdy.errors import InputError
 from spdy.units import call_model
 
-LOSSES = ("cosine", "kl", "next-token", "ce", "mse")
+LOSSES = ("cosine", "token-cosine", "kl", "next-token", "ce", "mse")
 # (output, reference, batch) -> scalar; the reference is the dense model's output for the
 # batch, or its labels for "ce", or None for "next-token" (the batch holds the targets).
 LossFn = Callable[[torch.Tensor, torch.Tensor | None, Any], torch.Tensor]
@@ -30,6 +30,16 @@ LossFn = Callable[[torch.Tensor, torch.Tensor | None, Any], torch.Tensor]
 def _cosine(out: torch.Tensor, dense: torch.Tensor, batch: Any) -> torch.Tensor:
     """1 - cosine similarity to the dense embeddings (sentence encoders)."""
     return 1.0 - F.cosine_similarity(out.flatten(1).double(), dense.flatten(1).double(), dim=-1).mean()
+
+
+def _token_cosine(out: torch.Tensor, dense: torch.Tensor, batch: Any) -> torch.Tensor:
+    """1 - cosine similarity per token of (batch, tokens, features) states, over the tokens the mask keeps."""
+    per_token = 1.0 - F.cosine_similarity(out.double(), dense.double(), dim=-1)
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if mask is None:
+        return per_token.mean()
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
 
 
 def _kl(out: torch.Tensor, dense: torch.Tensor, batch: Any) -> torch.Tensor:
@@ -62,21 +72,22 @@ def _mse(out: torch.Tensor, dense: torch.Tensor, batch: Any) -> torch.Tensor:
     return (out.double() - dense.double()).pow(2).sum() / dense.double().pow(2).sum().clamp_min(1e-30)
 
 
-_BUILTIN: dict[str, LossFn] = {"cosine": _cosine, "kl": _kl, "next-token": _next_token, "ce": _ce, "mse": _mse}
+_BUILTIN: dict[str, LossFn] = {"cosine": _cosine, "token-cosine": _token_cosine, "kl": _kl, "next-token": _next_token, "ce": _ce, "mse": _mse}
 
 
 class Evaluator:
     """Scores the model as it currently stands (or with a profile applied) on fixed batches.
 
     ``loss`` is a built-in name or a callable ``(output, dense_output, batch) -> scalar``;
-    ``labels`` (one tensor per batch) are needed by ``"ce"`` only. Non-finite losses become
+    ``labels`` (one tensor per batch) are needed by ``"ce"`` only. ``forward`` (batch -> tensor)
+    is what gets compared, the model's output by default (e.g. a family's per-token states). Non-finite losses become
     ``inf`` with a warning, so a broken candidate never wins; a non-finite dense reference is
     broken input (every candidate would fail) and an ``InputError`` naming the ``split`` batch.
     """
 
     def __init__(self, model: nn.Module, batches: Sequence[Any], loss: str | LossFn = "cosine",
                  apply: Callable[[Mapping[str, str]], object] | None = None, labels: Sequence[torch.Tensor] | None = None,
-                 split: str = "evaluation"):
+                 split: str = "evaluation", forward: Callable[[Any], torch.Tensor] | None = None):
         if isinstance(loss, str) and loss not in _BUILTIN:
             raise InputError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)} or pass a callable")
         if not batches:
@@ -84,6 +95,7 @@ class Evaluator:
         if loss == "ce" and (labels is None or len(labels) != len(batches)):
             raise InputError("loss 'ce' needs labels: one tensor per batch")
         self.model, self.batches, self.loss, self.apply = model, list(batches), loss, apply
+        self.forward = forward or (lambda batch: call_model(model, batch))
         self.fn: LossFn = _BUILTIN[loss] if isinstance(loss, str) else loss
         self.calls = 0
         if loss == "ce":
@@ -100,7 +112,7 @@ class Evaluator:
 
     @torch.no_grad()
     def _forward(self, batch: Any) -> torch.Tensor:
-        out = call_model(self.model, batch)
+        out = self.forward(batch)
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"the model returned {type(out).__name__}; spdy needs one tensor per batch (wrap the model)")
         return out

@@ -29,6 +29,7 @@ from spdy.search.budget import Clock
 from spdy.search.dp import solve
 from spdy.search.evaluate import MultiFidelity
 from spdy.search.profile import Profile
+from spdy.search.select import Finalists
 from spdy.search.spdy import Checkpoint
 from spdy.timing.table import TimingTable
 
@@ -97,11 +98,12 @@ class EvolutionSearch:
         loaded = self.checkpoint.load()
         state = loaded or {"generation": 0, "parent": [ks.index(self.start[u]) for u, ks in zip(self.table.units, self.keys)],
                            "loss": None, "evaluations": 0, "batch_evaluations": 0, "full_evaluations": 0, "trace": [], "elapsed": 0.0,
-                           "rng": rng.bit_generator.state}
+                           "rng": rng.bit_generator.state, "finalists": []}
         rng.bit_generator.state = state["rng"]  # as at the start of the generation in flight
         fid.keep_log(self.checkpoint.log, fresh=loaded is None)
         fid.evaluations, fid.batch_evaluations, fid.full_evaluations = state["evaluations"], state["batch_evaluations"], state["full_evaluations"]
         clock = Clock(self.budget, state["elapsed"])
+        finalists = Finalists(state["finalists"])
 
         def save() -> None:
             state.update(evaluations=fid.evaluations, batch_evaluations=fid.batch_evaluations, full_evaluations=fid.full_evaluations,
@@ -109,8 +111,10 @@ class EvolutionSearch:
             self.checkpoint.save(state)
 
         def score(genome: np.ndarray, batches: int | None) -> float:
-            paid = fid.batch_evaluations
-            loss = fid.mean(self._profile(genome), batches)
+            paid, options = fid.batch_evaluations, self._profile(genome)
+            loss = fid.mean(options, batches)
+            if fid.known(options) >= fid.batches:
+                finalists.offer(options, fid.mean(options))
             if fid.batch_evaluations != paid:
                 save()
             return loss
@@ -155,5 +159,5 @@ class EvolutionSearch:
         return Profile(options=options, target=self.target, predicted_time=predicted, predicted_speedup=self.table.base / predicted,
                        method="evo", calibration_loss=state["loss"], evaluations=fid.evaluations, trace=state["trace"],
                        meta={"config": asdict(cfg), "batch_evaluations": fid.batch_evaluations, "full_evaluations": fid.full_evaluations,
-                             "batches": fid.batches, "seconds": round(clock.elapsed, 2), "budget": self.budget,
+                             "batches": fid.batches, "seconds": round(clock.elapsed, 2), "budget": self.budget, "finalists": finalists.entries,
                              "stopped_by_budget": state["generation"] < cfg.generations})

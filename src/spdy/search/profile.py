@@ -26,6 +26,7 @@ class Profile:
     method: str = "dp"
     calibration_loss: float | None = None
     heldout_loss: float | None = None
+    validation_loss: float | None = None
     evaluations: int = 0
     trace: list = field(default_factory=list)
     meta: dict = field(default_factory=dict)

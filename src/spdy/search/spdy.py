@@ -25,9 +25,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -38,6 +39,7 @@ from spdy.search.dp import DEFAULT_BUCKETS, scaled_errors, solve
 from spdy.search.evaluate import MultiFidelity, Objective
 from spdy.files import digest, read_json, write_json
 from spdy.search.profile import Profile
+from spdy.search.select import Finalists
 from spdy.timing.table import TimingTable
 
 
@@ -52,12 +54,36 @@ class SpdyConfig:
     # a local candidate above the incumbent by more than abandon_margin * sqrt((n - b) / b) (relative) on the first b of
     # n batches is dropped: the margin shrinks as the prefix grows, like the noise of a prefix's mean around the full mean
     abandon_margin: float = 0.004
+    # "kind-depth": a unit's coefficient is its kind's (its name without layer indices) times its depth's (the first
+    # index in its name), so the search has (kinds + depths) free directions instead of one per unit
+    tie: str = "none"
 
     def __post_init__(self) -> None:
+        if self.tie not in TIES:
+            raise InputError(f"unknown tie {self.tie!r}; choose one of {', '.join(TIES)}")
         if self.random_starts < 1 or self.tries < 1 or not 0 < self.step_fraction <= 1:
             raise InputError(f"invalid search settings {self}: need random_starts >= 1, tries >= 1, 0 < step_fraction <= 1")
         if self.first_batches < 1 or not 0 <= self.abandon_margin < math.inf:
             raise InputError(f"invalid search settings {self}: need first_batches >= 1 and a finite abandon_margin >= 0")
+
+
+TIES = ("none", "kind-depth")
+
+
+def tie_matrix(units: list[str], tie: str) -> np.ndarray | None:
+    """(units x groups) membership for ``tie`` (None: every unit its own coefficient)."""
+    if tie == "none":
+        return None
+    groups: dict[str, int] = {}
+    rows = []
+    for name in units:
+        depth = re.search(r"\.(\d+)(\.|$)", name)
+        keys = ["kind:" + re.sub(r"\.\d+(?=\.|$)", ".#", name)] + (["depth:" + depth.group(1)] if depth else [])
+        rows.append([groups.setdefault(k, len(groups)) for k in keys])
+    matrix = np.zeros((len(units), len(groups)))
+    for i, row in enumerate(rows):
+        matrix[i, row] = 1.0
+    return matrix
 
 
 def fidelities(first: int, batches: int) -> list[int]:
@@ -101,29 +127,42 @@ class SpdySearch:
 
     ``evaluate`` is an `Evaluator` (multi-fidelity) or a ``profile -> loss`` callable (every
     evaluation full); ``budget`` (seconds, None for none) bounds the search's wall time.
+    ``start``: a search vector learned before (e.g. at a neighbouring target); the search then
+    skips the random starts and refines it by local search.
     """
 
     def __init__(self, table: TimingTable, target: float, evaluate: Objective, config: SpdyConfig = SpdyConfig(),
                  checkpoint: str | os.PathLike | None = None, progress: bool = True, fingerprint: str = "",
-                 budget: float | None = None):
+                 budget: float | None = None, start: Sequence[float] | None = None):
         self.table, self.target, self.config, self.progress, self.budget = table, target, config, progress, budget
+        self.start = None if start is None else np.asarray(start, dtype=float)
         self.objective = MultiFidelity(evaluate)
         self.ladder = fidelities(config.first_batches, self.objective.batches)
-        key = {"method": "spdy", "table": digest(table.to_dict()["units"], length=16), "target": target, "config": asdict(config), "data": fingerprint}
+        key = {"method": "spdy", "table": digest(table.to_dict()["units"], length=16), "target": target, "config": asdict(config), "data": fingerprint,
+               "start": None if start is None else digest(self.start.tolist())}
         self.checkpoint = Checkpoint(checkpoint, key)
+        self.ties = tie_matrix(table.units, config.tie)
+        width = len(table.units) if self.ties is None else self.ties.shape[1]
+        if self.start is not None and self.start.shape != (width,):
+            raise InputError(f"a warm start needs {width} coefficients (one per {'unit' if self.ties is None else 'group'}), got {self.start.shape}")
         solve(table, target, buckets=config.buckets)  # fail fast (InfeasibleTarget) before any evaluation
 
-    def profile_for(self, coefficients: np.ndarray) -> dict[str, str]:
-        return solve(self.table, self.target, scaled_errors(self.table, coefficients), self.config.buckets).profile
+    def unit_coefficients(self, x: np.ndarray) -> np.ndarray:
+        """Per-unit coefficients of the search vector ``x`` (the product of a unit's group coefficients when tied)."""
+        return x if self.ties is None else np.exp(self.ties @ np.log(np.maximum(x, 1e-12)))
+
+    def profile_for(self, x: np.ndarray) -> dict[str, str]:
+        return solve(self.table, self.target, scaled_errors(self.table, self.unit_coefficients(x)), self.config.buckets).profile
 
     def run(self) -> Profile:
-        cfg, units, fid, full = self.config, len(self.table.units), self.objective, self.objective.batches
+        cfg, fid, full = self.config, self.objective, self.objective.batches
+        units = len(self.table.units) if self.ties is None else self.ties.shape[1]  # free directions
         rng = np.random.default_rng(cfg.seed)
         starts = rng.random((cfg.random_starts, units))
         loaded = self.checkpoint.load()
         state = loaded or {
             "phase": "random", "k": max(1, round(cfg.step_fraction * units)), "tries": 0, "best": None, "best_loss": math.inf,
-            "evaluations": 0, "batch_evaluations": 0, "full_evaluations": 0, "trace": [], "elapsed": 0.0,
+            "evaluations": 0, "batch_evaluations": 0, "full_evaluations": 0, "trace": [], "elapsed": 0.0, "finalists": [],
         }
         if "rng" in state:
             rng.bit_generator.state = state["rng"]
@@ -131,6 +170,7 @@ class SpdySearch:
         fid.evaluations, fid.batch_evaluations, fid.full_evaluations = state["evaluations"], state["batch_evaluations"], state["full_evaluations"]
         best = None if state["best"] is None else np.array(state["best"])
         clock = Clock(self.budget, state["elapsed"])
+        finalists = Finalists(state["finalists"])
         bar = progress_bar(desc="spdy search", unit="cand", disable=not self.progress, leave=False)
 
         def save(**changes) -> None:
@@ -156,6 +196,13 @@ class SpdySearch:
             state["trace"].append({"evaluations": fid.evaluations, "batch_evaluations": fid.batch_evaluations, "loss": loss,
                                    "phase": state["phase"], "k": state["k"], "elapsed": round(clock.elapsed, 3)})
 
+        if state["phase"] == "random" and self.start is not None:
+            state["phase"] = "start"
+            profile = self.profile_for(self.start)
+            loss = score(profile, full)
+            finalists.offer(profile, loss, coefficients=self.unit_coefficients(self.start).tolist())
+            improve(self.start, loss)
+            state.update(phase="local", tries=0, rng=rng.bit_generator.state)
         if state["phase"] == "random":
             # successive halving: every start on the lowest fidelity, the better half on the next, ... the last on all
             profiles = [self.profile_for(c) for c in starts]
@@ -172,12 +219,13 @@ class SpdySearch:
                     break
                 if b < full:
                     alive = alive[:max(1, math.ceil(len(alive) / 2))]
-            finalists = [i for i in range(cfg.random_starts) if fid.known(profiles[i]) >= full]
-            if not finalists:  # the budget ran out before any full evaluation: finish the leader
-                finalists = alive[:1]
-                score(profiles[finalists[0]], full)
-            for i in finalists:  # in draw order, so the trace shows the incumbent improving
+            complete = [i for i in range(cfg.random_starts) if fid.known(profiles[i]) >= full]
+            if not complete:  # the budget ran out before any full evaluation: finish the leader
+                complete = alive[:1]
+                score(profiles[complete[0]], full)
+            for i in complete:  # in draw order, so the trace shows the incumbent improving
                 loss = fid.mean(profiles[i], full)
+                finalists.offer(profiles[i], loss, coefficients=self.unit_coefficients(starts[i]).tolist())
                 if loss < state["best_loss"] or best is None:
                     improve(starts[i], loss)
             state.update(phase="local", tries=0, rng=rng.bit_generator.state)
@@ -189,7 +237,10 @@ class SpdySearch:
                 picked = rng.choice(units, size=min(state["k"], units), replace=False)
                 candidate[picked] = rng.random(len(picked))
                 profile = self.profile_for(candidate)
-                if self._challenge(profile, incumbent, score):
+                won = self._challenge(profile, incumbent, score)
+                if fid.known(profile) >= full:
+                    finalists.offer(profile, fid.mean(profile), coefficients=self.unit_coefficients(candidate).tolist())
+                if won:
                     improve(candidate, fid.mean(profile))
                     incumbent, state["tries"] = profile, 0
                 else:
@@ -201,14 +252,15 @@ class SpdySearch:
         bar.close()
         if not math.isfinite(state["best_loss"]):
             raise RuntimeError("every candidate's loss was NaN or inf: the pruned models are broken (check the database and the loss)")
-        solution = solve(self.table, self.target, scaled_errors(self.table, best), cfg.buckets)
+        coefficients = self.unit_coefficients(best)
+        solution = solve(self.table, self.target, scaled_errors(self.table, coefficients), cfg.buckets)
         return Profile(
             options=solution.profile, target=self.target, predicted_time=solution.predicted_time,
             predicted_speedup=solution.predicted_speedup, method="spdy", calibration_loss=state["best_loss"],
             evaluations=fid.evaluations, trace=state["trace"],
-            meta={"coefficients": best.tolist(), "config": asdict(cfg), "seconds": round(clock.elapsed, 2),
+            meta={"coefficients": coefficients.tolist(), "config": asdict(cfg), "seconds": round(clock.elapsed, 2),
                   "batch_evaluations": fid.batch_evaluations, "batches": full, "fidelities": self.ladder,
-                  "full_evaluations": fid.full_evaluations, "budget": self.budget,
+                  "full_evaluations": fid.full_evaluations, "budget": self.budget, "finalists": finalists.entries,
                   "stopped_by_budget": clock.out() and state["k"] >= 1},
         )
 

@@ -103,13 +103,16 @@ def _measure_units(
         source = by_signature.get(signature) if signature is not None else None
         if source is not None and all(k in entries[source]["times"] for k in wanted[name]):
             src = entries[source]
-            entries[name] = {"signature": signature, "shared_from": source, **{f: dict(src[f]) for f in ("times", "formats", "spread")}}
+            entries[name] = {"signature": signature, "shared_from": source, **{f: dict(src[f]) for f in ("times", "formats", "spread")},
+                             **({"unpruned": src["unpruned"]} if "unpruned" in src else {})}
         else:
             measured = engine.unit_times(unit, missing)
             entry = entries.setdefault(name, {"signature": signature, "times": {}, "formats": {}, "spread": {}})
             entry.pop("shared_from", None)
             for field_name in ("times", "formats", "spread"):
                 entry[field_name].update(getattr(measured, field_name))
+            if measured.unpruned is not None:
+                entry["unpruned"] = measured.unpruned
             if signature is not None:
                 by_signature[signature] = name
         if path:
@@ -173,12 +176,14 @@ def measure(
     finally:
         engine.finish()
     base = statistics.median([before.median, after.median])
-    times = {}
+    times, unpruned = {}, {}
     for name in units:
         entry = entries[name]
+        # how the unpruned model runs the unit (torch dense): what ``base`` holds, whatever the dense option runs in
+        unpruned[name] = entry.get("unpruned", entry["times"][DENSE])
         # An option that runs dense costs exactly the dense time (consistent across resumes).
-        times[name] = {k: entry["times"][DENSE] if entry["formats"].get(k) == "dense" else entry["times"][k] for k in wanted[name]}
-    dense_sum = sum(t[DENSE] for t in times.values())
+        times[name] = {k: unpruned[name] if entry["formats"].get(k) == "dense" else entry["times"][k] for k in wanted[name]}
+    dense_sum = sum(unpruned.values())
     fixed = base - dense_sum
     if -NOISE_FLOOR * base <= fixed < 0:
         # a model whose time is all in its units (e.g. convs and Linears with ReLUs between): the
@@ -203,6 +208,7 @@ def measure(
             "formats": {n: {k: entries[n]["formats"][k] for k in wanted[n] if k in entries[n]["formats"]} for n in units},
             "spread": {n: {k: entries[n]["spread"][k] for k in wanted[n] if k in entries[n]["spread"]} for n in units},
             "shared": {n: entries[n]["shared_from"] for n in units if "shared_from" in entries[n]},
+            "unpruned": unpruned,
             # Their time is part of ``fixed``: they run dense in every profile.
             "kept_dense": unsupported_layers(model),
         }

@@ -31,6 +31,8 @@ class UnitTiming:
     times: dict[str, float]
     formats: dict[str, str] = field(default_factory=dict)
     spread: dict[str, float] = field(default_factory=dict)
+    # the unit as the unpruned model runs it, when the dense option runs otherwise (e.g. in a faster format)
+    unpruned: float | None = None
 
 
 class Backend(ABC):

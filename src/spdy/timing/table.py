@@ -112,6 +112,17 @@ class TimingTable:
     def dense_time(self, unit: str) -> float:
         return self._unit(unit)[DENSE]
 
+    def unpruned_time(self, unit: str) -> float:
+        """The unit's time in the unpruned model (torch dense), which ``base`` holds; the dense option
+        may run faster (e.g. in the kernel format). Tables that did not record it: the dense option's."""
+        scale = (self.meta.get("calibration") or {}).get("scale", 1.0)
+        recorded = (self.meta.get("unpruned") or {}).get(unit)
+        return self.dense_time(unit) if recorded is None else recorded * scale
+
+    def dense_formats(self) -> dict[str, str]:
+        """Units whose dense option runs in another format than the unpruned model's (e.g. the kernel)."""
+        return {u: f[DENSE] for u, f in (self.meta.get("formats") or {}).items() if f.get(DENSE, "dense") != "dense"}
+
     def min_time(self) -> float:
         """The fastest the model can be made: every unit at its fastest option."""
         return self.fixed + sum(min(o.values()) for o in self.times.values())
@@ -187,16 +198,20 @@ class TimingTable:
         The fitted line of `calibrated` is one compromise over its profiles; fusion makes the
         real curve bend (it pays only once whole blocks run in the kernel format), so the line
         misses most at low targets. Here the measured/predicted ratio is interpolated between
-        the calibration profiles and the dense model (exact by definition) at the predicted
+        the calibration profiles and the dense model (exact by definition; left out when dense
+        options run in another format, whose all-dense profile calibration measures) at the predicted
         time that solves ``predicted * ratio = base / target``. Without calibration points it
         is ``target``.
         """
         fit = self.meta.get("calibration") or {}
         if "points" not in fit or "scale" not in fit:
             return target
-        scale, dense_units = fit["scale"], sum(self.dense_time(u) for u in self.units)
-        predicted = [self.fixed + scale * p["unit_time"] for p in fit["points"]] + [self.fixed + dense_units]
-        measured = [p["measured_time"] for p in fit["points"]] + [self.base]
+        scale, unpruned = fit["scale"], sum(self.unpruned_time(u) for u in self.units)
+        # the unpruned model's time is the one point known exactly (but the profile it is exists only if
+        # every dense option runs as the unpruned model does)
+        anchor = [] if self.dense_formats() else [(self.fixed + unpruned, self.base)]
+        predicted = [self.fixed + scale * p["unit_time"] for p in fit["points"]] + [a for a, _ in anchor]
+        measured = [p["measured_time"] for p in fit["points"]] + [b for _, b in anchor]
         order = np.argsort(predicted)
         xs, ratios = np.array(predicted)[order], (np.array(measured) / np.array(predicted))[order]
         wanted = self.base / target
@@ -216,7 +231,7 @@ class TimingTable:
         kept = {u: dict(o) for u, o in self.times.items() if u not in names}
         if not kept:
             raise InputError("excluding these units leaves no unit to prune")
-        fixed = self.fixed + sum(self.times[n][DENSE] for n in names)
+        fixed = self.fixed + sum(self.unpruned_time(n) for n in names)
         meta = dict(self.meta, excluded=sorted(set(self.meta.get("excluded", [])) | set(names)))
         shapes = {u: s for u, s in self.shapes.items() if u in kept}
         return TimingTable(kept, self.base, fixed, meta, shapes)

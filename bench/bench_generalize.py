@@ -1,0 +1,96 @@
+"""Does the search's choice hold on held-out data? Search objectives and baselines side by side.
+
+    flock /tmp/spdy-bench.lock .venv/bin/python bench/bench_generalize.py --timings T --database D \\
+        [--model minilm] [--fractions 0.25,0.5,0.75] [--variants output,signal,signal+validation] \\
+        [--methods spdy,evo] [--baselines uniform,global-magnitude,dp-errors,owl] [--budget 90s]
+
+One timing table and database (e.g. a default ``spdy run``'s calibrated table and database),
+targets at fractions of the way to the table's maximum. Variants of the search objective:
+``output`` scores the model's output with its loss (for MiniLM: 1 - cosine of the pooled
+embeddings), no validation pick (the search before issue 23); ``signal`` scores the family's
+richer signal (MiniLM: 1 - cosine of every token's last hidden state); ``+validation`` picks the
+final profile among the search's finalists on validation samples; ``+tied`` shares SPDY's
+coefficients by unit kind and depth. Baselines are scored once.
+Columns: predicted speedup on the table, calibration / validation / held-out loss in the
+variant's search loss, and the held-out loss in the model's own output loss (the one number
+every row shares), plus the load average when the row finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import replace
+
+from spdy import pipeline
+from spdy.database import Database, Stitcher
+from spdy.search.budget import parse_budget
+from spdy.search.evaluate import Evaluator
+from spdy.timing.table import TimingTable
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--timings", required=True)
+    parser.add_argument("--database", required=True)
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--validation", type=int, default=32)
+    parser.add_argument("--heldout", type=int, default=64)
+    parser.add_argument("--fractions", default="0.25,0.5,0.75")
+    parser.add_argument("--variants", default="output,signal,signal+validation")
+    parser.add_argument("--methods", default="spdy")
+    parser.add_argument("--baselines", default="uniform,global-magnitude,dp-errors,owl")
+    parser.add_argument("--budget", default="90s")
+    parser.add_argument("--out", help="append every row here as a JSON line")
+    args = parser.parse_args()
+
+    bundle, units = pipeline.load_bundle(args.model, args.samples, args.heldout, validation=args.validation)
+    table = TimingTable.load(args.timings)
+    db = Database.open(args.database)
+    stitcher = Stitcher({u: units[u] for u in table.units}, db)
+    output_heldout = Evaluator(bundle.model, bundle.heldout, bundle.loss, stitcher.apply, bundle.heldout_labels, "heldout")
+    plain = replace(bundle, search_loss=None, search_output=None)
+    evaluations = {"output": pipeline.evaluators(plain, stitcher), "signal": pipeline.evaluators(bundle, stitcher)}
+    maximum = table.max_speedup()
+    print(f"{bundle.name}: dense {table.base * 1e3:.1f} ms, max {maximum:.3f}x on the table; {args.samples} calibration / "
+          f"{args.validation} validation / {args.heldout} held-out samples; output loss {bundle.loss}, signal loss {bundle.objective}\n")
+    print(f"| target | method | variant | predicted | calibration | validation | held-out | held-out {bundle.loss} | evaluations | s | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def row(target: float, method: str, variant: str) -> None:
+        kind, *extras = variant.split("+")
+        pick, tie = "validation" in extras, "kind-depth" if "tied" in extras else "none"
+        calibration, validation, heldout = evaluations[kind]
+        settings = pipeline.SearchSettings(method, budget=parse_budget(args.budget) if method in ("spdy", "evo") else None, tie=tie)
+        started = time.perf_counter()
+        profile = pipeline.find_profile(bundle if kind == "signal" else plain, units, table, db, target, settings, progress=False,
+                                        evaluation=pipeline.Evaluators(calibration, validation if pick else None, heldout))
+        seconds = time.perf_counter() - started
+        validation_loss = profile.validation_loss if pick else validation(profile.options)
+        output = output_heldout(profile.options)
+        stitcher.restore()
+        load = os.getloadavg()[0]
+        print(f"| {target:.3f} | {method} | {variant} | {profile.predicted_speedup:.3f} | {profile.calibration_loss:.5f} | {validation_loss:.5f} "
+              f"| {profile.heldout_loss:.5f} | {output:.5f} | {profile.evaluations} | {seconds:.0f} | {load:.2f} |", flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps({"model": bundle.name, "target": target, "method": method, "variant": variant,
+                                    "predicted": profile.predicted_speedup, "calibration": profile.calibration_loss,
+                                    "validation": validation_loss, "heldout": profile.heldout_loss, "heldout_output": output,
+                                    "evaluations": profile.evaluations, "seconds": seconds, "load": load,
+                                    "picked": profile.meta.get("picked"), "finalists": profile.meta.get("validation")}) + "\n")
+
+    for fraction in (float(f) for f in args.fractions.split(",")):
+        target = round(1 + fraction * (maximum - 1), 3)
+        for method in args.methods.split(","):
+            for variant in args.variants.split(","):
+                row(target, method, variant)
+        for method in filter(None, args.baselines.split(",")):
+            row(target, method, "signal")
+
+
+if __name__ == "__main__":
+    main()

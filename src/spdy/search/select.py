@@ -1,0 +1,51 @@
+"""Choosing a search's final profile on validation data, not on the data it was fitted to.
+
+A search ranks candidates on the calibration batches, and past some point it only fits them:
+the best calibration loss is not the best model. The searches keep their few best fully
+scored profiles (`Finalists`); `pick_on_validation` scores those on validation batches
+(drawn like the calibration data, disjoint from it, never the held-out set) and keeps the
+best there, recording every finalist's two losses so an overfit search shows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any, Callable, Mapping
+
+from spdy.search.profile import Profile
+from spdy.timing.table import TimingTable
+
+FINALISTS = 8
+VALIDATION = 32  # validation samples spdy run draws by default
+
+
+class Finalists:
+    """The ``size`` best distinct fully scored profiles, as a JSON-ready list kept in a search's state."""
+
+    def __init__(self, entries: list[dict], size: int = FINALISTS):
+        self.entries, self.size = entries, size
+
+    def offer(self, options: Mapping[str, str], loss: float, **extra: Any) -> None:
+        if not math.isfinite(loss) or any(e["options"] == dict(options) for e in self.entries):
+            return
+        self.entries.append({"options": dict(options), "loss": loss, **extra})
+        self.entries.sort(key=lambda e: e["loss"])
+        del self.entries[self.size:]
+
+
+def pick_on_validation(profile: Profile, table: TimingTable, validation: Callable[[Mapping[str, str]], float]) -> Profile:
+    """The finalist of ``profile.meta["finalists"]`` with the least validation loss (ties: the better
+    calibration loss); every finalist's losses go to ``meta["validation"]``. A profile without
+    finalists (a baseline) just gets its validation loss."""
+    finalists = profile.meta.get("finalists") or [{"options": profile.options, "loss": profile.calibration_loss}]
+    scored = [{**f, "validation_loss": validation(f["options"])} for f in finalists]
+    best = min(scored, key=lambda f: (f["validation_loss"], f["loss"]))
+    predicted = table.predicted_time(best["options"])
+    meta = {**profile.meta, "validation": [{"calibration_loss": f["loss"], "validation_loss": f["validation_loss"]} for f in scored],
+            "picked": scored.index(best)}
+    meta.pop("finalists", None)
+    if "coefficients" in best:
+        meta["coefficients"] = best["coefficients"]
+    return replace(profile, options=dict(best["options"]), calibration_loss=best["loss"], validation_loss=best["validation_loss"],
+                   predicted_time=predicted, predicted_speedup=table.base / predicted, meta=meta)
