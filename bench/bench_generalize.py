@@ -52,7 +52,8 @@ def main() -> None:
     db = Database.open(args.database)
     stitcher = Stitcher({u: units[u] for u in table.units}, db)
     output_heldout = Evaluator(bundle.model, bundle.heldout, bundle.loss, stitcher.apply, bundle.heldout_labels, "heldout")
-    plain = replace(bundle, search_loss=None, search_output=None)
+    plain = replace(bundle, search_loss=None)
+    bundle.search_on(next(iter(bundle.signals)))
     evaluations = {"output": pipeline.evaluators(plain, stitcher), "signal": pipeline.evaluators(bundle, stitcher)}
     maximum = table.max_speedup()
     print(f"{bundle.name}: dense {table.base * 1e3:.1f} ms, max {maximum:.3f}x on the table; {args.samples} calibration / "

@@ -137,12 +137,16 @@ def test_report_rewrites_a_run_directory(tmp_path):
     measured = summary["profiles"]["spdy"]["verify"]["measured_speedup"]
     assert f"**Measured speedup {measured:.4g}x**" in md
     # the closed loop's table lists each method once per round, the held-out quality table once more
-    methods_table = md.split("## Closed loop")[0].split("### Held-out quality")[0]
+    methods_table = md.split("## Methods at the same target")[1].split("## Closed loop")[0].split("### Held-out quality")[0]
     assert methods_table.count("| spdy |") == 1 and methods_table.count("| uniform |") == 1
     rounds = len(summary["profiles"]["spdy"]["rounds"])
     quality_rows = 1 if "### Held-out quality" in md else 0
-    assert md.count("| spdy | ") - 1 - quality_rows == (rounds if "## Closed loop" in md else 0)
-    assert (work / "report.html").read_text().count("data:image/png;base64,") == 4  # with the search's convergence
+    after_methods = md.split("## Methods at the same target")[1]
+    assert after_methods.count("| spdy | ") - 1 - quality_rows == (rounds if "## Closed loop" in md else 0)
+    # the curve: a row per target and method, before the methods at the exported target
+    curve = md.split("## Speed against quality")[1].split("## Methods at the same target")[0]
+    assert curve.count("| spdy |") == len(summary["targets"]) == 5 and curve.count("| uniform |") == 5
+    assert (work / "report.html").read_text().count("data:image/png;base64,") == 5  # with the curve and the search's convergence
 
 
 def test_report_without_a_run_exits_2(tmp_path):

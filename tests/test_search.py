@@ -242,7 +242,8 @@ def test_a_rerun_with_a_larger_budget_resumes_the_cut_search(setup, tmp_path):
 
 def test_finalists_keep_the_best_distinct_full_scores_and_validation_picks_among_them(setup):
     bundle, units, table, db, evaluator, target = setup
-    profile = SpdySearch(table, target, evaluator, SMALL, progress=False).run()
+    every_one_full = SpdyConfig(random_starts=6, tries=4, seed=3, first_batches=100)
+    profile = SpdySearch(table, target, evaluator, every_one_full, progress=False).run()
     finalists = profile.meta["finalists"]
     losses = [f["loss"] for f in finalists]
     assert 1 < len(finalists) <= FINALISTS and losses == sorted(losses)

@@ -426,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, help="calibration samples (default 64)")
     p.add_argument("--heldout", type=int, help="held-out samples (default 32)")
     p.add_argument("--validation", type=int, help=f"validation samples that pick a search's final profile (default {VALIDATION})")
+    p.add_argument("--search-loss", help="what the search minimises: the model's own loss (default) or a richer signal its family "
+                   "offers (minilm: token-cosine, every token's last hidden state)")
     p.add_argument("--batch-size", type=int, help="batch size, also the timed deployment batch (default 8)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default 128)")
     p.add_argument("--include", nargs="+", metavar="GLOB")
@@ -437,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generations", type=int)
     p.add_argument("--offspring", type=int)
     p.add_argument("--search-budget", metavar="TIME", help=BUDGET_HELP)
+    p.add_argument("--tie", choices=("none", "kind-depth"), help="SPDY: one coefficient per unit (none, the default) or shared by unit kind and "
+                   "depth (kind-depth: fewer free directions)")
     p.add_argument("--rounds", type=int, help="verify: alternating rounds (default 30)")
     p.add_argument("--threads", type=int, help="threads the engine runs with, timed and verified alike (default: all cores)")
     p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,

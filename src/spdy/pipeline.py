@@ -363,7 +363,7 @@ def land(profile: Profile, target: float, max_speedup: float, measure: Callable[
 
 
 AUTO_POWERS = (0.1, 0.2, 0.35, 0.5, 0.7)  # --targets auto: the maximum speedup to these powers (denser where models stay usable)
-WARM_BUDGET = 1 / 3  # share of the search budget a warm-started SPDY search gets (it skips the random starts)
+FIRST_SHARE = 0.4  # on a curve, the share of --search-budget for the full search at the middle target; the warm-started rest share the others
 CURVE_ROUNDS = 10  # verify rounds of a curve's points (at most --rounds); the exported one is measured with --rounds
 
 
@@ -433,6 +433,7 @@ class RunConfig:
     samples: int = 64
     heldout: int = 32
     validation: int = VALIDATION
+    search_loss: str | None = None  # the model's own loss, or a richer signal its family offers (e.g. token-cosine)
     batch_size: int = 8
     seq_len: int = 128
     include: list[str] | None = None
@@ -444,6 +445,7 @@ class RunConfig:
     generations: int = 50
     offspring: int = 16
     search_budget: str | float | None = DEFAULT_SEARCH_BUDGET
+    tie: str = "none"
     rounds: int = 30
     threads: int | None = None
     gap: bool = False
@@ -491,7 +493,7 @@ class RunConfig:
 
     def settings(self, method: str) -> SearchSettings:
         return SearchSettings(method, self.seed, self.random_starts, self.tries, self.generations, self.offspring,
-                              parse_budget(self.search_budget))
+                              parse_budget(self.search_budget), self.tie)
 
     @property
     def methods(self) -> list[str]:
@@ -574,6 +576,7 @@ def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = Tru
 
     bundle, units = timed(log, "load", lambda: load_bundle(cfg.model, cfg.samples, cfg.heldout, cfg.seq_len, cfg.batch_size,
                                                            cfg.include, cfg.exclude or (), cfg.validation))
+    bundle.search_on(cfg.search_loss)
     say(f"[1/6] model {bundle.name}: {len(units)} prunable units, {len(bundle.calibration)} calibration, {len(bundle.validation)} "
         f"validation and {len(bundle.heldout)} held-out batches, search loss {bundle.objective}")
     measure_table = lambda: timings(bundle, units, work, cfg.pattern, levels, cfg.engine, progress, cfg.threads)
@@ -618,8 +621,12 @@ def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = Tru
     def search(method: str, target: float, table_target: float, start: Sequence[float] | None = None,
                coefficients: Sequence[float] | None = None) -> tuple[Profile, Path]:
         settings = cfg.settings(method)
-        if start is not None:
-            settings = replace(settings, budget=None if settings.budget is None else settings.budget * WARM_BUDGET)
+        if curve and settings.budget is not None:
+            if method != "spdy":
+                share = 1 / len(targets)
+            else:
+                share = FIRST_SHARE if start is None else (1 - FIRST_SHARE) / (len(targets) - 1)
+            settings = replace(settings, budget=settings.budget * share)
         path = work / f"profile-{method}-{digest(str(table_path), str(db.directory), target, vars(settings), table_target, start, coefficients)}.json"
         if path.is_file():
             return Profile.load(path), path
@@ -633,8 +640,8 @@ def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = Tru
 
     points: dict[float, dict[str, dict]] = {}  # target -> method -> what was found, measured and kept
     plans: dict[float, float] = {}  # target -> what the table was first asked for
-    learned = None  # the SPDY coefficients found at the previous target: the next search starts from them
-    for target in targets:
+    learned = None  # the SPDY coefficients found at the middle target: the other targets' searches start from them
+    for target in sorted(targets, key=lambda t: t != targets[len(targets) // 2]):
         # where the calibration profiles say the runtime lands on the target (the table's line bends)
         plan = plans[target] = min(max(table.planning_target(target), MIN_TABLE_TARGET), table.max_speedup())
         if abs(plan - target) > 1e-3 * target:
@@ -642,7 +649,7 @@ def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = Tru
         at = points[target] = {}
         for method in cfg.methods:
             found, path = search(method, target, plan, start=learned if method == "spdy" and curve else None)
-            if method == "spdy":
+            if method == "spdy" and learned is None:
                 learned = found.meta.get("coefficients")
             say(f"[4/6] {target:g}x {method}: predicted {found.predicted_speedup:.3f}x, calibration loss {found.calibration_loss:.5g}"
                 + (f", validation {found.validation_loss:.5g}" if found.validation_loss is not None else "")

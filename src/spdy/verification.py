@@ -271,8 +271,8 @@ def verify(
         sparse_units = [u for u, k in options.items() if k != DENSE]
         if chosen is None:
             convert(pruned, units=sparse_units, example=batch)
-        else:  # and the unpruned units the table timed in a faster format than torch's
-            convert(pruned, {u: f for u, f in chosen.items() if u in sparse_units or f != "dense"})
+        else:  # and the unpruned units the table timed in a faster format than torch's (not when ``formats`` names them)
+            convert(pruned, {u: f for u, f in chosen.items() if u in sparse_units or formats is None and f != "dense"})
         out = _tensor(call_model(pruned, batch))
         error = _relative_error(out, reference)
         contenders = {"dense": lambda: call_model(model, batch), "pruned": lambda: call_model(pruned, batch)}

@@ -66,15 +66,26 @@ class ModelBundle:
     # batches from the calibration source, disjoint from the calibration batches: the search picks its final profile on them
     validation: list = field(default_factory=list)
     validation_labels: list | None = None
-    # what the search compares with the dense model, when the family has a richer signal than the output (e.g. per-token
-    # hidden states of a pooled encoder); None: the output, scored with ``loss``
+    # richer signals than the output the family offers the search: loss name -> what it compares (e.g. a pooled
+    # encoder's per-token states, "token-cosine"); ``search_loss`` picks one, None: the output with ``loss``
+    signals: dict[str, Callable[[Any], Any]] = field(default_factory=dict)
     search_loss: str | None = None
-    search_output: Callable[[Any], Any] | None = None
 
     @property
     def objective(self) -> str:
         """The loss the search minimises."""
         return self.search_loss or self.loss
+
+    @property
+    def search_output(self) -> Callable[[Any], Any] | None:
+        """What the search compares with the dense model: a signal's, or (None) the model's output."""
+        return self.signals.get(self.search_loss) if self.search_loss else None
+
+    def search_on(self, loss: str | None) -> None:
+        """Search on ``loss``: the model's own, one of its ``signals``, or None (the model's own)."""
+        if loss not in (None, self.loss, *self.signals):
+            raise InputError(f"--search-loss {loss!r}: {self.name} offers {', '.join([self.loss, *self.signals])}")
+        self.search_loss = None if loss == self.loss else loss
 
     @property
     def fingerprint(self) -> str:

@@ -64,5 +64,5 @@ def load_directory(path: Path, samples: int, heldout: int, seq_len: int, batch_s
     encoder = SentenceEncoder(AutoModel.from_pretrained(str(path), **kwargs))
     bundle = _text_bundle(path.name, encoder, tokenizer, samples, heldout, seq_len, batch_size, "cosine", ["bert.encoder.*"],
                           special=True, validation=validation)
-    bundle.search_loss, bundle.search_output = "token-cosine", lambda batch: encoder.token_states(**batch)
+    bundle.signals["token-cosine"] = lambda batch: encoder.token_states(**batch)
     return bundle

@@ -95,7 +95,7 @@ class Evaluator:
         if loss == "ce" and (labels is None or len(labels) != len(batches)):
             raise InputError("loss 'ce' needs labels: one tensor per batch")
         self.model, self.batches, self.loss, self.apply = model, list(batches), loss, apply
-        self.forward = forward or (lambda batch: call_model(model, batch))
+        self.forward = forward
         self.fn: LossFn = _BUILTIN[loss] if isinstance(loss, str) else loss
         self.calls = 0
         if loss == "ce":
@@ -112,7 +112,7 @@ class Evaluator:
 
     @torch.no_grad()
     def _forward(self, batch: Any) -> torch.Tensor:
-        out = self.forward(batch)
+        out = self.forward(batch) if self.forward is not None else call_model(self.model, batch)
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"the model returned {type(out).__name__}; spdy needs one tensor per batch (wrap the model)")
         return out
