@@ -269,3 +269,32 @@ def test_bad_inputs_give_clear_errors(bundle, units, tmp_path):
         weight.data.copy_(original)
     with pytest.raises(DatabaseError, match="not in the database"):
         Stitcher(layer(units, 1), Database.open(tmp_path))
+
+
+def test_obs_kernels_match_torch(monkeypatch):
+    """The numba sweep and sparse-row product give torch's results (numba-less environments run torch's)."""
+    from spdy.database import obs_kernels
+    from spdy.runtime import cpu
+
+    if cpu.numba is None:
+        pytest.skip("numba not installed")
+    generator = torch.Generator().manual_seed(0)
+    A = torch.randn(256, 256, generator=generator)
+    H = A @ A.t() / 256 + torch.eye(256)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H.double())), upper=True).float()
+    W = torch.randn(200, 128, generator=generator)
+    mask = torch.rand(200, 128, generator=generator) < 0.7
+    keep = torch.rand(200, 256, generator=generator) < 0.3
+    P = torch.randn(200, 256, generator=generator) * keep
+    fast_w = W.clone()
+    fast_errors = obs_kernels.prune_block(fast_w, U[:128, :128], mask)
+    fast_product = obs_kernels.MaskedRows(keep, H)
+    assert fast_product.sparse
+    torch.testing.assert_close(fast_product(P), P @ H, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(cpu, "numba", None)
+    slow_w = W.clone()
+    slow_errors = obs_kernels.prune_block(slow_w, U[:128, :128], mask)
+    assert not obs_kernels.MaskedRows(keep, H).sparse
+    torch.testing.assert_close(fast_w, slow_w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_errors, slow_errors, rtol=1e-5, atol=1e-5)
+    assert bool((fast_w[mask] == 0).all())

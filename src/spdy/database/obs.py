@@ -27,6 +27,7 @@ from typing import ClassVar
 import torch
 
 from spdy.database.capture import UnitStats
+from spdy.database.obs_kernels import MaskedRows, prune_block
 from spdy.database.patterns import Pattern, quota
 from spdy.database.pruners import Pruner
 from spdy.errors import InputError
@@ -91,13 +92,7 @@ class OBS(Pruner):
             done += here
             mask = pattern.expand(tiles[:, t1:t2], tuple(W1.shape))
 
-            # prune column by column, pushing each column's error onto the block's later columns
-            errors = torch.zeros_like(W1)
-            for i in range(i2 - i1):
-                q = W1[:, i].masked_fill(mask[:, i], 0.0)
-                errors[:, i] = (W1[:, i] - q) / U1[i, i]
-                W1[:, i:] -= errors[:, i : i + 1] * U1[i : i + 1, i:]
-                W1[:, i] = q
+            errors = prune_block(W1, U1, mask)  # column by column, each column's error onto the block's later ones
 
             # then the whole block's error onto every later column at once
             W[:, i1:i2] = W1
@@ -109,20 +104,22 @@ class OBS(Pruner):
         if not self.refine:
             return W
 
-        def row_errors(X: torch.Tensor) -> torch.Tensor:
-            return ((X - dense) @ H * (X - dense)).sum(1, keepdim=True)
-
+        product = MaskedRows(keep, H)
         diag = H.diagonal()
         X = W.clone()
-        r = (dense - X) @ H * keep  # minus the masked gradient
+        G = (X - dense) @ H  # each row's error gradient, kept up to date instead of recomputed
+        before = (G * (X - dense)).sum(1, keepdim=True)
+        r = -G * keep
         z = r / diag
         p, rz = z, (r * z).sum(1, keepdim=True)
         for _ in range(self.refine):
-            Hp = p @ H * keep
+            Hp = product(p)  # whole rows, for G; p is zero off the mask
             alpha = rz / (p * Hp).sum(1, keepdim=True).clamp(min=1e-30)
             X += alpha * p
-            r -= alpha * Hp
+            G += alpha * Hp
+            r = -G * keep
             z = r / diag
             rz, previous = (r * z).sum(1, keepdim=True), rz
             p = z + rz / previous.clamp(min=1e-30) * p
-        return torch.where(row_errors(X) < row_errors(W), X, W)
+        after = (G * (X - dense)).sum(1, keepdim=True)
+        return torch.where(after < before, X, W)
