@@ -298,3 +298,19 @@ def test_obs_kernels_match_torch(monkeypatch):
     torch.testing.assert_close(fast_w, slow_w, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast_errors, slow_errors, rtol=1e-5, atol=1e-5)
     assert bool((fast_w[mask] == 0).all())
+
+
+# OBS's errors at 40/70/90% before its kernels (torch column loop, 13 products per CG level), 16 samples
+OBS_BEFORE = {
+    QUERY: (0.05662, 0.17415, 0.37887),
+    UP: (0.04572, 0.14205, 0.29924),
+    DOWN: (0.02447, 0.08032, 0.17923),
+}
+
+
+def test_obs_error_no_worse_than_before(stats, units):
+    for name, before in OBS_BEFORE.items():
+        w = weight_matrix(units[name])
+        pruned = make_pruner("obs").prune(w, stats[name], options_for("unstructured", LEVELS))
+        for level, old in zip(LEVELS, before):
+            assert relative_error(w, pruned[Option(level).key], stats[name].hessian) <= old * 1.01, (name, level)

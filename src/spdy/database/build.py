@@ -47,12 +47,19 @@ def make_pruner(name: str, **params) -> Pruner:
     return cls(**params)
 
 
-def relative_error(dense: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
-    """``||W_p X - W X|| / ||W X||`` from ``H = X X^T / n``: sqrt(tr(D H D^T) / tr(W H W^T))."""
+def output_energy(dense: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``||W X||^2 / n`` from ``H = X X^T / n``: tr(W H W^T), the denominator of `relative_error`."""
     w = dense.double()
-    d = pruned.double() - w
+    return float(((w @ hessian) * w).sum())
+
+
+def relative_error(dense: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor, energy: float | None = None) -> float:
+    """``||W_p X - W X|| / ||W X||`` from ``H = X X^T / n``: sqrt(tr(D H D^T) / tr(W H W^T)).
+
+    ``energy``: `output_energy` of ``dense``, when the caller scores many levels of one weight."""
+    d = pruned.double() - dense.double()
     num = float(((d @ hessian) * d).sum())
-    den = float(((w @ hessian) * w).sum())
+    den = output_energy(dense, hessian) if energy is None else energy
     return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
 
 
@@ -95,10 +102,11 @@ def _build_unit(directory: Path, name: str, unit: Unit, stats: UnitStats, pruner
     started = time.perf_counter()
     original = weight_matrix(unit).detach()
     hessian = stats.hessian
+    energy = output_energy(original, hessian)
     tensors, errors = {}, {}
     for option, pruned in pruner.levels(original, stats, options, name):
         tensors[option.key] = original.clone().contiguous() if option.is_dense else pruned.to(original.dtype).contiguous()
-        errors[option.key] = relative_error(original, pruned, hessian)
+        errors[option.key] = 0.0 if option.is_dense else relative_error(original, pruned, hessian, energy)
         bar.update(1)
     filename = unit_filename(name)
     path = directory / filename
