@@ -193,6 +193,7 @@ def test_unknown_config_key_is_named(tmp_path, capsys):
     (["digits", "--target", "1.5", "--targets", "1.2,1.4"], "not both"),
     (["digits", "--targets", "1.2,x"], "--targets '1.2,x'"),
     (["digits", "--max-loss", "-1"], "--max-loss -1"),
+    (["digits", "--search-loss", "token-cosine"], "--search-loss 'token-cosine': digits offers"),
 ])
 def test_bad_input_exits_2(tmp_path, capsys, args, message):
     assert main(["run", *args, "--work-dir", str(tmp_path / "w")]) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from spdy.models import load_model
@@ -53,3 +54,15 @@ def test_perplexity_of_a_language_model_batch() -> None:
     result = quality(Uniform(), [batch], dense, "next-token")
     assert abs(result["perplexity"] - 10.0) < 1e-9 and result["dense_perplexity"] < 1.01
     assert result["top1_agreement"] < 1.0
+
+
+def test_quality_loss_is_in_each_family_own_terms_with_its_default_limit():
+    from spdy.quality import default_max_loss, quality_loss, quality_loss_name
+
+    assert quality_loss({"mean_cosine": 0.96, "neighbour_agreement": 0.5}, "cosine") == pytest.approx(0.04)
+    assert quality_loss({"perplexity": 11.0, "dense_perplexity": 10.0, "top1_agreement": 0.7}, "next-token") == pytest.approx(0.1)
+    for loss in ("kl", "ce", "mse"):
+        assert quality_loss({"top1_agreement": 0.995}, loss) == pytest.approx(0.005) and default_max_loss(loss) == 0.01
+        assert "top-1 agreement" in quality_loss_name(loss)
+    assert (default_max_loss("cosine"), default_max_loss("next-token")) == (0.05, 0.10)
+    assert "cosine" in quality_loss_name("cosine") and "perplexity" in quality_loss_name("next-token")

@@ -29,7 +29,7 @@ from spdy.search.dp import InfeasibleTarget, scaled_errors, solve
 from spdy.search.budget import DEFAULT_SEARCH_BUDGET, parse_budget
 from spdy.search.profile import METHODS, Profile
 from spdy.search.select import VALIDATION, pick_on_validation
-from spdy.quality import default_max_loss, quality_loss
+from spdy.quality import default_max_loss, quality_loss, quality_loss_name
 from spdy.search.spdy import SpdyConfig, SpdySearch
 from spdy.files import digest, replace_atomically, write_json
 from spdy.timing import measure
@@ -377,7 +377,7 @@ def choose(points: Mapping[float, Mapping[str, dict]], targets: Sequence[float],
     """The target whose ``cfg.method`` profile to export: the only one, or on a curve the fastest measured
     one whose held-out quality loss stays within ``cfg.max_loss`` (default per family), else the mildest."""
     limit = cfg.max_loss if cfg.max_loss is not None else default_max_loss(loss)
-    what = quality_loss({"mean_cosine": 1, "perplexity": 1, "dense_perplexity": 1, "top1_agreement": 1}, loss)[1]
+    what = quality_loss_name(loss)
     ours = [(t, points[t][cfg.method]) for t in targets]
     scored = [(t, p) for t, p in ours if "quality_loss" in p]
     within = [(t, p) for t, p in scored if p["quality_loss"] <= limit]
@@ -668,7 +668,7 @@ def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = Tru
             at[method] = {"profile": kept, "searched": found, "verify": result, "rounds": rounds, "file": str(files[id(kept)])}
         for method, quality in heldout_quality(bundle, stitcher, {m: v["profile"] for m, v in at.items()}).items():
             at[method]["quality"] = quality
-            at[method]["quality_loss"] = quality_loss(quality, bundle.loss)[0]
+            at[method]["quality_loss"] = quality_loss(quality, bundle.loss)
     target, choice = choose(points, targets, cfg, bundle.loss)
     if curve:
         say(f"      chose {target:g}x: {choice['why']}")

@@ -78,19 +78,29 @@ def quality(model: nn.Module, batches: Sequence[Any], dense: Sequence[torch.Tens
     return result
 
 
-# what "loses too much" means by default, in each family's own terms (`quality_loss`)
+def _family(loss: str) -> str:
+    return loss if loss in ("cosine", "next-token") else "classifier"
+
+
+# one number per profile for ``--max-loss``, in each family's own terms: what it is, and how much a deployable model may lose
+QUALITY_LOSS = {"cosine": "1 - held-out mean cosine to the dense embeddings", "next-token": "relative held-out perplexity increase",
+                "classifier": "1 - held-out top-1 agreement with the dense model"}
 DEFAULT_MAX_LOSS = {"cosine": 0.05, "next-token": 0.10, "classifier": 0.01}
 
 
-def quality_loss(metrics: dict[str, float], loss: str) -> tuple[float, str]:
-    """One number per profile for ``--max-loss``, and what it is: 1 - mean cosine for encoders, the
-    relative perplexity increase for causal LMs, 1 - top-1 agreement for classifiers."""
-    if loss == "cosine":
-        return 1.0 - metrics["mean_cosine"], "1 - held-out mean cosine to the dense embeddings"
-    if loss == "next-token":
-        return metrics["perplexity"] / metrics["dense_perplexity"] - 1.0, "relative held-out perplexity increase"
-    return 1.0 - metrics["top1_agreement"], "1 - held-out top-1 agreement with the dense model"
+def quality_loss(metrics: dict[str, float], loss: str) -> float:
+    """The `quality` metrics of a profile as its ``QUALITY_LOSS`` (0 for the dense model)."""
+    family = _family(loss)
+    if family == "cosine":
+        return 1.0 - metrics["mean_cosine"]
+    if family == "next-token":
+        return metrics["perplexity"] / metrics["dense_perplexity"] - 1.0
+    return 1.0 - metrics["top1_agreement"]
+
+
+def quality_loss_name(loss: str) -> str:
+    return QUALITY_LOSS[_family(loss)]
 
 
 def default_max_loss(loss: str) -> float:
-    return DEFAULT_MAX_LOSS.get(loss, DEFAULT_MAX_LOSS["classifier"])
+    return DEFAULT_MAX_LOSS[_family(loss)]
