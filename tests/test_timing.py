@@ -247,3 +247,22 @@ def test_units_a_little_over_the_model_mean_zero_fixed(net, model_ms: float, fix
     assert any("within timing noise" in str(w.message) for w in caught) == (fixed_ms == 0.0)
     with pytest.raises(FixedTimeError, match="more than the whole model"):
         measure(model, units, x, levels=[0.9], backend=ConstantTimes(2.9), progress=False, dedupe=False)
+
+
+class DisturbedModel(ConstantTimes):
+    """The model measures ``times`` ms in turn: e.g. slowed by another job before the units, not after."""
+
+    def __init__(self, *times: float):
+        self.times = list(times)
+
+    def model_time(self, model: nn.Module, batch) -> Stat:
+        return Stat(self.times.pop(0) * 1e-3, 0.0, 1)
+
+
+def test_a_base_measured_at_two_speeds_is_measured_a_third_time(net) -> None:
+    model, units, x = net  # 3 units of 1 ms each
+    table = measure(model, units, x, levels=[0.9], backend=DisturbedModel(16.0, 4.0, 4.2), progress=False, dedupe=False)
+    assert table.base == pytest.approx(4.2e-3) and table.meta["base_again"] == pytest.approx(4.2e-3)
+    assert table.fixed == pytest.approx(1.2e-3)
+    agreeing = measure(model, units, x, levels=[0.9], backend=DisturbedModel(4.0, 4.4), progress=False, dedupe=False)
+    assert agreeing.base == pytest.approx(4.2e-3) and "base_again" not in agreeing.meta
