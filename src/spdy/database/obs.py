@@ -13,7 +13,8 @@ in one matrix product.
 The sweep only corrects columns to the *right* of each pruned weight. With the mask fixed,
 the best remaining weights solve a least-squares problem per row, ``P H P w = P H w_dense``
 (``P`` the row's mask); ``refine`` iterations of Jacobi-preconditioned conjugate gradients,
-batched over rows, get close to it for one (out, in) x (in, in) product each. On MiniLM
+batched over rows, get close to it for one (out, in) x (in, in) product each (sparse:
+the directions are zero off the mask, see `obs_kernels`). On MiniLM
 this cuts the error by a fifth at 70-90% sparsity, below AdaPrune's; a row keeps its
 swept weights if CG did not lower its error.
 """
@@ -105,21 +106,22 @@ class OBS(Pruner):
             return W
 
         product = MaskedRows(keep, H)
-        diag = H.diagonal()
+        drop = -keep.to(H.dtype)  # r = -G on the mask, 0 off it
+        inverse_diag = 1.0 / H.diagonal()
         X = W.clone()
         G = (X - dense) @ H  # each row's error gradient, kept up to date instead of recomputed
         before = (G * (X - dense)).sum(1, keepdim=True)
-        r = -G * keep
-        z = r / diag
+        r = G * drop
+        z = r * inverse_diag
         p, rz = z, (r * z).sum(1, keepdim=True)
         for _ in range(self.refine):
             Hp = product(p)  # whole rows, for G; p is zero off the mask
             alpha = rz / (p * Hp).sum(1, keepdim=True).clamp(min=1e-30)
-            X += alpha * p
-            G += alpha * Hp
-            r = -G * keep
-            z = r / diag
+            X.addcmul_(alpha, p)
+            G.addcmul_(alpha, Hp)
+            torch.mul(G, drop, out=r)
+            z = r * inverse_diag
             rz, previous = (r * z).sum(1, keepdim=True), rz
-            p = z + rz / previous.clamp(min=1e-30) * p
+            p.mul_(rz / previous.clamp(min=1e-30)).add_(z)
         after = (G * (X - dense)).sum(1, keepdim=True)
         return torch.where(after < before, X, W)
