@@ -394,8 +394,7 @@ def choose(points: Mapping[float, Mapping[str, dict]], targets: Sequence[float],
     if within:
         t, p = max(within, key=lambda tp: tp[1]["verify"]["measured_speedup"])
         faster = [(u, q) for u, q in scored if q["verify"]["measured_speedup"] > p["verify"]["measured_speedup"]]
-        why = (f"the fastest {cfg.method} profile (measured {p['verify']['measured_speedup']:.3f}x) whose {what} stays within "
-               f"{limit:g} ({p['quality_loss']:.3g})")
+        why = f"the fastest {cfg.method} profile whose {what} stays within {limit:g} ({p['quality_loss']:.3g})"
         if faster:
             u, q = min(faster, key=lambda tp: tp[1]["verify"]["measured_speedup"])
             why += f"; the next faster one ({q['verify']['measured_speedup']:.3f}x at {u:g}x) would lose {q['quality_loss']:.3g}"
