@@ -136,3 +136,17 @@ def test_search_convergence_is_plotted_and_summed_up(summary, tmp_path) -> None:
             "improvement in 180.2 s; within 1% of it after 30 s; budget 180 s, which stopped it.") in md
     assert "![convergence](plots/convergence.png)" in md and "Search convergence (uniform)" not in md
     assert convergence(Profile({"0": "0.9000"}, method="uniform")) is None
+
+
+def test_the_validation_pick_is_reported_as_the_search_made_it(summary, tmp_path) -> None:
+    """The line names the finalist the search picked (recorded, not recomputed) and both losses of the
+    calibration-best, so a search that fits its calibration data shows."""
+    s = copy.deepcopy(summary)
+    s["profiles"]["spdy"]["validation"] = [{"calibration_loss": 0.10, "validation_loss": 0.30},
+                                           {"calibration_loss": 0.11, "validation_loss": 0.20},
+                                           {"calibration_loss": 0.12, "validation_loss": 0.25}]
+    s["profiles"]["spdy"]["picked"] = 1
+    md = render(s, tmp_path / "picked")
+    assert ("Validation pick (spdy): of its 3 best profiles on calibration data (calibration loss 0.1 to 0.12), number 2 did "
+            "best on validation data (0.2; the calibration-best had 0.3).") in md
+    assert "Validation pick (uniform)" not in md

@@ -283,3 +283,18 @@ def test_token_cosine_compares_every_kept_token():
     assert evaluate.score() == pytest.approx(0.0, abs=1e-12)
     changed[1, 0] = -changed[1, 0]  # one of 8 kept tokens reversed: cosine -1, loss 2 / 8
     assert evaluate.score() == pytest.approx(2 / 8)
+
+
+def test_a_tied_search_warm_starts_from_the_per_unit_coefficients_it_produced(setup):
+    """Coefficients shared by kind and depth: the per-unit coefficients a tied search returns are what a
+    warm start (e.g. the curve's next target) takes, and they give back exactly its profile."""
+    _, _, table, _, evaluator, target = setup
+    tied = SpdyConfig(random_starts=4, tries=2, seed=3, tie="kind-depth")
+    first = SpdySearch(table, target, evaluator, tied, progress=False).run()
+    warm = SpdySearch(table, target, evaluator, tied, progress=False, start=first.meta["coefficients"])
+    assert warm.profile_for(warm.start) == first.options
+    again = warm.run()
+    assert again.trace[0]["phase"] == "start" and again.trace[0]["loss"] == pytest.approx(first.calibration_loss)
+    assert again.calibration_loss <= first.calibration_loss
+    with pytest.raises(InputError, match="one coefficient per unit"):
+        SpdySearch(table, target, evaluator, tied, progress=False, start=[0.5])

@@ -29,7 +29,7 @@ from spdy.search.dp import InfeasibleTarget, scaled_errors, solve
 from spdy.search.budget import DEFAULT_SEARCH_BUDGET, parse_budget
 from spdy.search.profile import METHODS, Profile
 from spdy.search.select import VALIDATION, pick_on_validation
-from spdy.quality import default_max_loss, quality_loss, quality_loss_name
+from spdy.quality import default_max_loss, outputs, quality, quality_loss, quality_loss_name
 from spdy.search.spdy import SpdyConfig, SpdySearch
 from spdy.files import digest, replace_atomically, write_json
 from spdy.timing import measure
@@ -215,14 +215,14 @@ def _baseline(method: str, bundle: ModelBundle, table: TimingTable, target: floa
     return baselines.owl(table, target, weights, norms)
 
 
-def heldout_quality(bundle: ModelBundle, stitcher: Stitcher, profiles: Mapping[str, Profile]) -> dict[str, dict[str, float]]:
-    """Each profile's held-out quality in the model's own terms (`spdy.quality`); none without held-out data."""
-    from spdy.quality import outputs, quality
-
+def heldout_quality(bundle: ModelBundle, stitcher: Stitcher, profiles: Mapping[str, Profile],
+                    dense: Sequence[torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
+    """Each profile's held-out quality in the model's own terms (`spdy.quality`) against ``dense`` (the dense
+    model's held-out outputs, computed here when not given); none without held-out data."""
     if not bundle.heldout:
         return {}
     stitcher.restore()
-    dense = outputs(bundle.model, bundle.heldout)
+    dense = dense if dense is not None else outputs(bundle.model, bundle.heldout)
     result = {}
     try:
         for method, profile in profiles.items():
@@ -480,15 +480,13 @@ class RunConfig:
         a curve needs held-out data to choose its exported point, so without any the default is one target."""
         if self.target is not None:
             return [self.target]
-        if isinstance(self.targets, list):
-            if len(self.targets) > 1 and not heldout:
-                raise InputError("--targets needs held-out data to choose the profile to export by its quality; give one --target")
-            return self.targets
         if not heldout:
-            if self.targets == "auto":
-                raise InputError("--targets auto needs held-out data to choose the profile to export by its quality; give one --target")
-            return [default_target(table)]
-        return auto_targets(table)
+            if self.targets is None:
+                return [default_target(table)]
+            if self.targets == "auto" or len(self.targets) > 1:
+                raise InputError(f"--targets {self.targets if self.targets == 'auto' else ','.join(map(str, self.targets))} needs "
+                                 "held-out data to choose the profile to export by its quality; give one --target")
+        return self.targets if isinstance(self.targets, list) else auto_targets(table)
 
     def settings(self, method: str) -> SearchSettings:
         return SearchSettings(method, self.seed, self.random_starts, self.tries, self.generations, self.offspring,
@@ -540,7 +538,7 @@ def profile_json(profile: Profile) -> dict:
     return {"method": profile.method, "target": profile.target, "table_target": profile.meta.get("table_target", profile.target),
             "predicted_speedup": profile.predicted_speedup,
             "calibration_loss": profile.calibration_loss, "validation_loss": profile.validation_loss, "heldout_loss": profile.heldout_loss,
-            "validation": profile.meta.get("validation"), "evaluations": profile.evaluations, "profile": profile.sparsities, "options": profile.options,
+            "validation": profile.meta.get("validation"), "picked": profile.meta.get("picked"), "evaluations": profile.evaluations, "profile": profile.sparsities, "options": profile.options,
             "convergence": convergence(profile)}
 
 
@@ -605,6 +603,7 @@ def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = Tru
     say(f"[3/6] database ({cfg.pruner}, {cfg.pattern}): {db.directory}")
     stitcher = Stitcher({u: units[u] for u in table.units}, db)
     evaluation = evaluators(bundle, stitcher)
+    dense_heldout = outputs(bundle.model, bundle.heldout)  # the reference of every target's held-out quality
     batch = timing_batch(bundle)
 
     def measure_profile(method: str, profile: Profile, target: float, rounds: int) -> dict:
@@ -665,9 +664,9 @@ def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = Tru
                                         lambda p, m=method, t=target: measure_profile(m, p, t, min(CURVE_ROUNDS, cfg.rounds) if curve else cfg.rounds),
                                         resolve, say=lambda text, m=method, t=target: say(f"      {t:g}x {m}: {text}"))
             at[method] = {"profile": kept, "searched": found, "verify": result, "rounds": rounds, "file": str(files[id(kept)])}
-        for method, quality in heldout_quality(bundle, stitcher, {m: v["profile"] for m, v in at.items()}).items():
-            at[method]["quality"] = quality
-            at[method]["quality_loss"] = quality_loss(quality, bundle.loss)
+        for method, metrics in heldout_quality(bundle, stitcher, {m: v["profile"] for m, v in at.items()}, dense_heldout).items():
+            at[method]["quality"] = metrics
+            at[method]["quality_loss"] = quality_loss(metrics, bundle.loss)
     target, choice = choose(points, targets, cfg, bundle.loss)
     if curve:
         say(f"      chose {target:g}x: {choice['why']}")

@@ -249,10 +249,9 @@ def _validation(profiles: dict) -> list[str]:
     other than its best calibration loss, or as validation losses well above calibration ones."""
     lines = []
     for method, p in profiles.items():
-        finalists = p.get("validation") or []
-        if len(finalists) < 2:
+        finalists, picked = p.get("validation") or [], p.get("picked")
+        if len(finalists) < 2 or picked is None:
             continue
-        picked = min(range(len(finalists)), key=lambda i: finalists[i]["validation_loss"])
         lines.append(f"Validation pick ({method}): of its {len(finalists)} best profiles on calibration data (calibration loss "
                      f"{finalists[0]['calibration_loss']:.5g} to {finalists[-1]['calibration_loss']:.5g}), number {picked + 1} did best on "
                      f"validation data ({finalists[picked]['validation_loss']:.5g}; the calibration-best had {finalists[0]['validation_loss']:.5g}).")
@@ -270,14 +269,14 @@ def _kept_dense(kept: dict | None) -> list[str]:
     return [f"{len(kept)} layers stay dense in every profile, their time part of the fixed cost: " + "; ".join(parts) + ".", ""]
 
 
-def _curve(summary: dict) -> list[str]:
+def _curve(summary: dict, plotted: bool) -> list[str]:
     """The speed/quality curve first: what each target bought and cost, and why one was exported."""
     curve, choice = summary.get("curve") or [], summary.get("choice") or {}
     if len({p["target"] for p in curve}) < 2:
         return [f"Choice: {choice['why']}.", ""] if choice.get("why") else []
     lines = ["## Speed against quality", "", f"Exported: **{summary['target']:g}x**, {choice.get('why', '')}. Any other point: "
              f"`spdy export WORK_DIR --target T --method M`.", ""]
-    if (Path(summary.get("_work", ".")) / "plots" / "curve.png").is_file():
+    if plotted:
         lines += ["![curve](plots/curve.png)", ""]
     lines += [f"| target | method | measured speedup | quality loss | calibration loss | validation loss | held-out loss |", "|---|---|---|---|---|---|---|"]
     for p in curve:
@@ -306,9 +305,8 @@ def write_report(work: str | Path) -> tuple[Path, Path]:
     if not path.is_file():
         raise FileNotFoundError(f"{work} has no summary.json: run `spdy run --work-dir {work}` first")
     summary = json.loads(path.read_text())
-    summary["_work"] = str(work)
     table = TimingTable.load(summary["timings"])
-    _plots(summary, table, work / "plots")
+    plots = _plots(summary, table, work / "plots")
     main = summary["profiles"][summary["method"]]
     target, baseline = summary["target"], _baseline(summary)
     engine_column = any(p.get("verify", {}).get("speedup_over_engine_dense") is not None for p in summary["profiles"].values())
@@ -317,7 +315,7 @@ def write_report(work: str | Path) -> tuple[Path, Path]:
         "",
         *_headline(main.get("verify", {}), main["predicted_speedup"], target),
         "",
-        *_curve(summary),
+        *_curve(summary, "curve" in plots),
         f"Maximum attainable on this table: {table.max_speedup():.3f}x over {baseline}.",
         "",
         f"Engine `{summary['engine']}`, {table.meta.get('threads', '?')} threads, CPU {table.meta.get('cpu', '?')}; "

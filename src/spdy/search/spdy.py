@@ -127,29 +127,37 @@ class SpdySearch:
 
     ``evaluate`` is an `Evaluator` (multi-fidelity) or a ``profile -> loss`` callable (every
     evaluation full); ``budget`` (seconds, None for none) bounds the search's wall time.
-    ``start``: a search vector learned before (e.g. at a neighbouring target); the search then
-    skips the random starts and refines it by local search.
+    ``start``: per-unit coefficients learned before (e.g. at a neighbouring target, as in
+    ``Profile.meta["coefficients"]``); the search then skips the random starts and refines them
+    by local search.
     """
 
     def __init__(self, table: TimingTable, target: float, evaluate: Objective, config: SpdyConfig = SpdyConfig(),
                  checkpoint: str | os.PathLike | None = None, progress: bool = True, fingerprint: str = "",
                  budget: float | None = None, start: Sequence[float] | None = None):
         self.table, self.target, self.config, self.progress, self.budget = table, target, config, progress, budget
-        self.start = None if start is None else np.asarray(start, dtype=float)
         self.objective = MultiFidelity(evaluate)
         self.ladder = fidelities(config.first_batches, self.objective.batches)
         key = {"method": "spdy", "table": digest(table.to_dict()["units"], length=16), "target": target, "config": asdict(config), "data": fingerprint,
-               "start": None if start is None else digest(self.start.tolist())}
+               "start": None if start is None else digest(list(start))}
         self.checkpoint = Checkpoint(checkpoint, key)
         self.ties = tie_matrix(table.units, config.tie)
-        width = len(table.units) if self.ties is None else self.ties.shape[1]
-        if self.start is not None and self.start.shape != (width,):
-            raise InputError(f"a warm start needs {width} coefficients (one per {'unit' if self.ties is None else 'group'}), got {self.start.shape}")
+        if start is not None and len(start) != len(table.units):
+            raise InputError(f"a warm start needs one coefficient per unit ({len(table.units)}), got {len(start)}")
+        self.start = None if start is None else self.search_vector(np.asarray(start, dtype=float))
         solve(table, target, buckets=config.buckets)  # fail fast (InfeasibleTarget) before any evaluation
 
     def unit_coefficients(self, x: np.ndarray) -> np.ndarray:
         """Per-unit coefficients of the search vector ``x`` (the product of a unit's group coefficients when tied)."""
         return x if self.ties is None else np.exp(self.ties @ np.log(np.maximum(x, 1e-12)))
+
+    def search_vector(self, coefficients: np.ndarray) -> np.ndarray:
+        """The search vector whose `unit_coefficients` are ``coefficients`` (exactly, for coefficients a search
+        with the same tie produced; else the nearest in log space)."""
+        if self.ties is None:
+            return coefficients
+        logs = np.linalg.lstsq(self.ties, np.log(np.maximum(coefficients, 1e-12)), rcond=None)[0]
+        return np.exp(logs)
 
     def profile_for(self, x: np.ndarray) -> dict[str, str]:
         return solve(self.table, self.target, scaled_errors(self.table, self.unit_coefficients(x)), self.config.buckets).profile

@@ -206,12 +206,10 @@ class TimingTable:
         fit = self.meta.get("calibration") or {}
         if "points" not in fit or "scale" not in fit:
             return target
-        scale, unpruned = fit["scale"], sum(self.unpruned_time(u) for u in self.units)
-        # the unpruned model's time is the one point known exactly (but the profile it is exists only if
-        # every dense option runs as the unpruned model does)
-        anchor = [] if self.dense_formats() else [(self.fixed + unpruned, self.base)]
-        predicted = [self.fixed + scale * p["unit_time"] for p in fit["points"]] + [a for a, _ in anchor]
-        measured = [p["measured_time"] for p in fit["points"]] + [b for _, b in anchor]
+        points = [(self.fixed + fit["scale"] * p["unit_time"], p["measured_time"]) for p in fit["points"]]
+        if not self.dense_formats():  # the unpruned model, exact by definition, is a profile of this table only then
+            points.append((self.fixed + sum(self.unpruned_time(u) for u in self.units), self.base))
+        predicted, measured = zip(*points)
         order = np.argsort(predicted)
         xs, ratios = np.array(predicted)[order], (np.array(measured) / np.array(predicted))[order]
         wanted = self.base / target
