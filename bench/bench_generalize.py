@@ -1,11 +1,12 @@
 """Does the search's choice hold on held-out data? Search objectives and baselines side by side.
 
-    flock /tmp/spdy-bench.lock .venv/bin/python bench/bench_generalize.py --timings T --database D \\
+    flock /tmp/spdy-bench.lock .venv/bin/python bench/bench_generalize.py --timings T (--database D | --database-samples N --work-dir W) \\
         [--model minilm] [--fractions 0.25,0.5,0.75] [--variants output,signal,signal+validation] \\
         [--methods spdy,evo] [--baselines uniform,global-magnitude,dp-errors,owl] [--budget 90s]
 
-One timing table and database (e.g. a default ``spdy run``'s calibrated table and database),
-targets at fractions of the way to the table's maximum. Variants of the search objective:
+One timing table and database (e.g. a default ``spdy run``'s calibrated table and database, or
+one built here in W on N samples drawn apart from the calibration samples), targets at
+fractions of the way to the table's maximum. Variants of the search objective:
 ``output`` scores the model's output with its loss (for MiniLM: 1 - cosine of the pooled
 embeddings), no validation pick (the search before issue 23); ``signal`` scores the family's
 richer signal (MiniLM: 1 - cosine of every token's last hidden state); ``+validation`` picks the
@@ -23,6 +24,7 @@ import json
 import os
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from spdy import pipeline
 from spdy.database import Database, Stitcher
@@ -35,7 +37,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--timings", required=True)
-    parser.add_argument("--database", required=True)
+    parser.add_argument("--database", help="an OBS database built on the calibration samples (else one is built in --work-dir)")
+    parser.add_argument("--database-samples", type=int, default=0, help="samples, apart from the calibration ones, to build it on")
+    parser.add_argument("--work-dir", default="bench/results/generalize")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--validation", type=int, default=32)
     parser.add_argument("--heldout", type=int, default=64)
@@ -47,9 +51,9 @@ def main() -> None:
     parser.add_argument("--out", help="append every row here as a JSON line")
     args = parser.parse_args()
 
-    bundle, units = pipeline.load_bundle(args.model, args.samples, args.heldout, validation=args.validation)
+    bundle, units = pipeline.load_bundle(args.model, args.samples, args.heldout, validation=args.validation, database=args.database_samples)
     table = TimingTable.load(args.timings)
-    db = Database.open(args.database)
+    db = Database.open(args.database) if args.database else pipeline.database(bundle, units, Path(args.work_dir))
     stitcher = Stitcher({u: units[u] for u in table.units}, db)
     output_heldout = Evaluator(bundle.model, bundle.heldout, bundle.loss, stitcher.apply, bundle.heldout_labels, "heldout")
     plain = replace(bundle, search_loss=None)
@@ -57,7 +61,8 @@ def main() -> None:
     evaluations = {"output": pipeline.evaluators(plain, stitcher), "signal": pipeline.evaluators(bundle, stitcher)}
     maximum = table.max_speedup()
     print(f"{bundle.name}: dense {table.base * 1e3:.1f} ms, max {maximum:.3f}x on the table; {args.samples} calibration / "
-          f"{args.validation} validation / {args.heldout} held-out samples; output loss {bundle.loss}, signal loss {bundle.objective}\n")
+          f"{args.validation} validation / {args.heldout} held-out samples; database on {args.database_samples or 'the calibration'} "
+          f"samples; output loss {bundle.loss}, signal loss {bundle.objective}\n")
     print(f"| target | method | variant | predicted | calibration | validation | held-out | held-out {bundle.loss} | evaluations | s | load |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
 
@@ -78,7 +83,7 @@ def main() -> None:
               f"| {profile.heldout_loss:.5f} | {output:.5f} | {profile.evaluations} | {seconds:.0f} | {load:.2f} |", flush=True)
         if args.out:
             with open(args.out, "a") as f:
-                f.write(json.dumps({"model": bundle.name, "target": target, "method": method, "variant": variant,
+                f.write(json.dumps({"model": bundle.name, "database_samples": args.database_samples, "target": target, "method": method, "variant": variant,
                                     "predicted": profile.predicted_speedup, "calibration": profile.calibration_loss,
                                     "validation": validation_loss, "heldout": profile.heldout_loss, "heldout_output": output,
                                     "evaluations": profile.evaluations, "seconds": seconds, "load": load,

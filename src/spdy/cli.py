@@ -105,7 +105,7 @@ def _bundle(args: argparse.Namespace):
     from spdy.pipeline import load_bundle
 
     return load_bundle(args.model, args.samples, args.heldout, args.seq_len, args.batch_size, args.include, args.exclude or (),
-                       args.validation)
+                       args.validation, args.database_samples)
 
 
 def cmd_time(args: argparse.Namespace) -> int:
@@ -133,7 +133,7 @@ def cmd_database(args: argparse.Namespace) -> int:
     from spdy.pipeline import options_of
 
     bundle, units = _bundle(args)
-    db = build_database(bundle.model, units, bundle.calibration, options_of(args.pattern, _levels(args.levels)),
+    db = build_database(bundle.model, units, bundle.statistics, options_of(args.pattern, _levels(args.levels)),
                         args.output, pruner=args.pruner, progress=not args.quiet)
     summary = {**db.summary(), "units": len(db.units), "directory": str(db.directory)}
     summary["relative_error"].pop(DENSE, None)  # dense reconstructs exactly: not worth a line
@@ -329,6 +329,10 @@ def cmd_nm(args: argparse.Namespace) -> int:
     return 0
 
 
+DATABASE_SAMPLES_HELP = ("samples the database's Hessians are computed on, drawn like the calibration data but disjoint from it, "
+                         "so the search scores reconstructions on data they were not fitted to (0: the calibration samples)")
+
+
 def _model_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
     p.add_argument("model", metavar="MODEL", nargs=None if model_required else "?", default="minilm",
                    help="minilm | smollm2 | digits | digits-cnn | efficientnet-lite0 | a local Hugging Face model directory | "
@@ -337,6 +341,7 @@ def _model_args(p: argparse.ArgumentParser, model_required: bool = True) -> None
     p.add_argument("--heldout", type=int, default=32, help="held-out sequences (default %(default)s)")
     p.add_argument("--validation", type=int, default=VALIDATION, help="validation samples, drawn like the calibration data but "
                    "disjoint from it: a search's final profile is its finalist that does best on them (0: none; default %(default)s)")
+    p.add_argument("--database-samples", type=int, default=64, help=DATABASE_SAMPLES_HELP + " (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="batch size, also the timed deployment batch (default %(default)s)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence for text models (default %(default)s)")
     p.add_argument("--include", nargs="+", metavar="GLOB", help="prune only layers whose names match (default: the model's own)")
@@ -426,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, help="calibration samples (default 64)")
     p.add_argument("--heldout", type=int, help="held-out samples (default 32)")
     p.add_argument("--validation", type=int, help=f"validation samples that pick a search's final profile (default {VALIDATION})")
+    p.add_argument("--database-samples", type=int, help=DATABASE_SAMPLES_HELP + " (default 64)")
     p.add_argument("--search-loss", help="what the search minimises: the model's own loss (default) or a richer signal its family "
                    "offers (minilm: token-cosine, every token's last hidden state)")
     p.add_argument("--batch-size", type=int, help="batch size, also the timed deployment batch (default 8)")

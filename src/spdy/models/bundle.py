@@ -66,6 +66,9 @@ class ModelBundle:
     # batches from the calibration source, disjoint from the calibration batches: the search picks its final profile on them
     validation: list = field(default_factory=list)
     validation_labels: list | None = None
+    # batches the database's statistics (Hessians) come from, disjoint from the calibration batches: a reconstruction
+    # fits the data it was solved on, so a search scored on that same data is told pruned layers are better than they are
+    database: list = field(default_factory=list)
     # richer signals than the output the family offers the search: loss name -> what it compares (e.g. a pooled
     # encoder's per-token states, "token-cosine"); ``search_loss`` picks one, None: the output with ``loss``
     signals: dict[str, Callable[[Any], Any]] = field(default_factory=dict)
@@ -88,9 +91,14 @@ class ModelBundle:
         self.search_loss = None if loss == self.loss else loss
 
     @property
+    def statistics(self) -> list:
+        """What the database and the input-norm baselines are computed on: the database batches, else the calibration ones."""
+        return self.database or self.calibration
+
+    @property
     def fingerprint(self) -> str:
-        """Identifies model weights + calibration data, for cache keys."""
-        return f"{self.name}:{model_fingerprint(self.model)}:{fingerprint_batches(self.calibration)}"
+        """Identifies model weights + calibration and database data, for cache keys."""
+        return f"{self.name}:{model_fingerprint(self.model)}:{fingerprint_batches(self.calibration + self.database)}"
 
     @torch.no_grad()
     def check(self) -> None:
@@ -98,7 +106,7 @@ class ModelBundle:
         the calibration data is already non-finite: every loss would be NaN, so every search would
         silently return its starting point and every database error would read 0."""
         splits = (("calibration", self.calibration, self.calibration_labels), ("validation", self.validation, self.validation_labels),
-                  ("heldout", self.heldout, self.heldout_labels))
+                  ("database", self.database, None), ("heldout", self.heldout, self.heldout_labels))
         for split, batches, labels in splits:
             for i, batch in enumerate(batches):
                 label = labels[i] if labels is not None and i < len(labels) else None

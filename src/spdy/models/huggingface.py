@@ -41,15 +41,16 @@ class CausalLM(nn.Module):
 
 
 def _text_bundle(name: str, model: nn.Module, tokenizer, samples: int, heldout: int, seq_len: int, batch_size: int, loss: str, include,
-                 special: bool, validation: int) -> ModelBundle:
-    calibration, valid = token_batches(tokenizer, pydoc_text("calibration"), samples, seq_len, batch_size, special, validation)
-    held, _ = token_batches(tokenizer, pydoc_text("heldout"), heldout, seq_len, batch_size, special)
+                 special: bool, validation: int, database: int) -> ModelBundle:
+    calibration, valid, statistics = token_batches(tokenizer, pydoc_text("calibration"), samples, seq_len, batch_size, special, validation,
+                                                   database)
+    held, _, _ = token_batches(tokenizer, pydoc_text("heldout"), heldout, seq_len, batch_size, special)
     return ModelBundle(name, model.eval(), calibration, held, loss, include, {"seq_len": seq_len, "batch_size": batch_size}, tokenizer=tokenizer,
-                       validation=valid)
+                       validation=valid, database=statistics)
 
 
 def load_directory(path: Path, samples: int, heldout: int, seq_len: int, batch_size: int, gguf_file: str | None = None,
-                   validation: int = 0) -> ModelBundle:
+                   validation: int = 0, database: int = 0) -> ModelBundle:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
@@ -60,9 +61,9 @@ def load_directory(path: Path, samples: int, heldout: int, seq_len: int, batch_s
     if causal:
         lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kwargs)
         return _text_bundle(path.name, CausalLM(lm), tokenizer, samples, heldout, seq_len, batch_size, "next-token", ["lm.model.layers.*"],
-                            special=False, validation=validation)
+                            special=False, validation=validation, database=database)
     encoder = SentenceEncoder(AutoModel.from_pretrained(str(path), **kwargs))
     bundle = _text_bundle(path.name, encoder, tokenizer, samples, heldout, seq_len, batch_size, "cosine", ["bert.encoder.*"],
-                          special=True, validation=validation)
+                          special=True, validation=validation, database=database)
     bundle.signals["token-cosine"] = lambda batch: encoder.token_states(**batch)
     return bundle
