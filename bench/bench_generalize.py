@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--methods", default="spdy")
     parser.add_argument("--baselines", default="uniform,global-magnitude,dp-errors,owl")
     parser.add_argument("--budget", default="90s")
+    parser.add_argument("--seeds", default="0", help="comma-separated search seeds (each a row)")
     parser.add_argument("--out", help="append every row here as a JSON line")
     args = parser.parse_args()
 
@@ -66,11 +67,11 @@ def main() -> None:
     print(f"| target | method | variant | predicted | calibration | validation | held-out | held-out {bundle.loss} | evaluations | s | load |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
 
-    def row(target: float, method: str, variant: str) -> None:
+    def row(target: float, method: str, variant: str, seed: int = 0) -> None:
         kind, *extras = variant.split("+")
         pick, tie = "validation" in extras, "kind-depth" if "tied" in extras else "none"
         calibration, validation, heldout = evaluations[kind]
-        settings = pipeline.SearchSettings(method, budget=parse_budget(args.budget) if method in ("spdy", "evo") else None, tie=tie)
+        settings = pipeline.SearchSettings(method, seed, budget=parse_budget(args.budget) if method in ("spdy", "evo") else None, tie=tie)
         started = time.perf_counter()
         profile = pipeline.find_profile(bundle if kind == "signal" else plain, units, table, db, target, settings, progress=False,
                                         evaluation=pipeline.Evaluators(calibration, validation if pick else None, heldout))
@@ -79,11 +80,12 @@ def main() -> None:
         output = output_heldout(profile.options)
         stitcher.restore()
         load = os.getloadavg()[0]
-        print(f"| {target:.3f} | {method} | {variant} | {profile.predicted_speedup:.3f} | {profile.calibration_loss:.5f} | {validation_loss:.5f} "
+        print(f"| {target:.3f} | {method}{f' (seed {seed})' if seed else ''} | {variant} | {profile.predicted_speedup:.3f} | {profile.calibration_loss:.5f} | {validation_loss:.5f} "
               f"| {profile.heldout_loss:.5f} | {output:.5f} | {profile.evaluations} | {seconds:.0f} | {load:.2f} |", flush=True)
         if args.out:
             with open(args.out, "a") as f:
-                f.write(json.dumps({"model": bundle.name, "database_samples": args.database_samples, "target": target, "method": method, "variant": variant,
+                f.write(json.dumps({"model": bundle.name, "database_samples": args.database_samples, "target": target, "method": method,
+                                    "seed": seed, "variant": variant,
                                     "predicted": profile.predicted_speedup, "calibration": profile.calibration_loss,
                                     "validation": validation_loss, "heldout": profile.heldout_loss, "heldout_output": output,
                                     "evaluations": profile.evaluations, "seconds": seconds, "load": load,
@@ -93,7 +95,8 @@ def main() -> None:
         target = round(1 + fraction * (maximum - 1), 3)
         for method in args.methods.split(","):
             for variant in args.variants.split(","):
-                row(target, method, variant)
+                for seed in (int(s) for s in args.seeds.split(",")):
+                    row(target, method, variant, seed)
         for method in filter(None, args.baselines.split(",")):
             row(target, method, "signal")
 

@@ -45,7 +45,8 @@ def test_run_end_to_end(finished_run, capsys):
         # the DP meets what the table was asked for; the closed loop may ask for less or more than the target
         assert p["predicted_speedup"] >= p["table_target"] * (1 - 1e-9), method
         assert p["rounds"][0]["target_for_table"] == summary["planned_table_target"] and len(p["rounds"]) <= 4, method
-        assert v["measured_speedup"] in [r["measured"] for r in p["rounds"]], method
+        # the curve's landing rounds measure over dense torch only; the exported profile is measured again, in full
+        assert (v["measured_speedup"] in [r["measured"] for r in p["rounds"]]) == (method != "spdy"), method
         assert p["heldout_loss"] is not None, method
         assert v["measured_speedup"] == statistics.median(v["ratios"]) and len(v["ratios"]) == 7, method
         assert v["met"] == (v["measured_speedup"] >= summary["target"] * (1 - v["tolerance"])), method

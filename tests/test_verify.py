@@ -161,11 +161,13 @@ def test_engine_dense_baseline_is_measured_in_the_same_rounds(wide) -> None:
     assert VerifyResult(**json.loads(json.dumps(result.to_json()))) == result
 
 
-def test_engine_dense_is_skipped_without_a_kernel_unit(wide) -> None:
-    """Without a unit in the kernel format the engine's dense run is dense torch itself: not measured."""
+def test_engine_dense_is_skipped_without_a_kernel_unit_or_when_not_asked_for(wide) -> None:
+    """Without a unit in the kernel format the engine's dense run is dense torch itself: not measured;
+    nor is it where the caller needs only the speedup over dense torch."""
     model, units, x = wide
-    for profile, formats in ((Profile(SPARSE), {"0": "csr", "2": "csr"}), (Profile({"0": DENSE, "2": DENSE}), KERNEL)):
-        result = verify(model, units, profile, x, rounds=4, formats=formats, threads=1)
+    for profile, formats, asked in ((Profile(SPARSE), {"0": "csr", "2": "csr"}, True), (Profile({"0": DENSE, "2": DENSE}), KERNEL, True),
+                                    (Profile(SPARSE), KERNEL, False)):
+        result = verify(model, units, profile, x, rounds=4, formats=formats, threads=1, engine_dense=asked)
         assert result.engine_dense_time is None and result.speedup_over_engine_dense is None
         assert result.engine_baseline is None and result.engine_dense_ratios == []
         assert result.speedups() == f"{result.measured_speedup:.3f}x over dense torch"

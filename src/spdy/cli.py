@@ -105,7 +105,7 @@ def _bundle(args: argparse.Namespace):
     from spdy.pipeline import load_bundle
 
     return load_bundle(args.model, args.samples, args.heldout, args.seq_len, args.batch_size, args.include, args.exclude or (),
-                       args.validation, args.database_samples)
+                       args.validation, args.database_samples, args.workload)
 
 
 def cmd_time(args: argparse.Namespace) -> int:
@@ -333,6 +333,11 @@ DATABASE_SAMPLES_HELP = ("samples the database's Hessians are computed on, drawn
                          "so the search scores reconstructions on data they were not fitted to (0: the calibration samples)")
 
 
+WORKLOAD_HELP = ("what the model is timed and verified on: prefill:BATCHxSEQ (whole sequences) or decode:BATCH@CONTEXT (one "
+                 "generated token per step with a KV cache of CONTEXT tokens); default: decode:1@512 for causal LMs, else the "
+                 "first calibration batch")
+
+
 def _model_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
     p.add_argument("model", metavar="MODEL", nargs=None if model_required else "?", default="minilm",
                    help="minilm | smollm2 | digits | digits-cnn | efficientnet-lite0 | a local Hugging Face model directory | "
@@ -342,6 +347,7 @@ def _model_args(p: argparse.ArgumentParser, model_required: bool = True) -> None
     p.add_argument("--validation", type=int, default=VALIDATION, help="validation samples, drawn like the calibration data but "
                    "disjoint from it: a search's final profile is its finalist that does best on them (0: none; default %(default)s)")
     p.add_argument("--database-samples", type=int, default=64, help=DATABASE_SAMPLES_HELP + " (default %(default)s)")
+    p.add_argument("--workload", help=WORKLOAD_HELP)
     p.add_argument("--batch-size", type=int, default=8, help="batch size, also the timed deployment batch (default %(default)s)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence for text models (default %(default)s)")
     p.add_argument("--include", nargs="+", metavar="GLOB", help="prune only layers whose names match (default: the model's own)")
@@ -432,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout", type=int, help="held-out samples (default 32)")
     p.add_argument("--validation", type=int, help=f"validation samples that pick a search's final profile (default {VALIDATION})")
     p.add_argument("--database-samples", type=int, help=DATABASE_SAMPLES_HELP + " (default 64)")
+    p.add_argument("--workload", help=WORKLOAD_HELP)
     p.add_argument("--search-loss", help="what the search minimises: the model's own loss (default) or a richer signal its family "
                    "offers (minilm: token-cosine, every token's last hidden state)")
     p.add_argument("--batch-size", type=int, help="batch size, also the timed deployment batch (default 8)")

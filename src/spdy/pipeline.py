@@ -24,6 +24,7 @@ from spdy.levels import DENSE, Option, options_for, spdy_grid
 from spdy.errors import InputError
 from spdy.models import ModelBundle, load_model
 from spdy.models.bundle import model_fingerprint
+from spdy.models.workload import Workload
 from spdy.search import baselines
 from spdy.search.dp import InfeasibleTarget, scaled_errors, solve
 from spdy.search.budget import DEFAULT_SEARCH_BUDGET, parse_budget
@@ -50,8 +51,8 @@ def prunable_units(bundle: ModelBundle, include: Sequence[str] | None = None, ex
 
 
 def timing_batch(bundle: ModelBundle) -> Any:
-    """The batch the model is timed and verified on: the first calibration batch (deployment shape)."""
-    return bundle.calibration[0]
+    """The batch the model is timed and verified on: its workload's (default the first calibration batch)."""
+    return bundle.timing_batch
 
 
 def options_of(pattern: str, levels: Sequence[float] | None) -> list[Option]:
@@ -68,6 +69,7 @@ def timing_path(bundle: ModelBundle, units: Mapping[str, Unit], work: Path, patt
     keys = [o.key for o in options_of(pattern, levels)]
     batch = timing_batch(bundle)
     shape = {k: list(v.shape) for k, v in batch.items()} if isinstance(batch, dict) else list(getattr(batch, "shape", []))
+    shape = [str(bundle.workload), shape] if bundle.workload is not None else shape  # old tables keep their key
     machine = [runtime_fingerprint(), runtime_fingerprint("timing"), torch.__version__, cpu_model()]
     return work / f"timings-{digest(bundle.name, model_fingerprint(bundle.model), sorted(units), keys, engine, shape, threads, machine)}.json"
 
@@ -364,7 +366,7 @@ def land(profile: Profile, target: float, max_speedup: float, measure: Callable[
 
 AUTO_POWERS = (0.1, 0.2, 0.35, 0.5, 0.7)  # --targets auto: the maximum speedup to these powers (denser where models stay usable)
 FIRST_SHARE = 0.4  # on a curve, the share of --search-budget for the full search at the middle target; the warm-started rest share the others
-CURVE_ROUNDS = 10  # verify rounds of a curve's points (at most --rounds); the exported one is measured with --rounds
+CURVE_ROUNDS = 10  # verify rounds of a curve's points (at most --rounds), over dense torch only; the exported one: --rounds, engine dense too
 
 
 def auto_targets(table: TimingTable) -> list[float]:
@@ -433,6 +435,7 @@ class RunConfig:
     heldout: int = 32
     validation: int = VALIDATION
     database_samples: int = 64  # drawn apart from the calibration samples (0: the database is built on those)
+    workload: str | None = None  # e.g. prefill:8x128, decode:1@512 (default per family: causal LMs decode)
     search_loss: str | None = None  # the model's own loss, or a richer signal its family offers (e.g. token-cosine)
     batch_size: int = 8
     seq_len: int = 128
@@ -513,11 +516,14 @@ class RunConfig:
 
 def load_bundle(model: str, samples: int = 64, heldout: int = 32, seq_len: int = 128, batch_size: int = 8,
                 include: Sequence[str] | None = None, exclude: Sequence[str] = (), validation: int = 0,
-                database: int = 0) -> tuple[ModelBundle, dict[str, Unit]]:
-    """The model with its data and the units to prune; bad names or patterns raise `InputError`."""
+                database: int = 0, workload: str | None = None) -> tuple[ModelBundle, dict[str, Unit]]:
+    """The model with its data and the units to prune; bad names or patterns raise `InputError`.
+    ``workload`` (e.g. ``decode:1@512``) replaces the family's default (`spdy.models.workload`)."""
     try:
         bundle = load_model(model, samples=samples, heldout=heldout, seq_len=seq_len, batch_size=batch_size, validation=validation,
                             database=database)
+        if workload is not None:
+            bundle.workload = Workload.parse(workload)
         units = prunable_units(bundle, include, exclude or ())
     except FileNotFoundError as e:
         raise InputError(str(e)) from None
@@ -575,7 +581,8 @@ def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = Tru
     levels = cfg.levels
 
     bundle, units = timed(log, "load", lambda: load_bundle(cfg.model, cfg.samples, cfg.heldout, cfg.seq_len, cfg.batch_size,
-                                                           cfg.include, cfg.exclude or (), cfg.validation, cfg.database_samples))
+                                                           cfg.include, cfg.exclude or (), cfg.validation, cfg.database_samples,
+                                                           cfg.workload))
     bundle.search_on(cfg.search_loss)
     say(f"[1/6] model {bundle.name}: {len(units)} prunable units, {len(bundle.calibration)} calibration, {len(bundle.validation)} "
         f"validation, {len(bundle.database)} database and {len(bundle.heldout)} held-out batches, search loss {bundle.objective}")
@@ -609,13 +616,14 @@ def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = Tru
     dense_heldout = outputs(bundle.model, bundle.heldout)  # the reference of every target's held-out quality
     batch = timing_batch(bundle)
 
-    def measure_profile(method: str, profile: Profile, target: float, rounds: int) -> dict:
-        key = digest(profile.options, target, cfg.engine, cfg.threads, rounds, runtime_fingerprint(), Path(verification.__file__).read_text())
+    def measure_profile(method: str, profile: Profile, target: float, rounds: int, engine_dense: bool = True) -> dict:
+        key = digest(profile.options, target, cfg.engine, cfg.threads, rounds, engine_dense, runtime_fingerprint(),
+                     Path(verification.__file__).read_text())
         path = work / f"verify-{method}-{key}.json"
         if path.is_file():
             return json.loads(path.read_text())
         result = timed(log, f"verify:{method}", lambda: verify(bundle.model, units, profile, batch, table, weights=db.weight,
-                                                              rounds=rounds, engine=cfg.engine))
+                                                              rounds=rounds, engine=cfg.engine, engine_dense=engine_dense))
         write_json(path, result.to_json())
         return result.to_json()
 
@@ -664,7 +672,8 @@ def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = Tru
                 return new
 
             kept, result, rounds = land(found, target, table.max_speedup(),
-                                        lambda p, m=method, t=target: measure_profile(m, p, t, min(CURVE_ROUNDS, cfg.rounds) if curve else cfg.rounds),
+                                        lambda p, m=method, t=target: (measure_profile(m, p, t, min(CURVE_ROUNDS, cfg.rounds), engine_dense=False)
+                                                                       if curve else measure_profile(m, p, t, cfg.rounds)),
                                         resolve, say=lambda text, m=method, t=target: say(f"      {t:g}x {m}: {text}"))
             at[method] = {"profile": kept, "searched": found, "verify": result, "rounds": rounds, "file": str(files[id(kept)])}
         for method, metrics in heldout_quality(bundle, stitcher, {m: v["profile"] for m, v in at.items()}, dense_heldout).items():
@@ -674,7 +683,7 @@ def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = Tru
     if curve:
         say(f"      chose {target:g}x: {choice['why']}")
     chosen_point = points[target][cfg.method]
-    if curve and chosen_point["verify"]["rounds"] < cfg.rounds:  # the exported profile is measured in full
+    if curve:  # the exported profile is measured in full, against the engine's dense run too
         chosen_point["verify"] = measure_profile(cfg.method, chosen_point["profile"], target, cfg.rounds)
     main = chosen_point["verify"]
     profiles = {m: v["profile"] for m, v in points[target].items()}

@@ -195,7 +195,21 @@ def _headline(v: dict, predicted: float, target: float) -> list[str]:
     for note in (result.over_delivery(), result.under_prediction()):
         if note:
             lines += ["", f"**Note**: {note}."]
+    if g := result.generation:
+        lines += ["", f"Generating ({g['new_tokens']} greedy tokens after {g['prompt_tokens']} cached ones, the model's own `generate`, "
+                      f"median of {g['rounds']} alternating rounds): dense {g['dense_tokens_per_s']:.4g} tokens/s, pruned "
+                      f"{g['pruned_tokens_per_s']:.4g} tokens/s, **{g['speedup']:.3g}x**; {g['greedy_agreement']:.0%} of the pruned "
+                      "model's tokens equal its masked dense twin's."]
     return lines
+
+
+def _workload(shapes) -> str:
+    """What the table timed: a decode step's workload, or the batch's shapes."""
+    if isinstance(shapes, dict) and "workload" in shapes:
+        return f"`{shapes['workload']}` (one generated token per step, KV cache of {shapes['kv_cache_tokens']} tokens)"
+    if isinstance(shapes, dict):
+        return "batch " + ", ".join(f"{k} {tuple(v) if isinstance(v, list) else v}" for k, v in shapes.items())
+    return f"batch {tuple(shapes)}" if shapes else "batch ?"
 
 
 def _calibration(fit: dict | None) -> list[str]:
@@ -319,7 +333,7 @@ def write_report(work: str | Path) -> tuple[Path, Path]:
         f"Maximum attainable on this table: {table.max_speedup():.3f}x over {baseline}.",
         "",
         f"Engine `{summary['engine']}`, {table.meta.get('threads', '?')} threads, CPU {table.meta.get('cpu', '?')}; "
-        f"dense model {table.base * 1e3:.2f} ms, of which {table.fixed * 1e3:.2f} ms is outside the {len(table.units)} pruned units. "
+        f"workload {_workload(table.meta.get('batch_shapes'))}; dense model {table.base * 1e3:.2f} ms, of which {table.fixed * 1e3:.2f} ms is outside the {len(table.units)} pruned units. "
         f"Pruner `{summary['pruner']}`, pattern `{summary['pattern']}`, the model's loss `{summary['loss']}`, the search's "
         f"`{summary.get('search_loss', summary['loss'])}`.",
         "",

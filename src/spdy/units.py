@@ -121,7 +121,10 @@ def find_units(model: nn.Module, include: Sequence[str] | None = None, exclude: 
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:
-    """Run a sample batch: dicts as keyword arguments, tuples/lists as positionals."""
+    """Run a sample batch: dicts as keyword arguments, tuples/lists as positionals; a batch that knows
+    how to run a model (`spdy.models.workload.DecodeStep`: one generated token) runs it."""
+    if hasattr(batch, "run_model"):
+        return batch.run_model(model)
     if isinstance(batch, dict):
         return model(**batch)
     if isinstance(batch, (tuple, list)):

@@ -72,7 +72,9 @@ class VerifyResult:
     engine's fastest dense run (``engine_baseline``: the kernel format at 0%, or dense torch where
     that was faster), None where the kernel-format dense run was not measured. ``engine_dense_time``
     and ``engine_dense_ratios`` are the kernel-format dense run's. ``fused`` is None in results
-    saved before it was recorded.
+    saved before it was recorded. ``generation``: for a decoding workload, the models' own
+    ``generate`` timed (tokens per second, dense and pruned) and its greedy tokens checked against
+    the masked dense twin (`spdy.models.workload.DecodeStep.generation`); else None.
     """
 
     target: float | None
@@ -94,6 +96,7 @@ class VerifyResult:
     speedup_over_engine_dense: float | None = None
     engine_dense_ratios: list[float] = field(default_factory=list)
     fused: list[str] | None = None
+    generation: dict | None = None
 
     @classmethod
     def from_samples(cls, dense: list[float], pruned: list[float], target: float | None, predicted: float | None,
@@ -240,6 +243,7 @@ def verify(
     tolerance: float = TOLERANCE,
     threads: int | None = None,
     engine: str | None = None,
+    engine_dense: bool = True,
 ) -> VerifyResult:
     """Build, convert and time the profile's pruned model against dense torch and, where the
     profile runs the kernel format, the engine's fastest dense run (`_engine_dense`).
@@ -248,7 +252,9 @@ def verify(
     chosen options (so the runtime runs what was timed), else measured at convert time.
     Threads: ``threads``, else the table's, else all cores. The model itself is not changed.
     Engine: ``engine``, else the table's backend; ``deepsparse`` and ``cuda-2:4`` verify on that
-    engine, pruned over its own dense run (`spdy.verify_engines`).
+    engine, pruned over its own dense run (`spdy.verify_engines`). ``engine_dense=False`` skips the
+    engine's dense run (a third of the rounds' time) where only the speedup over dense torch is used,
+    e.g. a curve's landing rounds.
     """
     from spdy.verify_engines import ENGINES, engine_of, verify_on_engine
 
@@ -266,6 +272,7 @@ def verify(
     try:
         model.eval()
         pruned = pruned_copy(model, units, options, weights)
+        twin = pruned_copy(model, units, options, weights) if hasattr(batch, "generation") else None  # stays masked dense torch
         reference = _tensor(call_model(pruned, batch)).clone()
         chosen = dict(formats) if formats is not None else _table_formats(table, options)
         sparse_units = [u for u, k in options.items() if k != DENSE]
@@ -276,7 +283,7 @@ def verify(
         out = _tensor(call_model(pruned, batch))
         error = _relative_error(out, reference)
         contenders = {"dense": lambda: call_model(model, batch), "pruned": lambda: call_model(pruned, batch)}
-        engine_dense = _engine_dense(model, formats_of(pruned))
+        engine_dense = _engine_dense(model, formats_of(pruned)) if engine_dense else None
         if engine_dense is not None:
             dense_error = _relative_error(_tensor(call_model(engine_dense, batch)), _tensor(call_model(model, batch)))
             if not math.isfinite(dense_error) or dense_error > 1e-3:
@@ -284,6 +291,7 @@ def verify(
             contenders["engine dense"] = lambda: call_model(engine_dense, batch)
         samples = time_alternating(contenders, rounds)
         fused = fused_blocks(pruned)
+        generation = batch.generation(model, pruned, twin) if twin is not None else None
     finally:
         set_threads(previous)
         torch.set_grad_enabled(grad)
@@ -297,6 +305,7 @@ def verify(
         engine_dense_time=engine_time,
         engine_dense_ratios=engine_ratios,
         fused=fused,
+        generation=generation,
     )
     if engine_time is not None:
         result.speedup_over_engine_dense = statistics.median(engine_ratios) if kernel_faster else result.measured_speedup

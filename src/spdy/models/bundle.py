@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Iterator
 
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 
 from spdy.errors import InputError
 from spdy.models.data import fingerprint_batches
+from spdy.models.workload import Workload, workload_batch
 from spdy.units import call_model
 
 SAMPLED = 4096  # elements of each tensor the weight fingerprint reads
@@ -73,6 +75,13 @@ class ModelBundle:
     # encoder's per-token states, "token-cosine"); ``search_loss`` picks one, None: the output with ``loss``
     signals: dict[str, Callable[[Any], Any]] = field(default_factory=dict)
     search_loss: str | None = None
+    # what the deployed model is timed and verified on (None: the first calibration batch); causal LMs decode
+    workload: Workload | None = None
+
+    @cached_property
+    def timing_batch(self) -> Any:
+        """The batch that runs the workload (built once: a decode step fills its KV cache)."""
+        return workload_batch(self, self.workload)
 
     @property
     def objective(self) -> str:

@@ -9,6 +9,7 @@ from torch import nn
 
 from spdy.models.bundle import ModelBundle
 from spdy.models.data import pydoc_text, token_batches
+from spdy.models.workload import DECODE_DEFAULT, Workload
 
 
 class SentenceEncoder(nn.Module):
@@ -60,8 +61,10 @@ def load_directory(path: Path, samples: int, heldout: int, seq_len: int, batch_s
     causal = gguf_file is not None or any(a.endswith("ForCausalLM") for a in (config.architectures or []))
     if causal:
         lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kwargs)
-        return _text_bundle(path.name, CausalLM(lm), tokenizer, samples, heldout, seq_len, batch_size, "next-token", ["lm.model.layers.*"],
-                            special=False, validation=validation, database=database)
+        bundle = _text_bundle(path.name, CausalLM(lm), tokenizer, samples, heldout, seq_len, batch_size, "next-token", ["lm.model.layers.*"],
+                              special=False, validation=validation, database=database)
+        bundle.workload = Workload.parse(DECODE_DEFAULT)  # served token by token
+        return bundle
     encoder = SentenceEncoder(AutoModel.from_pretrained(str(path), **kwargs))
     bundle = _text_bundle(path.name, encoder, tokenizer, samples, heldout, seq_len, batch_size, "cosine", ["bert.encoder.*"],
                           special=True, validation=validation, database=database)

@@ -224,6 +224,8 @@ def measure(
 
 
 def _batch_shapes(batch: Any) -> Any:
+    if hasattr(batch, "shapes"):
+        return batch.shapes()
     if hasattr(batch, "shape"):
         return list(batch.shape)
     if isinstance(batch, Mapping):
