@@ -309,7 +309,7 @@ def calibrate(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTable
     if table.dense_formats():  # unpruned layers run faster than torch's: that profile is a point of its own
         profiles.insert(0, Profile({u: DENSE for u in table.units}))
     for profile in profiles:  # no target: nothing to meet, only a point to measure
-        result = verify(bundle.model, units, profile, timing_batch(bundle), table, rounds=CALIBRATION_ROUNDS)
+        result = verify(bundle.model, units, profile, timing_batch(bundle), table, rounds=CALIBRATION_ROUNDS, generation=False)
         points.append((profile.options, result.measured_speedup))
         say(f"      calibration: predicted {table.predicted_speedup(profile.options):.3f}x, measured {result.measured_speedup:.3f}x")
     try:
@@ -616,14 +616,15 @@ def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = Tru
     dense_heldout = outputs(bundle.model, bundle.heldout)  # the reference of every target's held-out quality
     batch = timing_batch(bundle)
 
-    def measure_profile(method: str, profile: Profile, target: float, rounds: int, engine_dense: bool = True) -> dict:
-        key = digest(profile.options, target, cfg.engine, cfg.threads, rounds, engine_dense, runtime_fingerprint(),
+    def measure_profile(method: str, profile: Profile, target: float, rounds: int, full: bool = True) -> dict:
+        """Verified on the workload; not ``full`` (a curve's landing rounds): over dense torch only, no timed generate."""
+        key = digest(profile.options, target, cfg.engine, cfg.threads, rounds, full, runtime_fingerprint(),
                      Path(verification.__file__).read_text())
         path = work / f"verify-{method}-{key}.json"
         if path.is_file():
             return json.loads(path.read_text())
         result = timed(log, f"verify:{method}", lambda: verify(bundle.model, units, profile, batch, table, weights=db.weight,
-                                                              rounds=rounds, engine=cfg.engine, engine_dense=engine_dense))
+                                                              rounds=rounds, engine=cfg.engine, engine_dense=full, generation=full))
         write_json(path, result.to_json())
         return result.to_json()
 
@@ -672,7 +673,7 @@ def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = Tru
                 return new
 
             kept, result, rounds = land(found, target, table.max_speedup(),
-                                        lambda p, m=method, t=target: (measure_profile(m, p, t, min(CURVE_ROUNDS, cfg.rounds), engine_dense=False)
+                                        lambda p, m=method, t=target: (measure_profile(m, p, t, min(CURVE_ROUNDS, cfg.rounds), full=False)
                                                                        if curve else measure_profile(m, p, t, cfg.rounds)),
                                         resolve, say=lambda text, m=method, t=target: say(f"      {t:g}x {m}: {text}"))
             at[method] = {"profile": kept, "searched": found, "verify": result, "rounds": rounds, "file": str(files[id(kept)])}

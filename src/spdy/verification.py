@@ -244,6 +244,7 @@ def verify(
     threads: int | None = None,
     engine: str | None = None,
     engine_dense: bool = True,
+    generation: bool = True,
 ) -> VerifyResult:
     """Build, convert and time the profile's pruned model against dense torch and, where the
     profile runs the kernel format, the engine's fastest dense run (`_engine_dense`).
@@ -254,7 +255,7 @@ def verify(
     Engine: ``engine``, else the table's backend; ``deepsparse`` and ``cuda-2:4`` verify on that
     engine, pruned over its own dense run (`spdy.verify_engines`). ``engine_dense=False`` skips the
     engine's dense run (a third of the rounds' time) where only the speedup over dense torch is used,
-    e.g. a curve's landing rounds.
+    e.g. a curve's landing rounds; ``generation=False`` skips a decoding workload's timed ``generate``.
     """
     from spdy.verify_engines import ENGINES, engine_of, verify_on_engine
 
@@ -272,7 +273,7 @@ def verify(
     try:
         model.eval()
         pruned = pruned_copy(model, units, options, weights)
-        twin = pruned_copy(model, units, options, weights) if hasattr(batch, "generation") else None  # stays masked dense torch
+        twin = pruned_copy(model, units, options, weights) if generation and hasattr(batch, "generation") else None  # stays masked dense
         reference = _tensor(call_model(pruned, batch)).clone()
         chosen = dict(formats) if formats is not None else _table_formats(table, options)
         sparse_units = [u for u, k in options.items() if k != DENSE]
@@ -291,7 +292,7 @@ def verify(
             contenders["engine dense"] = lambda: call_model(engine_dense, batch)
         samples = time_alternating(contenders, rounds)
         fused = fused_blocks(pruned)
-        generation = batch.generation(model, pruned, twin) if twin is not None else None
+        generated = batch.generation(model, pruned, twin) if twin is not None else None
     finally:
         set_threads(previous)
         torch.set_grad_enabled(grad)
@@ -305,7 +306,7 @@ def verify(
         engine_dense_time=engine_time,
         engine_dense_ratios=engine_ratios,
         fused=fused,
-        generation=generation,
+        generation=generated,
     )
     if engine_time is not None:
         result.speedup_over_engine_dense = statistics.median(engine_ratios) if kernel_faster else result.measured_speedup
