@@ -132,9 +132,12 @@ def cmd_database(args: argparse.Namespace) -> int:
     from spdy.database import build_database
     from spdy.pipeline import options_of
 
-    bundle, units = _bundle(args)
-    db = build_database(bundle.model, units, bundle.statistics, options_of(args.pattern, _levels(args.levels)),
-                        args.output, pruner=args.pruner, progress=not args.quiet)
+    from spdy.cluster import connect
+
+    with connect(args.cluster) as cluster:  # before the model loads: a missing or unreachable Ray fails at once
+        bundle, units = _bundle(args)
+        db = build_database(bundle.model, units, bundle.statistics, options_of(args.pattern, _levels(args.levels)),
+                            args.output, pruner=args.pruner, progress=not args.quiet, executor=cluster.map_unordered if cluster else None)
     summary = {**db.summary(), "units": len(db.units), "directory": str(db.directory)}
     summary["relative_error"].pop(DENSE, None)  # dense reconstructs exactly: not worth a line
     if args.json:
@@ -161,7 +164,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     work = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     if work:
         work.mkdir(parents=True, exist_ok=True)
-    profile = find_profile(bundle, units, table, db, args.target, settings, work, progress=not args.quiet)
+    profile = find_profile(bundle, units, table, db, args.target, settings, work, progress=not args.quiet, cluster=args.cluster)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         profile.save(args.output)
@@ -361,6 +364,12 @@ def _option_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--levels", help="sparsity levels: 0.5,0.7,0.9 or MIN:MAX:STEPS (default: the SPDY grid 0.4:0.99:41)")
 
 
+def _cluster_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cluster", metavar="ray[:ADDRESS]", help="run the database's units and the search's candidates on Ray: ray starts "
+                   "it on this machine, ray:ADDRESS joins a running cluster (needs pip install 'spdy[ray]'; workers must see the "
+                   "database directory)")
+
+
 def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="spdy", choices=METHODS)
     p.add_argument("--seed", type=int, default=0)
@@ -397,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     _option_args(p)
     p.add_argument("--pruner", default="obs", choices=("obs", "adaprune", "magnitude"))
     p.add_argument("-o", "--output", default="database", help="database directory (default %(default)s); an interrupted build resumes")
+    _cluster_arg(p)
     p.set_defaults(func=cmd_database)
 
     p = sub.add_parser("search", help="find the profile that loses least while meeting the target")
@@ -407,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=float, required=True, help="target speedup")
     p.add_argument("-o", "--output", help="write the profile JSON here")
     p.add_argument("--checkpoint-dir", help="directory for the search checkpoint (resume after interruption)")
+    _cluster_arg(p)
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("verify", help="run dense and pruned models alternately: measured vs predicted speedup")
@@ -461,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gap", action="store_true", default=None, help="finish the chosen profile with global AdaPrune before export")
     p.add_argument("--gap-epochs", type=int, help="gAP passes over the calibration data (default 100, the paper's; slow on a CPU)")
     p.add_argument("--gap-lr", type=float, help="gAP Adam learning rate (default 1e-5)")
+    _cluster_arg(p)
     p.add_argument("--json", action="store_true", help="end with one JSON object (for scripts); progress goes to stderr")
     p.set_defaults(func=cmd_run)
 
@@ -518,6 +530,10 @@ def main(argv: list[str] | None = None) -> int:
             check_target(args.target, "--target")  # before any model is loaded or anything is timed
         if getattr(args, "search_budget", None) is not None:
             parse_budget(args.search_budget)  # likewise
+        if getattr(args, "cluster", None) is not None:
+            from spdy.cluster import parse_cluster
+
+            parse_cluster(args.cluster)  # likewise
         return handler(args)
     except InfeasibleTarget as e:
         print(f"spdy {args.command}: {e}", file=sys.stderr)

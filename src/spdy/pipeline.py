@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
+from spdy.cluster import RayCluster, connect, parse_cluster
 from spdy.database import Database, Stitcher, build_database, capture
 from spdy.search.evaluate import Evaluator
 from spdy.search.evolution import EvoConfig, EvolutionSearch
@@ -97,11 +99,13 @@ def measure_to(path: Path, bundle: ModelBundle, units: Mapping[str, Unit], keys:
 
 
 def database(bundle: ModelBundle, units: Mapping[str, Unit], work: Path, pruner: str = "obs", pattern: str = "unstructured",
-             levels: Sequence[float] | None = None, progress: bool = True) -> Database:
-    """Build (or resume, or reuse) the pruned-weight database for ``units``."""
+             levels: Sequence[float] | None = None, progress: bool = True, cluster: str | RayCluster | None = None) -> Database:
+    """Build (or resume, or reuse) the pruned-weight database for ``units``; ``cluster``: run its units on Ray (`spdy.cluster`)."""
     options = options_of(pattern, levels)
     directory = work / f"database-{digest(bundle.fingerprint, sorted(units), pruner, [o.key for o in options])}"
-    return build_database(bundle.model, dict(units), bundle.statistics, options, directory, pruner=pruner, progress=progress)
+    with connect(cluster) as ray:
+        return build_database(bundle.model, dict(units), bundle.statistics, options, directory, pruner=pruner, progress=progress,
+                              executor=ray.map_unordered if ray else None)
 
 
 @dataclass
@@ -150,13 +154,14 @@ def evaluators(bundle: ModelBundle, stitcher: Stitcher) -> Evaluators:
 def find_profile(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTable, db: Database, target: float,
            settings: SearchSettings = SearchSettings(), work: Path | None = None, progress: bool = True,
            evaluation: Evaluators | None = None, coefficients: Sequence[float] | None = None,
-           start: Sequence[float] | None = None) -> Profile:
+           start: Sequence[float] | None = None, cluster: str | RayCluster | None = None) -> Profile:
     """Find a profile with ``settings.method`` that meets ``target`` on ``table``; loss on calibration, validation and
     held-out data. With validation data a search's final profile is its finalist that does best there.
 
     ``coefficients`` (SPDY only): the per-unit sensitivities an earlier search learned; the DP
     is solved with them at ``target`` instead of searching again. ``start`` (SPDY only): such
-    coefficients to search from (a warm start, e.g. from a neighbouring target).
+    coefficients to search from (a warm start, e.g. from a neighbouring target). ``cluster``: score the
+    SPDY and evolutionary searches' candidates on a pool of Ray actors (`spdy.cluster`), same result.
     """
     check_target(target)
     fingerprint = model_fingerprint(bundle.model)  # the dense model's: every search restores it when done
@@ -171,18 +176,23 @@ def find_profile(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTa
         key = {k: v for k, v in asdict(settings).items() if k != "budget"}
         checkpoint = work / f"search-{settings.method}-{digest(table.to_dict()['units'], db.manifest.get('identity', db.directory.name), target, key, start)}.json"
     method = settings.method
+    scale, pool = ExitStack(), None
     try:
+        if method in ("spdy", "evo") and coefficients is None and cluster is not None:
+            stitcher.restore()  # the actors' copies of the model start dense
+            pool = scale.enter_context(connect(cluster)).pool(calibration, stitcher.units, db.directory)
+            scale.callback(pool.close)
         if method == "spdy" and coefficients is not None:
             solution = solve(table, target, scaled_errors(table, coefficients))
             profile = Profile(solution.profile, target, solution.predicted_time, solution.predicted_speedup, "spdy",
                               calibration(solution.profile), evaluations=1, meta={"coefficients": list(coefficients)})
         elif method == "spdy":
             cfg = SpdyConfig(random_starts=settings.random_starts, tries=settings.tries, seed=settings.seed, tie=settings.tie)
-            profile = SpdySearch(table, target, calibration, cfg, checkpoint, progress, bundle.fingerprint, settings.budget, start).run()
+            profile = SpdySearch(table, target, calibration, cfg, checkpoint, progress, bundle.fingerprint, settings.budget, start, pool).run()
         elif method == "evo":
             cfg = EvoConfig(generations=settings.generations, offspring=settings.offspring, seed=settings.seed)
             profile = EvolutionSearch(table, target, calibration, len(bundle.calibration), cfg, checkpoint, progress, bundle.fingerprint,
-                                      settings.budget).run()
+                                      settings.budget, pool).run()
         else:
             started = time.perf_counter()
             profile = _baseline(method, bundle, table, target, units, db, stitcher)
@@ -196,6 +206,7 @@ def find_profile(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTa
             profile.heldout_loss = heldout(profile.options)
     finally:
         stitcher.restore()
+        scale.close()
     profile.meta.update(model=bundle.name, model_fingerprint=fingerprint, loss=bundle.objective, database=str(db.directory), pruner=db.pruner.get("name"))
     return profile
 
@@ -455,8 +466,11 @@ class RunConfig:
     gap_epochs: int = 100
     gap_lr: float = 1e-5
     calibrate: bool = True
+    cluster: str | None = None  # "ray" or "ray:ADDRESS": database and searches on Ray (`spdy.cluster`)
 
     def __post_init__(self) -> None:
+        if self.cluster is not None:
+            parse_cluster(self.cluster)
         for method in (self.method, *self.baselines):
             if method not in METHODS:
                 raise InputError(f"method {method!r}: choose one of {', '.join(METHODS)}")
@@ -568,6 +582,11 @@ def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = Tru
     Every stage is cached in ``cfg.work_dir`` under a digest of its inputs: a rerun resumes.
     Returns the run's summary (also written to ``summary.json``).
     """
+    with connect(cfg.cluster) as cluster:
+        return _run(cfg, say, progress, cluster)
+
+
+def _run(cfg: RunConfig, say: Callable[[str], None], progress: bool, cluster: RayCluster | None) -> dict:
     from spdy.database import Stitcher
     from spdy.report import write_report
     from spdy.runtime.deploy import export
@@ -609,7 +628,7 @@ def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = Tru
             f"held-out quality is exported")
     else:
         say(f"      target {targets[0]:g}x" + ("" if cfg.target is not None else " (no held-out data for a curve: 60% of the way to the maximum)"))
-    db = timed(log, "database", lambda: database(bundle, units, work, cfg.pruner, cfg.pattern, levels, progress))
+    db = timed(log, "database", lambda: database(bundle, units, work, cfg.pruner, cfg.pattern, levels, progress, cluster))
     say(f"[3/6] database ({cfg.pruner}, {cfg.pattern}): {db.directory}")
     stitcher = Stitcher({u: units[u] for u in table.units}, db)
     evaluation = evaluators(bundle, stitcher)
@@ -642,7 +661,7 @@ def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = Tru
             return Profile.load(path), path
         stage = "resolve" if coefficients is not None else "search"
         new = timed(log, f"{stage}:{method}", lambda: find_profile(bundle, units, table, db, table_target, settings, work, progress,
-                                                                  evaluation, coefficients=coefficients, start=start))
+                                                                  evaluation, coefficients=coefficients, start=start, cluster=cluster))
         new.target = target
         new.meta["table_target"] = table_target
         new.save(path)

@@ -13,7 +13,8 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from functools import partial
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -97,23 +98,26 @@ def _start(directory: Path, identity: dict) -> dict:
     return manifest
 
 
-def _build_unit(directory: Path, name: str, unit: Unit, stats: UnitStats, pruner: Pruner, options: list[Option], bar: tqdm) -> dict:
-    """Prune one unit to every option, write its file atomically, return its manifest entry."""
+def _build_unit(directory: Path, name: str, kind: str, original: torch.Tensor, stats: UnitStats, pruner: Pruner,
+                options: list[Option], tick: Callable[[], object] = lambda: None) -> tuple[str, dict]:
+    """Prune one unit to every option, write its file atomically, return (name, its manifest entry).
+
+    Takes the unit's weight rather than its module, so it runs wherever the weight and statistics are
+    sent (an ``executor``'s worker); ``tick`` follows it level by level."""
     started = time.perf_counter()
-    original = weight_matrix(unit).detach()
     hessian = stats.hessian
     energy = output_energy(original, hessian)
     tensors, errors = {}, {}
     for option, pruned in pruner.levels(original, stats, options, name):
         tensors[option.key] = original.clone().contiguous() if option.is_dense else pruned.to(original.dtype).contiguous()
         errors[option.key] = 0.0 if option.is_dense else relative_error(original, pruned, hessian, energy)
-        bar.update(1)
+        tick()
     filename = unit_filename(name)
     path = directory / filename
     path.parent.mkdir(parents=True, exist_ok=True)
     replace_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={"unit": name}))
-    return {
-        "kind": unit.kind,
+    return name, {
+        "kind": kind,
         "shape": list(original.shape),
         "file": filename,
         "sha256": file_sha256(path),
@@ -122,6 +126,10 @@ def _build_unit(directory: Path, name: str, unit: Unit, stats: UnitStats, pruner
         "seconds": round(time.perf_counter() - started, 3),
         "relative_error": errors,
     }
+
+
+# runs ``fn(*job)`` for every job, yielding each result as it finishes, in any order (e.g. `spdy.cluster.RayCluster.map_unordered`)
+Executor = Callable[[Callable[..., tuple[str, dict]], Iterable[tuple]], Iterator[tuple[str, dict]]]
 
 
 def build_database(
@@ -134,12 +142,16 @@ def build_database(
     *,
     progress: bool = True,
     on_unit: Callable[[str], None] | None = None,
+    executor: Executor | None = None,
     **pruner_params,
 ) -> Database:
     """Prune every unit of ``units`` to every option from the dense model's calibration inputs.
 
     ``options`` must share one pattern; dense is always stored. ``on_unit(name)`` runs after
-    each unit is committed (progress reporting, tests). Resumes ``out_dir`` when it holds a
+    each unit is committed (progress reporting, tests). ``executor`` runs the units' reconstructions
+    (one job per unit, e.g. on a Ray cluster whose workers see ``out_dir``); without one they run here,
+    one after another. Either way the files are the same, and the manifest is written here as each
+    unit finishes. Resumes ``out_dir`` when it holds a
     database built the same way; recomputes units whose file is missing or corrupt.
     """
     algorithm = make_pruner(pruner, **pruner_params)
@@ -160,8 +172,19 @@ def build_database(
         if todo:
             stats = capture(model, todo, calibration, rows=algorithm.rows, progress=progress)
             with progress_bar(total=len(todo) * len(options), desc=f"{algorithm.name} database", unit="level", disable=not progress) as bar:
-                for name, unit in todo.items():
-                    manifest["units"][name] = _build_unit(directory, name, unit, stats.pop(name), algorithm, options, bar)
+                # a generator, so each unit's statistics are released as its job starts
+                jobs = ((name, unit.kind, weight_matrix(unit).detach(), stats.pop(name)) for name, unit in todo.items())
+                build = partial(_build_unit, directory, pruner=algorithm, options=options)
+                if executor is None:
+                    finished = (build(*job, tick=lambda: bar.update(1)) for job in jobs)
+                else:
+                    finished = executor(build, jobs)
+                rank = {name: i for i, name in enumerate(units)}
+                for name, entry in finished:
+                    manifest["units"][name] = entry
+                    if executor is not None:  # finished in any order: recorded in the order a local build has
+                        manifest["units"] = dict(sorted(manifest["units"].items(), key=lambda item: rank.get(item[0], -1)))
+                        bar.update(len(options))
                     write_manifest(directory, manifest)
                     if on_unit is not None:
                         on_unit(name)

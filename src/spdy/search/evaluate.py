@@ -12,7 +12,7 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -165,6 +165,25 @@ def _warn_if_broken(loss: float) -> None:
 Objective = Evaluator | Callable[..., float]
 
 
+class Pool(Protocol):
+    """Copies of the calibration `Evaluator` that score candidates in parallel (e.g. `spdy.cluster.RayCluster.pool`).
+
+    The searches hand it a round's independent candidates and replay its results in serial order,
+    so a search with a pool returns what it returns without one, for the same seed."""
+
+    width: int  # evaluations it runs at once
+
+    def map(self, fn: Callable[[Evaluator, Any], Any], items: Sequence[Any]) -> list[Any]:
+        """``[fn(evaluator, item) for item in items]``, each call on one of the pool's evaluators."""
+        ...
+
+
+def batch_losses(evaluator: Evaluator, request: tuple[Mapping[str, str], int, int]) -> list[float]:
+    """`Evaluator.losses` for a ``(profile, start, stop)`` request: what a `Pool` runs for `MultiFidelity.prefetch`."""
+    profile, start, stop = request
+    return evaluator.losses(profile, start, stop)
+
+
 class MultiFidelity:
     """Mean loss of a profile on its first ``b`` calibration batches, for growing ``b``, each batch
     computed once: scoring a candidate on 2 batches and later on all 8 costs 8 batch passes, not 10.
@@ -188,22 +207,41 @@ class MultiFidelity:
         self.full_evaluations = 0  # profiles scored on all batches
         self.log: Path | None = None
 
-    def mean(self, profile: Mapping[str, str], batches: int | None = None) -> float:
-        """Mean loss on the first ``batches`` batches (all by default); NaN or inf -> inf."""
-        b = self.batches if batches is None else max(1, min(batches, self.batches))
-        key = tuple(profile.values())
+    def _entry(self, key: tuple[str, ...]) -> list[float] | dict[int, float]:
         if key not in self.memo:
             self.memo[key] = [] if self.incremental else {}
             self.evaluations += 1
-        known = self.memo[key]
+        return self.memo[key]
+
+    def _prefix(self, batches: int | None) -> int:
+        return self.batches if batches is None else max(1, min(batches, self.batches))
+
+    @staticmethod
+    def _missing(known: list[float], b: int) -> bool:
+        """Are batches below ``b`` still to compute (none after a non-finite loss)?"""
+        return len(known) < b and (not known or math.isfinite(known[-1]))
+
+    def add(self, profile: Mapping[str, str], start: int, losses: Sequence[float]) -> None:
+        """Record the per-batch ``losses`` of ``profile`` computed from batch ``start`` on (elsewhere, e.g.
+        by a `Pool`), exactly as if `mean` had computed them here: counted, logged, overlap with what is known dropped."""
+        key = tuple(profile.values())
+        known = self._entry(key)
+        new = list(losses)[len(known) - start:]
+        if new:
+            self._logged(key, len(known), new)
+            self.batch_evaluations += len(new)
+            known.extend(new)
+            _warn_if_broken(new[-1])
+            self.full_evaluations += len(known) == self.batches
+
+    def mean(self, profile: Mapping[str, str], batches: int | None = None) -> float:
+        """Mean loss on the first ``batches`` batches (all by default); NaN or inf -> inf."""
+        b = self._prefix(batches)
+        key = tuple(profile.values())
+        known = self._entry(key)
         if self.incremental:
-            if len(known) < b and (not known or math.isfinite(known[-1])):
-                new = self.evaluate.losses(profile, len(known), b)
-                self._logged(key, len(known), new)
-                self.batch_evaluations += len(new)
-                known.extend(new)
-                _warn_if_broken(new[-1])
-                self.full_evaluations += len(known) == self.batches
+            if self._missing(known, b):
+                self.add(profile, len(known), self.evaluate.losses(profile, len(known), b))
             value = sum(known[:b]) / b if len(known) >= b else math.inf
         else:
             if b not in known:
@@ -214,6 +252,24 @@ class MultiFidelity:
                 _warn_if_broken(known[b])
             value = known[b]
         return value if math.isfinite(value) else math.inf
+
+    def prefetch(self, profiles: Sequence[Mapping[str, str]], batches: int | None, pool: Pool | None) -> None:
+        """Score ``profiles`` on their first ``batches`` batches in parallel on ``pool`` and record the losses in
+        order, so that the `mean` calls a search then makes in that order compute nothing and count, log and
+        return exactly what they would have computed one by one. Nothing to do without a pool, or when the
+        objective is not an `Evaluator` (its losses are not per batch)."""
+        if pool is None or not self.incremental:
+            return
+        b = self._prefix(batches)
+        wanted: dict[tuple[str, ...], tuple[Mapping[str, str], int]] = {}
+        for profile in profiles:
+            key = tuple(profile.values())
+            known = self.memo.get(key, [])
+            if key not in wanted and self._missing(known, b):
+                wanted[key] = (profile, len(known))
+        results = pool.map(batch_losses, [(profile, start, b) for profile, start in wanted.values()])
+        for (profile, start), losses in zip(wanted.values(), results):
+            self.add(profile, start, losses)
 
     def known(self, profile: Mapping[str, str]) -> int:
         """The most batches ``profile`` has been scored on (0 if never)."""

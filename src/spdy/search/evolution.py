@@ -27,7 +27,7 @@ from spdy.progress import progress_bar
 from spdy.files import digest
 from spdy.search.budget import Clock
 from spdy.search.dp import solve
-from spdy.search.evaluate import MultiFidelity
+from spdy.search.evaluate import MultiFidelity, Pool
 from spdy.search.profile import Profile
 from spdy.search.select import Finalists
 from spdy.search.spdy import Checkpoint
@@ -56,13 +56,15 @@ class EvolutionSearch:
     """``EvolutionSearch(table, target, evaluate, batches).run()`` -> the best :class:`Profile` found.
 
     ``batches``: how many calibration batches ``evaluate`` has (an `Evaluator` knows its own);
-    ``budget``: seconds of wall time, None for none.
+    ``budget``: seconds of wall time, None for none; ``pool``: copies of ``evaluate`` (an `Evaluator`) that
+    score each stage's offspring in parallel, with the same result as without it.
     """
 
     def __init__(self, table: TimingTable, target: float, evaluate: StagedEvaluate, batches: int,
                  config: EvoConfig = EvoConfig(), checkpoint: str | os.PathLike | None = None, progress: bool = True,
-                 fingerprint: str = "", budget: float | None = None):
+                 fingerprint: str = "", budget: float | None = None, pool: Pool | None = None):
         self.table, self.target, self.evaluate, self.batches = table, target, evaluate, batches
+        self.pool = pool
         self.config, self.progress, self.budget = config, progress, budget
         self.keys = [table.options(u) for u in table.units]
         self.times = [np.array([table.times[u][k] for k in ks]) for u, ks in zip(table.units, self.keys)]
@@ -130,6 +132,9 @@ class EvolutionSearch:
             cut = False
             for share, survivors in cfg.stages:
                 batches = max(1, round(share * fid.batches))
+                if not clock.out():
+                    fid.prefetch([self._profile(g) for g in pool], batches, self.pool)
+                    save()
                 scores = []
                 for g in pool:
                     cut = clock.out()

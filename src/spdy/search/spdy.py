@@ -22,6 +22,7 @@ search resumes where it stood, losing at most the evaluation in flight.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -36,7 +37,7 @@ from spdy.errors import InputError
 from spdy.progress import progress_bar
 from spdy.search.budget import Clock
 from spdy.search.dp import DEFAULT_BUCKETS, scaled_errors, solve
-from spdy.search.evaluate import MultiFidelity, Objective
+from spdy.search.evaluate import Evaluator, MultiFidelity, Objective, Pool
 from spdy.files import digest, read_json, write_json
 from spdy.search.profile import Profile
 from spdy.search.select import Finalists
@@ -129,13 +130,16 @@ class SpdySearch:
     evaluation full); ``budget`` (seconds, None for none) bounds the search's wall time.
     ``start``: per-unit coefficients learned before (e.g. at a neighbouring target, as in
     ``Profile.meta["coefficients"]``); the search then skips the random starts and refines them
-    by local search.
+    by local search. ``pool``: copies of ``evaluate`` (an `Evaluator`) that score the random starts of a
+    fidelity, and the next local-search tries, in parallel; the result is the same as without it.
     """
 
     def __init__(self, table: TimingTable, target: float, evaluate: Objective, config: SpdyConfig = SpdyConfig(),
                  checkpoint: str | os.PathLike | None = None, progress: bool = True, fingerprint: str = "",
-                 budget: float | None = None, start: Sequence[float] | None = None):
+                 budget: float | None = None, start: Sequence[float] | None = None, pool: Pool | None = None):
         self.table, self.target, self.config, self.progress, self.budget = table, target, config, progress, budget
+        self.pool = pool
+        self.wasted = 0  # batch passes the pool ran for tries drawn after a winner (the serial search never ran them)
         self.objective = MultiFidelity(evaluate)
         self.ladder = fidelities(config.first_batches, self.objective.batches)
         key = {"method": "spdy", "table": digest(table.to_dict()["units"], length=16), "target": target, "config": asdict(config), "data": fingerprint,
@@ -216,6 +220,11 @@ class SpdySearch:
             profiles = [self.profile_for(c) for c in starts]
             alive = list(range(cfg.random_starts))
             for b in self.ladder:
+                for chunk in range(0, len(alive), self._width * 4):
+                    if clock.out():
+                        break
+                    fid.prefetch([profiles[i] for i in alive[chunk:chunk + self._width * 4]], b, self.pool)
+                    save()
                 scored = []
                 for i in alive:
                     if clock.out():
@@ -240,17 +249,23 @@ class SpdySearch:
         incumbent = self.profile_for(best)
         save()
         while state["k"] >= 1 and not clock.out():
+            ahead: list[tuple[dict[str, str], int, list[float]]] = []  # the next tries, scored in parallel
             while state["tries"] < cfg.tries and not clock.out():
-                candidate = best.copy()
-                picked = rng.choice(units, size=min(state["k"], units), replace=False)
-                candidate[picked] = rng.random(len(picked))
-                profile = self.profile_for(candidate)
+                if not ahead and self.pool is not None and self.objective.incremental:
+                    ahead = self._speculate(rng, best, state["k"], incumbent, min(self._width, cfg.tries - state["tries"]))
+                candidate = self._draw(rng, best, state["k"])
+                if ahead:  # replayed in order: losses recorded as the serial search would compute them
+                    profile, start, losses = ahead.pop(0)
+                    fid.add(profile, start, losses)
+                else:
+                    profile = self.profile_for(candidate)
                 won = self._challenge(profile, incumbent, score)
                 if fid.known(profile) >= full:
                     finalists.offer(profile, fid.mean(profile), coefficients=self.unit_coefficients(candidate).tolist())
                 if won:
                     improve(candidate, fid.mean(profile))
-                    incumbent, state["tries"] = profile, 0
+                    self.wasted += sum(len(losses) for _, _, losses in ahead)
+                    incumbent, state["tries"], ahead = profile, 0, []
                 else:
                     state["tries"] += 1
                 state["rng"] = rng.bit_generator.state
@@ -269,18 +284,57 @@ class SpdySearch:
             meta={"coefficients": coefficients.tolist(), "config": asdict(cfg), "seconds": round(clock.elapsed, 2),
                   "batch_evaluations": fid.batch_evaluations, "batches": full, "fidelities": self.ladder,
                   "full_evaluations": fid.full_evaluations, "budget": self.budget, "finalists": finalists.entries,
-                  "stopped_by_budget": clock.out() and state["k"] >= 1},
+                  "stopped_by_budget": clock.out() and state["k"] >= 1,
+                  **({"pool": {"width": self._width, "wasted_batch_evaluations": self.wasted}} if self.pool is not None else {})},
         )
 
+    @property
+    def _width(self) -> int:
+        return 1 if self.pool is None else max(1, self.pool.width)
+
+    def _draw(self, rng: np.random.Generator, best: np.ndarray, k: int) -> np.ndarray:
+        """A local-search candidate: ``best`` with ``k`` random coordinates redrawn (the draws do not depend on ``best``'s values)."""
+        candidate = best.copy()
+        picked = rng.choice(len(best), size=min(k, len(best)), replace=False)
+        candidate[picked] = rng.random(len(picked))
+        return candidate
+
+    def _speculate(self, rng: np.random.Generator, best: np.ndarray, k: int, incumbent: Mapping[str, str],
+                   tries: int) -> list[tuple[dict[str, str], int, list[float]]]:
+        """The next ``tries`` candidates the search will draw (from a copy of ``rng``), each challenged against the
+        incumbent on the pool: (profile, losses known before, losses computed). Those after the first winner are wasted."""
+        fid, ahead = self.objective, copy.deepcopy(rng)
+        profiles = [self.profile_for(self._draw(ahead, best, k)) for _ in range(tries)]
+        known = [list(fid.memo.get(tuple(p.values()), [])) for p in profiles]
+        reference = list(fid.memo.get(tuple(incumbent.values()), []))
+        items = [(p, kn, incumbent, reference, self.ladder, self.config.abandon_margin) for p, kn in zip(profiles, known)]
+        return [(p, len(kn), new) for p, kn, new in zip(profiles, known, self.pool.map(challenge_losses, items))]
+
     def _challenge(self, profile: Mapping[str, str], incumbent: Mapping[str, str], score: Callable[[Mapping[str, str], int], float]) -> bool:
-        """Does ``profile`` beat the incumbent on all batches? Abandoned at the first prefix of the
-        data on which it is clearly worse (same batches for both)."""
+        """Does ``profile`` beat the incumbent on all batches? (`challenge`)"""
         fid = self.objective
-        for b in self.ladder:
-            loss, reference = score(profile, b), fid.mean(incumbent, b)
-            if b == fid.batches:
-                return loss < reference
-            margin = self.config.abandon_margin * math.sqrt((fid.batches - b) / b)
-            if not math.isfinite(loss) or loss > reference * (1 + margin):
-                return False
-        return False
+        return challenge(self.ladder, fid.batches, self.config.abandon_margin, lambda b: score(profile, b), lambda b: fid.mean(incumbent, b))
+
+
+def challenge(ladder: Sequence[int], batches: int, margin: float, score: Callable[[int], float], reference: Callable[[int], float]) -> bool:
+    """Does a candidate (mean loss ``score(b)`` on the first ``b`` batches) beat the incumbent (``reference(b)``) on all
+    ``batches``? Abandoned at the first prefix of the ``ladder`` on which it is clearly worse (same batches for both)."""
+    for b in ladder:
+        loss, ref = score(b), reference(b)
+        if b == batches:
+            return loss < ref
+        allowed = margin * math.sqrt((batches - b) / b)
+        if not math.isfinite(loss) or loss > ref * (1 + allowed):
+            return False
+    return False
+
+
+def challenge_losses(evaluator: Evaluator, item: tuple) -> list[float]:
+    """What a `Pool` runs for a local-search try: `challenge` a candidate against the incumbent on this evaluator
+    and return the candidate's losses on the batches it needed beyond those ``known`` already."""
+    profile, known, incumbent, reference, ladder, margin = item
+    fid = MultiFidelity(evaluator)
+    fid.memo[tuple(incumbent.values())] = list(reference)
+    fid.memo[tuple(profile.values())] = list(known)
+    challenge(ladder, fid.batches, margin, lambda b: fid.mean(profile, b), lambda b: fid.mean(incumbent, b))
+    return fid.memo[tuple(profile.values())][len(known):]
