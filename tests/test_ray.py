@@ -25,7 +25,6 @@ from spdy.database import Stitcher, build_database  # noqa: E402
 from spdy.errors import InputError  # noqa: E402
 from spdy.levels import DENSE, Option, options_for  # noqa: E402
 from spdy.models.digits import digits_mlp  # noqa: E402
-from spdy.pipeline import SearchSettings, find_profile  # noqa: E402
 from spdy.search.evaluate import Evaluator  # noqa: E402
 from spdy.search.evolution import EvoConfig, EvolutionSearch  # noqa: E402
 from spdy.search.spdy import SpdyConfig, SpdySearch  # noqa: E402
@@ -65,22 +64,30 @@ def setup(cluster, tmp_path_factory):
     stitcher.restore()
 
 
+def kill_busy(title: str, timeout: float = 30.0) -> int | None:
+    """SIGKILL the first Ray worker process found running ``title`` (Ray names a busy worker ``ray::<task>``,
+    an idle one ``ray::IDLE``); its pid, or None if none was busy within ``timeout`` seconds."""
+    deadline, workers, scanned = time.monotonic() + timeout, [], 0.0
+    while time.monotonic() < deadline:
+        if time.monotonic() - scanned > 0.2:  # a full scan finds new workers; in between, only theirs is read
+            workers = [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0].startswith("ray::")]
+            scanned = time.monotonic()
+        for p in workers:
+            try:
+                busy = p.cmdline()[0].startswith(title)
+            except (psutil.Error, IndexError):
+                continue
+            if busy:
+                os.kill(p.pid, signal.SIGKILL)
+                return p.pid
+        time.sleep(0.001)
+    return None
+
+
 def killer(title: str) -> tuple[threading.Thread, list[int]]:
-    """A thread that SIGKILLs the first worker process found running ``title`` (Ray names a busy worker
-    ``ray::<task>``); the killed pid is appended to the list it returns."""
+    """`kill_busy` in a thread, while the test runs a search; the killed pid lands in the list."""
     killed: list[int] = []
-
-    def hunt() -> None:
-        deadline = time.monotonic() + 60
-        while not killed and time.monotonic() < deadline:
-            for p in psutil.process_iter(["pid", "cmdline"]):
-                if (p.info["cmdline"] or [""])[0].startswith(title) and p.info["pid"] != os.getpid():
-                    os.kill(p.info["pid"], signal.SIGKILL)
-                    killed.append(p.info["pid"])
-                    return
-            time.sleep(0.01)
-
-    thread = threading.Thread(target=hunt, daemon=True)
+    thread = threading.Thread(target=lambda: killed.extend(p for p in [kill_busy(title)] if p), daemon=True)
     thread.start()
     return thread, killed
 
@@ -124,11 +131,15 @@ def test_an_interrupted_ray_build_resumes(setup, cluster, tmp_path):
 
 def test_a_worker_killed_mid_build_costs_only_its_task(setup, cluster, tmp_path):
     bundle, units, _, local, _, _ = setup
-    thread, killed = killer("ray::_run_task")
+    killed = []
+
+    def kill(name: str) -> None:  # when the first unit is in, the next tasks are running on both workers
+        if not killed:
+            killed.append(kill_busy("ray::_run_task", timeout=5))
+
     db = build_database(bundle.model, units, bundle.calibration, options_for("unstructured", LEVELS), tmp_path, progress=False,
-                        executor=cluster.map_unordered)
-    thread.join()
-    assert killed, "no build task was caught running"
+                        executor=cluster.map_unordered, on_unit=kill)
+    assert killed[0], "no build task was caught running"
     same_database(local, db)
 
 
@@ -171,15 +182,20 @@ def test_evolution_on_a_ray_pool_is_the_serial_search(setup, cluster):
 
 
 def test_an_actor_killed_mid_search_costs_only_its_call(setup, cluster):
-    bundle, units, table, db, evaluator, target = setup
-    settings = SearchSettings("spdy", seed=3, random_starts=6, tries=4)
-    serial = find_profile(bundle, units, table, db, target, settings, progress=False)
-    thread, killed = killer("ray::_Evaluating.call")
-    parallel = find_profile(bundle, units, table, db, target, settings, progress=False, cluster=cluster)
-    thread.join()
-    assert killed, "no evaluation was caught running"
+    _, units, table, db, evaluator, target = setup
+    cfg = SpdyConfig(random_starts=24, tries=12, seed=5)
+    serial = SpdySearch(table, target, evaluator, cfg, progress=False).run()
+    pool = cluster.pool(evaluator, units, db.directory)
+    try:
+        pids = pool.pids()  # the actors are up
+        thread, killed = killer("ray::_Evaluating.call")
+        parallel = SpdySearch(table, target, evaluator, cfg, progress=False, pool=pool).run()
+        thread.join()
+        assert killed and killed[0] in pids, "no evaluation was caught running"
+        assert len(set(pool.pids()) - set(pids)) == 1  # Ray restarted the killed actor
+    finally:
+        pool.close()
     same_search(serial, parallel)
-    assert parallel.heldout_loss == serial.heldout_loss
 
 
 def test_cli_database_and_search_take_the_cluster_flag(cluster, tmp_path, capsys):

@@ -17,7 +17,7 @@ import os
 import socket
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -155,7 +155,7 @@ class RayCluster:
         """How many tasks (or actors) run at once: the cluster's CPUs over the threads each takes."""
         return max(1, int(self.ray.cluster_resources().get("CPU", 1)) // self.threads)
 
-    def map_unordered(self, fn: Callable[..., Any], jobs: Iterable[tuple]) -> Iterator[Any]:
+    def map_unordered(self, fn: Callable[..., Any], jobs: Iterable[tuple]) -> Generator[Any, None, None]:
         """``fn(*job)`` for every job as Ray tasks, results yielded as they finish (`build_database`'s executor).
 
         Arguments go through Ray's object store; at most twice as many jobs as workers are in flight, so
@@ -165,13 +165,19 @@ class RayCluster:
         fn_ref = ray.put(fn)
         pending: list[Any] = []
         jobs = iter(jobs)
-        while True:
-            while len(pending) < 2 * self.workers and (job := next(jobs, None)) is not None:
-                pending.append(task.remote(fn_ref, self.threads, *job))
-            if not pending:
-                return
-            done, pending = ray.wait(pending, num_returns=1)
-            yield ray.get(done[0])
+        try:
+            while True:
+                while len(pending) < 2 * self.workers and (job := next(jobs, None)) is not None:
+                    pending.append(task.remote(fn_ref, self.threads, *job))
+                if not pending:
+                    return
+                done, pending = ray.wait(pending, num_returns=1)
+                yield ray.get(done[0])
+        finally:  # the caller stopped (interrupted, or a task failed): no task may write on after it
+            for ref in pending:
+                ray.cancel(ref)
+            if pending:
+                ray.wait(pending, num_returns=len(pending), timeout=60)
 
     def pool(self, evaluator: Evaluator, units: Mapping[str, Unit], database: str | os.PathLike, size: int | None = None) -> RayPool:
         """``size`` actors (default `workers`), each with a copy of ``evaluator`` (its model dense) stitching from ``database``.

@@ -13,8 +13,9 @@ import math
 import os
 import time
 from pathlib import Path
+from contextlib import closing
 from functools import partial
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Generator, Iterable, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -128,8 +129,9 @@ def _build_unit(directory: Path, name: str, kind: str, original: torch.Tensor, s
     }
 
 
-# runs ``fn(*job)`` for every job, yielding each result as it finishes, in any order (e.g. `spdy.cluster.RayCluster.map_unordered`)
-Executor = Callable[[Callable[..., tuple[str, dict]], Iterable[tuple]], Iterator[tuple[str, dict]]]
+# runs ``fn(*job)`` for every job, yielding each result as it finishes, in any order, and stops the jobs still running
+# when closed (e.g. `spdy.cluster.RayCluster.map_unordered`)
+Executor = Callable[[Callable[..., tuple[str, dict]], Iterable[tuple]], Generator[tuple[str, dict], None, None]]
 
 
 def build_database(
@@ -180,12 +182,13 @@ def build_database(
                 else:
                     finished = executor(build, jobs)
                 rank = {name: i for i, name in enumerate(units)}
-                for name, entry in finished:
-                    manifest["units"][name] = entry
-                    if executor is not None:  # finished in any order: recorded in the order a local build has
-                        manifest["units"] = dict(sorted(manifest["units"].items(), key=lambda item: rank.get(item[0], -1)))
-                        bar.update(len(options))
-                    write_manifest(directory, manifest)
-                    if on_unit is not None:
-                        on_unit(name)
+                with closing(finished):
+                    for name, entry in finished:
+                        manifest["units"][name] = entry
+                        if executor is not None:  # finished in any order: recorded in the order a local build has
+                            manifest["units"] = dict(sorted(manifest["units"].items(), key=lambda item: rank.get(item[0], -1)))
+                            bar.update(len(options))
+                        write_manifest(directory, manifest)
+                        if on_unit is not None:
+                            on_unit(name)
     return Database.open(directory)

@@ -132,7 +132,7 @@ class EvolutionSearch:
             cut = False
             for share, survivors in cfg.stages:
                 batches = max(1, round(share * fid.batches))
-                if not clock.out():
+                if self.pool is not None and not clock.out():
                     fid.prefetch([self._profile(g) for g in pool], batches, self.pool)
                     save()
                 scores = []

@@ -220,7 +220,7 @@ class SpdySearch:
             profiles = [self.profile_for(c) for c in starts]
             alive = list(range(cfg.random_starts))
             for b in self.ladder:
-                for chunk in range(0, len(alive), self._width * 4):
+                for chunk in range(0, len(alive) if self.pool is not None else 0, self._width * 4):
                     if clock.out():
                         break
                     fid.prefetch([profiles[i] for i in alive[chunk:chunk + self._width * 4]], b, self.pool)

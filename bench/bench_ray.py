@@ -1,0 +1,148 @@
+"""Local vs Ray at equal total threads: a MiniLM database build and one SPDY search, and a worker killed in each.
+
+Local runs torch (and numba) on ``--threads`` threads; Ray runs ``--threads`` workers of one
+thread each on a local instance. The database covers the units of ``--layers`` encoder layers
+at ``--levels`` (a full MiniLM build is ~3 minutes per run on this machine); the search is SPDY
+with ``--random-starts`` and ``--tries`` on a synthetic timing table (time proportional to the
+weights kept plus a fixed part: the search's cost does not depend on the table's numbers).
+
+    NUMBA_NUM_THREADS=2 python bench/bench_ray.py [--layers 2] [--threads 2] [-o bench/results/ray.json]
+
+Prints JSON: wall times, per-task compute and the overhead Ray adds per task, whether the
+outputs are identical, and the fault runs (one worker SIGKILLed mid-task): time added.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from spdy.cli import _levels
+from spdy.cluster import RayCluster
+from spdy.database import Stitcher, build_database
+from spdy.levels import DENSE, Option, options_for
+from spdy.pipeline import load_bundle
+from spdy.search.evaluate import Evaluator
+from spdy.search.spdy import SpdyConfig, SpdySearch
+from spdy.timing.table import TimingTable
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def kill_after(title: str, delay: float) -> list[float]:
+    """SIGKILL the first worker running ``title`` once ``delay`` seconds have passed; returns [when] once done."""
+    done: list[float] = []
+    start = time.perf_counter()
+
+    def hunt() -> None:
+        time.sleep(delay)
+        while not done and time.perf_counter() - start < delay + 600:
+            for p in psutil.process_iter(["pid", "cmdline"]):
+                if (p.info["cmdline"] or [""])[0].startswith(title):
+                    os.kill(p.info["pid"], signal.SIGKILL)
+                    done.append(round(time.perf_counter() - start, 2))
+                    return
+            time.sleep(0.01)
+
+    threading.Thread(target=hunt, daemon=True).start()
+    return done
+
+
+def table_for(units, levels: list[float]) -> TimingTable:
+    keys = [DENSE] + [o.key for o in options_for("unstructured", levels)]
+    times = {u: {k: unit.weight_shape[0] * unit.weight_shape[1] * 1e-9 * (0.2 + 0.8 * (1 - Option.parse(k).sparsity)) for k in keys}
+             for u, unit in units.items()}
+    dense = sum(t[DENSE] for t in times.values())
+    return TimingTable(times, base=1.25 * dense, fixed=0.25 * dense)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--levels", default="0.4:0.99:41", help="MIN:MAX:STEPS or a list (default: the SPDY grid)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--random-starts", type=int, default=32)
+    parser.add_argument("--tries", type=int, default=16)
+    parser.add_argument("-o", "--output")
+    args = parser.parse_args()
+    levels = _levels(args.levels)
+    include = [f"bert.encoder.layer.{i}.*" for i in range(args.layers)]
+    bundle, units = load_bundle("minilm", include=include)
+    opts = options_for("unstructured", levels)
+    table = table_for(units, levels)
+    target = 1 + 0.5 * (table.max_speedup() - 1)
+    cfg = SpdyConfig(random_starts=args.random_starts, tries=args.tries, seed=0)
+    out: dict = {"units": len(units), "levels": len(opts) + 1, "threads": args.threads, "search": {"random_starts": args.random_starts,
+                 "tries": args.tries, "batches": len(bundle.calibration)}}
+    work = Path(tempfile.mkdtemp(prefix="bench-ray-"))
+
+    def build(name: str, executor=None):
+        started, before = time.perf_counter(), load()
+        db = build_database(bundle.model, units, bundle.calibration, opts, work / name, progress=False, executor=executor)
+        wall = time.perf_counter() - started
+        tasks = [e["seconds"] for e in db.manifest["units"].values()]
+        return db, {"wall_s": round(wall, 2), "task_s_sum": round(sum(tasks), 2), "load_before": before, "load_after": load()}
+
+    def search(pool=None):
+        started, before = time.perf_counter(), load()
+        profile = SpdySearch(table, target, evaluator, cfg, progress=False, pool=pool).run()
+        return profile, {"wall_s": round(time.perf_counter() - started, 2), "evaluations": profile.evaluations,
+                         "batch_evaluations": profile.meta["batch_evaluations"], "loss": profile.calibration_loss,
+                         "load_before": before, "load_after": load(), **({"pool": profile.meta["pool"]} if pool else {})}
+
+    torch.set_num_threads(args.threads)
+    local_db, out["database_local"] = build("local")
+    stitcher = Stitcher(units, local_db)
+    evaluator = Evaluator(bundle.model, bundle.calibration, bundle.objective, stitcher.apply)
+    local_profile, out["search_local"] = search()
+    stitcher.restore()
+    print(json.dumps(out, indent=1), flush=True)
+
+    started = time.perf_counter()
+    with RayCluster("ray", cpus=args.threads, threads=1) as cluster:
+        out["ray_start_s"] = round(time.perf_counter() - started, 2)
+        ray_db, out["database_ray"] = build("ray", cluster.map_unordered)
+        n = len(units)
+        out["database_ray"]["overhead_per_task_s"] = round((out["database_ray"]["wall_s"] * args.threads - out["database_ray"]["task_s_sum"]) / n, 3)
+        out["database_ray"]["identical"] = all(ray_db.manifest["units"][u]["sha256"] == local_db.manifest["units"][u]["sha256"] for u in units)
+        out["database_ray"]["same_errors"] = ray_db.relative_errors() == local_db.relative_errors()
+        print(json.dumps(out["database_ray"]), flush=True)
+
+        killed = kill_after("ray::_run_task", 0.4 * out["database_ray"]["wall_s"])
+        _, out["database_ray_killed"] = build("ray-killed", cluster.map_unordered)
+        out["database_ray_killed"]["killed_at_s"] = killed
+        out["database_ray_killed"]["added_s"] = round(out["database_ray_killed"]["wall_s"] - out["database_ray"]["wall_s"], 2)
+        print(json.dumps(out["database_ray_killed"]), flush=True)
+
+        made = time.perf_counter()
+        pool = cluster.pool(evaluator, units, local_db.directory)
+        out["pool_start_s"] = round(time.perf_counter() - made, 2)  # until the actors are made; they load while the search starts
+        ray_profile, out["search_ray"] = search(pool)
+        out["search_ray"]["same_profile"] = ray_profile.options == local_profile.options
+        out["search_ray"]["same_loss"] = ray_profile.calibration_loss == local_profile.calibration_loss
+        print(json.dumps(out["search_ray"]), flush=True)
+
+        killed = kill_after("ray::_Evaluating.call", 0.4 * out["search_ray"]["wall_s"])
+        again, out["search_ray_killed"] = search(pool)
+        out["search_ray_killed"]["killed_at_s"] = killed
+        out["search_ray_killed"]["same_profile"] = again.options == ray_profile.options
+        out["search_ray_killed"]["added_s"] = round(out["search_ray_killed"]["wall_s"] - out["search_ray"]["wall_s"], 2)
+        pool.close()
+    print(json.dumps(out, indent=1))
+    if args.output:
+        Path(args.output).write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
