@@ -115,8 +115,15 @@ def main() -> None:
         ray_db, out["database_ray"] = build("ray", cluster.map_unordered)
         n = len(units)
         out["database_ray"]["overhead_per_task_s"] = round((out["database_ray"]["wall_s"] * args.threads - out["database_ray"]["task_s_sum"]) / n, 3)
-        out["database_ray"]["identical"] = all(ray_db.manifest["units"][u]["sha256"] == local_db.manifest["units"][u]["sha256"] for u in units)
-        out["database_ray"]["same_errors"] = ray_db.relative_errors() == local_db.relative_errors()
+        # a task's result depends on its thread count: compared with a local build at the workers' one thread
+        torch.set_num_threads(1)
+        one_db, out["database_local_1_thread"] = build("local-1")
+        torch.set_num_threads(args.threads)
+        out["database_ray"]["identical_to_1_thread"] = all(ray_db.manifest["units"][u]["sha256"] == one_db.manifest["units"][u]["sha256"] for u in units)
+        out["database_ray"]["same_errors_as_1_thread"] = ray_db.relative_errors() == one_db.relative_errors()
+        out["database_ray"]["largest_error_difference"] = max(abs(a - one_db.relative_errors()[u][k]) / max(a, 1e-300)
+                                                              for u, e in ray_db.relative_errors().items() for k, a in e.items())
+        out["database_ray"]["identical_to_2_threads"] = all(ray_db.manifest["units"][u]["sha256"] == local_db.manifest["units"][u]["sha256"] for u in units)
         print(json.dumps(out["database_ray"]), flush=True)
 
         killed = kill_after("ray::_run_task", 0.4 * out["database_ray"]["wall_s"])
@@ -126,7 +133,7 @@ def main() -> None:
         print(json.dumps(out["database_ray_killed"]), flush=True)
 
         made = time.perf_counter()
-        pool = cluster.pool(evaluator, units, local_db.directory)
+        pool = cluster.pool(evaluator, stitcher)
         out["pool_start_s"] = round(time.perf_counter() - made, 2)  # until the actors are made; they load while the search starts
         ray_profile, out["search_ray"] = search(pool)
         out["search_ray"]["same_profile"] = ray_profile.options == local_profile.options

@@ -13,6 +13,7 @@ restarts the actor and resends the call (pool), up to `RETRIES` times.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import socket
 from contextlib import contextmanager
@@ -23,8 +24,9 @@ import torch
 
 import spdy
 from spdy.errors import InputError
+from spdy.database import Stitcher
 from spdy.search.evaluate import Evaluator
-from spdy.units import Unit
+from spdy.units import Unit, set_weight_matrix
 
 RETRIES = 3  # reruns of a task (restarts of an actor) whose worker died
 FLAG = "--cluster"
@@ -66,21 +68,42 @@ def _threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def _owned(value: Any) -> Any:
+    """``value`` with every tensor copied into memory torch allocated: a tensor read from the object store lies
+    wherever Ray put it, and the BLAS may round differently at another alignment (results must equal a local run's)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_owned(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _owned(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _owned(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init})
+    return value
+
+
 def _run_task(fn: Callable[..., Any], threads: int, *args: Any) -> Any:
     """A task's body on a worker: as many torch threads as the task has CPUs, no autograd (as `build_database` runs)."""
     _threads(threads)
     with torch.no_grad():
-        return fn(*args)
+        return fn(*_owned(args))
 
 
 class _Evaluating:
-    """A pool actor: the calibration `Evaluator`, its model stitched from the database, held for the whole search."""
+    """A pool actor: the calibration `Evaluator` on its own copy of the model, stitched from the database, held for the search."""
 
-    def __init__(self, payload: tuple[Evaluator, Mapping[str, Unit]], database: str, threads: int):
-        from spdy.database import Database, Stitcher
+    def __init__(self, payload: tuple[Evaluator, Mapping[str, Unit], Mapping[str, torch.Tensor]], database: str, threads: int):
+        from spdy.database import Database
 
         _threads(threads)
-        evaluator, units = payload  # sent together, so the units' modules are the evaluator's model's
+        evaluator, units, dense = payload  # sent together, so the units' modules are the evaluator's model's
+        with torch.no_grad():
+            for module in {id(u.module): u.module for u in units.values()}.values():
+                for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                    tensor.data = tensor.data.clone()  # see `_owned`
+            for name, unit in units.items():
+                set_weight_matrix(unit, dense[name])  # dense, whatever the model held when the pool was made
+        evaluator.batches, evaluator.reference = _owned(evaluator.batches), _owned(evaluator.reference)
         self.evaluator = evaluator
         self.evaluator.apply = Stitcher(units, Database.open(database)).apply
 
@@ -94,8 +117,9 @@ class _Evaluating:
 class RayPool:
     """`Pool` of Ray actors, each with a copy of the calibration evaluator; `close` ends them."""
 
-    def __init__(self, ray: Any, actors: list[Any]):
+    def __init__(self, ray: Any, actors: list[Any], payload: Any):
         self.ray, self.actors, self.width = ray, actors, len(actors)
+        self.payload = payload  # held: a restarted actor is made from it again
 
     def map(self, fn: Callable[[Evaluator, Any], Any], items: Sequence[Any]) -> list[Any]:
         from ray.util import ActorPool
@@ -179,18 +203,18 @@ class RayCluster:
             if pending:
                 ray.wait(pending, num_returns=len(pending), timeout=60)
 
-    def pool(self, evaluator: Evaluator, units: Mapping[str, Unit], database: str | os.PathLike, size: int | None = None) -> RayPool:
-        """``size`` actors (default `workers`), each with a copy of ``evaluator`` (its model dense) stitching from ``database``.
+    def pool(self, evaluator: Evaluator, stitcher: Stitcher, size: int | None = None) -> RayPool:
+        """``size`` actors (default `workers`), each with a copy of ``evaluator`` whose model is made dense (from
+        ``stitcher``'s snapshot) and stitched from ``stitcher``'s database, which the workers open themselves.
 
         The model, its batches and its dense outputs are sent once, through the object store."""
         ray = self.ray
         shipped = copy.copy(evaluator)
-        shipped.apply = None  # the stitcher's open files stay here; each actor opens the database itself
-        payload = ray.put((shipped, dict(units)))
+        shipped.apply = None  # the stitcher's open files stay here
+        payload = ray.put((shipped, dict(stitcher.units), stitcher.dense))
         actor = ray.remote(num_cpus=self.threads, max_restarts=RETRIES, max_task_retries=RETRIES)(_Evaluating)
-        actors = [actor.remote(payload, str(database), self.threads) for _ in range(size or self.workers)]
-        return RayPool(ray, actors)
-
+        actors = [actor.remote(payload, str(stitcher.db.directory), self.threads) for _ in range(size or self.workers)]
+        return RayPool(ray, actors, payload)
 
 
 @contextmanager

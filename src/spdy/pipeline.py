@@ -179,8 +179,7 @@ def find_profile(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTa
     scale, pool = ExitStack(), None
     try:
         if method in ("spdy", "evo") and coefficients is None and cluster is not None:
-            stitcher.restore()  # the actors' copies of the model start dense
-            pool = scale.enter_context(connect(cluster)).pool(calibration, stitcher.units, db.directory)
+            pool = scale.enter_context(connect(cluster)).pool(calibration, stitcher)
             scale.callback(pool.close)
         if method == "spdy" and coefficients is not None:
             solution = solve(table, target, scaled_errors(table, coefficients))
