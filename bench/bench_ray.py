@@ -83,7 +83,7 @@ def main() -> None:
     table = table_for(units, levels)
     target = 1 + 0.5 * (table.max_speedup() - 1)
     cfg = SpdyConfig(random_starts=args.random_starts, tries=args.tries, seed=0)
-    out: dict = {"units": len(units), "levels": len(opts) + 1, "threads": args.threads, "search": {"random_starts": args.random_starts,
+    out: dict = {"units": len(units), "options": len(set(opts) | {Option(0.0)}), "threads": args.threads, "search": {"random_starts": args.random_starts,
                  "tries": args.tries, "batches": len(bundle.calibration)}}
     work = Path(tempfile.mkdtemp(prefix="bench-ray-"))
 
