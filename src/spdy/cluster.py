@@ -34,8 +34,8 @@ FLAG = "--cluster"
 
 def parse_cluster(spec: str) -> str | None:
     """The address in ``ray[:ADDRESS]`` (None: start Ray here); anything else is an `InputError` naming the flag."""
-    kind, _, address = spec.partition(":")
-    if kind != "ray" or (_ and not address):
+    kind, colon, address = spec.partition(":")
+    if kind != "ray" or (colon and not address):
         raise InputError(f"{FLAG} {spec!r}: use ray (a Ray instance on this machine) or ray:ADDRESS (join a running cluster, "
                          "e.g. ray:10.0.0.5:6379 or ray:auto)")
     return address or None
@@ -99,7 +99,7 @@ class _Evaluating:
         evaluator, units, dense = payload  # sent together, so the units' modules are the evaluator's model's
         with torch.no_grad():
             for module in {id(u.module): u.module for u in units.values()}.values():
-                for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
                     tensor.data = tensor.data.clone()  # see `_owned`
             for name, unit in units.items():
                 set_weight_matrix(unit, dense[name])  # dense, whatever the model held when the pool was made
@@ -218,7 +218,7 @@ class RayCluster:
 
 
 @contextmanager
-def connect(cluster: "str | RayCluster | None") -> Iterator["RayCluster | None"]:
+def connect(cluster: str | RayCluster | None) -> Iterator[RayCluster | None]:
     """The cluster a pipeline stage runs on: None (here), a ``--cluster`` spec (connected for the block), or a
     `RayCluster` the caller already holds (used as it is)."""
     if cluster is None or isinstance(cluster, RayCluster):
