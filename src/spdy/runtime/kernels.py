@@ -34,6 +34,7 @@ import torch
 
 from spdy.runtime import cpu
 from spdy.runtime.buffers import buffer
+from spdy.runtime.gemv import SmallRowWeight
 
 if cpu.numba is not None:
     import numba
@@ -49,6 +50,7 @@ CHUNK = 192  # output rows per work item: 128-256 measured 1.1-1.4x faster than 
 _NNZ_PER_BLOCK = 19.2  # target weights per (output row, input block)
 ACTIVATIONS = (None, "gelu")
 _SMALL_N = 16  # up to this many rows a 1-vector tile wastes less than a 4-vector one
+SMALL_ROWS = 8  # up to this many rows `matmul` runs the small-row kernels of `spdy.runtime.gemv` (measured, issue 22)
 
 if cpu.numba is not None:
     _CHUNK_FLOATS = CHUNK * 4 * LANES
@@ -357,6 +359,17 @@ class SparseKernelWeight:
         self.nnz = int(data.shape[0])  # from_dense sets the count without the padding
         self._bias_np = (bias.detach().to(torch.float32).contiguous().numpy() if bias is not None
                          else np.zeros(shape[0], dtype=np.float32))
+        self._small: SmallRowWeight | None = None
+
+    @property
+    def small(self) -> SmallRowWeight:
+        """The weight in the small-row layout, built on the first call with few rows: a model only
+        ever run on large batches does not hold it. It costs what `SmallRowWeight` says (bitmask:
+        about 4 bytes per kept weight + 1 bit per weight) on top of this CSR (4-8 bytes per kept
+        weight), and building it takes a few ms per layer, once."""
+        if self._small is None:
+            self._small = SmallRowWeight(self.to_dense().numpy(), self._bias_np)
+        return self._small
 
     @property
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -411,6 +424,8 @@ class SparseKernelWeight:
         still in registers, instead of a separate pass over the output. ``norm=(weight, bias,
         eps)`` returns LayerNorm(x W^T + b + residual) instead (a BERT output block), each tile
         normalised while it is still in cache rather than in two more passes over the output.
+        Up to `SMALL_ROWS` rows run the small-row kernels (`small`) instead, the LayerNorm then
+        by torch.
         """
         ok, reason = cpu.available()
         if not ok:
@@ -427,7 +442,12 @@ class SparseKernelWeight:
         n = x2.shape[0]
         res, gamma, beta, eps = _norm_arrays(norm, residual, (*lead, out_features))
         y = torch.empty((n, out_features), dtype=torch.float32)
-        if n > 0 and out_features > 0:
+        if 0 < n <= SMALL_ROWS and out_features > 0:
+            self.small.matmul(x2.numpy(), y.numpy(), activation == "gelu")
+            if norm is not None:
+                y = torch.nn.functional.layer_norm(y + torch.from_numpy(res), (out_features,), torch.from_numpy(gamma),
+                                                   torch.from_numpy(beta), eps)
+        elif n > 0 and out_features > 0:
             v = 1 if n <= _SMALL_N else 4
             tile = LANES * v
             ntiles = (n + tile - 1) // tile
@@ -497,7 +517,9 @@ def warmup() -> None:
     """Compile (or load from numba's disk cache) every specialisation matmul can use."""
     if not cpu.available()[0]:
         return
-    weight = SparseKernelWeight.from_dense(torch.ones(_ROWS, LANES))
-    for n in (1, _SMALL_N + 1):
-        for activation in ACTIVATIONS:
-            weight.matmul(torch.zeros(n, LANES), activation)
+    dense = SparseKernelWeight.from_dense(torch.ones(_ROWS, LANES))
+    sparse = SparseKernelWeight.from_dense(torch.eye(_ROWS, LANES))  # below `CSR_DENSITY`: the other small-row layout
+    for weight, sizes in ((dense, (1, SMALL_ROWS + 1, _SMALL_N + 1)), (sparse, (1,))):
+        for n in sizes:
+            for activation in ACTIVATIONS:
+                weight.matmul(torch.zeros(n, LANES), activation)

@@ -1,0 +1,113 @@
+"""The small-row sparse kernels (`spdy.runtime.gemv`) against a float64 masked dense product, and
+`SparseKernelWeight.matmul`'s dispatch to them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spdy.runtime import SparseLinear, cpu, kernels
+from spdy.runtime.gemv import CSR_DENSITY, SmallRowWeight, has_avx2
+
+ok, reason = cpu.available()
+pytestmark = pytest.mark.skipif(not ok, reason=f"sparse kernel unavailable: {reason}")
+LAYOUTS = ["csr", pytest.param("bitmask", marks=pytest.mark.skipif(not has_avx2(), reason="no AVX2"))]
+SMALL = kernels.SMALL_ROWS
+ROWS = sorted({1, 2, 4, 7, 16, SMALL - 1, SMALL, SMALL + 1} - {0})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compiled():
+    kernels.warmup()
+
+
+def _masked(out_f: int, in_f: int, sparsity: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g)
+    return w * (torch.rand(out_f, in_f, generator=g) >= sparsity)
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool) -> tuple[torch.Tensor, float]:
+    """The float64 product (GELU'd if asked) and the magnitude its float32 sums round at."""
+    bd = None if b is None else b.double()
+    ref = F.linear(x.double(), w.double(), bd)
+    magnitude = F.linear(x.double().abs(), w.double().abs(), None if b is None else bd.abs())
+    return (F.gelu(ref) if gelu else ref), (magnitude.max().item() if magnitude.numel() else 0.0)
+
+
+def _assert_close(y: torch.Tensor, ref: torch.Tensor, scale: float) -> None:
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    err = (y.double() - ref).abs().max().item() if ref.numel() else 0.0
+    assert err <= 1e-5 * max(scale, 1e-30), (err, scale)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("n", ROWS)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7, 0.9, 0.99, 1.0])
+@pytest.mark.parametrize("out_f,in_f", [(577, 193), (16, 16), (5, 9)])
+def test_layouts(layout: str, n: int, sparsity: float, out_f: int, in_f: int) -> None:
+    w = _masked(out_f, in_f, sparsity, seed=n + out_f + int(100 * sparsity))
+    b = torch.randn(out_f)
+    x = torch.randn(n, in_f)
+    y = np.full((n, out_f), np.nan, dtype=np.float32)
+    weight = SmallRowWeight(w.numpy(), b.numpy(), layout)
+    assert weight.layout == layout
+    weight.matmul(x.numpy(), y, False)
+    _assert_close(torch.from_numpy(y), *_reference(x, w, b, False))
+
+
+@pytest.mark.parametrize("n", ROWS)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7, 0.9, 0.99, 1.0])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_matmul_dispatch(n: int, sparsity: float, with_bias: bool, gelu: bool) -> None:
+    w = _masked(577, 193, sparsity, seed=7 * n + int(100 * sparsity))
+    b = torch.randn(577) if with_bias else None
+    x = torch.randn(n, 193)
+    weight = kernels.SparseKernelWeight.from_dense(w, b)
+    y = weight.matmul(x, "gelu" if gelu else None)
+    _assert_close(y, *_reference(x, w, b, gelu))
+    assert (weight._small is not None) == (n <= SMALL), "rows up to SMALL_ROWS take the small-row path, others not"
+
+
+def test_layout_follows_density() -> None:
+    dense_enough = SmallRowWeight(_masked(64, 64, 1 - 2 * CSR_DENSITY, 0).numpy(), np.zeros(64, np.float32))
+    sparse = SmallRowWeight(_masked(64, 64, 1 - CSR_DENSITY / 2, 0).numpy(), np.zeros(64, np.float32))
+    assert sparse.layout == "csr"
+    assert dense_enough.layout == ("bitmask" if has_avx2() else "csr")
+    assert dense_enough.nbytes < 4 * 64 * 64  # fewer bytes than the dense weight
+
+
+def test_wide_input_uses_32_bit_indices() -> None:
+    w = _masked(3, 70_000, 0.999, seed=1)
+    x = torch.randn(2, 70_000)
+    weight = SmallRowWeight(w.numpy(), np.zeros(3, np.float32), "csr")
+    assert weight.indices.dtype == np.int32
+    y = np.empty((2, 3), np.float32)
+    weight.matmul(x.numpy(), y, False)
+    _assert_close(torch.from_numpy(y), *_reference(x, w, None, False))
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_sparse_linear_3d_and_non_contiguous(gelu: bool) -> None:
+    w, b = _masked(96, 80, 0.7, seed=3), torch.randn(96)
+    layer = SparseLinear(w, b, format="kernel", activation="gelu" if gelu else None)
+    x = torch.randn(80, 1, 3).permute(1, 2, 0)  # (1, 3, 80), not contiguous: 3 rows
+    assert not x.is_contiguous()
+    y = layer(x)
+    ref, scale = _reference(x.reshape(-1, 80), w, b, gelu)
+    _assert_close(y.reshape(-1, 96), ref, scale)
+    assert y.shape == (1, 3, 96)
+    assert layer.store.kernel._small is not None
+
+
+def test_norm_epilogue_at_few_rows() -> None:
+    w, b = _masked(48, 40, 0.5, seed=4), torch.randn(48)
+    x, residual = torch.randn(2, 40), torch.randn(2, 48)
+    gamma, beta = torch.randn(48), torch.randn(48)
+    y = kernels.SparseKernelWeight.from_dense(w, b).matmul(x, residual=residual, norm=(gamma, beta, 1e-5))
+    ref = F.layer_norm(F.linear(x.double(), w.double(), b.double()) + residual.double(), (48,), gamma.double(),
+                       beta.double(), 1e-5)
+    assert (y.double() - ref).abs().max().item() < 1e-4
