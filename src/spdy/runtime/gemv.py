@@ -30,7 +30,7 @@ from spdy.runtime import cpu
 
 __all__ = ["CSR_DENSITY", "SmallRowWeight", "has_avx2"]
 
-CSR_DENSITY = 0.15  # below this density the csr layout is faster (see docs/benchmarks.md, issue 22)
+CSR_DENSITY = 0.25  # below this density (above 75% sparsity) csr was faster at 1 row (docs/benchmarks.md, issue 22)
 _GROUP = 8  # input columns per mask byte = float32 lanes of one AVX2 vector
 _ROWS_PER_ITEM = 32  # output rows per work item
 
@@ -138,13 +138,15 @@ if cpu.numba is not None:
             return np.float32(0.5 * value * (1.0 + math.erf(value * 0.7071067811865476)))
         return value
 
-    @numba.njit(**JIT)
-    def _popcount8(m):
-        """Set bits of a byte."""
-        m = np.uint32(m)
-        m = m - ((m >> np.uint32(1)) & np.uint32(0x55))
-        m = (m & np.uint32(0x33)) + ((m >> np.uint32(2)) & np.uint32(0x33))
-        return (m + (m >> np.uint32(4))) & np.uint32(0x0F)
+    @intrinsic
+    def _popcount8(typingctx, m):
+        """Set bits of a mask byte, as one popcnt instruction."""
+        def codegen(context, builder, sig, args):
+            ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(8), [ir.IntType(8)]),
+                                                   "llvm.ctpop.i8")
+            return builder.zext(builder.call(ctpop, [args[0]]), ir.IntType(64))
+
+        return types.uint64(types.uint8), codegen
 
     @numba.njit(**JIT)
     def _bitmask_rows(x, t, masks, rowptr, values, table, bias, y, o, r, act):
@@ -168,7 +170,7 @@ if cpu.numba is not None:
         while g < groups:
             m = masks[o, g]
             w = _expand8(p, table_addr + np.uintp(m) * np.uintp(64))
-            p += np.uintp(4 * _popcount8(m))
+            p += np.uintp(4) * _popcount8(m)
             q = x_addr + np.uintp(g * 32)
             a0 = _fma8(a0, w, q)
             if r >= 2:
@@ -179,7 +181,7 @@ if cpu.numba is not None:
             if g + 1 < groups:
                 m = masks[o, g + 1]
                 w = _expand8(p, table_addr + np.uintp(m) * np.uintp(64))
-                p += np.uintp(4 * _popcount8(m))
+                p += np.uintp(4) * _popcount8(m)
                 q += np.uintp(32)
                 b0 = _fma8(b0, w, q)
                 if r >= 2:
