@@ -140,7 +140,8 @@ if cpu.numba is not None:
 
     @intrinsic
     def _popcount8(typingctx, m):
-        """Set bits of a mask byte, as one popcnt instruction."""
+        """Set bits of a mask byte, as one popcnt instruction (bit twiddling made the 1-row product
+        1.1-1.2x slower, 1 thread)."""
         def codegen(context, builder, sig, args):
             ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(8), [ir.IntType(8)]),
                                                    "llvm.ctpop.i8")
