@@ -8,10 +8,10 @@ there. Two layouts, each streamed once per call, the few X rows staying in L1:
 
 * ``bitmask`` (density above `CSR_DENSITY`): per output row, one bit per input column and the
   row's nonzero float32 values, compressed. Each 8 columns are one mask byte; a 256-entry table
-  gives the AVX2 permutation that spreads the next popcount(mask) values to their lanes (and the
-  lane mask that zeroes the others), then one 8-lane FMA per X row. Cost per column, whatever the
-  density: 4 bytes per kept weight + 1 bit per column (50%: 2.1 bytes per column against
-  dense's 4).
+  gives the AVX2 permutation that spreads the next popcount(mask) values to their lanes (its
+  sign bits select them in a blend that zeroes the others), then one 8-lane FMA per X row.
+  Bytes: 4 per kept weight + 1 bit per column (50%: 2.1 bytes per column against dense's 4);
+  work: the same per column whatever the density.
 * ``csr``: per output row, the values and 16-bit column indices (32-bit past 65536 columns),
   one scalar FMA per kept weight and X row: 6 bytes per kept weight, and work only where weights
   are, so it wins when few are left.
@@ -46,15 +46,15 @@ def has_avx2() -> bool:
 
 
 def _expand_table() -> np.ndarray:
-    """(256, 16) int32: for mask byte b, lanes 0-7 the permutation taking the k-th packed value to
-    the lane of b's k-th set bit, lanes 8-15 all ones where b has a bit and zero elsewhere."""
-    table = np.zeros((256, 16), dtype=np.int32)
+    """(256, 8) int32: for mask byte b, the permutation taking the k-th packed value to the lane of
+    b's k-th set bit (low 3 bits, all `vpermps` reads), with the sign bit set on those lanes, so
+    one `vblendvps` on the same vector zeroes the others (no second table load)."""
+    table = np.zeros((256, _GROUP), dtype=np.int32)
     for b in range(256):
         k = 0
         for lane in range(_GROUP):
             if b >> lane & 1:
-                table[b, lane] = k
-                table[b, _GROUP + lane] = -1
+                table[b, lane] = k - (1 << 31)
                 k += 1
     return table
 
@@ -99,12 +99,13 @@ if cpu.numba is not None:
             values, entry = args
             packed = builder.load(builder.inttoptr(values, _VEC8.as_pointer()), align=4)
             perm = builder.load(builder.inttoptr(entry, _INT8.as_pointer()), align=4)
-            keep = builder.load(builder.inttoptr(builder.add(entry, ir.Constant(entry.type, 32)), _INT8.as_pointer()),
-                                align=4)
             permps = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC8, [_VEC8, _INT8]),
                                                     "llvm.x86.avx2.permps")
+            blendv = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC8, [_VEC8] * 3),
+                                                    "llvm.x86.avx.blendv.ps.256")
             spread = builder.call(permps, [packed, perm])
-            return builder.bitcast(builder.and_(builder.bitcast(spread, _INT8), keep), _VEC8)
+            zero = ir.Constant(_VEC8, [0.0] * _GROUP)
+            return builder.call(blendv, [zero, spread, builder.bitcast(perm, _VEC8)])
 
         return f32x8(types.uintp, types.uintp), codegen
 
@@ -170,7 +171,7 @@ if cpu.numba is not None:
         g = 0
         while g < groups:
             m = masks[o, g]
-            w = _expand8(p, table_addr + np.uintp(m) * np.uintp(64))
+            w = _expand8(p, table_addr + np.uintp(m) * np.uintp(32))
             p += np.uintp(4) * _popcount8(m)
             q = x_addr + np.uintp(g * 32)
             a0 = _fma8(a0, w, q)
@@ -181,7 +182,7 @@ if cpu.numba is not None:
                 a3 = _fma8(a3, w, q + np.uintp(3) * x_row)
             if g + 1 < groups:
                 m = masks[o, g + 1]
-                w = _expand8(p, table_addr + np.uintp(m) * np.uintp(64))
+                w = _expand8(p, table_addr + np.uintp(m) * np.uintp(32))
                 p += np.uintp(4) * _popcount8(m)
                 q += np.uintp(32)
                 b0 = _fma8(b0, w, q)
