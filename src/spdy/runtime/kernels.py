@@ -365,8 +365,8 @@ class SparseKernelWeight:
     def small(self) -> SmallRowWeight:
         """The weight in the small-row layout, built on the first call with few rows: a model only
         ever run on large batches does not hold it. It costs what `SmallRowWeight` says (bitmask:
-        about 4 bytes per kept weight + 1 bit per weight) on top of this CSR (4-8 bytes per kept
-        weight), and building it takes a few ms per layer, once."""
+        about 4 bytes per kept weight + 1 bit per weight) on top of this CSR (about 8 bytes per
+        kept weight), built once."""
         if self._small is None:
             self._small = SmallRowWeight(self.to_dense().numpy(), self._bias_np)
         return self._small
