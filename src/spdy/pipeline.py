@@ -702,9 +702,9 @@ def _run(cfg: RunConfig, say: Callable[[str], None], progress: bool, cluster: Ra
     if curve:
         say(f"      chose {target:g}x: {choice['why']}")
     chosen_point = points[target][cfg.method]
-    if curve:  # the exported profile is measured in full, against the engine's dense run too
-        chosen_point["verify"] = measure_profile(cfg.method, chosen_point["profile"], target, cfg.rounds)
-    main = chosen_point["verify"]
+    if curve:  # the exported profile is measured in full, against the engine's dense run too; the curve keeps what chose it
+        chosen_point["exported_verify"] = measure_profile(cfg.method, chosen_point["profile"], target, cfg.rounds)
+    main = chosen_point.get("exported_verify", chosen_point["verify"])
     profiles = {m: v["profile"] for m, v in points[target].items()}
     verified = VerifyResult(**main)
     rounds_note = f" after {len(chosen_point['rounds'])} rounds" if len(chosen_point["rounds"]) > 1 else ""
@@ -738,7 +738,7 @@ def _run(cfg: RunConfig, say: Callable[[str], None], progress: bool, cluster: Ra
         "planned_table_target": plans[target], "timings": str(table_path),
         "database": str(db.directory), "export": str(export_dir),
         "profiles": {m: {**profile_json(v["profile"]), "seconds": v["searched"].meta.get("seconds"), "convergence": convergence(v["searched"]),
-                         "verify": v["verify"], "rounds": v["rounds"], "quality": v.get("quality"), "file": v["file"]}
+                         "verify": v.get("exported_verify", v["verify"]), "rounds": v["rounds"], "quality": v.get("quality"), "file": v["file"]}
                      for m, v in points[target].items()},
         "curve": [curve_point(t, m, v) for t in targets for m, v in points[t].items()],
         "gap": gap, "stages": log.stages, "config": asdict(cfg),
