@@ -21,7 +21,6 @@ from torch import nn
 
 from spdy.errors import InputError
 
-KINDS = ("prefill", "decode")
 DECODE_DEFAULT = "decode:1@512"
 GENERATED = 32  # tokens each timed `generate` call produces in verify
 GENERATION_ROUNDS = 5
