@@ -273,7 +273,7 @@ def verify(
     try:
         model.eval()
         pruned = pruned_copy(model, units, options, weights)
-        twin = pruned_copy(model, units, options, weights) if generation and hasattr(batch, "generation") else None  # stays masked dense
+        twin = copy.deepcopy(pruned) if generation and hasattr(batch, "generation") else None  # stays masked dense torch
         reference = _tensor(call_model(pruned, batch)).clone()
         chosen = dict(formats) if formats is not None else _table_formats(table, options)
         sparse_units = [u for u, k in options.items() if k != DENSE]
