@@ -32,6 +32,9 @@ from spdy.runtime import (
     supported_formats,
 )
 
+from spdy.runtime.cpu import last_level_cache_bytes
+from spdy.runtime.select import COLD_CACHES, MAX_COPIES, cold_copies, format_stats, memory_bound
+
 RTOL = 1e-4
 KERNEL_OK, KERNEL_WHY = kernel_status()
 
@@ -139,6 +142,17 @@ def test_fastest_format_measures_candidates() -> None:
     fmt, times = fastest_format(lin, (64, 128), candidates=("dense", "csr"))
     assert fmt in ("dense", "csr") and set(times) == {"dense", "csr"}
     assert all(t > 0 for t in times.values())
+
+
+def test_few_rows_are_timed_cold_on_copies_that_outgrow_the_cache() -> None:
+    lin = masked_linear(256, 128, "0.5000")
+    assert memory_bound(lin, (1, 1, 256)) and memory_bound(lin, (16, 256))
+    assert not memory_bound(lin, (8, 128, 256)) and not memory_bound(nn.Conv2d(3, 8, 3), (1, 3, 4, 4))
+    copies = cold_copies(lin)
+    assert copies == min(MAX_COPIES, -(-COLD_CACHES * last_level_cache_bytes() // (256 * 128 * 4)))
+    stats = format_stats(lin, (1, 256), candidates=("dense", "csr"), rounds=3, cold=True)
+    assert set(stats) == {"dense", "csr"} and all(s.median > 0 for s in stats.values())
+    assert lin.weight.shape == (128, 256)  # the copies are the timer's own, the layer is untouched
 
 
 def mlp(sparsity: str) -> nn.Sequential:

@@ -7,6 +7,7 @@ DeepSparse venv has none) `available` says why, and the kernel modules are not l
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -23,6 +24,19 @@ def cpu_has_avx512f() -> bool:
                 return any(line.startswith("flags") and " avx512f" in line for line in f)
         except OSError:
             return False
+
+
+def last_level_cache_bytes(default: int = 32 << 20) -> int:
+    """The largest CPU cache (Linux sysfs), else ``default``: what a layer's weights must exceed to come from memory."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except ValueError:
+            continue
+    return max(sizes, default=default)
 
 
 def prefer_512_bit_vectors() -> None:
