@@ -78,3 +78,12 @@ def test_decode_is_the_default_for_causal_lms_and_units_are_timed_at_its_rows(sm
     assert g["new_tokens"] == 32 and g["prompt_tokens"] == 40 and g["dense_tokens_per_s"] > 0 and g["pruned_tokens_per_s"] > 0
     assert g["greedy_agreement"] >= 0.9 and result.output_error < 1e-3  # the runtime generates what its masked dense twin does
     assert bundle.timing_batch.cache.get_seq_length() == 40
+
+
+@needs_smollm2
+def test_the_tied_output_head_gets_weights_of_its_own_so_pruning_it_leaves_the_embeddings(smollm2):
+    bundle, _ = smollm2
+    lm = bundle.model.lm
+    head, embedding = lm.get_output_embeddings().weight, lm.get_input_embeddings().weight
+    assert head is not embedding and head.data_ptr() != embedding.data_ptr() and torch.equal(head, embedding)
+    assert not lm.config.tie_word_embeddings

@@ -716,7 +716,7 @@ def _run(cfg: RunConfig, say: Callable[[str], None], progress: bool, cluster: Ra
     if "quality" in chosen_point:
         say("      held-out quality: " + ", ".join(f"{k} {v:.4g}" for k, v in chosen_point["quality"].items()))
     if not choice.get("within", True):
-        say(f"      WARNING: {choice['why']}")
+        say(f"      WARNING: exported {target:g}x, {choice['why']}")
     chosen = profiles[cfg.method]
     apply(units, chosen, db)
     gap = None

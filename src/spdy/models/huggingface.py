@@ -36,6 +36,12 @@ class CausalLM(nn.Module):
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
+        head, embedding = lm.get_output_embeddings(), lm.get_input_embeddings()
+        if head is not None and embedding is not None and head.weight is embedding.weight:
+            # A tied head (SmolLM2's) is the decoder's largest matrix (vocabulary x hidden): to prune it
+            # (`--include 'lm.lm_head'`) it needs weights of its own, or the token embeddings would be pruned too.
+            head.weight = nn.Parameter(embedding.weight.detach().clone())
+            lm.config.tie_word_embeddings = False
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
