@@ -44,14 +44,16 @@ def test_prefill_cuts_real_text_and_decode_needs_a_causal_lm():
 def smollm2():
     from spdy import pipeline
 
-    return pipeline.load_bundle("smollm2", samples=8, heldout=0, seq_len=64, batch_size=4, include=["lm.model.layers.0.mlp.*"],
-                                workload="decode:2@40")
+    bundle, units = pipeline.load_bundle("smollm2", samples=8, heldout=0, seq_len=64, batch_size=4, include=["lm.model.layers.0.mlp.*"])
+    default = bundle.workload
+    bundle.workload = Workload.parse("decode:2@40")  # a short cache: the tests' decode steps stay cheap
+    return bundle, units, default
 
 
 @needs_smollm2
 @torch.no_grad()
 def test_a_decode_step_is_the_next_token_of_a_full_forward_and_leaves_the_cache_as_it_found_it(smollm2):
-    bundle, _ = smollm2
+    bundle, _, _ = smollm2
     step = bundle.timing_batch
     assert isinstance(step, DecodeStep) and step.cache.get_seq_length() == 40
     ids = torch.cat([step.prompt, step.next_ids], dim=1)
@@ -68,8 +70,8 @@ def test_decode_is_the_default_for_causal_lms_and_units_are_timed_at_its_rows(sm
     from spdy.search.profile import Profile
     from spdy.verification import verify
 
-    bundle, units = smollm2
-    assert str(pipeline.load_bundle("smollm2", samples=8, heldout=0, seq_len=64)[0].workload) == "decode:1@512"
+    bundle, units, default = smollm2
+    assert str(default) == "decode:1@512"
     table, _ = pipeline.timings(bundle, units, tmp_path, levels=[0.9], progress=False, threads=1)
     assert table.meta["batch_shapes"]["workload"] == "decode:2@40"
     assert {u.input_shape for u in units.values()} == {(2, 1, 576), (2, 1, 1536)}  # one row per sequence: a matrix-vector product
@@ -82,7 +84,7 @@ def test_decode_is_the_default_for_causal_lms_and_units_are_timed_at_its_rows(sm
 
 @needs_smollm2
 def test_the_tied_output_head_gets_weights_of_its_own_so_pruning_it_leaves_the_embeddings(smollm2):
-    bundle, _ = smollm2
+    bundle, _, _ = smollm2
     lm = bundle.model.lm
     head, embedding = lm.get_output_embeddings().weight, lm.get_input_embeddings().weight
     assert head is not embedding and head.data_ptr() != embedding.data_ptr() and torch.equal(head, embedding)

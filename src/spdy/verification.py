@@ -33,6 +33,7 @@ from torch import nn
 
 from spdy.errors import InputError
 from spdy.levels import DENSE
+from spdy.models.workload import GENERATION_ROUNDS
 from spdy.search.profile import Profile
 from spdy.runtime import (FeedForwardInput, FeedForwardOutput, FusedBottleneck, FusedEncoderLayer, FusedMBConv,
                           ProjectedSelfAttention, ResidualNormOutput, SparseConv2d, SparseLinear, convert, formats_of,
@@ -255,7 +256,8 @@ def verify(
     Engine: ``engine``, else the table's backend; ``deepsparse`` and ``cuda-2:4`` verify on that
     engine, pruned over its own dense run (`spdy.verify_engines`). ``engine_dense=False`` skips the
     engine's dense run (a third of the rounds' time) where only the speedup over dense torch is used,
-    e.g. a curve's landing rounds; ``generation=False`` skips a decoding workload's timed ``generate``.
+    e.g. a curve's landing rounds; ``generation=False`` skips a decoding workload's timed ``generate``
+    (else it runs min(``rounds``, `GENERATION_ROUNDS`) rounds).
     """
     from spdy.verify_engines import ENGINES, engine_of, verify_on_engine
 
@@ -292,7 +294,7 @@ def verify(
             contenders["engine dense"] = lambda: call_model(engine_dense, batch)
         samples = time_alternating(contenders, rounds)
         fused = fused_blocks(pruned)
-        generated = batch.generation(model, pruned, twin) if twin is not None else None
+        generated = batch.generation(model, pruned, twin, rounds=min(rounds, GENERATION_ROUNDS)) if twin is not None else None
     finally:
         set_threads(previous)
         torch.set_grad_enabled(grad)
