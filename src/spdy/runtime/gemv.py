@@ -33,6 +33,7 @@ __all__ = ["CSR_DENSITY", "SmallRowWeight", "has_avx2"]
 CSR_DENSITY = 0.25  # below this density (above 75% sparsity) csr was faster at 1 row (docs/benchmarks.md, issue 22)
 _GROUP = 8  # input columns per mask byte = float32 lanes of one AVX2 vector
 _ROWS_PER_ITEM = 32  # output rows per work item
+THREAD_BYTES = 0  # threads only when rows x streamed bytes reach this (measured, bench/bench_decode.py)
 
 
 def has_avx2() -> bool:
@@ -46,15 +47,16 @@ def has_avx2() -> bool:
 
 
 def _expand_table() -> np.ndarray:
-    """(256, 8) int32: for mask byte b, the permutation taking the k-th packed value to the lane of
-    b's k-th set bit (low 3 bits, all `vpermps` reads), with the sign bit set on those lanes, so
-    one `vblendvps` on the same vector zeroes the others (no second table load)."""
-    table = np.zeros((256, _GROUP), dtype=np.int32)
+    """(256, 8) int8: for mask byte b, lane i holds the rank of bit i among b's set bits with the
+    sign bit set, 0 where bit i is clear. Sign-extended to int32 it is the `vpermps` permutation
+    (low 3 bits) and, in its sign bits, the `vblendvps` selection of the kept lanes: 2 KiB and one
+    8-byte load per group (int32 entries: 8 KiB, a 32-byte load)."""
+    table = np.zeros((256, _GROUP), dtype=np.int8)
     for b in range(256):
         k = 0
         for lane in range(_GROUP):
             if b >> lane & 1:
-                table[b, lane] = k - (1 << 31)
+                table[b, lane] = k - 128
                 k += 1
     return table
 
@@ -98,7 +100,8 @@ if cpu.numba is not None:
         def codegen(context, builder, sig, args):
             values, entry = args
             packed = builder.load(builder.inttoptr(values, _VEC8.as_pointer()), align=4)
-            perm = builder.load(builder.inttoptr(entry, _INT8.as_pointer()), align=4)
+            bytes8 = builder.load(builder.inttoptr(entry, ir.VectorType(ir.IntType(8), _GROUP).as_pointer()), align=1)
+            perm = builder.sext(bytes8, _INT8)
             permps = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC8, [_VEC8, _INT8]),
                                                     "llvm.x86.avx2.permps")
             blendv = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC8, [_VEC8] * 3),
@@ -108,6 +111,14 @@ if cpu.numba is not None:
             return builder.call(blendv, [zero, spread, builder.bitcast(perm, _VEC8)])
 
         return f32x8(types.uintp, types.uintp), codegen
+
+    @intrinsic
+    def _load64(typingctx, addr):
+        """8 mask bytes (8 column groups) as one unaligned 64-bit load, the first in the low byte."""
+        def codegen(context, builder, sig, args):
+            return builder.load(builder.inttoptr(args[0], ir.IntType(64).as_pointer()), align=1)
+
+        return types.uint64(types.uintp), codegen
 
     @intrinsic
     def _fma8(typingctx, acc, w, addr):
@@ -141,57 +152,56 @@ if cpu.numba is not None:
 
     @intrinsic
     def _popcount8(typingctx, m):
-        """Set bits of a mask byte, as one popcnt instruction (bit twiddling made the 1-row product
-        1.1-1.2x slower, 1 thread)."""
+        """Set bits of a mask byte (in a uint64 below 256), as one popcnt instruction (bit twiddling
+        made the 1-row product 1.1-1.2x slower, 1 thread)."""
         def codegen(context, builder, sig, args):
-            ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(8), [ir.IntType(8)]),
-                                                   "llvm.ctpop.i8")
-            return builder.zext(builder.call(ctpop, [args[0]]), ir.IntType(64))
+            ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(64), [ir.IntType(64)]),
+                                                   "llvm.ctpop.i64")
+            return builder.call(ctpop, [args[0]])
 
-        return types.uint64(types.uint8), codegen
+        return types.uint64(types.uint64), codegen
+
+    @numba.njit(**JIT)
+    def _group(a0, a1, a2, a3, p, m, q, x_row, table_addr, r):
+        """One column group (mask byte m, its packed values at p, X at q) into the accumulators of
+        r X rows; returns them and the next group's values address."""
+        w = _expand8(p, table_addr + m * np.uintp(_GROUP))
+        a0 = _fma8(a0, w, q)
+        if r >= 2:
+            a1 = _fma8(a1, w, q + x_row)
+        if r >= 4:
+            a2 = _fma8(a2, w, q + np.uintp(2) * x_row)
+            a3 = _fma8(a3, w, q + np.uintp(3) * x_row)
+        return a0, a1, a2, a3, p + np.uintp(4) * _popcount8(m)
 
     @numba.njit(**JIT)
     def _bitmask_rows(x, t, masks, rowptr, values, table, bias, y, o, r, act):
         """y[t:t+r, o] from output row o in the bitmask layout (r = 1, 2 or 4 X rows; a literal).
-        Even and odd column groups go to separate accumulators (two FMA chains per X row)."""
+        Mask bytes are read 8 at a time; even and odd column groups go to separate accumulators
+        (two FMA chains per X row)."""
         numba.literally(r)
         groups = masks.shape[1]
-        x_addr = x.ctypes.data + np.uintp(t * x.shape[1] * 4)
         x_row = np.uintp(x.shape[1] * 4)
+        x_addr = x.ctypes.data + np.uintp(t) * x_row
         table_addr = table.ctypes.data
+        mask_addr = masks.ctypes.data + np.uintp(o * groups)
         p = values.ctypes.data + np.uintp(rowptr[o] * 4)
-        a0 = _zero8()
-        a1 = _zero8()
-        a2 = _zero8()
-        a3 = _zero8()
-        b0 = _zero8()
-        b1 = _zero8()
-        b2 = _zero8()
-        b3 = _zero8()
+        a0, a1, a2, a3 = _zero8(), _zero8(), _zero8(), _zero8()
+        b0, b1, b2, b3 = _zero8(), _zero8(), _zero8(), _zero8()
         g = 0
-        while g < groups:
-            m = masks[o, g]
-            w = _expand8(p, table_addr + np.uintp(m) * np.uintp(32))
-            p += np.uintp(4) * _popcount8(m)
+        while g + 8 <= groups:
+            bits = _load64(mask_addr + np.uintp(g))
             q = x_addr + np.uintp(g * 32)
-            a0 = _fma8(a0, w, q)
-            if r >= 2:
-                a1 = _fma8(a1, w, q + x_row)
-            if r >= 4:
-                a2 = _fma8(a2, w, q + np.uintp(2) * x_row)
-                a3 = _fma8(a3, w, q + np.uintp(3) * x_row)
-            if g + 1 < groups:
-                m = masks[o, g + 1]
-                w = _expand8(p, table_addr + np.uintp(m) * np.uintp(32))
-                p += np.uintp(4) * _popcount8(m)
-                q += np.uintp(32)
-                b0 = _fma8(b0, w, q)
-                if r >= 2:
-                    b1 = _fma8(b1, w, q + x_row)
-                if r >= 4:
-                    b2 = _fma8(b2, w, q + np.uintp(2) * x_row)
-                    b3 = _fma8(b3, w, q + np.uintp(3) * x_row)
-            g += 2
+            for k in range(4):
+                a0, a1, a2, a3, p = _group(a0, a1, a2, a3, p, bits >> np.uint64(16 * k) & np.uint64(255),
+                                           q + np.uintp(64 * k), x_row, table_addr, r)
+                b0, b1, b2, b3, p = _group(b0, b1, b2, b3, p, bits >> np.uint64(16 * k + 8) & np.uint64(255),
+                                           q + np.uintp(64 * k + 32), x_row, table_addr, r)
+            g += 8
+        while g < groups:
+            a0, a1, a2, a3, p = _group(a0, a1, a2, a3, p, np.uint64(masks[o, g]), x_addr + np.uintp(g * 32), x_row,
+                                       table_addr, r)
+            g += 1
         y[t, o] = _finish(_sum8(a0, b0) + bias[o], act)
         if r >= 2:
             y[t + 1, o] = _finish(_sum8(a1, b1) + bias[o], act)
@@ -233,57 +243,82 @@ if cpu.numba is not None:
             y[t + 2, o] = _finish(s2 + bias[o], act)
             y[t + 3, o] = _finish(s3 + bias[o], act)
 
+    @numba.njit(**JIT)
+    def _bitmask_span(x, masks, rowptr, values, table, bias, y, lo, hi, act):
+        """Output rows lo:hi of Y = f(X W^T + b), the bitmask layout: X rows four, two, then one
+        at a time (each output row's weights come from L1 for every pass after the first)."""
+        n = x.shape[0]
+        for o in range(lo, hi):
+            t = 0
+            while t + 4 <= n:
+                _bitmask_rows(x, t, masks, rowptr, values, table, bias, y, o, 4, act)
+                t += 4
+            if t + 2 <= n:
+                _bitmask_rows(x, t, masks, rowptr, values, table, bias, y, o, 2, act)
+                t += 2
+            if t < n:
+                _bitmask_rows(x, t, masks, rowptr, values, table, bias, y, o, 1, act)
+
+    @numba.njit(**JIT)
+    def _csr_span(x, rowptr, indices, values, bias, y, lo, hi, act):
+        """Output rows lo:hi of Y = f(X W^T + b), the csr layout."""
+        n = x.shape[0]
+        for o in range(lo, hi):
+            t = 0
+            while t + 4 <= n:
+                _csr_rows(x, t, rowptr, indices, values, bias, y, o, 4, act)
+                t += 4
+            if t + 2 <= n:
+                _csr_rows(x, t, rowptr, indices, values, bias, y, o, 2, act)
+                t += 2
+            if t < n:
+                _csr_rows(x, t, rowptr, indices, values, bias, y, o, 1, act)
+
     @numba.njit(parallel=True, **JIT)
     def _bitmask_mm(x, masks, rowptr, values, table, bias, y, act):
-        """Y = f(X W^T + b), the bitmask layout; x zero-padded to whole column groups."""
+        """Y = f(X W^T + b), the bitmask layout, output rows in chunks over numba's threads."""
         numba.literally(act)
-        n = x.shape[0]
         m = y.shape[1]
-        items = (m + _ROWS_PER_ITEM - 1) // _ROWS_PER_ITEM
-        for item in prange(items):
-            for o in range(item * _ROWS_PER_ITEM, min(m, (item + 1) * _ROWS_PER_ITEM)):
-                t = 0
-                while t + 4 <= n:
-                    _bitmask_rows(x, t, masks, rowptr, values, table, bias, y, o, 4, act)
-                    t += 4
-                if t + 2 <= n:
-                    _bitmask_rows(x, t, masks, rowptr, values, table, bias, y, o, 2, act)
-                    t += 2
-                if t < n:
-                    _bitmask_rows(x, t, masks, rowptr, values, table, bias, y, o, 1, act)
+        for item in prange((m + _ROWS_PER_ITEM - 1) // _ROWS_PER_ITEM):
+            _bitmask_span(x, masks, rowptr, values, table, bias, y, item * _ROWS_PER_ITEM,
+                          min(m, (item + 1) * _ROWS_PER_ITEM), act)
 
     @numba.njit(parallel=True, **JIT)
     def _csr_mm(x, rowptr, indices, values, bias, y, act):
-        """Y = f(X W^T + b), the csr layout."""
+        """Y = f(X W^T + b), the csr layout, output rows in chunks over numba's threads."""
         numba.literally(act)
-        n = x.shape[0]
         m = y.shape[1]
-        items = (m + _ROWS_PER_ITEM - 1) // _ROWS_PER_ITEM
-        for item in prange(items):
-            for o in range(item * _ROWS_PER_ITEM, min(m, (item + 1) * _ROWS_PER_ITEM)):
-                t = 0
-                while t + 4 <= n:
-                    _csr_rows(x, t, rowptr, indices, values, bias, y, o, 4, act)
-                    t += 4
-                if t + 2 <= n:
-                    _csr_rows(x, t, rowptr, indices, values, bias, y, o, 2, act)
-                    t += 2
-                if t < n:
-                    _csr_rows(x, t, rowptr, indices, values, bias, y, o, 1, act)
+        for item in prange((m + _ROWS_PER_ITEM - 1) // _ROWS_PER_ITEM):
+            _csr_span(x, rowptr, indices, values, bias, y, item * _ROWS_PER_ITEM, min(m, (item + 1) * _ROWS_PER_ITEM),
+                      act)
 
     @numba.njit(**JIT)
-    def _bitmask_gelu(x, masks, rowptr, values, table, bias, y, gelu):
-        if gelu:
-            _bitmask_mm(x, masks, rowptr, values, table, bias, y, 1)
+    def _bitmask(x, masks, rowptr, values, table, bias, y, gelu, threaded):
+        """The bitmask product with a literal activation, on numba's threads or this one only."""
+        m = y.shape[1]
+        if threaded:
+            if gelu:
+                _bitmask_mm(x, masks, rowptr, values, table, bias, y, 1)
+            else:
+                _bitmask_mm(x, masks, rowptr, values, table, bias, y, 0)
+        elif gelu:
+            _bitmask_span(x, masks, rowptr, values, table, bias, y, 0, m, 1)
         else:
-            _bitmask_mm(x, masks, rowptr, values, table, bias, y, 0)
+            _bitmask_span(x, masks, rowptr, values, table, bias, y, 0, m, 0)
 
     @numba.njit(**JIT)
-    def _csr_gelu(x, rowptr, indices, values, bias, y, gelu):
-        if gelu:
-            _csr_mm(x, rowptr, indices, values, bias, y, 1)
+    def _csr(x, rowptr, indices, values, bias, y, gelu, threaded):
+        """The csr product with a literal activation, on numba's threads or this one only."""
+        m = y.shape[1]
+        if threaded:
+            if gelu:
+                _csr_mm(x, rowptr, indices, values, bias, y, 1)
+            else:
+                _csr_mm(x, rowptr, indices, values, bias, y, 0)
+        elif gelu:
+            _csr_span(x, rowptr, indices, values, bias, y, 0, m, 1)
         else:
-            _csr_mm(x, rowptr, indices, values, bias, y, 0)
+            _csr_span(x, rowptr, indices, values, bias, y, 0, m, 0)
 
     _TABLE = _expand_table()
 
@@ -328,6 +363,10 @@ class SmallRowWeight:
         extra = self.masks.nbytes if self.layout == "bitmask" else self.indices.nbytes
         return self.values.nbytes + extra + self.rowptr.nbytes + self.bias.nbytes
 
+    def threaded(self, rows: int) -> bool:
+        """Whether a product with `rows` rows of X is worth waking numba's threads for."""
+        return rows * self.nbytes >= THREAD_BYTES
+
     def matmul(self, x: np.ndarray, y: np.ndarray, gelu: bool) -> None:
         """y (n, out) = f(x (n, in) W^T + b): x float32, C-contiguous; f the identity or exact GELU."""
         if self.layout == "bitmask":
@@ -335,6 +374,6 @@ class SmallRowWeight:
                 padded = np.zeros((x.shape[0], self.width), dtype=np.float32)
                 padded[:, :x.shape[1]] = x
                 x = padded
-            _bitmask_gelu(x, self.masks, self.rowptr, self.values, _TABLE, self.bias, y, gelu)
+            _bitmask(x, self.masks, self.rowptr, self.values, _TABLE, self.bias, y, gelu, self.threaded(x.shape[0]))
         else:
-            _csr_gelu(x, self.rowptr, self.indices, self.values, self.bias, y, gelu)
+            _csr(x, self.rowptr, self.indices, self.values, self.bias, y, gelu, self.threaded(x.shape[0]))
