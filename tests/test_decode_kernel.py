@@ -1,5 +1,20 @@
 """The small-row sparse kernels (`spdy.runtime.gemv`) against a float64 masked dense product, and
-`SparseKernelWeight.matmul`'s dispatch to them."""
+`SparseKernelWeight.matmul`'s dispatch to them.
+
+How the grid covers the kernel's paths with few cases (compilation, not the products, is the cost):
+- `test_layouts`, one case per layout x row count x thread split (2 x 5 x 2 = 20):
+  * rows 1, 2, 3, 4, 7 take the X-row passes 1; 2; 2+1; 4; 4+2+1 (every `r` of `_*_rows`);
+  * threaded (numba's threads, chunks of 32 output rows) and single-thread (`THREAD_BYTES`);
+  * inside each case, both activations (identity, GELU), sparsities 0 / 0.5 / 0.9 / 1 (full,
+    partly and completely empty rows and mask bytes), with and without bias, on two shapes:
+    577 x 205 (an output chunk of 1 row; 205 = 25 mask bytes + 5 columns, so x is zero-padded
+    to whole groups, and 26 groups = 3 eight-byte mask loads + a 2-group tail) and 33 x 128
+    (no padding, no tail).
+- `test_matmul_dispatch`: through `SparseKernelWeight.matmul` just below, at and past
+  `SMALL_ROWS`, with and without bias and GELU.
+- one test each for the layout choice, 32-bit csr indices, a 3-D non-contiguous input through
+  `SparseLinear`, and the LayerNorm epilogue at few rows.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +23,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spdy.runtime import SparseLinear, cpu, kernels
+from spdy.runtime import SparseLinear, cpu, gemv, kernels
 from spdy.runtime.gemv import CSR_DENSITY, SmallRowWeight, has_avx2
 
 ok, reason = cpu.available()
 pytestmark = pytest.mark.skipif(not ok, reason=f"sparse kernel unavailable: {reason}")
 LAYOUTS = ["csr", pytest.param("bitmask", marks=pytest.mark.skipif(not has_avx2(), reason="no AVX2"))]
 SMALL = kernels.SMALL_ROWS
-ROWS = sorted({1, 2, 4, 7, 16, SMALL - 1, SMALL, SMALL + 1} - {0})
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,25 +58,28 @@ def _assert_close(y: torch.Tensor, ref: torch.Tensor, scale: float) -> None:
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("n", ROWS)
-@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7, 0.9, 0.99, 1.0])
-@pytest.mark.parametrize("out_f,in_f", [(577, 193), (16, 16), (5, 9)])
-def test_layouts(layout: str, n: int, sparsity: float, out_f: int, in_f: int) -> None:
-    w = _masked(out_f, in_f, sparsity, seed=n + out_f + int(100 * sparsity))
-    b = torch.randn(out_f)
-    x = torch.randn(n, in_f)
-    y = np.full((n, out_f), np.nan, dtype=np.float32)
-    weight = SmallRowWeight(w.numpy(), b.numpy(), layout)
-    assert weight.layout == layout
-    weight.matmul(x.numpy(), y, False)
-    _assert_close(torch.from_numpy(y), *_reference(x, w, b, False))
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("threaded", [True, False])
+def test_layouts(layout: str, n: int, threaded: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gemv, "THREAD_BYTES", 0 if threaded else 1 << 62)
+    for out_f, in_f in ((577, 205), (33, 128)):
+        for sparsity in (0.0, 0.5, 0.9, 1.0):
+            for gelu in (False, True):
+                seed = n + out_f + int(100 * sparsity) + gelu
+                w = _masked(out_f, in_f, sparsity, seed)
+                b = torch.randn(out_f) if gelu else None  # the bias is a zero array when absent
+                x = torch.randn(n, in_f)
+                y = np.full((n, out_f), np.nan, dtype=np.float32)
+                weight = SmallRowWeight(w.numpy(), np.zeros(out_f, np.float32) if b is None else b.numpy(), layout)
+                assert weight.layout == layout and weight.threaded(n) == threaded
+                weight.matmul(x.numpy(), y, gelu)
+                _assert_close(torch.from_numpy(y), *_reference(x, w, b, gelu))
 
 
-@pytest.mark.parametrize("n", ROWS)
-@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7, 0.9, 0.99, 1.0])
-@pytest.mark.parametrize("with_bias", [True, False])
-@pytest.mark.parametrize("gelu", [False, True])
-def test_matmul_dispatch(n: int, sparsity: float, with_bias: bool, gelu: bool) -> None:
+@pytest.mark.parametrize("n,with_bias,gelu", [(1, True, False), (3, False, True), (SMALL, True, True),
+                                              (SMALL + 1, False, False), (SMALL + 1, True, True)])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_matmul_dispatch(n: int, with_bias: bool, gelu: bool, sparsity: float) -> None:
     w = _masked(577, 193, sparsity, seed=7 * n + int(100 * sparsity))
     b = torch.randn(577) if with_bias else None
     x = torch.randn(n, 193)

@@ -17,7 +17,9 @@ there. Two layouts, each streamed once per call, the few X rows staying in L1:
   are, so it wins when few are left.
 
 Rows are taken four, two, then one at a time against each output row (its weights come from L1
-for every pass after the first); output rows are shared out in chunks over numba's threads.
+for every pass after the first); output rows are shared out in chunks over numba's threads, except
+for products under `THREAD_BYTES`, which run on the calling thread: waking a sleeping worker costs
+tens of microseconds here (a VM), more than half of such a product.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ __all__ = ["CSR_DENSITY", "SmallRowWeight", "has_avx2"]
 CSR_DENSITY = 0.25  # below this density (above 75% sparsity) csr was faster at 1 row (docs/benchmarks.md, issue 22)
 _GROUP = 8  # input columns per mask byte = float32 lanes of one AVX2 vector
 _ROWS_PER_ITEM = 32  # output rows per work item
-THREAD_BYTES = 0  # threads only when rows x streamed bytes reach this (measured, bench/bench_decode.py)
+THREAD_BYTES = 128 << 10  # below (rows x streamed bytes) one thread: waking numba's costs more than it saves (issue 22)
 
 
 def has_avx2() -> bool:
@@ -47,16 +49,15 @@ def has_avx2() -> bool:
 
 
 def _expand_table() -> np.ndarray:
-    """(256, 8) int8: for mask byte b, lane i holds the rank of bit i among b's set bits with the
-    sign bit set, 0 where bit i is clear. Sign-extended to int32 it is the `vpermps` permutation
-    (low 3 bits) and, in its sign bits, the `vblendvps` selection of the kept lanes: 2 KiB and one
-    8-byte load per group (int32 entries: 8 KiB, a 32-byte load)."""
-    table = np.zeros((256, _GROUP), dtype=np.int8)
+    """(256, 8) int32: for mask byte b, the permutation taking the k-th packed value to the lane of
+    b's k-th set bit (low 3 bits, all `vpermps` reads), with the sign bit set on those lanes, so
+    one `vblendvps` on the same vector zeroes the others (no second table load)."""
+    table = np.zeros((256, _GROUP), dtype=np.int32)
     for b in range(256):
         k = 0
         for lane in range(_GROUP):
             if b >> lane & 1:
-                table[b, lane] = k - 128
+                table[b, lane] = k - (1 << 31)
                 k += 1
     return table
 
@@ -100,8 +101,7 @@ if cpu.numba is not None:
         def codegen(context, builder, sig, args):
             values, entry = args
             packed = builder.load(builder.inttoptr(values, _VEC8.as_pointer()), align=4)
-            bytes8 = builder.load(builder.inttoptr(entry, ir.VectorType(ir.IntType(8), _GROUP).as_pointer()), align=1)
-            perm = builder.sext(bytes8, _INT8)
+            perm = builder.load(builder.inttoptr(entry, _INT8.as_pointer()), align=4)
             permps = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC8, [_VEC8, _INT8]),
                                                     "llvm.x86.avx2.permps")
             blendv = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC8, [_VEC8] * 3),
@@ -111,14 +111,6 @@ if cpu.numba is not None:
             return builder.call(blendv, [zero, spread, builder.bitcast(perm, _VEC8)])
 
         return f32x8(types.uintp, types.uintp), codegen
-
-    @intrinsic
-    def _load64(typingctx, addr):
-        """8 mask bytes (8 column groups) as one unaligned 64-bit load, the first in the low byte."""
-        def codegen(context, builder, sig, args):
-            return builder.load(builder.inttoptr(args[0], ir.IntType(64).as_pointer()), align=1)
-
-        return types.uint64(types.uintp), codegen
 
     @intrinsic
     def _fma8(typingctx, acc, w, addr):
@@ -152,56 +144,57 @@ if cpu.numba is not None:
 
     @intrinsic
     def _popcount8(typingctx, m):
-        """Set bits of a mask byte (in a uint64 below 256), as one popcnt instruction (bit twiddling
-        made the 1-row product 1.1-1.2x slower, 1 thread)."""
+        """Set bits of a mask byte, as one popcnt instruction (bit twiddling made the 1-row product
+        1.1-1.2x slower, 1 thread)."""
         def codegen(context, builder, sig, args):
-            ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(64), [ir.IntType(64)]),
-                                                   "llvm.ctpop.i64")
-            return builder.call(ctpop, [args[0]])
+            ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(8), [ir.IntType(8)]),
+                                                   "llvm.ctpop.i8")
+            return builder.zext(builder.call(ctpop, [args[0]]), ir.IntType(64))
 
-        return types.uint64(types.uint64), codegen
-
-    @numba.njit(**JIT)
-    def _group(a0, a1, a2, a3, p, m, q, x_row, table_addr, r):
-        """One column group (mask byte m, its packed values at p, X at q) into the accumulators of
-        r X rows; returns them and the next group's values address."""
-        w = _expand8(p, table_addr + m * np.uintp(_GROUP))
-        a0 = _fma8(a0, w, q)
-        if r >= 2:
-            a1 = _fma8(a1, w, q + x_row)
-        if r >= 4:
-            a2 = _fma8(a2, w, q + np.uintp(2) * x_row)
-            a3 = _fma8(a3, w, q + np.uintp(3) * x_row)
-        return a0, a1, a2, a3, p + np.uintp(4) * _popcount8(m)
+        return types.uint64(types.uint8), codegen
 
     @numba.njit(**JIT)
     def _bitmask_rows(x, t, masks, rowptr, values, table, bias, y, o, r, act):
         """y[t:t+r, o] from output row o in the bitmask layout (r = 1, 2 or 4 X rows; a literal).
-        Mask bytes are read 8 at a time; even and odd column groups go to separate accumulators
-        (two FMA chains per X row)."""
+        Even and odd column groups go to separate accumulators (two FMA chains per X row)."""
         numba.literally(r)
         groups = masks.shape[1]
+        x_addr = x.ctypes.data + np.uintp(t * x.shape[1] * 4)
         x_row = np.uintp(x.shape[1] * 4)
-        x_addr = x.ctypes.data + np.uintp(t) * x_row
         table_addr = table.ctypes.data
-        mask_addr = masks.ctypes.data + np.uintp(o * groups)
         p = values.ctypes.data + np.uintp(rowptr[o] * 4)
-        a0, a1, a2, a3 = _zero8(), _zero8(), _zero8(), _zero8()
-        b0, b1, b2, b3 = _zero8(), _zero8(), _zero8(), _zero8()
+        a0 = _zero8()
+        a1 = _zero8()
+        a2 = _zero8()
+        a3 = _zero8()
+        b0 = _zero8()
+        b1 = _zero8()
+        b2 = _zero8()
+        b3 = _zero8()
         g = 0
-        while g + 8 <= groups:
-            bits = _load64(mask_addr + np.uintp(g))
-            q = x_addr + np.uintp(g * 32)
-            for k in range(4):
-                a0, a1, a2, a3, p = _group(a0, a1, a2, a3, p, bits >> np.uint64(16 * k) & np.uint64(255),
-                                           q + np.uintp(64 * k), x_row, table_addr, r)
-                b0, b1, b2, b3, p = _group(b0, b1, b2, b3, p, bits >> np.uint64(16 * k + 8) & np.uint64(255),
-                                           q + np.uintp(64 * k + 32), x_row, table_addr, r)
-            g += 8
         while g < groups:
-            a0, a1, a2, a3, p = _group(a0, a1, a2, a3, p, np.uint64(masks[o, g]), x_addr + np.uintp(g * 32), x_row,
-                                       table_addr, r)
-            g += 1
+            m = masks[o, g]
+            w = _expand8(p, table_addr + np.uintp(m) * np.uintp(32))
+            p += np.uintp(4) * _popcount8(m)
+            q = x_addr + np.uintp(g * 32)
+            a0 = _fma8(a0, w, q)
+            if r >= 2:
+                a1 = _fma8(a1, w, q + x_row)
+            if r >= 4:
+                a2 = _fma8(a2, w, q + np.uintp(2) * x_row)
+                a3 = _fma8(a3, w, q + np.uintp(3) * x_row)
+            if g + 1 < groups:
+                m = masks[o, g + 1]
+                w = _expand8(p, table_addr + np.uintp(m) * np.uintp(32))
+                p += np.uintp(4) * _popcount8(m)
+                q += np.uintp(32)
+                b0 = _fma8(b0, w, q)
+                if r >= 2:
+                    b1 = _fma8(b1, w, q + x_row)
+                if r >= 4:
+                    b2 = _fma8(b2, w, q + np.uintp(2) * x_row)
+                    b3 = _fma8(b3, w, q + np.uintp(3) * x_row)
+            g += 2
         y[t, o] = _finish(_sum8(a0, b0) + bias[o], act)
         if r >= 2:
             y[t + 1, o] = _finish(_sum8(a1, b1) + bias[o], act)
