@@ -8,8 +8,13 @@ named by a stable string key, so tables, databases and profiles written by diffe
 * ``"0.9000"``            unstructured, 90% of the weights zero
 * ``"4x1@0.9000"``        blocks of 4 rows x 1 column, 90% of the blocks zero
 * ``"2:4@0.5000"``        N:M (2 of every 4 consecutive weights zero)
+* ``"heads@0.2500"``      structured: a quarter of a block's attention heads removed
+* ``"neurons@1.0000"``    structured: every feed-forward neuron removed (the block is gone)
 
-Sparsities are rounded to 4 decimals in keys, as in the reference tables.
+Sparsities are rounded to 4 decimals in keys, as in the reference tables. A structured
+key's sparsity is the fraction of the block's structures removed; `kept_structures` turns
+it back into a count. Only structured options reach 1.0: removing a whole block leaves its
+residual connection, while a layer with no weight left is no layer.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from spdy.errors import InputError
 
 DENSE = "0.0000"
 UNSTRUCTURED = "unstructured"
+STRUCTURED = "structured"  # the --pattern that prunes whole heads and neurons
+STRUCTURES = ("heads", "neurons")  # the patterns of structured options, one per kind of block
 
 _NM = re.compile(r"^(\d+):(\d+)$")
 _BLOCK = re.compile(r"^(\d+)x(\d+)$")
@@ -56,9 +63,10 @@ class Option:
     pattern: str = UNSTRUCTURED
 
     def __post_init__(self) -> None:
-        if not (0.0 <= self.sparsity < 1.0) or np.isnan(self.sparsity):
-            raise InputError(f"sparsity must be in [0, 1), got {self.sparsity}")
         validate_pattern(self.pattern)
+        top_ok = self.pattern in STRUCTURES and self.sparsity == 1.0
+        if not (0.0 <= self.sparsity < 1.0 or top_ok) or np.isnan(self.sparsity):
+            raise InputError(f"sparsity must be in [0, 1) (structured heads/neurons: [0, 1]), got {self.sparsity} for {self.pattern}")
         if self.sparsity == 0.0 and self.pattern != UNSTRUCTURED:
             object.__setattr__(self, "pattern", UNSTRUCTURED)
 
@@ -101,8 +109,8 @@ def level_key(sparsity: float) -> str:
 
 
 def validate_pattern(pattern: str) -> str:
-    """Accept ``unstructured``, ``N:M`` (N < M) or ``RxC`` blocks; raise a clear error otherwise."""
-    if pattern == UNSTRUCTURED:
+    """Accept ``unstructured``, ``N:M`` (N < M), ``RxC`` blocks or a structure; raise a clear error otherwise."""
+    if pattern == UNSTRUCTURED or pattern in STRUCTURES:
         return pattern
     if m := _NM.match(pattern):
         n, mm = int(m.group(1)), int(m.group(2))
@@ -111,7 +119,26 @@ def validate_pattern(pattern: str) -> str:
     elif m := _BLOCK.match(pattern):
         if int(m.group(1)) > 0 and int(m.group(2)) > 0:
             return pattern
-    raise InputError(f"unknown pattern {pattern!r}: use 'unstructured', 'N:M' like '2:4', or blocks 'RxC' like '4x1' or '16x16'")
+    raise InputError(f"unknown pattern {pattern!r}: use 'unstructured', 'N:M' like '2:4', blocks 'RxC' like '4x1' or '16x16', "
+                     f"or '{STRUCTURED}' (whole heads and neurons)")
+
+
+def structured_options(structure: str, count: int, step: int = 1) -> list[Option]:
+    """Dense plus ``structure`` with ``count`` down to 0 kept in steps of ``step`` (nested by construction)."""
+    if structure not in STRUCTURES:
+        raise InputError(f"unknown structure {structure!r}: use one of {', '.join(STRUCTURES)}")
+    if count < 1 or step < 1:
+        raise InputError(f"{structure}: need at least one structure and a step >= 1, got {count} and {step}")
+    kept = sorted({*range(count - step, 0, -step), 0}, reverse=True)
+    return [Option(0.0)] + [Option(round(1.0 - k / count, 4), structure) for k in kept]
+
+
+def kept_structures(option: Option, count: int, step: int = 1) -> int:
+    """How many of ``count`` structures an option keeps, on the grid of ``step`` it was made on."""
+    if option.pattern not in STRUCTURES and not option.is_dense:
+        raise InputError(f"option {option.key!r} is not structured (heads@S or neurons@S)")
+    kept = round((1.0 - option.sparsity) * count / step) * step
+    return min(kept, count)
 
 
 def nm_sparsity(pattern: str) -> float:
