@@ -105,19 +105,19 @@ def _bundle(args: argparse.Namespace):
     from spdy.pipeline import load_bundle
 
     return load_bundle(args.model, args.samples, args.heldout, args.seq_len, args.batch_size, args.include, args.exclude or (),
-                       args.validation, args.database_samples, args.workload)
+                       args.validation, args.database_samples, args.workload, getattr(args, "pattern", None) or "unstructured")
 
 
 def cmd_time(args: argparse.Namespace) -> int:
-    from spdy.pipeline import measure_to, options_of
+    from spdy.pipeline import measure_to, option_keys, timing_engine
     from spdy.timing.backend import get_backend
 
     get_backend(args.engine)  # an engine that is not installed stops here, before the model loads
     bundle, units = _bundle(args)
-    keys = [o.key for o in options_of(args.pattern, _levels(args.levels))]
+    keys = option_keys(args.pattern, _levels(args.levels), units)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)  # the checkpoint goes beside it from the first unit on
-    table = measure_to(out, bundle, units, keys, args.engine, not args.quiet, args.threads)
+    table = measure_to(out, bundle, units, keys, timing_engine(args.engine, args.pattern), not args.quiet, args.threads)
     summary = {"output": str(out), "units": len(table.units), "options": len(keys), "base": table.base,
                "fixed": table.fixed, "max_speedup": table.max_speedup()}
     if args.json:
@@ -130,14 +130,19 @@ def cmd_time(args: argparse.Namespace) -> int:
 
 def cmd_database(args: argparse.Namespace) -> int:
     from spdy.database import build_database
+    from spdy.database.structured import build_structured_database
+    from spdy.levels import STRUCTURED
     from spdy.pipeline import options_of
 
     from spdy.cluster import connect
 
     with connect(args.cluster) as cluster:  # before the model loads: a missing or unreachable Ray fails at once
         bundle, units = _bundle(args)
-        db = build_database(bundle.model, units, bundle.statistics, options_of(args.pattern, _levels(args.levels)),
-                            args.output, pruner=args.pruner, progress=not args.quiet, executor=cluster.map_unordered if cluster else None)
+        if args.pattern == STRUCTURED:
+            db = build_structured_database(bundle.model, units, bundle.statistics, args.output, pruner=args.pruner, progress=not args.quiet)
+        else:
+            db = build_database(bundle.model, units, bundle.statistics, options_of(args.pattern, _levels(args.levels)), args.output,
+                                pruner=args.pruner, progress=not args.quiet, executor=cluster.map_unordered if cluster else None)
     summary = {**db.summary(), "units": len(db.units), "directory": str(db.directory)}
     summary["relative_error"].pop(DENSE, None)  # dense reconstructs exactly: not worth a line
     if args.json:
@@ -360,7 +365,8 @@ def _model_args(p: argparse.ArgumentParser, model_required: bool = True) -> None
 
 
 def _option_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pattern", default="unstructured", help="unstructured | N:M (2:4) | blocks RxC (4x1, 16x16)")
+    p.add_argument("--pattern", default="unstructured", help="unstructured | N:M (2:4) | blocks RxC (4x1, 16x16) | structured "
+                   "(whole attention heads and feed-forward neurons of BERT-style encoders; --levels does not apply)")
     p.add_argument("--levels", help="sparsity levels: 0.5,0.7,0.9 or MIN:MAX:STEPS (default: the SPDY grid 0.4:0.99:41)")
 
 
@@ -441,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "for classifiers)")
     p.add_argument("--engine", help="timing backend (default torch-cpu)")
     p.add_argument("--pruner", choices=("obs", "adaprune", "magnitude"), help="database pruner (default obs)")
-    p.add_argument("--pattern", help="unstructured | N:M | RxC blocks (default unstructured)")
+    p.add_argument("--pattern", help="unstructured | N:M | RxC blocks | structured: whole heads and neurons, a physically smaller "
+                   "model that dense torch runs faster (default unstructured)")
     p.add_argument("--levels", help="sparsity levels: 0.5,0.7,0.9 or MIN:MAX:STEPS (default the SPDY grid)")
     p.add_argument("--method", choices=METHODS, help="search method (default spdy)")
     p.add_argument("--baselines", help="comma-separated methods to compare against (default uniform,global-magnitude,dp-errors)")

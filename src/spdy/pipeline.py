@@ -22,7 +22,7 @@ from spdy.cluster import RayCluster, connect, parse_cluster
 from spdy.database import Database, Stitcher, build_database, capture
 from spdy.search.evaluate import Evaluator
 from spdy.search.evolution import EvoConfig, EvolutionSearch
-from spdy.levels import DENSE, Option, options_for, spdy_grid
+from spdy.levels import DENSE, STRUCTURED, Option, options_for, spdy_grid
 from spdy.errors import InputError
 from spdy.models import ModelBundle, load_model
 from spdy.models.bundle import model_fingerprint
@@ -61,6 +61,24 @@ def options_of(pattern: str, levels: Sequence[float] | None) -> list[Option]:
     return options_for(pattern, list(levels) if levels is not None else spdy_grid()[1:])
 
 
+def option_keys(pattern: str, levels: Sequence[float] | None, units: Mapping[str, Unit]) -> list[str] | dict[str, list[str]]:
+    """The option keys to time: the pattern's grid for every unit, or (structured) each block's kept sizes."""
+    if pattern == STRUCTURED:
+        from spdy.blocks import unit_options
+
+        return unit_options(units)
+    return [o.key for o in options_of(pattern, levels)]
+
+
+def timing_engine(engine: str, pattern: str) -> str:
+    """The backend that times ``pattern`` for ``engine``: structured blocks on torch-cpu have their own."""
+    if pattern != STRUCTURED:
+        return engine
+    if engine != "torch-cpu":
+        raise InputError(f"--pattern {STRUCTURED} is timed on --engine torch-cpu only (dense torch runs the smaller layers), not {engine!r}")
+    return "torch-cpu-blocks"
+
+
 def timing_path(bundle: ModelBundle, units: Mapping[str, Unit], work: Path, pattern: str = "unstructured",
                 levels: Sequence[float] | None = None, engine: str = "torch-cpu", threads: int | None = None) -> Path:
     """Where the timing table for these inputs is cached: under everything the times depend on (the
@@ -68,7 +86,8 @@ def timing_path(bundle: ModelBundle, units: Mapping[str, Unit], work: Path, patt
     CPU), so a table measured by another runtime or machine is measured again, not reused."""
     from spdy.timing.backend import cpu_model
 
-    keys = [o.key for o in options_of(pattern, levels)]
+    keys = option_keys(pattern, levels, units)
+    engine = timing_engine(engine, pattern)
     batch = timing_batch(bundle)
     shape = {k: list(v.shape) for k, v in batch.items()} if isinstance(batch, dict) else list(getattr(batch, "shape", []))
     shape = [str(bundle.workload), shape] if bundle.workload is not None else shape  # old tables keep their key
@@ -83,15 +102,16 @@ def timings(bundle: ModelBundle, units: Mapping[str, Unit], work: Path, pattern:
     path = timing_path(bundle, units, work, pattern, levels, engine, threads)
     if path.is_file():
         return TimingTable.load(path), path
-    keys = [o.key for o in options_of(pattern, levels)]
-    return measure_to(path, bundle, units, keys, engine, progress, threads), path
+    keys = option_keys(pattern, levels, units)
+    return measure_to(path, bundle, units, keys, timing_engine(engine, pattern), progress, threads), path
 
 
-def measure_to(path: Path, bundle: ModelBundle, units: Mapping[str, Unit], keys: Sequence[str], engine: str = "torch-cpu",
-               progress: bool = True, threads: int | None = None) -> TimingTable:
-    """Measure on the deployment batch, checkpointing beside ``path`` (a rerun resumes), then save to ``path``."""
+def measure_to(path: Path, bundle: ModelBundle, units: Mapping[str, Unit], keys: Sequence[str] | Mapping[str, Sequence[str]],
+               engine: str = "torch-cpu", progress: bool = True, threads: int | None = None) -> TimingTable:
+    """Measure on the deployment batch, checkpointing beside ``path`` (a rerun resumes), then save to ``path``.
+    ``keys``: the options of every unit, or per unit (structured blocks)."""
     checkpoint = path.with_suffix(".checkpoint.json")
-    table = measure(bundle.model, units, timing_batch(bundle), options=list(keys), backend=engine,
+    table = measure(bundle.model, units, timing_batch(bundle), options=dict(keys) if isinstance(keys, Mapping) else list(keys), backend=engine,
                     checkpoint=checkpoint, progress=progress, **({"threads": threads} if threads else {}))
     table.save(path)
     checkpoint.unlink(missing_ok=True)
@@ -100,7 +120,15 @@ def measure_to(path: Path, bundle: ModelBundle, units: Mapping[str, Unit], keys:
 
 def database(bundle: ModelBundle, units: Mapping[str, Unit], work: Path, pruner: str = "obs", pattern: str = "unstructured",
              levels: Sequence[float] | None = None, progress: bool = True, cluster: str | RayCluster | None = None) -> Database:
-    """Build (or resume, or reuse) the pruned-weight database for ``units``; ``cluster``: run its units on Ray (`spdy.cluster`)."""
+    """Build (or resume, or reuse) the pruned-weight database for ``units``; ``cluster``: run its units on Ray (`spdy.cluster`).
+    Structured: the blocks' kept structures and updated consumer weights (`spdy.database.structured`), built here."""
+    if pattern == STRUCTURED:
+        from spdy.database.structured import build_structured_database
+
+        if cluster is not None:
+            raise InputError(f"--cluster: the {STRUCTURED} database is built on this machine only")
+        directory = work / f"database-{digest(bundle.fingerprint, sorted(units), pruner, STRUCTURED, option_keys(pattern, levels, units))}"
+        return build_structured_database(bundle.model, dict(units), bundle.statistics, directory, pruner=pruner, progress=progress)
     options = options_of(pattern, levels)
     directory = work / f"database-{digest(bundle.fingerprint, sorted(units), pruner, [o.key for o in options])}"
     with connect(cluster) as ray:
@@ -255,6 +283,21 @@ def apply(units: Mapping[str, Unit], profile: Profile, db: Database | None = Non
                 continue
             dense = weight_matrix(units[name])
             set_weight_matrix(units[name], db.weight(name, key) if db is not None else dense * magnitude_mask(dense, key))
+
+
+def export_profile(bundle: ModelBundle, units: Mapping[str, Unit], profile: Profile, db: Database, formats: Mapping[str, str],
+                   directory: Path) -> Path:
+    """Export the profile's pruned model: a structured one physically smaller (the bundle's model untouched),
+    else the database weights applied to the bundle's model in place (`apply`)."""
+    from spdy.runtime.deploy import export
+
+    if db.pattern == STRUCTURED:
+        from spdy.verify_structured import smaller_model
+
+        small, kept = smaller_model(bundle.model, units, profile.options, db)
+        return export(small, bundle.name, profile, {}, directory, tokenizer=bundle.tokenizer, structure=kept)
+    apply(units, profile, db)
+    return export(bundle.model, bundle.name, profile, formats, directory, tokenizer=bundle.tokenizer)
 
 
 def default_target(table: TimingTable) -> float:
@@ -427,6 +470,9 @@ def curve_point(target: float, method: str, point: Mapping[str, Any]) -> dict:
             "formats": result.get("formats", {})}
 
 
+WEIGHT_BASELINES = ("global-magnitude", "owl")  # baselines that rank single weights: no meaning for whole structures
+
+
 @dataclass
 class RunConfig:
     """Everything ``spdy run`` takes: the flags of the CLI and the keys of a ``--config`` TOML file."""
@@ -491,6 +537,14 @@ class RunConfig:
         if self.max_loss is not None and not 0 <= self.max_loss < float("inf"):
             raise InputError(f"--max-loss {self.max_loss!r}: need a finite number >= 0 (e.g. 0.05 for 1 - mean cosine)")
         parse_budget(self.search_budget)
+        if self.pattern == STRUCTURED:
+            timing_engine(self.engine, self.pattern)
+            if self.method in WEIGHT_BASELINES:
+                raise InputError(f"--method {self.method} ranks single weights; with --pattern {STRUCTURED} use spdy, evo, uniform or dp-errors")
+            if self.gap:
+                raise InputError(f"--gap fine-tunes under fixed masks; it does not apply to --pattern {STRUCTURED} yet")
+            if self.pruner not in ("obs", "magnitude"):
+                raise InputError(f"--pruner {self.pruner}: --pattern {STRUCTURED} has the pruners obs (structured OBS) and magnitude")
 
     def target_list(self, table: TimingTable, heldout: bool) -> list[float]:
         """The targets to search: --target's, --targets', or (the default) a curve spread over the table's range;
@@ -511,8 +565,9 @@ class RunConfig:
 
     @property
     def methods(self) -> list[str]:
-        """The chosen method first, then the baselines it is compared against."""
-        return [self.method] + [m for m in self.baselines if m != self.method]
+        """The chosen method first, then the baselines it is compared against (structured: not those that rank single weights)."""
+        baselines = [m for m in self.baselines if m != self.method and not (self.pattern == STRUCTURED and m in WEIGHT_BASELINES)]
+        return [self.method] + baselines
 
     def command_line(self) -> str:
         """The ``spdy run`` invocation that reproduces this configuration (defaults left out)."""
@@ -529,15 +584,21 @@ class RunConfig:
 
 def load_bundle(model: str, samples: int = 64, heldout: int = 32, seq_len: int = 128, batch_size: int = 8,
                 include: Sequence[str] | None = None, exclude: Sequence[str] = (), validation: int = 0,
-                database: int = 0, workload: str | None = None) -> tuple[ModelBundle, dict[str, Unit]]:
+                database: int = 0, workload: str | None = None, pattern: str = "unstructured") -> tuple[ModelBundle, dict[str, Unit]]:
     """The model with its data and the units to prune; bad names or patterns raise `InputError`.
-    ``workload`` (e.g. ``decode:1@512``) replaces the family's default (`spdy.models.workload`)."""
+    ``workload`` (e.g. ``decode:1@512``) replaces the family's default (`spdy.models.workload`).
+    ``pattern="structured"``: the units are the model's attention and feed-forward blocks (`spdy.blocks`)."""
     try:
         bundle = load_model(model, samples=samples, heldout=heldout, seq_len=seq_len, batch_size=batch_size, validation=validation,
                             database=database)
         if workload is not None:
             bundle.workload = Workload.parse(workload)
-        units = prunable_units(bundle, include, exclude or ())
+        if pattern == STRUCTURED:
+            from spdy.blocks import block_units
+
+            units = block_units(bundle.model, include, exclude or ())
+        else:
+            units = prunable_units(bundle, include, exclude or ())
     except FileNotFoundError as e:
         raise InputError(str(e)) from None
     bundle.check()
@@ -588,7 +649,6 @@ def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = Tru
 def _run(cfg: RunConfig, say: Callable[[str], None], progress: bool, cluster: RayCluster | None) -> dict:
     from spdy.database import Stitcher
     from spdy.report import write_report
-    from spdy.runtime.deploy import export
     from spdy import verification
     from spdy.verification import VerifyResult, verify
 
@@ -600,7 +660,8 @@ def _run(cfg: RunConfig, say: Callable[[str], None], progress: bool, cluster: Ra
 
     bundle, units = timed(log, "load", lambda: load_bundle(cfg.model, cfg.samples, cfg.heldout, cfg.seq_len, cfg.batch_size,
                                                            cfg.include, cfg.exclude or (), cfg.validation, cfg.database_samples,
-                                                           cfg.workload))
+                                                           cfg.workload, cfg.pattern))
+    structured = cfg.pattern == STRUCTURED
     bundle.search_on(cfg.search_loss)
     say(f"[1/6] model {bundle.name}: {len(units)} prunable units, {len(bundle.calibration)} calibration, {len(bundle.validation)} "
         f"validation, {len(bundle.database)} database and {len(bundle.heldout)} held-out batches, search loss {bundle.objective}")
@@ -611,7 +672,7 @@ def _run(cfg: RunConfig, say: Callable[[str], None], progress: bool, cluster: Ra
         table, table_path = timed(log, "timing", measure_table)
     say(f"[2/6] timings ({cfg.engine}): dense {table.base * 1e3:.2f} ms, fixed {table.fixed * 1e3:.2f} ms; "
         f"maximum attainable speedup {table.max_speedup():.3f}x  [{table_path}]")
-    if cfg.calibrate and cfg.engine == "torch-cpu" and table.max_speedup() > 1.02:
+    if cfg.calibrate and cfg.engine == "torch-cpu" and not structured and table.max_speedup() > 1.02:
         table, table_path = timed(log, "calibration", lambda: calibrate(bundle, units, table, table_path, say))
         fit = table.meta["calibration"]
         if "scale" in fit:
@@ -641,8 +702,13 @@ def _run(cfg: RunConfig, say: Callable[[str], None], progress: bool, cluster: Ra
         path = work / f"verify-{method}-{key}.json"
         if path.is_file():
             return json.loads(path.read_text())
-        result = timed(log, f"verify:{method}", lambda: verify(bundle.model, units, profile, batch, table, weights=db.weight,
-                                                              rounds=rounds, engine=cfg.engine, engine_dense=full, generation=full))
+        if structured:
+            from spdy.verify_structured import verify_structured
+
+            result = timed(log, f"verify:{method}", lambda: verify_structured(bundle.model, units, profile, batch, table, db, rounds))
+        else:
+            result = timed(log, f"verify:{method}", lambda: verify(bundle.model, units, profile, batch, table, weights=db.weight,
+                                                                  rounds=rounds, engine=cfg.engine, engine_dense=full, generation=full))
         write_json(path, result.to_json())
         return result.to_json()
 
@@ -718,7 +784,8 @@ def _run(cfg: RunConfig, say: Callable[[str], None], progress: bool, cluster: Ra
     if not choice.get("within", True):
         say(f"      WARNING: exported {target:g}x, {choice['why']}")
     chosen = profiles[cfg.method]
-    apply(units, chosen, db)
+    if not structured:
+        apply(units, chosen, db)
     gap = None
     if cfg.gap:
         from spdy.recovery.nm import finish_with_gap
@@ -727,7 +794,7 @@ def _run(cfg: RunConfig, say: Callable[[str], None], progress: bool, cluster: Ra
         gap = timed(log, "gap", lambda: finish_with_gap(bundle, units, stitcher.dense, epochs=cfg.gap_epochs, lr=cfg.gap_lr,
                                                          seed=cfg.seed, work_dir=gap_dir, progress=progress))
         say(f"      gAP: held-out loss {gap['heldout_before_gap']:.5g} -> {gap['heldout_after_gap']:.5g}")
-    export_dir = timed(log, "export", lambda: export(bundle.model, bundle.name, chosen, main.get("formats", {}), work / "export", tokenizer=bundle.tokenizer))
+    export_dir = timed(log, "export", lambda: export_profile(bundle, units, chosen, db, main.get("formats", {}), work / "export"))
     if curve:
         say(f"      any other point of the curve: spdy export {work} --target T [--method M]")
     stitcher.restore()  # dense units again (with gAP the other parameters stay fine-tuned; the run ends here)
@@ -755,7 +822,6 @@ def export_point(work_dir: str | Path, target: float, method: str | None = None,
     cached stages: no timing, database, search or verify runs again."""
     from spdy.database import Database
     from spdy.files import read_json
-    from spdy.runtime.deploy import export
 
     work = Path(work_dir)
     if not (work / "summary.json").is_file():
@@ -771,10 +837,14 @@ def export_point(work_dir: str | Path, target: float, method: str | None = None,
                          f"{', '.join(f'{t:g}' for t in measured) or 'no target'} (methods: {', '.join(sorted({p['method'] for p in summary['curve']}))})")
     point = points[0]
     cfg = RunConfig(**summary["config"])
-    bundle, units = load_bundle(cfg.model, cfg.samples, cfg.heldout, cfg.seq_len, cfg.batch_size, cfg.include, cfg.exclude or ())
+    bundle, units = load_bundle(cfg.model, cfg.samples, cfg.heldout, cfg.seq_len, cfg.batch_size, cfg.include, cfg.exclude or (),
+                                pattern=cfg.pattern)
     db = Database.open(work / Path(summary["database"]).name)  # every stage lives in the work directory, wherever it moved
+    if db.pattern == STRUCTURED:
+        from spdy.database.structured import StructuredDatabase
+
+        db = StructuredDatabase(db.directory, db.manifest)
     check_same_model(bundle, db)
     profile = Profile.load(work / Path(point["profile_file"]).name)
-    apply(units, profile, db)
     directory = Path(output) if output else work / f"export-{target:g}x-{method}"
-    return export(bundle.model, bundle.name, profile, point["formats"], directory, tokenizer=bundle.tokenizer), point
+    return export_profile(bundle, units, profile, db, point["formats"], directory), point

@@ -2,7 +2,7 @@
 
 An export directory holds ``model.safetensors`` (the pruned weights), ``profile.json`` and
 ``runtime.json`` (the MODEL spec, the runtime format of every pruned layer as measured for
-this engine). A Hugging Face model also gets its ``config.json`` and tokenizer files, and
+this engine; for a structured export, how many heads or neurons each block kept). A Hugging Face model also gets its ``config.json`` and tokenizer files, and
 ``runtime.json`` names the classes to rebuild it with, so `load` needs neither the original
 model directory nor the MODEL spec on the machine it runs on. Every file is replaced
 atomically: a killed export leaves whole files, never half of one.
@@ -64,9 +64,11 @@ def _save_huggingface(directory: Path, name: str, module: nn.Module, model: nn.M
 
 
 def export(model: nn.Module, spec: str, profile: Profile, formats: Mapping[str, str], directory: str | os.PathLike,
-           tokenizer: Any = None) -> Path:
+           tokenizer: Any = None, structure: Mapping[str, int] | None = None) -> Path:
     """Write the (pruned, not yet converted) model's weights, profile and format choices, plus a
-    Hugging Face model's config and ``tokenizer`` so the export loads on its own."""
+    Hugging Face model's config and ``tokenizer`` so the export loads on its own. ``structure``: the
+    structures each block of a physically smaller model kept (`spdy.blocks.shrink`), so `load` resizes
+    the architecture its config builds before loading the weights."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -83,6 +85,8 @@ def export(model: nn.Module, spec: str, profile: Profile, formats: Mapping[str, 
     replace_atomically(directory / WEIGHTS, lambda tmp: save_file(state, str(tmp)))
     profile.save(directory / "profile.json")
     meta: dict[str, Any] = {"model": spec, "formats": dict(formats), "shared": shared}
+    if structure:
+        meta["structured"] = dict(structure)
     part = _huggingface_part(model)
     if part is not None:
         meta["huggingface"] = _save_huggingface(directory, *part, model, tokenizer)
@@ -130,6 +134,10 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, attention
         from spdy.models import load_model
 
         model = load_model(meta["model"], samples=1, heldout=1).model
+    if meta.get("structured"):
+        from spdy.blocks import resize_to
+
+        resize_to(model, meta["structured"])
     state = load_file(str(directory / WEIGHTS))
     for name, source in meta.get("shared", {}).items():
         state[name] = state[source]

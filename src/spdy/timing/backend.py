@@ -92,6 +92,7 @@ _REGISTRY: dict[str, str | Callable[..., Backend]] = {
     "torch-cpu": "spdy.timing.torch_cpu:TorchCpuBackend",
     "deepsparse": "spdy.timing.deepsparse:DeepSparseBackend",
     "cuda-2:4": "spdy.timing.cuda_semi:CudaSemiBackend",
+    "torch-cpu-blocks": "spdy.timing.blocks:TorchCpuBlocksBackend",  # structured options (`spdy.blocks`)
 }
 
 

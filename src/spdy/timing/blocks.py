@@ -1,0 +1,119 @@
+"""The ``torch-cpu-blocks`` backend: times structured blocks at every kept size, as dense torch runs them.
+
+A block's time is its owner (the self-attention with its q/k/v projections, or the up
+projection with its activation) plus its consumer, run on the inputs the owner really gets
+in the model (captured from the timing batch: hidden states, attention mask). Each option is
+timed on a physically resized copy (`spdy.runtime.modeling.bert_blocks.resize`, the first
+structures kept: speed depends on how many remain, not which), alternated with the dense copy;
+its time is the ratio times the block's dense time, so slow periods between options cancel.
+Blocks of equal shape and input are timed once.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from spdy.blocks import Block, block_of
+from spdy.errors import InputError
+from spdy.levels import DENSE
+from spdy.runtime.modeling.bert_blocks import resize
+from spdy.runtime.timer import alternating_stats
+from spdy.timing.backend import UnitTiming
+from spdy.timing.torch_cpu import TorchCpuBackend
+from spdy.units import Unit, call_model
+
+STRUCTURED_FORMAT = "structured"  # the format recorded for a resized option: dense torch on a smaller layer
+
+
+class _Part(nn.Module):
+    """A block cut out of the model: owner then consumer, on the owner's captured inputs."""
+
+    def __init__(self, model: nn.Module, block: Block):
+        super().__init__()
+        self.model = model
+        self.owner, self.consumer = model.get_submodule(block.owner), model.get_submodule(block.consumer)
+
+    def forward(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        out = self.owner(*args, **kwargs)
+        return self.consumer(out[0] if isinstance(out, tuple) else out)
+
+
+def block_part(model: nn.Module, block: Block, kept: int) -> _Part:
+    """The block alone (a copy of the modules it uses), keeping ``kept`` structures."""
+    holder = nn.Module()
+    for path in (block.owner, block.consumer, *block.producers):
+        parts = path.split(".")
+        parent = holder
+        for p in parts[:-1]:
+            if not hasattr(parent, p):
+                parent.add_module(p, nn.Module())
+            parent = getattr(parent, p)
+        if not hasattr(parent, parts[-1]):
+            parent.add_module(parts[-1], copy.deepcopy(model.get_submodule(path)))
+    if kept < block.count:
+        consumer = holder.get_submodule(block.consumer)
+        resize(holder, block, range(kept), consumer.weight.data[:, : kept * block.width].clone())
+    return _Part(holder, block)
+
+
+class TorchCpuBlocksBackend(TorchCpuBackend):
+    """Dense torch on the CPU, structured blocks at every kept size."""
+
+    name = "torch-cpu-blocks"
+
+    def prepare(self, model: nn.Module, units: dict[str, Unit], batch: Any) -> None:
+        super().prepare(model, units, batch)
+        self._model = model
+        self._inputs: dict[str, tuple[tuple, dict]] = {}
+        hooks = []
+        for name, unit in units.items():
+            owner = model.get_submodule(block_of(unit).owner)
+
+            def hook(module, args, kwargs, name=name):
+                self._inputs[name] = (tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args),
+                                      {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+
+            hooks.append(owner.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            with torch.no_grad():
+                call_model(model, batch)
+        finally:
+            for h in hooks:
+                h.remove()
+        missed = [n for n in units if n not in self._inputs]
+        if missed:
+            raise InputError(f"blocks never ran on the timing batch: {missed[:3]}")
+
+    def signature(self, unit: Unit) -> str | None:
+        block = block_of(unit)
+        args, kwargs = self._inputs[unit.name]
+        shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+        shapes += [(k, tuple(v.shape)) for k, v in sorted(kwargs.items()) if isinstance(v, torch.Tensor)]
+        return f"{block.structure}:{block.count}x{block.width}/{block.step}:{tuple(unit.weight_shape)}:in{shapes}"
+
+    @torch.no_grad()
+    def unit_times(self, unit: Unit, options: list[str]) -> UnitTiming:
+        block = block_of(unit)
+        args, kwargs = self._inputs[unit.name]
+        dense = block_part(self._model, block, block.count).eval()
+        run_dense = lambda: dense(args, kwargs)
+        ref = alternating_stats({"dense": run_dense}, self.rounds, max_spread=self.max_spread)["dense"]
+        result = UnitTiming({DENSE: ref.median}, {DENSE: "dense"}, {DENSE: ref.spread}, unpruned=ref.median)
+        for key in options:
+            if key == DENSE:
+                continue
+            part = block_part(self._model, block, block.kept(key)).eval()
+            try:
+                stats = alternating_stats({"dense": run_dense, "part": lambda: part(args, kwargs)}, self.rounds, max_spread=self.max_spread)
+            except Exception as e:
+                raise RuntimeError(f"timing block {unit.name!r} option {key!r} failed: {e}") from e
+            result.times[key] = stats["part"].median / stats["dense"].median * ref.median
+            result.formats[key], result.spread[key] = STRUCTURED_FORMAT, stats["part"].spread
+        return result
+
+    def meta(self) -> dict:
+        return {**super().meta(), "backend": self.name, "formats_tried": ["dense", STRUCTURED_FORMAT]}

@@ -1,0 +1,65 @@
+"""Verify a structured profile: build the physically smaller model and time it against dense torch.
+
+The smaller model (`spdy.blocks.shrink`: fewer heads, narrower feed-forward layers) must compute
+what the masked model the search scored computes (the consumer weights with removed columns
+zero); its output is checked against that one, then it runs alternately with the dense model on
+the timing batch, as `spdy.verification.verify` does for sparse formats.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from spdy.blocks import shrink
+from spdy.database.structured import StructuredDatabase
+from spdy.runtime.formats import set_threads
+from spdy.runtime.timer import oversubscribed, time_alternating
+from spdy.search.profile import Profile
+from spdy.timing.blocks import STRUCTURED_FORMAT
+from spdy.timing.table import TimingTable
+from spdy.units import Unit, call_model
+from spdy.verification import ROUNDS, TOLERANCE, SpeedupMiss, VerifyResult, _relative_error, _tensor, pruned_copy
+
+
+@torch.no_grad()
+def smaller_model(model: nn.Module, units: Mapping[str, Unit], options: Mapping[str, str], db: StructuredDatabase) -> tuple[nn.Module, dict[str, int]]:
+    """A resized copy of ``model`` for the profile ``options``, and the structures each block keeps."""
+    small = copy.deepcopy(model).eval()
+    return small, shrink(small, units, options, db)
+
+
+def verify_structured(model: nn.Module, units: Mapping[str, Unit], profile: Profile, batch: Any, table: TimingTable | None,
+                      db: StructuredDatabase, rounds: int = ROUNDS, tolerance: float = TOLERANCE, threads: int | None = None) -> VerifyResult:
+    """Measured speedup of the smaller model over the dense one (dense torch both), with the output check."""
+    options = dict(profile.options)
+    predicted = table.predicted_speedup(options) if table is not None else profile.predicted_speedup
+    threads = int(threads or (table.meta.get("threads") if table is not None else None) or torch.get_num_threads())
+    if warning := oversubscribed(threads):
+        warnings.warn(f"verify: {warning}", RuntimeWarning, stacklevel=2)
+    previous, grad = torch.get_num_threads(), torch.is_grad_enabled()
+    set_threads(threads)
+    torch.set_grad_enabled(False)
+    try:
+        model.eval()
+        reference = _tensor(call_model(pruned_copy(model, units, options, db.weight), batch))
+        small, kept = smaller_model(model, units, options, db)
+        error = _relative_error(_tensor(call_model(small, batch)), reference)
+        samples = time_alternating({"dense": lambda: call_model(model, batch), "pruned": lambda: call_model(small, batch)}, rounds)
+    finally:
+        set_threads(previous)
+        torch.set_grad_enabled(grad)
+    formats = {name: STRUCTURED_FORMAT for name, n in kept.items() if n < units[name].extra["block"].count}
+    result = VerifyResult.from_samples(samples["dense"], samples["pruned"], profile.target, predicted, tolerance, threads, error,
+                                       formats=formats, fused=[])
+    if result.met is False:
+        warnings.warn(f"SPEEDUP MISSED: the smaller model measured {result.measured_speedup:.3f}x over dense torch < target "
+                      f"{profile.target:g}x - {tolerance:.0%}; predicted {predicted:.3f}x", SpeedupMiss, stacklevel=2)
+    if not math.isfinite(error) or error > 1e-4:
+        warnings.warn(f"verify: the smaller model's output differs from the masked model by {error:.2e} (relative)", RuntimeWarning, stacklevel=2)
+    return result
