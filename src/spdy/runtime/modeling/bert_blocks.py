@@ -13,6 +13,7 @@ block with nothing kept leaves only the consumer's bias, added to the residual a
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -87,7 +88,9 @@ def bert_blocks(model: nn.Module) -> list[Block]:
 def _sliced(layer: nn.Linear, rows: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> nn.Linear:
     """A new Linear with ``layer``'s rows ``rows``, or with ``weight`` (out, in) and ``layer``'s bias."""
     w = layer.weight.data[rows] if rows is not None else weight
-    new = skip_init(nn.Linear, w.shape[1], w.shape[0], bias=layer.bias is not None, dtype=w.dtype, device=w.device)
+    with warnings.catch_warnings():  # a block with nothing kept has zero-size layers, whose (skipped) init warns
+        warnings.simplefilter("ignore", UserWarning)
+        new = skip_init(nn.Linear, w.shape[1], w.shape[0], bias=layer.bias is not None, dtype=w.dtype, device=w.device)
     with torch.no_grad():
         new.weight.copy_(w)
         if layer.bias is not None:

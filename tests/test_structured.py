@@ -1,0 +1,160 @@
+"""Structured options (issue 19): heads and neurons of BERT-style blocks, their database, timing, smaller model and export."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import spdy
+from spdy.blocks import block_units, find_blocks, shrink, unit_options
+from spdy.cli import main
+from spdy.database import Stitcher
+from spdy.database.structured import build_structured_database, removal_order
+from spdy.errors import InputError
+from spdy.levels import DENSE, Option, kept_structures, structured_options
+from spdy.models.huggingface import SentenceEncoder
+from spdy.timing import measure
+
+
+def tiny_bert() -> tuple[nn.Module, list, list]:
+    """A 2-layer BERT encoder (random weights; 4 heads of 16, 128 neurons) with token batches: MODEL for `spdy run`."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=200,
+                        max_position_embeddings=64)
+    model = SentenceEncoder(BertModel(config)).eval()
+    g = torch.Generator().manual_seed(1)
+
+    def batch():
+        mask = torch.ones(4, 24, dtype=torch.long)
+        mask[0, 18:] = 0  # padding reaches the attention as a mask
+        return {"input_ids": torch.randint(0, 200, (4, 24), generator=g), "attention_mask": mask}
+
+    return model, [batch() for _ in range(6)], [batch() for _ in range(2)]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    model, calibration, heldout = tiny_bert()
+    units = block_units(model)
+    db = build_structured_database(model, units, calibration, tmp_path_factory.mktemp("db"), progress=False)
+    return model, units, db, calibration
+
+
+def test_structured_option_keys():
+    neurons = structured_options("neurons", 1536, 64)
+    assert len(neurons) == 25 and neurons[0] == Option(0.0) and neurons[-1].key == "neurons@1.0000"
+    assert [kept_structures(o, 1536, 64) for o in neurons] == list(range(1536, -1, -64))
+    heads = structured_options("heads", 12)
+    assert [kept_structures(o, 12) for o in heads] == list(range(12, -1, -1))
+    assert Option.parse("heads@0.2500") == Option(0.25, "heads")
+    with pytest.raises(InputError, match="sparsity"):
+        Option(1.0)  # only a whole block can go, never a whole layer
+
+
+def test_blocks_of_a_bert_encoder(built):
+    model, units, db, _ = built
+    blocks = find_blocks(model)
+    assert [(b.structure, b.count, b.width, b.step) for b in blocks] == [("heads", 4, 16, 1), ("neurons", 128, 1, 16)] * 2
+    assert list(units) == [b.name for b in blocks] and list(units)[0] == "bert.encoder.layer.0.attention.output.dense"
+    assert unit_options(units)[list(units)[1]][-1] == "neurons@1.0000" and len(unit_options(units)[list(units)[1]]) == 9
+
+
+def test_database_is_nested_and_dense_is_exact(built):
+    model, units, db, _ = built
+    for name, unit in units.items():
+        assert torch.equal(db.weight(name, DENSE), unit.module.weight.data)
+        kept = [set(db.kept(name, k).tolist()) for k in db.options(name)]
+        assert all(later <= earlier for earlier, later in zip(kept, kept[1:])), name  # fewer kept is a subset of more kept
+        assert [len(k) for k in kept] == [unit.extra["block"].kept(k) for k in db.options(name)]
+        assert db.relative_errors()[name][db.options(name)[-1]] == pytest.approx(1.0)  # nothing kept: the whole output is gone
+
+
+def test_obs_update_beats_magnitude(built, tmp_path):
+    model, units, db, calibration = built
+    magnitude = build_structured_database(model, units, calibration, tmp_path, pruner="magnitude", progress=False)
+    for name in units:
+        obs, mag = db.relative_errors()[name], magnitude.relative_errors()[name]
+        middle = [k for k in obs if 0 < Option.parse(k).sparsity < 1]
+        assert sum(obs[k] for k in middle) < sum(mag[k] for k in middle), name
+
+
+def test_single_columns_match_the_closed_form():
+    """One removal, width 1: the cheapest column by w^T w / [H^-1]_jj, and the OBS update zeroes it and keeps the rest optimal."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    W = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    H = X.t() @ X
+    _, kept, pruned = next(removal_order(W, H, 1, damp=1e-12, stops=[5]))
+    Hinv = torch.linalg.inv(H)
+    j = int((W.square().sum(0) / Hinv.diagonal()).argmin())
+    assert j not in kept.tolist() and torch.all(pruned[:, j] == 0)
+    best = torch.linalg.lstsq(X[:, kept], X @ W.t()).solution.t()  # least squares on the kept columns
+    assert torch.allclose(pruned[:, kept].double(), best, atol=1e-4)
+
+
+def test_smaller_model_equals_masked_model(built):
+    model, units, db, calibration = built
+    names = list(units)
+    profile = {names[0]: "heads@1.0000", names[1]: "neurons@0.3750", names[2]: "heads@0.5000", names[3]: DENSE}
+    with torch.no_grad():
+        stitcher = Stitcher(units, db)
+        with stitcher(profile):
+            masked = model(**calibration[0])
+        small = copy.deepcopy(model)
+        kept = shrink(small, units, profile, db)
+        out = small(**calibration[0])
+    assert kept == {names[0]: 0, names[1]: 80, names[2]: 2, names[3]: 128}
+    layer = small.bert.encoder.layer
+    assert layer[0].attention.output.dense.in_features == 0 and layer[0].output.dense.in_features == 80
+    assert layer[1].attention.self.query.out_features == 32 and layer[1].attention.self.num_attention_heads == 2
+    assert torch.allclose(out, masked, atol=1e-6)
+
+
+def test_timing_table_has_every_block_option(built):
+    model, units, db, calibration = built
+    table = measure(model, units, calibration[0], options=unit_options(units), backend="torch-cpu-blocks", progress=False,
+                    threads=1, rounds=3, model_rounds=3)
+    assert {u: sorted(o) for u, o in table.times.items()} == {u: sorted(k) for u, k in unit_options(units).items()}
+    assert table.meta["shared"] == {names: first for names, first in zip(list(units)[2:], list(units)[:2])}
+    for unit, options in table.times.items():  # an emptied block costs next to nothing next to the whole one
+        assert options[max(options, key=lambda k: Option.parse(k).sparsity)] < options[DENSE], unit
+
+
+def test_unrecognised_blocks_are_named():
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = nn.Linear(8, 8)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Layer()])
+
+    with pytest.raises(InputError, match=r"layer 'layers.0' \(Layer\).*attention.self.query"):
+        find_blocks(Model())
+    with pytest.raises(InputError, match="no encoder layers in Sequential.*BERT-style"):
+        find_blocks(nn.Sequential(nn.Linear(4, 4)))
+
+
+def test_run_structured_exports_a_smaller_model(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    work = tmp_path / "run"
+    code = main(["run", "test_structured:tiny_bert", "--pattern", "structured", "--target", "1.2", "--random-starts", "4",
+                 "--tries", "2", "--rounds", "5", "--threads", "1", "--baselines", "uniform", "--search-budget", "none",
+                 "--work-dir", str(work), "--json"])
+    summary = json.loads((work / "summary.json").read_text())
+    assert code == (0 if summary["profiles"]["spdy"]["verify"]["met"] else 1)
+    assert set(summary["profiles"]) == {"spdy", "uniform"}
+    verified = summary["profiles"]["spdy"]["verify"]
+    assert verified["output_error"] < 1e-4  # the smaller model computes what the search scored
+    exported = json.loads((work / "export" / "runtime.json").read_text())["structured"]
+    model, _, heldout = tiny_bert()
+    loaded = spdy.load(work / "export")
+    assert {n: loaded.get_submodule(n).in_features // (16 if "attention" in n else 1) for n in exported} == exported
+    with torch.no_grad():
+        assert loaded(**heldout[0]).shape == model(**heldout[0]).shape
