@@ -12,9 +12,10 @@ from spdy.database.patterns import Pattern
 from spdy.database.pruners import Magnitude, Pruner
 from spdy.database.stitch import Stitcher, stitch
 from spdy.database.store import Database, DatabaseError
+from spdy.database.structured import StructuredDatabase, build_structured_database
 
 __all__ = [
     "AdaPrune", "Database", "DatabaseError", "Magnitude", "OBS", "PRUNERS", "Pattern", "Pruner",
-    "Stitcher", "UnitStats", "build_database", "capture", "make_pruner", "model_fingerprint",
+    "Stitcher", "StructuredDatabase", "UnitStats", "build_database", "build_structured_database", "capture", "make_pruner", "model_fingerprint",
     "relative_error", "stitch",
 ]
