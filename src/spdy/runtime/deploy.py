@@ -76,6 +76,8 @@ def export(model: nn.Module, spec: str, profile: Profile, formats: Mapping[str, 
     seen: dict[int, str] = {}
     shared = {}
     for name, tensor in list(state.items()):
+        if not tensor.numel():  # empty tensors (a block pruned away) share no storage, whatever their data_ptr says
+            continue
         ptr = tensor.data_ptr()
         if ptr in seen:
             shared[name] = seen[ptr]
