@@ -183,11 +183,17 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from spdy.database import Database
+    from spdy.blocks import block_units
+    from spdy.database import Database, StructuredDatabase
     from spdy.pipeline import check_same_model, timing_batch
     from spdy.verification import verify
+    from spdy.verify_structured import verify_structured
 
     bundle, units = _bundle(args)
+    db = Database.open(args.database) if args.database else None
+    structured = isinstance(db, StructuredDatabase)
+    if structured:  # its profile names blocks, not layers
+        units = block_units(bundle.model, args.include, args.exclude or ())
     profile = Profile.load(args.profile)
     unknown = [u for u in profile.options if u not in units]
     if unknown:
@@ -195,10 +201,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.target is not None:
         profile.target = args.target
     table = TimingTable.load(args.timings) if args.timings else None
-    db = Database.open(args.database) if args.database else None
     check_same_model(bundle, db, profile, f"--profile {args.profile}")
-    result = verify(bundle.model, units, profile, timing_batch(bundle), table=table,
-                    weights=db.weight if db is not None else None, rounds=args.rounds)
+    if structured:
+        result = verify_structured(bundle.model, units, profile, timing_batch(bundle), table, db, args.rounds)
+    else:
+        result = verify(bundle.model, units, profile, timing_batch(bundle), table=table,
+                        weights=db.weight if db is not None else None, rounds=args.rounds)
     if args.json:
         print(json.dumps(result.to_json(), indent=1))
     else:

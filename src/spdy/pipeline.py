@@ -840,10 +840,6 @@ def export_point(work_dir: str | Path, target: float, method: str | None = None,
     bundle, units = load_bundle(cfg.model, cfg.samples, cfg.heldout, cfg.seq_len, cfg.batch_size, cfg.include, cfg.exclude or (),
                                 pattern=cfg.pattern)
     db = Database.open(work / Path(summary["database"]).name)  # every stage lives in the work directory, wherever it moved
-    if db.pattern == STRUCTURED:
-        from spdy.database.structured import StructuredDatabase
-
-        db = StructuredDatabase(db.directory, db.manifest)
     check_same_model(bundle, db)
     profile = Profile.load(work / Path(point["profile_file"]).name)
     directory = Path(output) if output else work / f"export-{target:g}x-{method}"

@@ -89,7 +89,13 @@ class Database:
 
     @classmethod
     def open(cls, directory: str | os.PathLike) -> "Database":
-        return cls(directory, read_manifest(Path(directory)))
+        """The database in ``directory``; a structured one (`spdy.database.structured`) reads as its own class."""
+        manifest = read_manifest(Path(directory))
+        if cls is Database and manifest.get("pattern") == "structured":
+            from spdy.database.structured import StructuredDatabase
+
+            return StructuredDatabase(directory, manifest)
+        return cls(directory, manifest)
 
     def check_model(self, fingerprint: str) -> None:
         """Refuse a database built from other weights (``model_fingerprint``): layer names and shapes
