@@ -155,12 +155,15 @@ def cmd_database(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from spdy.database import Database
+    from spdy.blocks import block_units
+    from spdy.database import Database, StructuredDatabase
     from spdy.pipeline import SearchSettings, find_profile, profile_json
 
     bundle, units = _bundle(args)
     table = TimingTable.load(args.timings)
     db = Database.open(args.database)
+    if isinstance(db, StructuredDatabase):  # its units are blocks, not layers
+        units = block_units(bundle.model, args.include, args.exclude or ())
     missing = [u for u in table.units if u not in units]
     if missing:
         raise InputError(f"--timings {args.timings} has units the model does not offer (check --include/--exclude): {missing[:3]}")
