@@ -158,3 +158,13 @@ def test_run_structured_exports_a_smaller_model(tmp_path, monkeypatch):
     assert {n: loaded.get_submodule(n).in_features // (16 if "attention" in n else 1) for n in exported} == exported
     with torch.no_grad():
         assert loaded(**heldout[0]).shape == model(**heldout[0]).shape
+
+
+def test_structured_run_config_refuses_what_does_not_apply():
+    from spdy.pipeline import RunConfig
+
+    assert RunConfig(pattern="structured").methods == ["spdy", "uniform", "dp-errors"]  # global magnitude ranks single weights
+    for bad, match in (({"engine": "deepsparse"}, "torch-cpu only"), ({"gap": True}, "--gap"), ({"pruner": "adaprune"}, "pruners obs"),
+                       ({"method": "owl"}, "ranks single weights")):
+        with pytest.raises(InputError, match=match):
+            RunConfig(pattern="structured", **bad)
