@@ -168,3 +168,21 @@ def test_structured_run_config_refuses_what_does_not_apply():
                        ({"method": "owl"}, "ranks single weights")):
         with pytest.raises(InputError, match=match):
             RunConfig(pattern="structured", **bad)
+
+
+def test_export_of_removed_blocks_loads_back_identical(tmp_path):
+    """Blocks with nothing kept leave empty layers, whose tensors share a data_ptr; they must not be taken for tied weights."""
+    from spdy.runtime.deploy import export
+    from spdy.runtime.modeling.bert_blocks import kept_sizes, resize
+    from spdy.search.profile import Profile
+
+    model, _, heldout = tiny_bert()
+    blocks = find_blocks(model)
+    sizes = dict(zip([b.name for b in blocks], (0, 0, 2, 48)))
+    for b in blocks:
+        resize(model, b, range(sizes[b.name]), torch.randn(64, sizes[b.name] * b.width))
+    export(model, "tiny", Profile({}), {}, tmp_path, structure=kept_sizes(model, blocks))
+    loaded = spdy.load(tmp_path)
+    assert kept_sizes(loaded, blocks) == sizes
+    with torch.no_grad():
+        assert torch.equal(loaded(**heldout[0]), model(**heldout[0]))
