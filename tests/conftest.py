@@ -23,3 +23,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def masked_weight(out_f: int, in_f: int, sparsity: float, seed: int) -> torch.Tensor:
+    """A random (out_f, in_f) weight with about ``sparsity`` of it zeroed at random, reproducible by ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g)
+    return w * (torch.rand(out_f, in_f, generator=g) >= sparsity)

@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import masked_weight
 from spdy.runtime import SparseLinear, cpu, gemv, kernels
 from spdy.runtime.gemv import CSR_DENSITY, SmallRowWeight, has_avx2
 
@@ -35,12 +36,6 @@ SMALL = kernels.SMALL_ROWS
 @pytest.fixture(scope="module", autouse=True)
 def _compiled():
     kernels.warmup()
-
-
-def _masked(out_f: int, in_f: int, sparsity: float, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out_f, in_f, generator=g)
-    return w * (torch.rand(out_f, in_f, generator=g) >= sparsity)
 
 
 def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool) -> tuple[torch.Tensor, float]:
@@ -66,7 +61,7 @@ def test_layouts(layout: str, n: int, threaded: bool, monkeypatch: pytest.Monkey
         for sparsity in (0.0, 0.5, 0.9, 1.0):
             for gelu in (False, True):
                 seed = n + out_f + int(100 * sparsity) + gelu
-                w = _masked(out_f, in_f, sparsity, seed)
+                w = masked_weight(out_f, in_f, sparsity, seed)
                 b = torch.randn(out_f) if gelu else None  # the bias is a zero array when absent
                 x = torch.randn(n, in_f)
                 y = np.full((n, out_f), np.nan, dtype=np.float32)
@@ -80,7 +75,7 @@ def test_layouts(layout: str, n: int, threaded: bool, monkeypatch: pytest.Monkey
                                               (SMALL + 1, False, False), (SMALL + 1, True, True)])
 @pytest.mark.parametrize("sparsity", [0.5, 0.9])
 def test_matmul_dispatch(n: int, with_bias: bool, gelu: bool, sparsity: float) -> None:
-    w = _masked(577, 193, sparsity, seed=7 * n + int(100 * sparsity))
+    w = masked_weight(577, 193, sparsity, seed=7 * n + int(100 * sparsity))
     b = torch.randn(577) if with_bias else None
     x = torch.randn(n, 193)
     weight = kernels.SparseKernelWeight.from_dense(w, b)
@@ -90,15 +85,15 @@ def test_matmul_dispatch(n: int, with_bias: bool, gelu: bool, sparsity: float) -
 
 
 def test_layout_follows_density() -> None:
-    dense_enough = SmallRowWeight(_masked(64, 64, 1 - 2 * CSR_DENSITY, 0).numpy(), np.zeros(64, np.float32))
-    sparse = SmallRowWeight(_masked(64, 64, 1 - CSR_DENSITY / 2, 0).numpy(), np.zeros(64, np.float32))
+    dense_enough = SmallRowWeight(masked_weight(64, 64, 1 - 2 * CSR_DENSITY, 0).numpy(), np.zeros(64, np.float32))
+    sparse = SmallRowWeight(masked_weight(64, 64, 1 - CSR_DENSITY / 2, 0).numpy(), np.zeros(64, np.float32))
     assert sparse.layout == "csr"
     assert dense_enough.layout == ("bitmask" if has_avx2() else "csr")
     assert dense_enough.nbytes < 4 * 64 * 64  # fewer bytes than the dense weight
 
 
 def test_wide_input_uses_32_bit_indices() -> None:
-    w = _masked(3, 70_000, 0.999, seed=1)
+    w = masked_weight(3, 70_000, 0.999, seed=1)
     x = torch.randn(2, 70_000)
     weight = SmallRowWeight(w.numpy(), np.zeros(3, np.float32), "csr")
     assert weight.indices.dtype == np.int32
@@ -109,7 +104,7 @@ def test_wide_input_uses_32_bit_indices() -> None:
 
 @pytest.mark.parametrize("gelu", [False, True])
 def test_sparse_linear_3d_and_non_contiguous(gelu: bool) -> None:
-    w, b = _masked(96, 80, 0.7, seed=3), torch.randn(96)
+    w, b = masked_weight(96, 80, 0.7, seed=3), torch.randn(96)
     layer = SparseLinear(w, b, format="kernel", activation="gelu" if gelu else None)
     x = torch.randn(80, 1, 3).permute(1, 2, 0)  # (1, 3, 80), not contiguous: 3 rows
     assert not x.is_contiguous()
@@ -121,7 +116,7 @@ def test_sparse_linear_3d_and_non_contiguous(gelu: bool) -> None:
 
 
 def test_norm_epilogue_at_few_rows() -> None:
-    w, b = _masked(48, 40, 0.5, seed=4), torch.randn(48)
+    w, b = masked_weight(48, 40, 0.5, seed=4), torch.randn(48)
     x, residual = torch.randn(2, 40), torch.randn(2, 48)
     gamma, beta = torch.randn(48), torch.randn(48)
     y = kernels.SparseKernelWeight.from_dense(w, b).matmul(x, residual=residual, norm=(gamma, beta, 1e-5))

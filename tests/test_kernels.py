@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import masked_weight
 from spdy.runtime import cpu, kernels
 
 ok, reason = cpu.available()
@@ -15,12 +16,6 @@ pytestmark = pytest.mark.skipif(not ok, reason=f"sparse kernel unavailable: {rea
 @pytest.fixture(scope="module", autouse=True)
 def _compiled():
     kernels.warmup()
-
-
-def _masked(out_f: int, in_f: int, sparsity: float, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out_f, in_f, generator=g)
-    return w * (torch.rand(out_f, in_f, generator=g) >= sparsity)
 
 
 def _check(w: torch.Tensor, b: torch.Tensor | None, x: torch.Tensor, block: int | None = None) -> None:
@@ -40,7 +35,7 @@ def _check(w: torch.Tensor, b: torch.Tensor | None, x: torch.Tensor, block: int 
 @pytest.mark.parametrize("out_f,in_f", [(1, 1), (1, 37), (37, 1), (16, 16), (33, 70), (130, 200)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.9])
 def test_shapes(n: int, out_f: int, in_f: int, sparsity: float) -> None:
-    w = _masked(out_f, in_f, sparsity, seed=n + out_f + in_f)
+    w = masked_weight(out_f, in_f, sparsity, seed=n + out_f + in_f)
     _check(w, torch.randn(out_f), torch.randn(n, in_f))
 
 
@@ -54,7 +49,7 @@ def test_shapes(n: int, out_f: int, in_f: int, sparsity: float) -> None:
     seed=st.integers(0, 2**16),
 )
 def test_random(n: int, out_f: int, in_f: int, sparsity: float, with_bias: bool, seed: int) -> None:
-    w = _masked(out_f, in_f, sparsity, seed)
+    w = masked_weight(out_f, in_f, sparsity, seed)
     b = torch.randn(out_f) if with_bias else None
     _check(w, b, torch.randn(n, in_f))
 
@@ -70,7 +65,7 @@ def test_random(n: int, out_f: int, in_f: int, sparsity: float, with_bias: bool,
 )
 def test_input_blocks(n: int, out_f: int, in_f: int, block: int, sparsity: float, seed: int) -> None:
     """Many input-column blocks, ragged last block, rows empty in some blocks, several row chunks."""
-    w = _masked(out_f, in_f, sparsity, seed)
+    w = masked_weight(out_f, in_f, sparsity, seed)
     _check(w, torch.randn(out_f), torch.randn(n, in_f), block=block)
     assert torch.equal(kernels.SparseKernelWeight.from_dense(w, block=block).to_dense(), w)
 
@@ -78,7 +73,7 @@ def test_input_blocks(n: int, out_f: int, in_f: int, block: int, sparsity: float
 @pytest.mark.parametrize("n,out_f,in_f", [(1, 16, 16), (7, 33, 70), (1000, 200, 130), (128, 1536, 384)])
 def test_gelu_epilogue(n: int, out_f: int, in_f: int) -> None:
     """The fused GELU (rational erf in the vector store, libm erf in the ragged rest) matches F.gelu."""
-    w, b = _masked(out_f, in_f, 0.8, seed=n + out_f), torch.randn(out_f)
+    w, b = masked_weight(out_f, in_f, 0.8, seed=n + out_f), torch.randn(out_f)
     x = torch.randn(n, in_f) * 3  # reach the clamped tails of erf
     y = kernels.SparseKernelWeight.from_dense(w, b).matmul(x, activation="gelu")
     ref = F.gelu(F.linear(x.double(), w.double(), b.double()))
@@ -90,7 +85,7 @@ def test_gelu_epilogue(n: int, out_f: int, in_f: int) -> None:
 @pytest.mark.parametrize("n,out_f,in_f", [(1, 37, 20), (17, 384, 1536), (1000, 130, 70), (64, 384, 384)])
 def test_residual_layer_norm_epilogue(n: int, out_f: int, in_f: int) -> None:
     """norm=(weight, bias, eps) gives LayerNorm(x W^T + b + residual), per tile in both work splits."""
-    w, b = _masked(out_f, in_f, 0.8, seed=n + out_f), torch.randn(out_f)
+    w, b = masked_weight(out_f, in_f, 0.8, seed=n + out_f), torch.randn(out_f)
     g = torch.Generator().manual_seed(n)
     x, residual = torch.randn(n, in_f, generator=g), torch.randn(n, out_f, generator=g)
     gamma, beta = torch.randn(out_f, generator=g), torch.randn(out_f, generator=g)
@@ -105,7 +100,7 @@ def test_residual_layer_norm_epilogue(n: int, out_f: int, in_f: int) -> None:
 def test_feed_forward(n: int, hidden: int, inner: int) -> None:
     """LayerNorm(GELU(x U^T + c) W^T + b + residual) in one call: the fused tile path (and the
     two-call fallback for few rows) match float64."""
-    up, down = _masked(inner, hidden, 0.85, seed=n), _masked(hidden, inner, 0.85, seed=n + 1)
+    up, down = masked_weight(inner, hidden, 0.85, seed=n), masked_weight(hidden, inner, 0.85, seed=n + 1)
     g = torch.Generator().manual_seed(n)
     c, b = torch.randn(inner, generator=g), torch.randn(hidden, generator=g)
     x, residual = torch.randn(n, hidden, generator=g), torch.randn(n, hidden, generator=g)
@@ -122,7 +117,7 @@ def test_feed_forward(n: int, hidden: int, inner: int) -> None:
 
 
 def test_residual_norm_arguments_are_checked() -> None:
-    weight = kernels.SparseKernelWeight.from_dense(_masked(8, 4, 0.5, seed=0))
+    weight = kernels.SparseKernelWeight.from_dense(masked_weight(8, 4, 0.5, seed=0))
     x, ones = torch.randn(3, 4), torch.ones(8)
     with pytest.raises(ValueError, match="only added together with norm"):
         weight.matmul(x, residual=torch.zeros(3, 8))
@@ -139,7 +134,7 @@ def test_block_columns() -> None:
 
 
 def test_dense_and_empty_rows_and_columns() -> None:
-    w = _masked(48, 40, 0.7, seed=1)
+    w = masked_weight(48, 40, 0.7, seed=1)
     w[3] = torch.randn(40)  # fully dense row
     w[5] = 0.0  # fully zero row
     w[:, 7] = torch.randn(48)  # fully dense column
@@ -151,11 +146,11 @@ def test_dense_and_empty_rows_and_columns() -> None:
 
 
 def test_big_layer() -> None:
-    _check(_masked(3072, 768, 0.9, seed=2), torch.randn(3072), torch.randn(300, 768))
+    _check(masked_weight(3072, 768, 0.9, seed=2), torch.randn(3072), torch.randn(300, 768))
 
 
 def test_leading_dims_and_non_contiguous_input() -> None:
-    w, b = _masked(24, 40, 0.5, seed=3), torch.randn(24)
+    w, b = masked_weight(24, 40, 0.5, seed=3), torch.randn(24)
     sw = kernels.SparseKernelWeight.from_dense(w, b)
     x = torch.randn(3, 5, 40)
     assert sw.matmul(x).shape == (3, 5, 24)
@@ -166,7 +161,7 @@ def test_leading_dims_and_non_contiguous_input() -> None:
 
 
 def test_packed_form() -> None:
-    w = _masked(30, 50, 0.8, seed=4)
+    w = masked_weight(30, 50, 0.8, seed=4)
     sw = kernels.SparseKernelWeight.from_dense(w)
     assert sw.shape == (30, 50)
     assert sw.nnz == int((w != 0).sum())
@@ -181,7 +176,7 @@ def test_set_num_threads() -> None:
     import numba
 
     before = torch.get_num_threads()
-    w, x = _masked(64, 96, 0.9, seed=5), torch.randn(256, 96)
+    w, x = masked_weight(64, 96, 0.9, seed=5), torch.randn(256, 96)
     sw = kernels.SparseKernelWeight.from_dense(w)
     try:
         cpu.set_num_threads(1)
