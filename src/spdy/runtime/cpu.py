@@ -6,6 +6,7 @@ DeepSparse venv has none) `available` says why, and the kernel modules are not l
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -26,6 +27,7 @@ def cpu_has_avx512f() -> bool:
             return False
 
 
+@functools.cache  # read once: every cold layer timing asks
 def last_level_cache_bytes(default: int = 32 << 20) -> int:
     """The largest CPU cache (Linux sysfs), else ``default``: what a layer's weights must exceed to come from memory."""
     sizes = []
