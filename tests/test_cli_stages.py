@@ -70,7 +70,7 @@ def test_time_writes_the_table_it_reports(chain):
     assert timed["units"] == len(table.units) == 3 and timed["options"] == 3  # dense, 0.5, 0.9
     assert timed["base"] == table.base and timed["fixed"] == table.fixed
     assert timed["max_speedup"] == pytest.approx(table.max_speedup())
-    assert table.fixed + sum(table.dense_time(u) for u in table.units) == pytest.approx(table.base)
+    assert table.fixed + sum(table.unpruned_time(u) for u in table.units) == pytest.approx(table.base)
     assert table.meta["threads"] == 1
     assert not list(chain["timings"].parent.glob("*checkpoint*")), "the checkpoint goes once the table is written"
 

@@ -58,7 +58,7 @@ def test_measure_gives_a_valid_table(net, tmp_path: Path) -> None:
     assert table.fixed >= 0 and table.base > table.fixed
     # base is the dense model's time, before and after the units pooled; fixed is what the units leave of it
     assert min(table.meta["base_before"], table.meta["base_after"]) <= table.base <= max(table.meta["base_before"], table.meta["base_after"])
-    assert table.fixed + sum(table.dense_time(u) for u in table.units) == pytest.approx(table.base)
+    assert table.fixed + sum(table.unpruned_time(u) for u in table.units) == pytest.approx(table.base)
     # a format is kept only when it beats dense in the same run, so no option costs more than dense
     assert all(t <= table.dense_time(u) for u in table.units for t in table.times[u].values())
     assert table.max_speedup() >= 1
@@ -203,7 +203,7 @@ def test_deepsparse_backend_end_to_end(net, tmp_path: Path) -> None:
     model, units, x = net
     table = measure(model, units, x, levels=[0.9], backend="deepsparse", progress=False, threads=1, iterations=5, warmup_iterations=1, workdir=str(tmp_path))
     assert table.units == ["a", "b", "c"] and table.meta["backend"] == "deepsparse"
-    assert table.fixed >= 0 and table.fixed + sum(table.dense_time(u) for u in table.units) == pytest.approx(table.base)
+    assert table.fixed >= 0 and table.fixed + sum(table.unpruned_time(u) for u in table.units) == pytest.approx(table.base)
     assert table.meta["formats"]["a"]["0.9000"] == "deepsparse"
 
 
