@@ -91,3 +91,18 @@ def test_the_default_target_sits_between_dense_and_the_maximum_or_is_refused():
     flat = TimingTable({"a": {"0.0000": 0.010, "0.9000": 0.0099}}, base=0.012, fixed=0.002)
     with pytest.raises(InputError, match=r"maximum attainable speedup on this timing table is 1\.008x"):
         default_target(flat)
+
+
+def test_a_steep_runtime_is_bracketed_instead_of_overshot(table):
+    """A runtime whose speedup grows faster than the table's (measured = 1.8 (predicted / 2)^3): scaling
+    by the last round alone jumps from under to over and back; once two rounds bracket the target the
+    loop interpolates between them and lands."""
+    def measure(profile):
+        measured = 1.8 * (profile.predicted_speedup / 2.0) ** 3
+        return {"measured_speedup": measured, "met": measured >= 2.0 * 0.97}
+
+    profile, result, rounds = land(_profile(table, 2.0, 2.0), 2.0, table.max_speedup(), measure,
+                                   lambda p, t: _profile(table, t, 2.0))
+    assert rounds[0]["measured"] < 2.0 < rounds[1]["measured"]
+    assert len(rounds) == 3 and LANDING[0] <= result["measured_speedup"] / 2.0 <= LANDING[1], rounds
+    assert rounds[0]["target_for_table"] < rounds[2]["target_for_table"] < rounds[1]["target_for_table"]

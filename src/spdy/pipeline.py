@@ -379,12 +379,29 @@ MAX_RESOLVES = 3
 MIN_TABLE_TARGET = 1.001  # the solver needs a target above 1
 
 
+def _next_table_target(rounds: Sequence[Mapping[str, float]], target: float) -> float:
+    """What to ask the table for next. Once measured rounds fall on both sides of ``target``, interpolate
+    between the closest pair (the runtime's response is monotone but noisy, and a factor from the last
+    round alone overshoots back and forth); before that, scale by the last round's predicted / measured."""
+    below = [r for r in rounds if r["measured"] < target]
+    above = [r for r in rounds if r["measured"] > target]
+    if below and above:
+        low = max(below, key=lambda r: r["measured"])
+        high = min(above, key=lambda r: r["measured"])
+        if high["target_for_table"] > low["target_for_table"]:
+            share = (target - low["measured"]) / (high["measured"] - low["measured"])
+            return low["target_for_table"] + share * (high["target_for_table"] - low["target_for_table"])
+    last = rounds[-1]
+    return target * last["predicted"] / last["measured"]
+
+
 def land(profile: Profile, target: float, max_speedup: float, measure: Callable[[Profile], dict],
          resolve: Callable[[Profile, float], Profile], say: Callable[[str], None] = lambda text: None,
          ) -> tuple[Profile, dict, list[dict]]:
     """Close the loop between the timing table and the runtime: measure the profile; while the
     measured speedup misses ``target`` or overshoots it (outside ``LANDING``), ask the table for
-    ``target * predicted / measured`` instead and measure again, at most ``MAX_RESOLVES`` times.
+    what the rounds so far say lands on it (`_next_table_target`) and measure again, at most
+    ``MAX_RESOLVES`` times.
 
     The table predicts time layer by layer; the deployed runtime fuses and overlaps, so its
     speedup can differ from the prediction by a factor. A miss breaks the promise; an overshoot
@@ -402,7 +419,7 @@ def land(profile: Profile, target: float, max_speedup: float, measure: Callable[
         ratio = measured / target
         if LANDING[0] <= ratio <= LANDING[1] or attempt == MAX_RESOLVES:
             break
-        wanted = min(max(target * predicted / measured, MIN_TABLE_TARGET), max_speedup)
+        wanted = min(max(_next_table_target(rounds, target), MIN_TABLE_TARGET), max_speedup)
         if abs(wanted - table_target) < 1e-3 * table_target:
             break  # the table cannot be asked for anything else
         say(f"measured {measured:.3f}x for a {target:g}x target ({ratio:.2f}x of it): asking the table for {wanted:.3f}x instead")
