@@ -3,6 +3,7 @@ engine's dense baseline, and the notes on under-prediction and over-delivery."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 import json
 import re
 import statistics
@@ -197,6 +198,10 @@ def test_over_delivery_is_flagged_only_beyond_the_band() -> None:
     assert _result(1.9 * OVER_DELIVERED * 0.99, 1.9).over_delivery() == ""
     assert _result(1.9 * 3, 1.9, met=False).over_delivery() == ""
     assert _result(3.0, 1.9, target=None, met=None).over_delivery() == ""
+    free = replace(_result(3.0, 1.9), engine_baseline="the kernel format at 0%", speedup_over_engine_dense=1.01).over_delivery()
+    assert "without pruning" in free and "the kernel format at 0% alone" in free and "accuracy" not in free
+    pruned = replace(_result(3.0, 1.9), engine_baseline="the kernel format at 0%", speedup_over_engine_dense=1.5).over_delivery()
+    assert "accuracy" in pruned
 
 
 def test_cli_verify_names_its_baselines(tmp_path, capsys) -> None:
