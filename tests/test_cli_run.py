@@ -205,3 +205,18 @@ def test_infeasible_target_reports_the_maximum(finished_run, capsys):
     _, work = finished_run
     assert main(["run", *FAST, "--work-dir", str(work), "--target", "50"]) == 2
     assert "maximum attainable speedup" in capsys.readouterr().err
+
+
+def test_a_stage_run_once_per_target_is_logged_as_its_total(tmp_path: Path) -> None:
+    from spdy.pipeline import StageLog
+
+    log = StageLog(tmp_path / "run.json")
+    log.record("search:spdy", 2.0)
+    log.record("verify:spdy", 1.0)
+    log.record("search:spdy", 3.5)
+    saved = json.loads((tmp_path / "run.json").read_text())
+    assert saved["stages"]["search:spdy"] == {"seconds": 5.5, "runs": 2} and saved["stages"]["verify:spdy"] == {"seconds": 1.0}
+    assert saved["last"] == ["search:spdy", "verify:spdy"]
+    again = StageLog(tmp_path / "run.json")  # a rerun starts its own totals
+    again.record("search:spdy", 1.0)
+    assert json.loads((tmp_path / "run.json").read_text())["stages"]["search:spdy"] == {"seconds": 1.0}

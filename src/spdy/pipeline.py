@@ -315,8 +315,9 @@ def default_target(table: TimingTable) -> float:
 class StageLog:
     """What each stage did and how long it took, kept across reruns in ``run.json``.
 
-    ``stages`` keeps the latest record of every stage ever run here; ``last`` lists the
-    stages this invocation really ran (cached ones are absent).
+    ``stages`` keeps the latest invocation's record of every stage ever run here (a stage run
+    once per target sums its runs); ``last`` lists the stages this invocation really ran (cached
+    ones are absent).
     """
 
     def __init__(self, path: Path):
@@ -326,8 +327,12 @@ class StageLog:
         self.last: list[str] = []
 
     def record(self, stage: str, seconds: float, **info: Any) -> None:
+        if stage in self.last:  # a curve runs a stage once per target: keep this invocation's total
+            earlier = self.stages[stage]
+            seconds, info = seconds + earlier["seconds"], {**info, "runs": earlier.get("runs", 1) + 1}
+        else:
+            self.last.append(stage)
         self.stages[stage] = {"seconds": round(seconds, 2), **info}
-        self.last.append(stage)
         text = json.dumps({"stages": self.stages, "last": self.last}, indent=1, default=str)
         replace_atomically(self.path, lambda tmp: tmp.write_text(text))  # a killed run leaves a readable run.json
 
