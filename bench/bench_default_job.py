@@ -50,7 +50,8 @@ def main() -> None:
     db = Database.open(args.database)
     target = args.target or pipeline.default_target(table)
     stitcher = Stitcher({u: units[u] for u in table.units}, db)
-    calibration, heldout = pipeline.evaluators(bundle, stitcher)
+    evaluation = pipeline.evaluators(bundle, stitcher)
+    calibration, heldout = evaluation.calibration, evaluation.heldout
     cfg = SpdyConfig(seed=args.seed, first_batches=FULL) if args.variant == "old" else SpdyConfig(seed=args.seed)
     search = SpdySearch(table, target, calibration, cfg, progress=False, budget=parse_budget(args.budget))
     load_before = os.getloadavg()[0]
