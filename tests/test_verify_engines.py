@@ -70,6 +70,17 @@ def test_deepsparse_verify_digits_mlp_measures_deepsparse_against_deepsparse(dig
           f"measured {result.speedups()} (spread {result.measured_spread:.3f}), output error {result.output_error:.1e}")
 
 
+def test_deepsparse_environment_solves_a_deepsparse_table(digits) -> None:
+    """`make test-deepsparse`'s environment (.venv-ds, spdy installed without its dependencies) runs the
+    DP too: `spdy run --engine deepsparse` there once died at the search on a missing numba."""
+    from spdy.search.dp import solve
+
+    bundle, units, batch = digits
+    table = _table(list(units), "deepsparse", "deepsparse")
+    solution = solve(table, 1.2)
+    assert solution.predicted_speedup >= 1.2 and set(solution.profile) == set(units)
+
+
 def test_engine_names_are_not_runtime_formats(digits) -> None:
     bundle, units, batch = digits
     names = list(units)
