@@ -7,9 +7,10 @@ medians over the repeats after warm-up. A worker of dense alone (no numba in the
 the reference time the ratios divide (> 1 = faster than dense); the dense time measured beside
 each engine is kept in the JSON lines (``--save``). Two cache states:
 
-* ``hot``: the same layer called again and again, its weights in L2/L3 (8 MiB here).
-* ``cold``: a 64 MiB buffer is read before every timed call (untimed), so the weights come from
-  memory as when a model of hundreds of MB decodes one token through all its layers.
+* ``hot``: the same layer called again and again, its weights in L2/L3.
+* ``cold``: a buffer of 4x the last-level cache (`cpu.last_level_cache_bytes`) is read before every
+  timed call (untimed), so the weights come from memory as when a model of hundreds of MB decodes
+  one token through all its layers.
 
     python bench/bench_decode.py [--quick] [--threads T] [--engines small,old,deepsparse] [--cache hot,cold]
 """
@@ -36,7 +37,7 @@ ROWS = (1, 4, 16)
 SPARSITIES = (0.5, 0.7, 0.9)
 QUICK = {"shapes": ("gate/up proj", "down proj"), "rows": (1, 16), "sparsities": (0.5, 0.9)}
 THREADS = 2
-FLUSH_BYTES = 64 << 20
+FLUSH_CACHES = 4  # the cold flush buffer, in last-level caches: enough to evict the weights under LRU-like policies
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPARSE_PYTHON = ROOT / ".venv-ds" / "bin" / "python"
 
@@ -91,14 +92,14 @@ def _engine(engine: str, w, x, workdir: str, threads: int):
     return lambda: small.matmul(xn, y, False)
 
 
-def worker(engine: str, quick: bool, repeats: int, threads: int, cache: str) -> None:
+def worker(engine: str, quick: bool, repeats: int, threads: int, cache: str, flush_bytes: int) -> None:
     """Measure one engine on every case; print one JSON object per case."""
     import numpy as np
     import torch
     import torch.nn.functional as F
 
     torch.set_num_threads(threads)
-    flush = np.ones(FLUSH_BYTES // 4, np.float32)
+    flush = np.ones(flush_bytes // 4, np.float32)
     with tempfile.TemporaryDirectory() as workdir, torch.inference_mode():
         for name, out_f, in_f, n, p in _cases(quick):
             w, x = _layer(out_f, in_f, n, p)
@@ -120,9 +121,9 @@ def worker(engine: str, quick: bool, repeats: int, threads: int, cache: str) -> 
 
 
 def _run_worker(engine: str, python: str, quick: bool, repeats: int, threads: int, cache: str,
-                wait_policy: str) -> list[dict]:
+                wait_policy: str, flush_bytes: int) -> list[dict]:
     cmd = [python, __file__, "--worker", engine, "--repeats", str(repeats), "--threads", str(threads),
-           "--cache", cache] + (["--quick"] if quick else [])
+           "--cache", cache, "--flush-bytes", str(flush_bytes)] + (["--quick"] if quick else [])
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     if wait_policy:
         env["OMP_WAIT_POLICY"] = wait_policy
@@ -171,11 +172,16 @@ def main() -> None:
                     help="OMP_WAIT_POLICY for the workers ('' = inherit); PASSIVE costs numba ~15 us to wake its "
                          "threads per call here, a third of a small layer's time")
     ap.add_argument("--save", help="write every result as JSON lines to this file")
+    ap.add_argument("--flush-bytes", type=int, default=0,
+                    help="bytes read before each cold call (default: FLUSH_CACHES x the last-level cache)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, args.quick, args.repeats, args.threads, args.cache)
+        worker(args.worker, args.quick, args.repeats, args.threads, args.cache, args.flush_bytes)
         return
+    from spdy.runtime import cpu  # in the parent: the DeepSparse worker never imports spdy
+
+    flush_bytes = args.flush_bytes or FLUSH_CACHES * cpu.last_level_cache_bytes()
     engines = ["dense"] + args.engines.split(",")
     if "deepsparse" in engines and not Path(args.deepsparse_python).exists():
         print(f"skipping deepsparse: {args.deepsparse_python} not found", file=sys.stderr)
@@ -184,7 +190,8 @@ def main() -> None:
     for cache in args.cache.split(","):
         for e in engines:
             python = args.deepsparse_python if e == "deepsparse" else sys.executable
-            results += _run_worker(e, python, args.quick, args.repeats, args.threads, cache, args.omp_wait_policy)
+            results += _run_worker(e, python, args.quick, args.repeats, args.threads, cache, args.omp_wait_policy,
+                                   flush_bytes)
     if args.save:
         Path(args.save).write_text("".join(json.dumps(r) + "\n" for r in results))
     for cache in args.cache.split(","):

@@ -30,37 +30,50 @@ import numpy as np
 
 from spdy.runtime import cpu
 
-__all__ = ["CSR_DENSITY", "SmallRowWeight", "has_avx2"]
+__all__ = ["CSR_DENSITY", "SmallRowWeight", "has_avx2", "has_avx512"]
 
 CSR_DENSITY = 0.25  # below this density (above 75% sparsity) csr was faster at 1 row (docs/benchmarks.md, issue 22)
-_GROUP = 8  # input columns per mask byte = float32 lanes of one AVX2 vector
+_GROUP = 16  # input columns per mask word (uint16) = float32 lanes of one AVX-512 vector
+_HALF = 8  # columns per mask byte = float32 lanes of one AVX2 vector
 _ROWS_PER_ITEM = 32  # output rows per work item
 THREAD_BYTES = 128 << 10  # below (rows x streamed bytes) one thread: waking numba's costs more than it saves (issue 22)
+_GELU, _THREADED, _WIDE = 1, 2, 4  # bits of the kernels' `mode`
+
+
+def _host_features() -> list[str]:
+    try:
+        import llvmlite.binding as llvm
+
+        return llvm.get_host_cpu_features().flatten().split(",")
+    except Exception:
+        return []
 
 
 def has_avx2() -> bool:
     """True only when the host really has AVX2 (the bitmask layout's permutation needs it)."""
-    try:
-        import llvmlite.binding as llvm
+    return "+avx2" in _host_features()
 
-        return "+avx2" in llvm.get_host_cpu_features().flatten().split(",")
-    except Exception:
-        return False
+
+def has_avx512() -> bool:
+    """True only when the host really has AVX-512F (`vexpandps` on 16 lanes)."""
+    return "+avx512f" in _host_features()
 
 
 def _expand_table() -> np.ndarray:
     """(256, 8) int32: for mask byte b, the permutation taking the k-th packed value to the lane of
     b's k-th set bit (low 3 bits, all `vpermps` reads), with the sign bit set on those lanes, so
     one `vblendvps` on the same vector zeroes the others (no second table load)."""
-    table = np.zeros((256, _GROUP), dtype=np.int32)
+    table = np.zeros((256, _HALF), dtype=np.int32)
     for b in range(256):
         k = 0
-        for lane in range(_GROUP):
+        for lane in range(_HALF):
             if b >> lane & 1:
                 table[b, lane] = k - (1 << 31)
                 k += 1
     return table
 
+
+_TABLE = _expand_table()  # a global: numba compiles it into the AVX2 kernel as a constant
 
 if cpu.numba is not None:
     import numba
@@ -69,10 +82,10 @@ if cpu.numba is not None:
     from numba.core import cgutils
     from numba.extending import intrinsic, models, register_model
 
-    from spdy.runtime.vector import JIT
+    from spdy.runtime.vector import JIT, VEC, f32x16, hsum, vadd, vec_ptr, vzero
 
-    _VEC8 = ir.VectorType(ir.FloatType(), _GROUP)
-    _INT8 = ir.VectorType(ir.IntType(32), _GROUP)
+    _VEC8 = ir.VectorType(ir.FloatType(), _HALF)
+    _INT8 = ir.VectorType(ir.IntType(32), _HALF)
 
     class _F32x8(types.Type):
         """numba type for one <8 x float> register value."""
@@ -90,14 +103,14 @@ if cpu.numba is not None:
     @intrinsic
     def _zero8(typingctx):
         def codegen(context, builder, sig, args):
-            return ir.Constant(_VEC8, [0.0] * _GROUP)
+            return ir.Constant(_VEC8, [0.0] * _HALF)
 
         return f32x8(), codegen
 
     @intrinsic
     def _expand8(typingctx, values, entry):
-        """The 8 weights of one column group: 8 floats loaded at `values` (the group's packed
-        values first), permuted to their lanes by the table entry at `entry`, others zeroed."""
+        """The 8 weights of one column half-group: 8 floats loaded at `values` (its packed values
+        first), permuted to their lanes by the table entry at `entry`, others zeroed."""
         def codegen(context, builder, sig, args):
             values, entry = args
             packed = builder.load(builder.inttoptr(values, _VEC8.as_pointer()), align=4)
@@ -107,7 +120,7 @@ if cpu.numba is not None:
             blendv = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC8, [_VEC8] * 3),
                                                     "llvm.x86.avx.blendv.ps.256")
             spread = builder.call(permps, [packed, perm])
-            zero = ir.Constant(_VEC8, [0.0] * _GROUP)
+            zero = ir.Constant(_VEC8, [0.0] * _HALF)
             return builder.call(blendv, [zero, spread, builder.bitcast(perm, _VEC8)])
 
         return f32x8(types.uintp, types.uintp), codegen
@@ -129,11 +142,40 @@ if cpu.numba is not None:
         def codegen(context, builder, sig, args):
             value, undef = builder.fadd(args[0], args[1]), ir.Constant(_VEC8, ir.Undefined)
             for step in (4, 2, 1):
-                mask = ir.Constant(_INT8, [(i + step) % _GROUP for i in range(_GROUP)])
+                mask = ir.Constant(_INT8, [(i + step) % _HALF for i in range(_HALF)])
                 value = builder.fadd(value, builder.shuffle_vector(value, undef, mask))
             return builder.extract_element(value, ir.Constant(ir.IntType(32), 0))
 
         return types.float32(f32x8, f32x8), codegen
+
+    @intrinsic
+    def _expand16(typingctx, values, mask):
+        """The 16 weights of one column group: 16 floats loaded at `values` (its popcount(mask)
+        packed values first) spread to the lanes of mask's set bits, others zero: a plain load,
+        then `vexpandps` between registers (an arithmetic fence keeps LLVM from folding the load
+        into `vexpandps`' memory form, which took ~10 cycles per group on Zen 5)."""
+        def codegen(context, builder, sig, args):
+            values, mask = args
+            bits = builder.bitcast(mask, ir.VectorType(ir.IntType(1), _GROUP))
+            expand = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(VEC, [VEC, VEC, bits.type]), "llvm.x86.avx512.mask.expand.v16f32")
+            fence = cgutils.get_or_insert_function(builder.module, ir.FunctionType(VEC, [VEC]),
+                                                   "llvm.arithmetic.fence.v16f32")
+            packed = builder.call(fence, [builder.load(vec_ptr(builder, values), align=4)])
+            return builder.call(expand, [packed, ir.Constant(VEC, [0.0] * _GROUP), bits])
+
+        return f32x16(types.uintp, types.uint16), codegen
+
+    @intrinsic
+    def _fma16(typingctx, acc, w, addr):
+        """acc + w * load16(addr)."""
+        def codegen(context, builder, sig, args):
+            acc, w, addr = args
+            x = builder.load(vec_ptr(builder, addr), align=4)
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(VEC, [VEC] * 3), "llvm.fma.v16f32")
+            return builder.call(fma, [w, x, acc])
+
+        return f32x16(f32x16, f32x16, types.uintp), codegen
 
     @numba.njit(**JIT)
     def _finish(value, act):
@@ -143,25 +185,29 @@ if cpu.numba is not None:
         return value
 
     @intrinsic
-    def _popcount8(typingctx, m):
-        """Set bits of a mask byte, as one popcnt instruction (bit twiddling made the 1-row product
+    def _popcount(typingctx, m):
+        """Set bits of a mask word, as one popcnt instruction (bit twiddling made the 1-row product
         1.1-1.2x slower, 1 thread)."""
         def codegen(context, builder, sig, args):
-            ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(8), [ir.IntType(8)]),
-                                                   "llvm.ctpop.i8")
+            width = sig.args[0].bitwidth
+            ctpop = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.IntType(width), [ir.IntType(width)]), f"llvm.ctpop.i{width}")
             return builder.zext(builder.call(ctpop, [args[0]]), ir.IntType(64))
 
-        return types.uint64(types.uint8), codegen
+        def typer(m):
+            return types.uint64(m) if m in (types.uint8, types.uint16) else None
+
+        return typer(m), codegen
 
     @numba.njit(**JIT)
-    def _bitmask_rows(x, t, masks, rowptr, values, table, bias, y, o, r, act):
-        """y[t:t+r, o] from output row o in the bitmask layout (r = 1, 2 or 4 X rows; a literal).
-        Even and odd column groups go to separate accumulators (two FMA chains per X row)."""
+    def _rows8(x, t, masks, rowptr, values, bias, y, o, r, act):
+        """y[t:t+r, o] from output row o in the bitmask layout, AVX2 (r = 1, 2 or 4 X rows; a
+        literal): each 16-column mask word is two bytes of 8 columns, one expanded through the
+        table into the even accumulators, the other into the odd (two FMA chains per X row)."""
         numba.literally(r)
-        groups = masks.shape[1]
         x_addr = x.ctypes.data + np.uintp(t * x.shape[1] * 4)
         x_row = np.uintp(x.shape[1] * 4)
-        table_addr = table.ctypes.data
+        table_addr = _TABLE.ctypes.data
         p = values.ctypes.data + np.uintp(rowptr[o] * 4)
         a0 = _zero8()
         a1 = _zero8()
@@ -171,36 +217,89 @@ if cpu.numba is not None:
         b1 = _zero8()
         b2 = _zero8()
         b3 = _zero8()
-        g = 0
-        while g < groups:
-            m = masks[o, g]
+        for g in range(masks.shape[1]):
+            word = masks[o, g]
+            m = np.uint8(word & 255)
             w = _expand8(p, table_addr + np.uintp(m) * np.uintp(32))
-            p += np.uintp(4) * _popcount8(m)
-            q = x_addr + np.uintp(g * 32)
+            p += np.uintp(4) * _popcount(m)
+            q = x_addr + np.uintp(g * 64)
             a0 = _fma8(a0, w, q)
             if r >= 2:
                 a1 = _fma8(a1, w, q + x_row)
             if r >= 4:
                 a2 = _fma8(a2, w, q + np.uintp(2) * x_row)
                 a3 = _fma8(a3, w, q + np.uintp(3) * x_row)
-            if g + 1 < groups:
-                m = masks[o, g + 1]
-                w = _expand8(p, table_addr + np.uintp(m) * np.uintp(32))
-                p += np.uintp(4) * _popcount8(m)
-                q += np.uintp(32)
-                b0 = _fma8(b0, w, q)
-                if r >= 2:
-                    b1 = _fma8(b1, w, q + x_row)
-                if r >= 4:
-                    b2 = _fma8(b2, w, q + np.uintp(2) * x_row)
-                    b3 = _fma8(b3, w, q + np.uintp(3) * x_row)
-            g += 2
+            m = np.uint8(word >> 8)
+            w = _expand8(p, table_addr + np.uintp(m) * np.uintp(32))
+            p += np.uintp(4) * _popcount(m)
+            q += np.uintp(32)
+            b0 = _fma8(b0, w, q)
+            if r >= 2:
+                b1 = _fma8(b1, w, q + x_row)
+            if r >= 4:
+                b2 = _fma8(b2, w, q + np.uintp(2) * x_row)
+                b3 = _fma8(b3, w, q + np.uintp(3) * x_row)
         y[t, o] = _finish(_sum8(a0, b0) + bias[o], act)
         if r >= 2:
             y[t + 1, o] = _finish(_sum8(a1, b1) + bias[o], act)
         if r >= 4:
             y[t + 2, o] = _finish(_sum8(a2, b2) + bias[o], act)
             y[t + 3, o] = _finish(_sum8(a3, b3) + bias[o], act)
+
+    @numba.njit(**JIT)
+    def _rows16(x, t, masks, rowptr, values, bias, y, o, r, act):
+        """y[t:t+r, o] from output row o in the bitmask layout, AVX-512 (r = 1, 2 or 4 X rows; a
+        literal): one `vexpandps` per 16-column mask word; at one X row, even and odd words go
+        to separate accumulators (two FMA chains)."""
+        numba.literally(r)
+        groups = masks.shape[1]
+        x_addr = x.ctypes.data + np.uintp(t * x.shape[1] * 4)
+        x_row = np.uintp(x.shape[1] * 4)
+        p = values.ctypes.data + np.uintp(rowptr[o] * 4)
+        a0 = vzero()
+        a1 = vzero()
+        a2 = vzero()
+        a3 = vzero()
+        b0 = vzero()
+        g = 0
+        if r == 1:
+            while g + 1 < groups:
+                m = masks[o, g]
+                w = _expand16(p, m)
+                p += np.uintp(4) * _popcount(m)
+                a0 = _fma16(a0, w, x_addr + np.uintp(g * 64))
+                m = masks[o, g + 1]
+                w = _expand16(p, m)
+                p += np.uintp(4) * _popcount(m)
+                b0 = _fma16(b0, w, x_addr + np.uintp(g * 64 + 64))
+                g += 2
+        while g < groups:
+            m = masks[o, g]
+            w = _expand16(p, m)
+            p += np.uintp(4) * _popcount(m)
+            q = x_addr + np.uintp(g * 64)
+            a0 = _fma16(a0, w, q)
+            if r >= 2:
+                a1 = _fma16(a1, w, q + x_row)
+            if r >= 4:
+                a2 = _fma16(a2, w, q + np.uintp(2) * x_row)
+                a3 = _fma16(a3, w, q + np.uintp(3) * x_row)
+            g += 1
+        y[t, o] = _finish(hsum(vadd(a0, b0)) + bias[o], act)
+        if r >= 2:
+            y[t + 1, o] = _finish(hsum(a1) + bias[o], act)
+        if r >= 4:
+            y[t + 2, o] = _finish(hsum(a2) + bias[o], act)
+            y[t + 3, o] = _finish(hsum(a3) + bias[o], act)
+
+    @numba.njit(**JIT)
+    def _bitmask_rows(x, t, masks, rowptr, values, bias, y, o, r, act, wide):
+        """`_rows16` when the literal `wide` is set (AVX-512), else `_rows8` (AVX2)."""
+        numba.literally(wide)
+        if wide:
+            _rows16(x, t, masks, rowptr, values, bias, y, o, r, act)
+        else:
+            _rows8(x, t, masks, rowptr, values, bias, y, o, r, act)
 
     @numba.njit(**JIT)
     def _csr_rows(x, t, rowptr, indices, values, bias, y, o, r, act):
@@ -237,20 +336,20 @@ if cpu.numba is not None:
             y[t + 3, o] = _finish(s3 + bias[o], act)
 
     @numba.njit(**JIT)
-    def _bitmask_span(x, masks, rowptr, values, table, bias, y, lo, hi, act):
+    def _bitmask_span(x, masks, rowptr, values, bias, y, lo, hi, act, wide):
         """Output rows lo:hi of Y = f(X W^T + b), the bitmask layout: X rows four, two, then one
         at a time (each output row's weights come from L1 for every pass after the first)."""
         n = x.shape[0]
         for o in range(lo, hi):
             t = 0
             while t + 4 <= n:
-                _bitmask_rows(x, t, masks, rowptr, values, table, bias, y, o, 4, act)
+                _bitmask_rows(x, t, masks, rowptr, values, bias, y, o, 4, act, wide)
                 t += 4
             if t + 2 <= n:
-                _bitmask_rows(x, t, masks, rowptr, values, table, bias, y, o, 2, act)
+                _bitmask_rows(x, t, masks, rowptr, values, bias, y, o, 2, act, wide)
                 t += 2
             if t < n:
-                _bitmask_rows(x, t, masks, rowptr, values, table, bias, y, o, 1, act)
+                _bitmask_rows(x, t, masks, rowptr, values, bias, y, o, 1, act, wide)
 
     @numba.njit(**JIT)
     def _csr_span(x, rowptr, indices, values, bias, y, lo, hi, act):
@@ -268,13 +367,14 @@ if cpu.numba is not None:
                 _csr_rows(x, t, rowptr, indices, values, bias, y, o, 1, act)
 
     @numba.njit(parallel=True, **JIT)
-    def _bitmask_mm(x, masks, rowptr, values, table, bias, y, act):
+    def _bitmask_mm(x, masks, rowptr, values, bias, y, act, wide):
         """Y = f(X W^T + b), the bitmask layout, output rows in chunks over numba's threads."""
         numba.literally(act)
+        numba.literally(wide)
         m = y.shape[1]
         for item in prange((m + _ROWS_PER_ITEM - 1) // _ROWS_PER_ITEM):
-            _bitmask_span(x, masks, rowptr, values, table, bias, y, item * _ROWS_PER_ITEM,
-                          min(m, (item + 1) * _ROWS_PER_ITEM), act)
+            _bitmask_span(x, masks, rowptr, values, bias, y, item * _ROWS_PER_ITEM,
+                          min(m, (item + 1) * _ROWS_PER_ITEM), act, wide)
 
     @numba.njit(parallel=True, **JIT)
     def _csr_mm(x, rowptr, indices, values, bias, y, act):
@@ -286,52 +386,75 @@ if cpu.numba is not None:
                       act)
 
     @numba.njit(**JIT)
-    def _bitmask(x, masks, rowptr, values, table, bias, y, gelu, threaded):
-        """The bitmask product with a literal activation, on numba's threads or this one only."""
+    def _bitmask(x, masks, rowptr, values, bias, y, mode):
+        """The bitmask product; `mode` = GELU | THREADED | WIDE (bits) picks literal variants."""
         m = y.shape[1]
-        if threaded:
-            if gelu:
-                _bitmask_mm(x, masks, rowptr, values, table, bias, y, 1)
+        if mode & _WIDE:
+            if mode & _THREADED:
+                if mode & _GELU:
+                    _bitmask_mm(x, masks, rowptr, values, bias, y, 1, True)
+                else:
+                    _bitmask_mm(x, masks, rowptr, values, bias, y, 0, True)
+            elif mode & _GELU:
+                _bitmask_span(x, masks, rowptr, values, bias, y, 0, m, 1, True)
             else:
-                _bitmask_mm(x, masks, rowptr, values, table, bias, y, 0)
-        elif gelu:
-            _bitmask_span(x, masks, rowptr, values, table, bias, y, 0, m, 1)
+                _bitmask_span(x, masks, rowptr, values, bias, y, 0, m, 0, True)
+        elif mode & _THREADED:
+            if mode & _GELU:
+                _bitmask_mm(x, masks, rowptr, values, bias, y, 1, False)
+            else:
+                _bitmask_mm(x, masks, rowptr, values, bias, y, 0, False)
+        elif mode & _GELU:
+            _bitmask_span(x, masks, rowptr, values, bias, y, 0, m, 1, False)
         else:
-            _bitmask_span(x, masks, rowptr, values, table, bias, y, 0, m, 0)
+            _bitmask_span(x, masks, rowptr, values, bias, y, 0, m, 0, False)
 
     @numba.njit(**JIT)
-    def _csr(x, rowptr, indices, values, bias, y, gelu, threaded):
-        """The csr product with a literal activation, on numba's threads or this one only."""
+    def _csr(x, rowptr, indices, values, bias, y, mode):
+        """The csr product; `mode` = GELU | THREADED (bits) picks literal variants."""
         m = y.shape[1]
-        if threaded:
-            if gelu:
+        if mode & _THREADED:
+            if mode & _GELU:
                 _csr_mm(x, rowptr, indices, values, bias, y, 1)
             else:
                 _csr_mm(x, rowptr, indices, values, bias, y, 0)
-        elif gelu:
+        elif mode & _GELU:
             _csr_span(x, rowptr, indices, values, bias, y, 0, m, 1)
         else:
             _csr_span(x, rowptr, indices, values, bias, y, 0, m, 0)
 
-    _TABLE = _expand_table()
+
+def _entry_point(dispatcher, *args):
+    """The compiled variant of `dispatcher` for `args`' types, callable without the dispatcher:
+    its per-call type matching cost ~10 us of a 1-row product with cold caches here (issue 22).
+    The caller must then pass arguments of exactly these types (arrays: dtype, ndim, layout)."""
+    dispatcher(*args)  # compile, or load from numba's cache
+    return dispatcher.overloads[tuple(numba.typeof(a) for a in args)].entry_point
 
 
 class SmallRowWeight:
     """One (out, in) weight stored for products with a few rows of X, in the layout its density
-    favours (`CSR_DENSITY`; csr where the host lacks AVX2). Memory: bitmask 4 bytes per kept
-    weight + in/8 bytes per output row; csr 6 (8 past 65536 columns) bytes per kept weight;
+    favours (`CSR_DENSITY`; csr where the host lacks AVX2). The bitmask layout is the same for
+    the AVX-512 and the AVX2 kernel (a 16-column mask word is two 8-column bytes, little-endian);
+    which one runs is the host's choice (`isa`). Memory: bitmask 4 bytes per kept weight + in/8
+    bytes per output row (in padded to 16); csr 6 (8 past 65536 columns) bytes per kept weight;
     both + 8 bytes per output row."""
 
-    def __init__(self, weight: np.ndarray, bias: np.ndarray, layout: str | None = None) -> None:
+    def __init__(self, weight: np.ndarray, bias: np.ndarray, layout: str | None = None,
+                 isa: str | None = None) -> None:
         out_features, in_features = weight.shape
         nonzero = weight != 0
         nnz = int(nonzero.sum())
+        if isa is None:
+            isa = "avx512" if has_avx512() else "avx2"
         if layout is None:
             dense_enough = nnz >= CSR_DENSITY * max(weight.size, 1)
             layout = "bitmask" if dense_enough and has_avx2() else "csr"
         if layout not in ("bitmask", "csr"):
             raise ValueError(f"layout must be 'bitmask' or 'csr', got {layout!r}")
-        self.layout = layout
+        if isa not in ("avx512", "avx2"):
+            raise ValueError(f"isa must be 'avx512' or 'avx2', got {isa!r}")
+        self.layout, self.isa = layout, isa
         self.shape = (out_features, in_features)
         self.bias = np.ascontiguousarray(bias, dtype=np.float32)
         self.rowptr = np.zeros(out_features + 1, dtype=np.int64)
@@ -342,13 +465,15 @@ class SmallRowWeight:
             groups = -(-in_features // _GROUP)
             padded = np.zeros((out_features, groups * _GROUP), dtype=bool)
             padded[:, :in_features] = nonzero
-            self.masks = np.packbits(padded.reshape(out_features, groups, _GROUP), axis=2, bitorder="little")[..., 0]
-            self.values = np.concatenate([kept, np.zeros(_GROUP, np.float32)])  # the last group loads 8 floats
+            packed = np.packbits(padded.reshape(out_features, groups * 2, _HALF), axis=2, bitorder="little")[..., 0]
+            self.masks = np.ascontiguousarray(packed).view("<u2").astype(np.uint16)
+            self.values = np.concatenate([kept, np.zeros(_GROUP, np.float32)])  # each group loads 16 floats
             self.width = groups * _GROUP
         else:
             self.indices = cols.astype(np.uint16 if in_features <= 1 << 16 else np.int32)
             self.values = kept
             self.width = in_features
+        self._kernel = None  # the compiled entry point, resolved on the first call
 
     @property
     def nbytes(self) -> int:
@@ -361,12 +486,19 @@ class SmallRowWeight:
         return rows * self.nbytes >= THREAD_BYTES
 
     def matmul(self, x: np.ndarray, y: np.ndarray, gelu: bool) -> None:
-        """y (n, out) = f(x (n, in) W^T + b): x float32, C-contiguous; f the identity or exact GELU."""
+        """y (n, out) = f(x (n, in) W^T + b): x and y float32, 2-D, C-contiguous (not checked
+        per call); f the identity or exact GELU."""
+        if self.width != x.shape[1]:
+            padded = np.zeros((x.shape[0], self.width), dtype=np.float32)
+            padded[:, :x.shape[1]] = x
+            x = padded
+        mode = (_GELU if gelu else 0) | (_THREADED if self.threaded(x.shape[0]) else 0)
         if self.layout == "bitmask":
-            if self.width != x.shape[1]:
-                padded = np.zeros((x.shape[0], self.width), dtype=np.float32)
-                padded[:, :x.shape[1]] = x
-                x = padded
-            _bitmask(x, self.masks, self.rowptr, self.values, _TABLE, self.bias, y, gelu, self.threaded(x.shape[0]))
+            args = (x, self.masks, self.rowptr, self.values, self.bias, y, mode | (_WIDE if self.isa == "avx512" else 0))
+            kernel = _bitmask
         else:
-            _csr(x, self.rowptr, self.indices, self.values, self.bias, y, gelu, self.threaded(x.shape[0]))
+            args, kernel = (x, self.rowptr, self.indices, self.values, self.bias, y, mode), _csr
+        if self._kernel is None:
+            self._kernel = _entry_point(kernel, *args)
+        else:
+            self._kernel(*args)
