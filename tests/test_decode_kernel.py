@@ -2,14 +2,15 @@
 `SparseKernelWeight.matmul`'s dispatch to them.
 
 How the grid covers the kernel's paths with few cases (compilation, not the products, is the cost):
-- `test_layouts`, one case per layout x row count x thread split (2 x 5 x 2 = 20):
+- `test_layouts`, one case per kernel (csr, bitmask on AVX2, bitmask on AVX-512; each skipped
+  where the host lacks it) x row count x thread split (3 x 5 x 2 = 30):
   * rows 1, 2, 3, 4, 7 take the X-row passes 1; 2; 2+1; 4; 4+2+1 (every `r` of `_*_rows`);
   * threaded (numba's threads, chunks of 32 output rows) and single-thread (`THREAD_BYTES`);
   * inside each case, both activations (identity, GELU), sparsities 0 / 0.5 / 0.9 / 1 (full,
     partly and completely empty rows and mask bytes), with and without bias, on two shapes:
-    577 x 205 (an output chunk of 1 row; 205 = 25 mask bytes + 5 columns, so x is zero-padded
-    to whole groups, and 26 groups = 3 eight-byte mask loads + a 2-group tail) and 33 x 128
-    (no padding, no tail).
+    577 x 205 (an output chunk of 1 row; 205 = 12 16-column mask words + 13 columns, so x is
+    zero-padded to whole words, and 13 words = 6 pairs + a tail word at 1 row) and 33 x 128
+    (no padding, no tail); each product runs twice, the second through the compiled entry point.
 - `test_matmul_dispatch`: through `SparseKernelWeight.matmul` just below, at and past
   `SMALL_ROWS`, with and without bias and GELU.
 - one test each for the layout choice, 32-bit csr indices, a 3-D non-contiguous input through
@@ -25,11 +26,13 @@ import torch.nn.functional as F
 
 from conftest import masked_weight
 from spdy.runtime import SparseLinear, cpu, gemv, kernels
-from spdy.runtime.gemv import CSR_DENSITY, SmallRowWeight, has_avx2
+from spdy.runtime.gemv import SmallRowWeight, csr_density, has_avx2, has_avx512
 
 ok, reason = cpu.available()
 pytestmark = pytest.mark.skipif(not ok, reason=f"sparse kernel unavailable: {reason}")
-LAYOUTS = ["csr", pytest.param("bitmask", marks=pytest.mark.skipif(not has_avx2(), reason="no AVX2"))]
+KERNELS = [("csr", None),
+           pytest.param("bitmask", "avx2", marks=pytest.mark.skipif(not has_avx2(), reason="host lacks AVX2")),
+           pytest.param("bitmask", "avx512", marks=pytest.mark.skipif(not has_avx512(), reason="host lacks AVX-512F"))]
 SMALL = kernels.SMALL_ROWS
 
 
@@ -52,10 +55,10 @@ def _assert_close(y: torch.Tensor, ref: torch.Tensor, scale: float) -> None:
     assert err <= 1e-5 * max(scale, 1e-30), (err, scale)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout,isa", KERNELS)
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 7])
 @pytest.mark.parametrize("threaded", [True, False])
-def test_layouts(layout: str, n: int, threaded: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_layouts(layout: str, isa: str | None, n: int, threaded: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gemv, "THREAD_BYTES", 0 if threaded else 1 << 62)
     for out_f, in_f in ((577, 205), (33, 128)):
         for sparsity in (0.0, 0.5, 0.9, 1.0):
@@ -64,11 +67,13 @@ def test_layouts(layout: str, n: int, threaded: bool, monkeypatch: pytest.Monkey
                 w = masked_weight(out_f, in_f, sparsity, seed)
                 b = torch.randn(out_f) if gelu else None  # the bias is a zero array when absent
                 x = torch.randn(n, in_f)
-                y = np.full((n, out_f), np.nan, dtype=np.float32)
-                weight = SmallRowWeight(w.numpy(), np.zeros(out_f, np.float32) if b is None else b.numpy(), layout)
+                weight = SmallRowWeight(w.numpy(), np.zeros(out_f, np.float32) if b is None else b.numpy(), layout,
+                                        isa)
                 assert weight.layout == layout and weight.threaded(n) == threaded
-                weight.matmul(x.numpy(), y, gelu)
-                _assert_close(torch.from_numpy(y), *_reference(x, w, b, gelu))
+                for _ in range(2):  # the first call resolves the compiled entry point, the second uses it
+                    y = np.full((n, out_f), np.nan, dtype=np.float32)
+                    weight.matmul(x.numpy(), y, gelu)
+                    _assert_close(torch.from_numpy(y), *_reference(x, w, b, gelu))
 
 
 @pytest.mark.parametrize("n,with_bias,gelu", [(1, True, False), (3, False, True), (SMALL, True, True),
@@ -85,8 +90,8 @@ def test_matmul_dispatch(n: int, with_bias: bool, gelu: bool, sparsity: float) -
 
 
 def test_layout_follows_density() -> None:
-    dense_enough = SmallRowWeight(masked_weight(64, 64, 1 - 2 * CSR_DENSITY, 0).numpy(), np.zeros(64, np.float32))
-    sparse = SmallRowWeight(masked_weight(64, 64, 1 - CSR_DENSITY / 2, 0).numpy(), np.zeros(64, np.float32))
+    dense_enough = SmallRowWeight(masked_weight(64, 64, 1 - 2 * csr_density(), 0).numpy(), np.zeros(64, np.float32))
+    sparse = SmallRowWeight(masked_weight(64, 64, 1 - csr_density() / 2, 0).numpy(), np.zeros(64, np.float32))
     assert sparse.layout == "csr"
     assert dense_enough.layout == ("bitmask" if has_avx2() else "csr")
     assert dense_enough.nbytes < 4 * 64 * 64  # fewer bytes than the dense weight

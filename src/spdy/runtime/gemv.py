@@ -6,10 +6,12 @@ time should fall with the bytes the weight takes. The large-batch kernel (`spdy.
 packs X into 16-row tiles and wastes most of each vector at 1 row, so it is slower than dense
 there. Two layouts, each streamed once per call, the few X rows staying in L1:
 
-* ``bitmask`` (density above `CSR_DENSITY`): per output row, one bit per input column and the
-  row's nonzero float32 values, compressed. Each 8 columns are one mask byte; a 256-entry table
-  gives the AVX2 permutation that spreads the next popcount(mask) values to their lanes (its
-  sign bits select them in a blend that zeroes the others), then one 8-lane FMA per X row.
+* ``bitmask`` (density above `csr_density`): per output row, one bit per input column (a uint16
+  word per 16 columns, the input padded to 16) and the row's nonzero float32 values, compressed.
+  On AVX-512 hosts one `vexpandps` spreads the next popcount(word) values to their lanes, then one
+  16-lane FMA per X row; on AVX2 hosts each word is two bytes of 8 columns, a 256-entry table gives
+  the `vpermps` that spreads the values and, in its sign bits, the blend that zeroes the others.
+  The stored arrays are the same for both: the kernel is the host's choice at run time.
   Bytes: 4 per kept weight + 1 bit per column (50%: 2.1 bytes per column against dense's 4);
   work: the same per column whatever the density.
 * ``csr``: per output row, the values and 16-bit column indices (32-bit past 65536 columns),
@@ -18,8 +20,10 @@ there. Two layouts, each streamed once per call, the few X rows staying in L1:
 
 Rows are taken four, two, then one at a time against each output row (its weights come from L1
 for every pass after the first); output rows are shared out in chunks over numba's threads, except
-for products under `THREAD_BYTES`, which run on the calling thread: waking a sleeping worker costs
-tens of microseconds here (a VM), more than half of such a product.
+for products under `THREAD_BYTES`, which run on the calling thread: with the weights cold, waking a
+sleeping worker costs tens of microseconds, more than one core's memory bandwidth loses (issue 22).
+The kernels are called through their compiled entry point, not numba's dispatcher, whose type
+checks cost ~10 us when cold.
 """
 
 from __future__ import annotations
@@ -30,13 +34,15 @@ import numpy as np
 
 from spdy.runtime import cpu
 
-__all__ = ["CSR_DENSITY", "SmallRowWeight", "has_avx2", "has_avx512"]
+__all__ = ["CSR_DENSITY", "SmallRowWeight", "csr_density", "has_avx2", "has_avx512"]
 
-CSR_DENSITY = 0.25  # below this density (above 75% sparsity) csr was faster at 1 row (docs/benchmarks.md, issue 22)
+# below these densities csr is used (docs/benchmarks.md, issue 22): AVX2 on Zen 1, csr was faster at
+# 90% sparsity; AVX-512 on Zen 5, the bitmask was 1.0-1.35x faster than csr there (lower densities unmeasured)
+CSR_DENSITY = {"avx2": 0.25, "avx512": 0.1}
 _GROUP = 16  # input columns per mask word (uint16) = float32 lanes of one AVX-512 vector
 _HALF = 8  # columns per mask byte = float32 lanes of one AVX2 vector
 _ROWS_PER_ITEM = 32  # output rows per work item
-THREAD_BYTES = 128 << 10  # below (rows x streamed bytes) one thread: waking numba's costs more than it saves (issue 22)
+THREAD_BYTES = 3 << 20  # below (rows x streamed bytes) one thread: waking numba's costs more than it saves (issue 22)
 _GELU, _THREADED, _WIDE = 1, 2, 4  # bits of the kernels' `mode`
 
 
@@ -57,6 +63,16 @@ def has_avx2() -> bool:
 def has_avx512() -> bool:
     """True only when the host really has AVX-512F (`vexpandps` on 16 lanes)."""
     return "+avx512f" in _host_features()
+
+
+def host_isa() -> str:
+    """The bitmask kernel this host runs: "avx512" (one `vexpandps` per 16 columns) or "avx2"."""
+    return "avx512" if has_avx512() else "avx2"
+
+
+def csr_density(isa: str | None = None) -> float:
+    """The density below which a weight takes the csr layout on `isa` (default: this host's)."""
+    return CSR_DENSITY[isa or host_isa()]
 
 
 def _expand_table() -> np.ndarray:
@@ -434,7 +450,7 @@ def _entry_point(dispatcher, *args):
 
 class SmallRowWeight:
     """One (out, in) weight stored for products with a few rows of X, in the layout its density
-    favours (`CSR_DENSITY`; csr where the host lacks AVX2). The bitmask layout is the same for
+    favours (`csr_density`; csr where the host lacks AVX2). The bitmask layout is the same for
     the AVX-512 and the AVX2 kernel (a 16-column mask word is two 8-column bytes, little-endian);
     which one runs is the host's choice (`isa`). Memory: bitmask 4 bytes per kept weight + in/8
     bytes per output row (in padded to 16); csr 6 (8 past 65536 columns) bytes per kept weight;
@@ -445,15 +461,14 @@ class SmallRowWeight:
         out_features, in_features = weight.shape
         nonzero = weight != 0
         nnz = int(nonzero.sum())
-        if isa is None:
-            isa = "avx512" if has_avx512() else "avx2"
+        isa = isa or host_isa()
+        if isa not in CSR_DENSITY:
+            raise ValueError(f"isa must be 'avx512' or 'avx2', got {isa!r}")
         if layout is None:
-            dense_enough = nnz >= CSR_DENSITY * max(weight.size, 1)
+            dense_enough = nnz >= csr_density(isa) * max(weight.size, 1)
             layout = "bitmask" if dense_enough and has_avx2() else "csr"
         if layout not in ("bitmask", "csr"):
             raise ValueError(f"layout must be 'bitmask' or 'csr', got {layout!r}")
-        if isa not in ("avx512", "avx2"):
-            raise ValueError(f"isa must be 'avx512' or 'avx2', got {isa!r}")
         self.layout, self.isa = layout, isa
         self.shape = (out_features, in_features)
         self.bias = np.ascontiguousarray(bias, dtype=np.float32)

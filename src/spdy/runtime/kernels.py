@@ -518,7 +518,7 @@ def warmup() -> None:
     if not cpu.available()[0]:
         return
     dense = SparseKernelWeight.from_dense(torch.ones(_ROWS, LANES))
-    sparse = SparseKernelWeight.from_dense(torch.eye(_ROWS, LANES))  # below `CSR_DENSITY`: the other small-row layout
+    sparse = SparseKernelWeight.from_dense(torch.eye(_ROWS, LANES))  # below `gemv.csr_density()`: the other small-row layout
     for weight, sizes in ((dense, (1, SMALL_ROWS + 1, _SMALL_N + 1)), (sparse, (1,))):
         for n in sizes:
             for activation in ACTIVATIONS:
