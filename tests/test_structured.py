@@ -173,7 +173,7 @@ def test_structured_run_config_refuses_what_does_not_apply():
 def test_export_of_removed_blocks_loads_back_identical(tmp_path):
     """Blocks with nothing kept leave empty layers, whose tensors share a data_ptr; they must not be taken for tied weights."""
     from spdy.runtime.deploy import export
-    from spdy.runtime.modeling.bert_blocks import kept_sizes, resize
+    from spdy.blocks import kept_sizes, resize
     from spdy.search.profile import Profile
 
     model, _, heldout = tiny_bert()

@@ -5,17 +5,25 @@ dense, the feed-forward down projection) and row groups of its *producers* (quer
 up projection). The unit the solver sees is named after the consumer: the consumer's weight
 with the removed structures' columns zeroed (and the rest OBS-updated) computes exactly what
 the physically smaller block computes, so the database, the stitcher and the search work on it
-unchanged; `shrink` builds the smaller model once a profile is chosen. Model families say
-where their blocks are (`spdy.runtime.modeling.bert_blocks`).
+unchanged; `shrink` builds the smaller model once a profile is chosen.
+
+Model families say where their blocks are and what else a resize must change (head counts, a
+block removed whole): `spdy.runtime.modeling.bert_blocks` (BERT-style encoders) and
+`spdy.runtime.modeling.llama_blocks` (Llama-style decoders, grouped-query attention). The
+slicing itself is generic and lives here.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import importlib
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Sequence
 
+import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 from spdy.errors import InputError
 from spdy.levels import DENSE, Option, kept_structures, structured_options
@@ -36,6 +44,8 @@ class Block:
     count: int
     width: int
     step: int
+    rows: tuple[int, ...] = ()  # each producer's output rows per structure (grouped-query: q 3 heads, k/v 1); empty: ``width`` each
+    family: str = "bert"  # the module `spdy.runtime.modeling.<family>_blocks` that finishes a resize
 
     @property
     def consumer(self) -> str:
@@ -48,16 +58,54 @@ class Block:
         """Structures the option ``key`` keeps."""
         return self.count if key == DENSE else kept_structures(Option.parse(key), self.count, self.step)
 
+    def producer_rows(self) -> tuple[int, ...]:
+        return self.rows or (self.width,) * len(self.producers)
+
     def describe(self) -> dict:
         return {"structure": self.structure, "count": self.count, "width": self.width, "step": self.step,
-                "producers": list(self.producers), "owner": self.owner}
+                "producers": list(self.producers), "owner": self.owner, "rows": list(self.producer_rows()), "family": self.family}
+
+
+NEURON_OPTIONS = 24  # neuron grid: about this many steps from all to none
+SIMD = 16  # neurons per grid step are a multiple of this (AVX-512: 16 floats)
+
+
+def grid_step(count: int) -> int:
+    """Neurons per option step: a multiple of `SIMD` giving about `NEURON_OPTIONS` steps (1 for tiny blocks)."""
+    if count < SIMD * 2:
+        return 1
+    return max(SIMD, -(-count // NEURON_OPTIONS // SIMD) * SIMD)
+
+
+def layer_stack(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The members of every ModuleList whose members have an attention child: an encoder's or decoder's layers."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and any(hasattr(m, "attention") or hasattr(m, "self_attn") for m in module):
+            found += [(f"{name}.{i}", m) for i, m in enumerate(module)]
+    return found
+
+
+def linear_at(layer: nn.Module, path: str) -> nn.Linear | None:
+    """``layer``'s submodule ``path`` when it is an nn.Linear, else None."""
+    try:
+        module = layer.get_submodule(path)
+    except AttributeError:
+        return None
+    return module if isinstance(module, nn.Linear) else None
 
 
 def find_blocks(model: nn.Module) -> list[Block]:
-    """The model's structured blocks (BERT-style encoders); `InputError` naming what is not recognised."""
-    from spdy.runtime.modeling.bert_blocks import bert_blocks  # the only family so far
+    """The model's structured blocks: Llama-style decoders (``self_attn`` with ``q_proj``) or else
+    BERT-style encoders; `InputError` naming what is not recognised."""
+    layers = layer_stack(model)
+    if layers and hasattr(layers[0][1], "self_attn"):
+        from spdy.runtime.modeling.llama_blocks import llama_blocks
 
-    return bert_blocks(model)
+        return llama_blocks(model, layers)
+    from spdy.runtime.modeling.bert_blocks import bert_blocks
+
+    return bert_blocks(model, layers)
 
 
 def block_units(model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] = ()) -> dict[str, Unit]:
@@ -90,8 +138,6 @@ def unit_options(units: Mapping[str, Unit]) -> dict[str, list[str]]:
 def shrink(model: nn.Module, units: Mapping[str, Unit], options: Mapping[str, str], db: "StructuredDatabase") -> dict[str, int]:
     """Make ``model`` physically smaller in place: each block keeps the structures its option kept in the
     database, with the database's updated consumer weight. Returns the kept count per block."""
-    from spdy.runtime.modeling.bert_blocks import resize
-
     kept = {}
     for name, key in options.items():
         block = block_of(units[name])
@@ -103,10 +149,6 @@ def shrink(model: nn.Module, units: Mapping[str, Unit], options: Mapping[str, st
 
 def resize_to(model: nn.Module, sizes: Mapping[str, int]) -> None:
     """Give a freshly built model the shapes of an exported smaller one (weights to be loaded after)."""
-    import torch
-
-    from spdy.runtime.modeling.bert_blocks import resize
-
     blocks = {b.name: b for b in find_blocks(model)}
     unknown = [n for n in sizes if n not in blocks]
     if unknown:
@@ -116,3 +158,44 @@ def resize_to(model: nn.Module, sizes: Mapping[str, int]) -> None:
         if kept < block.count:
             out = model.get_submodule(name).out_features
             resize(model, block, range(kept), torch.zeros(out, kept * block.width))
+
+
+def _sliced(layer: nn.Linear, rows: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> nn.Linear:
+    """A new Linear with ``layer``'s rows ``rows``, or with ``weight`` (out, in) and ``layer``'s bias."""
+    w = layer.weight.data[rows] if rows is not None else weight
+    with warnings.catch_warnings():  # a block with nothing kept has zero-size layers, whose (skipped) init warns
+        warnings.simplefilter("ignore", UserWarning)
+        new = skip_init(nn.Linear, w.shape[1], w.shape[0], bias=layer.bias is not None, dtype=w.dtype, device=w.device)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if layer.bias is not None:
+            new.bias.copy_(layer.bias.data[rows] if rows is not None else layer.bias.data)
+    return new
+
+
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+@torch.no_grad()
+def resize(model: nn.Module, block: Block, kept: Sequence[int], consumer_weight: torch.Tensor) -> None:
+    """Keep only the structures ``kept`` of ``block`` in ``model`` (in place): the producers keep their rows of
+    those structures, the consumer gets ``consumer_weight`` (out, len(kept) * width), e.g. an OBS-updated one from
+    the database; the block's family then fixes what else depends on the size (`finish_resize`)."""
+    kept = sorted(int(k) for k in kept)
+    expected = (model.get_submodule(block.consumer).out_features, len(kept) * block.width)
+    if tuple(consumer_weight.shape) != expected:
+        raise InputError(f"block {block.name!r}: consumer weight {tuple(consumer_weight.shape)} does not fit {len(kept)} kept "
+                         f"{block.structure} (expected {expected})")
+    set_module(model, block.consumer, _sliced(model.get_submodule(block.consumer), weight=consumer_weight))
+    index = torch.tensor(kept, dtype=torch.long)
+    for producer, rows in zip(block.producers, block.producer_rows()):
+        sliced = (index[:, None] * rows + torch.arange(rows)).flatten()
+        set_module(model, producer, _sliced(model.get_submodule(producer), rows=sliced))
+    importlib.import_module(f"spdy.runtime.modeling.{block.family}_blocks").finish_resize(model, block, kept)
+
+
+def kept_sizes(model: nn.Module, blocks: Sequence[Block]) -> dict[str, int]:
+    """How many structures each block holds in ``model`` now (a resized model's record)."""
+    return {b.name: model.get_submodule(b.consumer).in_features // b.width for b in blocks}

@@ -1,9 +1,11 @@
 """The ``torch-cpu-blocks`` backend: times structured blocks at every kept size, as dense torch runs them.
 
 A block's time is its owner (the self-attention with its q/k/v projections, or the up
-projection with its activation) plus its consumer, run on the inputs the owner really gets
-in the model (captured from the timing batch: hidden states, attention mask). Each option is
-timed on a physically resized copy (`spdy.runtime.modeling.bert_blocks.resize`, the first
+projection with its activation) plus its consumer (unless the owner holds it, as a Llama
+attention holds ``o_proj`` and its MLP ``down_proj``), run on the inputs the owner really gets
+in the model (captured from the timing batch: hidden states, attention mask, and in a decoder
+the rotary embeddings and causal mask exactly as the decoder layer passes them). Each option is
+timed on a physically resized copy (`spdy.blocks.resize`, the first
 structures kept: speed depends on how many remain, not which), alternated with the dense copy;
 its time is the ratio times the block's dense time, so slow periods between options cancel.
 Blocks of equal shape and input are timed once.
@@ -17,10 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from spdy.blocks import Block, block_of
+from spdy.blocks import Block, block_of, resize
 from spdy.errors import InputError
 from spdy.levels import DENSE
-from spdy.runtime.modeling.bert_blocks import resize
 from spdy.runtime.timer import alternating_stats
 from spdy.timing.backend import UnitTiming
 from spdy.timing.torch_cpu import TorchCpuBackend
@@ -30,16 +31,18 @@ STRUCTURED_FORMAT = "structured"  # the format recorded for a resized option: de
 
 
 class _Part(nn.Module):
-    """A block cut out of the model: owner then consumer, on the owner's captured inputs."""
+    """A block cut out of the model: owner then consumer (owner alone when it holds the consumer), on the owner's captured inputs."""
 
     def __init__(self, model: nn.Module, block: Block):
         super().__init__()
         self.model = model
-        self.owner, self.consumer = model.get_submodule(block.owner), model.get_submodule(block.consumer)
+        self.owner = model.get_submodule(block.owner)
+        self.consumer = None if block.consumer.startswith(block.owner + ".") else model.get_submodule(block.consumer)
 
     def forward(self, args: tuple, kwargs: dict) -> torch.Tensor:
         out = self.owner(*args, **kwargs)
-        return self.consumer(out[0] if isinstance(out, tuple) else out)
+        out = out[0] if isinstance(out, tuple) else out
+        return out if self.consumer is None else self.consumer(out)
 
 
 def block_part(model: nn.Module, block: Block, kept: int) -> _Part:
