@@ -72,6 +72,12 @@ def _columns(structures: torch.Tensor, width: int) -> torch.Tensor:
     return (structures[:, None] * width + torch.arange(width)).flatten()
 
 
+def _spd_inverse(blocks: torch.Tensor) -> torch.Tensor:
+    """Inverse of (a batch of) symmetric positive definite blocks of ``H^-1`` by Cholesky: no LU, whose batched
+    CPU path once failed on SmolLM2's 192-column key/value groups ("pivots given to lu_solve") where a rerun did not."""
+    return torch.cholesky_inverse(torch.linalg.cholesky(blocks))
+
+
 def removal_order(W: torch.Tensor, H: torch.Tensor, width: int, pruner: str = "obs", damp: float = 0.01,
                   stops: Sequence[int] = ()) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Remove structures of ``width`` columns of ``W`` (out, in) one by one, cheapest first; yield
@@ -103,10 +109,10 @@ def removal_order(W: torch.Tensor, H: torch.Tensor, width: int, pruner: str = "o
             cols = _columns(idx, width).reshape(-1, width)  # (structures, width)
             blocks = Hinv[cols[:, :, None], cols[:, None, :]]  # (structures, width, width)
             ws = W[:, cols].permute(1, 0, 2)  # (structures, out, width)
-            cost = (ws @ torch.linalg.inv(blocks) * ws).sum(dim=(1, 2))
+            cost = (ws @ _spd_inverse(blocks) * ws).sum(dim=(1, 2))
         s = int(idx[int(cost.argmin())])
         cols = torch.arange(s * width, (s + 1) * width)
-        inverse = torch.linalg.inv(Hinv[cols][:, cols])  # [H^-1]_SS^-1
+        inverse = _spd_inverse(Hinv[cols][:, cols])  # [H^-1]_SS^-1
         W -= W[:, cols] @ inverse @ Hinv[cols]
         Hinv -= Hinv[:, cols] @ inverse @ Hinv[cols]
         W[:, cols] = 0.0
