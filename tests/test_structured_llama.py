@@ -211,5 +211,7 @@ def test_smollm2_blocks_and_exact_resize(smollm2):
     batch = {k: v[:2] for k, v in smollm2.calibration[0].items()}
     with torch.no_grad():
         small, masked = resized_copy(model, plan), masked_copy(model, plan)
-        assert torch.allclose(small(**batch), masked(**batch), atol=1e-4)
+        out, reference = small(**batch), masked(**batch)
+    # 30 layers of float32 products of other shapes: the same up to rounding (logits of size ~20)
+    assert float((out - reference).norm() / reference.norm()) < 1e-5
     assert small.lm.model.layers[2].self_attn.k_proj.out_features == 128 and small.lm.model.layers[0].mlp.down_proj.in_features == 768
