@@ -174,6 +174,14 @@ def test_run_structured_exports_a_decoder_that_loads_smaller(tmp_path, monkeypat
     assert kept_sizes(loaded, find_blocks(tiny_llama_model())) == exported
 
 
+def test_structured_decode_workload_is_refused(smollm2, monkeypatch):
+    from spdy import pipeline
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *args, **kwargs: smollm2)
+    with pytest.raises(InputError, match="prefill:BATCHxSEQ"):
+        pipeline.load_bundle("smollm2", pattern="structured")  # a causal LM's default workload is decode
+
+
 def test_export_of_a_resized_decoder_loads_back_identical(tmp_path):
     from spdy.runtime.deploy import export
     from spdy.search.profile import Profile

@@ -618,6 +618,10 @@ def load_bundle(model: str, samples: int = 64, heldout: int = 32, seq_len: int =
         if pattern == STRUCTURED:
             from spdy.blocks import block_units
 
+            if bundle.workload is not None and bundle.workload.kind == "decode":
+                # a block timed alone on a captured decode step would grow its KV cache on every call
+                raise InputError(f"--pattern {STRUCTURED} times whole blocks on whole sequences: give {bundle.name} "
+                                 f"--workload prefill:BATCHxSEQ (e.g. prefill:4x128), not {bundle.workload}")
             units = block_units(bundle.model, include, exclude or ())
         else:
             units = prunable_units(bundle, include, exclude or ())
