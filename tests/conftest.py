@@ -30,3 +30,24 @@ def masked_weight(out_f: int, in_f: int, sparsity: float, seed: int) -> torch.Te
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out_f, in_f, generator=g)
     return w * (torch.rand(out_f, in_f, generator=g) >= sparsity)
+
+
+def exported_resized(model: torch.nn.Module, sizes: dict[str, int], batch: dict, directory: Path) -> torch.nn.Module:
+    """Resize ``model``'s structured blocks to keep ``sizes`` structures (the first ones, random consumer
+    weights), export, load back with `spdy.load`, and check the loaded model keeps those sizes and
+    computes exactly what the resized one does on ``batch``; returns the loaded model."""
+    import spdy
+    from spdy.blocks import find_blocks, kept_sizes, resize
+    from spdy.runtime.deploy import export
+    from spdy.search.profile import Profile
+
+    blocks = find_blocks(model)
+    for b in blocks:
+        rows = model.get_submodule(b.consumer).weight.shape[0]
+        resize(model, b, range(sizes[b.name]), torch.randn(rows, sizes[b.name] * b.width))
+    export(model, "tiny", Profile({}), {}, directory, structure=kept_sizes(model, blocks))
+    loaded = spdy.load(directory)
+    assert kept_sizes(loaded, blocks) == sizes
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch), model(**batch))
+    return loaded

@@ -15,6 +15,8 @@ from spdy.database.structured import build_structured_database, removal_order
 from spdy.errors import InputError
 from spdy.levels import DENSE, Option, kept_structures, structured_options
 from spdy.models.huggingface import SentenceEncoder
+
+from conftest import exported_resized
 from spdy.timing import measure
 
 
@@ -172,17 +174,5 @@ def test_structured_run_config_refuses_what_does_not_apply():
 
 def test_export_of_removed_blocks_loads_back_identical(tmp_path):
     """Blocks with nothing kept leave empty layers, whose tensors share a data_ptr; they must not be taken for tied weights."""
-    from spdy.runtime.deploy import export
-    from spdy.blocks import kept_sizes, resize
-    from spdy.search.profile import Profile
-
     model, _, heldout = tiny_bert()
-    blocks = find_blocks(model)
-    sizes = dict(zip([b.name for b in blocks], (0, 0, 2, 48)))
-    for b in blocks:
-        resize(model, b, range(sizes[b.name]), torch.randn(64, sizes[b.name] * b.width))
-    export(model, "tiny", Profile({}), {}, tmp_path, structure=kept_sizes(model, blocks))
-    loaded = spdy.load(tmp_path)
-    assert kept_sizes(loaded, blocks) == sizes
-    with torch.no_grad():
-        assert torch.equal(loaded(**heldout[0]), model(**heldout[0]))
+    exported_resized(model, dict(zip([b.name for b in find_blocks(model)], (0, 0, 2, 48))), heldout[0], tmp_path)

@@ -20,6 +20,8 @@ from spdy.models.huggingface import CausalLM
 from spdy.runtime.modeling.llama_blocks import NoAttention
 from spdy.timing import measure
 
+from conftest import exported_resized
+
 
 def tiny_llama_model(seed: int = 0) -> CausalLM:
     """2 decoder layers, grouped-query attention: 6 query heads over 2 key/value heads of 16, 128 gated neurons."""
@@ -183,19 +185,10 @@ def test_structured_decode_workload_is_refused(smollm2, monkeypatch):
 
 
 def test_export_of_a_resized_decoder_loads_back_identical(tmp_path):
-    from spdy.runtime.deploy import export
-    from spdy.search.profile import Profile
-
     model, _, heldout = tiny_llama()
-    blocks = find_blocks(model)
-    sizes = dict(zip([b.name for b in blocks], (0, 48, 1, 0)))
-    for b in blocks:
-        resize(model, b, range(sizes[b.name]), torch.randn(96, sizes[b.name] * b.width))
-    export(model, "tiny", Profile({}), {}, tmp_path, structure=kept_sizes(model, blocks))
-    loaded = spdy.load(tmp_path)
-    assert kept_sizes(loaded, blocks) == sizes and isinstance(loaded.lm.model.layers[0].self_attn, NoAttention)
-    with torch.no_grad():
-        assert torch.equal(loaded(**heldout[0]), model(**heldout[0]))
+    sizes = dict(zip([b.name for b in find_blocks(model)], (0, 48, 1, 0)))
+    loaded = exported_resized(model, sizes, heldout[0], tmp_path)
+    assert isinstance(loaded.lm.model.layers[0].self_attn, NoAttention)
 
 
 @pytest.fixture(scope="module")
