@@ -144,9 +144,10 @@ def test_unrecognised_blocks_are_named():
 
 
 def test_run_structured_exports_a_smaller_model(tmp_path, monkeypatch):
+    """A mild target: the tiny model's blocks are a small share of its time (its table's maximum was 1.13x on one CI run, above 1.2x on others)."""
     monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
     work = tmp_path / "run"
-    code = main(["run", "test_structured:tiny_bert", "--pattern", "structured", "--target", "1.2", "--random-starts", "4",
+    code = main(["run", "test_structured:tiny_bert", "--pattern", "structured", "--target", "1.05", "--random-starts", "4",
                  "--tries", "2", "--rounds", "5", "--threads", "1", "--baselines", "uniform", "--search-budget", "none",
                  "--work-dir", str(work), "--json"])
     summary = json.loads((work / "summary.json").read_text())

@@ -166,7 +166,7 @@ def test_query_heads_must_group_evenly():
 def test_run_structured_exports_a_decoder_that_loads_smaller(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
     work = tmp_path / "run"
-    main(["run", "test_structured_llama:tiny_llama", "--pattern", "structured", "--target", "1.15", "--random-starts", "4",
+    main(["run", "test_structured_llama:tiny_llama", "--pattern", "structured", "--target", "1.05", "--random-starts", "4",
           "--tries", "2", "--rounds", "5", "--threads", "1", "--baselines", "uniform", "--search-budget", "none",
           "--work-dir", str(work), "--json"])
     summary = json.loads((work / "summary.json").read_text())
