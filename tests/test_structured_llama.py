@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import spdy
-from spdy.blocks import block_units, find_blocks, kept_sizes, resize, shrink, unit_options
+from spdy.blocks import block_units, find_blocks, kept_sizes, resize, shrink, structure_columns, unit_options
 from spdy.cli import main
 from spdy.database import Stitcher
 from spdy.database.structured import build_structured_database
@@ -55,8 +55,7 @@ def resized_copy(model: nn.Module, plan: dict[str, list[int]]) -> nn.Module:
     small = copy.deepcopy(model)
     for block in find_blocks(model):
         kept = plan[block.name]
-        columns = (torch.tensor(kept, dtype=torch.long)[:, None] * block.width + torch.arange(block.width)).flatten()
-        resize(small, block, kept, model.get_submodule(block.consumer).weight.data[:, columns].clone())
+        resize(small, block, kept, model.get_submodule(block.consumer).weight.data[:, structure_columns(kept, block.width)].clone())
     return small
 
 

@@ -189,11 +189,14 @@ def resize(model: nn.Module, block: Block, kept: Sequence[int], consumer_weight:
         raise InputError(f"block {block.name!r}: consumer weight {tuple(consumer_weight.shape)} does not fit {len(kept)} kept "
                          f"{block.structure} (expected {expected})")
     set_module(model, block.consumer, _sliced(model.get_submodule(block.consumer), weight=consumer_weight))
-    index = torch.tensor(kept, dtype=torch.long)
     for producer, rows in zip(block.producers, block.producer_rows()):
-        sliced = (index[:, None] * rows + torch.arange(rows)).flatten()
-        set_module(model, producer, _sliced(model.get_submodule(producer), rows=sliced))
+        set_module(model, producer, _sliced(model.get_submodule(producer), rows=structure_columns(kept, rows)))
     importlib.import_module(f"spdy.runtime.modeling.{block.family}_blocks").finish_resize(model, block, kept)
+
+
+def structure_columns(structures: Sequence[int] | torch.Tensor, width: int) -> torch.Tensor:
+    """The indices of the ``width`` consecutive columns (or rows) of each structure, in order."""
+    return (torch.as_tensor(structures, dtype=torch.long)[:, None] * width + torch.arange(width)).flatten()
 
 
 def kept_sizes(model: nn.Module, blocks: Sequence[Block]) -> dict[str, int]:

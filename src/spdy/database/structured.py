@@ -24,7 +24,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from safetensors.torch import save_file
 
-from spdy.blocks import Block, block_of
+from spdy.blocks import Block, block_of, structure_columns
 from spdy.database.build import _start, output_energy, relative_error, _samples
 from spdy.database.capture import capture
 from spdy.database.store import Database, DatabaseError, file_sha256, file_stamp, unit_filename, write_manifest
@@ -63,13 +63,8 @@ class StructuredDatabase(Database):
         width = self._entry(unit)["block"]["width"]
         out, columns = self._entry(unit)["shape"]
         full = torch.zeros(out, columns, dtype=compact.dtype)
-        cols = (kept[:, None] * width + torch.arange(width)).flatten()
-        full[:, cols] = compact
+        full[:, structure_columns(kept, width)] = compact
         return full
-
-
-def _columns(structures: torch.Tensor, width: int) -> torch.Tensor:
-    return (structures[:, None] * width + torch.arange(width)).flatten()
 
 
 def _spd_inverse(blocks: torch.Tensor) -> torch.Tensor:
@@ -106,7 +101,7 @@ def removal_order(W: torch.Tensor, H: torch.Tensor, width: int, pruner: str = "o
         if width == 1:
             cost = W[:, idx].square().sum(0) / Hinv.diagonal()[idx]
         else:
-            cols = _columns(idx, width).reshape(-1, width)  # (structures, width)
+            cols = structure_columns(idx, width).reshape(-1, width)  # (structures, width)
             blocks = Hinv[cols[:, :, None], cols[:, None, :]]  # (structures, width, width)
             ws = W[:, cols].permute(1, 0, 2)  # (structures, out, width)
             cost = (ws @ _spd_inverse(blocks) * ws).sum(dim=(1, 2))
@@ -132,7 +127,7 @@ def _build_unit(directory: Path, name: str, block: Block, W: torch.Tensor, H: to
     errors = {DENSE: 0.0}
     for kept, structures, pruned in removal_order(W, H, block.width, pruner, damp, stops=list(options)):
         key = options[kept]
-        tensors[key] = pruned[:, _columns(structures, block.width)].contiguous()
+        tensors[key] = pruned[:, structure_columns(structures, block.width)].contiguous()
         tensors[key + KEPT] = structures.contiguous()
         errors[key] = relative_error(W, pruned, H, energy)
     filename = unit_filename(name)
