@@ -26,13 +26,13 @@ import torch.nn.functional as F
 
 from conftest import masked_weight
 from spdy.runtime import SparseLinear, cpu, gemv, kernels
-from spdy.runtime.gemv import SmallRowWeight, csr_density, has_avx2, has_avx512
+from spdy.runtime.gemv import SmallRowWeight, csr_density, has_avx2
 
 ok, reason = cpu.available()
 pytestmark = pytest.mark.skipif(not ok, reason=f"sparse kernel unavailable: {reason}")
 KERNELS = [("csr", None),
            pytest.param("bitmask", "avx2", marks=pytest.mark.skipif(not has_avx2(), reason="host lacks AVX2")),
-           pytest.param("bitmask", "avx512", marks=pytest.mark.skipif(not has_avx512(), reason="host lacks AVX-512F"))]
+           pytest.param("bitmask", "avx512", marks=pytest.mark.skipif(not cpu.cpu_has_avx512f(), reason="host lacks AVX-512F"))]
 SMALL = kernels.SMALL_ROWS
 
 

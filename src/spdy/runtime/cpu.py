@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 
+@functools.cache  # asked for every small-row weight built
 def cpu_has_avx512f() -> bool:
     """True only when the host really has AVX-512F (never assumed)."""
     try:

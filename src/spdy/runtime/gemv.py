@@ -28,13 +28,14 @@ checks cost ~10 us when cold.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 
 from spdy.runtime import cpu
 
-__all__ = ["CSR_DENSITY", "SmallRowWeight", "csr_density", "has_avx2", "has_avx512"]
+__all__ = ["CSR_DENSITY", "SmallRowWeight", "csr_density", "has_avx2", "host_isa"]
 
 # below these densities csr is used (docs/benchmarks.md, issue 22): AVX2 on Zen 1, csr was faster at
 # 90% sparsity; AVX-512 on Zen 5, the bitmask was 1.0-1.35x faster than csr there (lower densities unmeasured)
@@ -46,28 +47,20 @@ THREAD_BYTES = 3 << 20  # below (rows x streamed bytes) one thread: waking numba
 _GELU, _THREADED, _WIDE = 1, 2, 4  # bits of the kernels' `mode`
 
 
-def _host_features() -> list[str]:
+@functools.cache  # asked for every layer converted
+def has_avx2() -> bool:
+    """True only when the host really has AVX2 (the bitmask layout's permutation needs it)."""
     try:
         import llvmlite.binding as llvm
 
-        return llvm.get_host_cpu_features().flatten().split(",")
+        return "+avx2" in llvm.get_host_cpu_features().flatten().split(",")
     except Exception:
-        return []
-
-
-def has_avx2() -> bool:
-    """True only when the host really has AVX2 (the bitmask layout's permutation needs it)."""
-    return "+avx2" in _host_features()
-
-
-def has_avx512() -> bool:
-    """True only when the host really has AVX-512F (`vexpandps` on 16 lanes)."""
-    return "+avx512f" in _host_features()
+        return False
 
 
 def host_isa() -> str:
     """The bitmask kernel this host runs: "avx512" (one `vexpandps` per 16 columns) or "avx2"."""
-    return "avx512" if has_avx512() else "avx2"
+    return "avx512" if cpu.cpu_has_avx512f() else "avx2"
 
 
 def csr_density(isa: str | None = None) -> float:
