@@ -8,7 +8,7 @@ the reference time the ratios divide (> 1 = faster than dense); the dense time m
 each engine is kept in the JSON lines (``--save``). Two cache states:
 
 * ``hot``: the same layer called again and again, its weights in L2/L3.
-* ``cold``: a buffer of 4x the last-level cache (`cpu.last_level_cache_bytes`) is read before every
+* ``cold``: a buffer of `select.COLD_CACHES` last-level caches (the timing table's cold protocol) is read before every
   timed call (untimed), so the weights come from memory as when a model of hundreds of MB decodes
   one token through all its layers.
 
@@ -37,7 +37,6 @@ ROWS = (1, 4, 16)
 SPARSITIES = (0.5, 0.7, 0.9)
 QUICK = {"shapes": ("gate/up proj", "down proj"), "rows": (1, 16), "sparsities": (0.5, 0.9)}
 THREADS = 2
-FLUSH_CACHES = 4  # the cold flush buffer, in last-level caches: enough to evict the weights under LRU-like policies
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPARSE_PYTHON = ROOT / ".venv-ds" / "bin" / "python"
 
@@ -173,15 +172,15 @@ def main() -> None:
                          "threads per call here, a third of a small layer's time")
     ap.add_argument("--save", help="write every result as JSON lines to this file")
     ap.add_argument("--flush-bytes", type=int, default=0,
-                    help="bytes read before each cold call (default: FLUSH_CACHES x the last-level cache)")
+                    help="bytes read before each cold call (default: COLD_CACHES x the last-level cache, as the timing table)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args.worker, args.quick, args.repeats, args.threads, args.cache, args.flush_bytes)
         return
-    from spdy.runtime import cpu  # in the parent: the DeepSparse worker never imports spdy
+    from spdy.runtime import cpu, select  # in the parent: the DeepSparse worker never imports spdy
 
-    flush_bytes = args.flush_bytes or FLUSH_CACHES * cpu.last_level_cache_bytes()
+    flush_bytes = args.flush_bytes or select.COLD_CACHES * cpu.last_level_cache_bytes()
     engines = ["dense"] + args.engines.split(",")
     if "deepsparse" in engines and not Path(args.deepsparse_python).exists():
         print(f"skipping deepsparse: {args.deepsparse_python} not found", file=sys.stderr)
