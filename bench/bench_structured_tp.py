@@ -33,7 +33,7 @@ import statistics
 
 import torch
 
-from spdy.blocks import find_blocks, resize
+from spdy.blocks import find_blocks, resize, structure_columns
 from spdy.levels import Option
 from spdy.models import load_model
 from spdy.models.workload import Workload, workload_batch
@@ -94,8 +94,7 @@ def torch_pruning_llama(model: torch.nn.Module, example: torch.Tensor, kept: dic
         for producer, rows in zip(block.producers, block.producer_rows()):
             norms += pruned.get_submodule(producer).weight.data.reshape(block.count, rows, -1).square().sum(dim=(1, 2))
         groups = sorted(norms.argsort(descending=True)[:keep].tolist())
-        columns = [g * block.width + j for g in groups for j in range(block.width)]
-        resize(pruned, block, groups, consumer[:, columns].clone())
+        resize(pruned, block, groups, consumer[:, structure_columns(groups, block.width)].clone())
     return pruned.eval()
 
 
