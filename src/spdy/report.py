@@ -212,6 +212,16 @@ def _workload(shapes) -> str:
     return f"batch {tuple(shapes)}" if shapes else "batch ?"
 
 
+def _whole_blocks(deployed: dict | None) -> list[str]:
+    """How a table of units timed inside the blocks the runtime fuses got its fixed cost."""
+    if not deployed:
+        return []
+    blocks = deployed["whole_blocks"]
+    return [f"The runtime runs {len(blocks)} blocks whole (e.g. `{next(iter(blocks))}`); their units were timed inside them, "
+            f"against the block with every unit empty, and the time outside the units is the deployed model with those "
+            f"units empty ({deployed['emptied_model'] * 1e3:.2f} ms) less the other units' dense times.", ""]
+
+
 def _calibration(fit: dict | None) -> list[str]:
     """How the table was fitted to the deployed runtime, when it was."""
     if not fit:
@@ -337,6 +347,7 @@ def write_report(work: str | Path) -> tuple[Path, Path]:
         f"Pruner `{summary['pruner']}`, pattern `{summary['pattern']}`, the model's loss `{summary['loss']}`, the search's "
         f"`{summary.get('search_loss', summary['loss'])}`.",
         "",
+        *_whole_blocks(table.meta.get("deployed_fixed")),
         *_calibration(table.meta.get("calibration")),
         *_kept_dense(table.meta.get("kept_dense")),
         *([f"Finished with global AdaPrune ({summary['gap']['gap']['epochs']} epochs, lr {summary['gap']['gap']['lr']:g}): "

@@ -152,3 +152,27 @@ def capture_shapes(model: nn.Module, units: dict[str, Unit], batch: Any) -> None
     if missed:
         raise InputError(f"units never ran on the sample input (unused layers?): {missed[:5]}; exclude them")
 
+
+
+@torch.no_grad()
+def captured_inputs(model: nn.Module, modules: Sequence[str], batch: Any) -> dict[str, tuple[tuple, dict]]:
+    """Module name -> (args, kwargs) the module is called with when the model runs ``batch`` (tensors
+    copied): what a part of the model is timed on alone. A module the batch never reaches is an error."""
+    inputs: dict[str, tuple[tuple, dict]] = {}
+    keep = lambda v: v.clone() if isinstance(v, torch.Tensor) else v
+    hooks = []
+    for name in modules:
+
+        def hook(module, args, kwargs, name=name):
+            inputs[name] = tuple(map(keep, args)), {k: keep(v) for k, v in kwargs.items()}
+
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        call_model(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    missed = [n for n in modules if n not in inputs]
+    if missed:
+        raise InputError(f"these parts of the model never ran on the timing batch: {missed[:3]}")
+    return inputs

@@ -60,7 +60,7 @@ FUSED_TYPES = (ResidualNormOutput, FeedForwardInput, FeedForwardOutput, Projecte
 
 def fused_blocks(model: nn.Module) -> list[str]:
     """Names of the blocks `convert` fused (modules of `spdy.runtime.modeling`, and layers that took
-    their GELU into the kernel): the per-layer timing table does not see these."""
+    their GELU into the kernel): a table that timed units one by one does not see these."""
     return [n for n, m in model.named_modules()
             if isinstance(m, FUSED_TYPES) or isinstance(m, (SparseLinear, SparseConv2d)) and m.activation is not None]
 
@@ -138,8 +138,8 @@ class VerifyResult:
             why = (f"the table times layers one by one and sees none of the {len(self.fused)} blocks convert() fused "
                    f"(e.g. {self.fused[0]})")
         else:
-            why = ("nothing was fused, so the table itself under-predicts (measured under other load, or stale); "
-                   "re-time it (`spdy time`) on this machine")
+            why = ("the table saw every block that runs fused (it timed their units inside them), so it under-predicts on its "
+                   "own (measured under other load, or stale); re-time it (`spdy time`) on this machine")
         return head + why + ", and this profile prunes more than its target needs"
 
     def over_delivery(self) -> str:
@@ -296,7 +296,8 @@ def verify(
                 warnings.warn(f"verify: the engine's dense run differs from dense torch by {dense_error:.2e} (relative)", RuntimeWarning, stacklevel=2)
             contenders["engine dense"] = lambda: call_model(engine_dense, batch)
         samples = time_alternating(contenders, rounds)
-        fused = fused_blocks(pruned)
+        timed_whole = ((table.meta.get("deployed_fixed") or {}).get("whole_blocks") or {}) if table is not None else {}
+        fused = [n for n in fused_blocks(pruned) if not any(n == b or n.startswith(b + ".") for b in timed_whole)]
         generated = batch.generation(model, pruned, twin, rounds=min(rounds, GENERATION_ROUNDS)) if twin is not None else None
     finally:
         set_threads(previous)

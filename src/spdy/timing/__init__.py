@@ -29,7 +29,7 @@ CHECKPOINT_FORMAT = "spdy.timing-checkpoint/1"
 BASE_AGREEMENT = 1.2  # the model's time before and after the units differing by more than this: measured a third time
 NOISE_FLOOR = 0.03  # units summing to at most this share more than the model: noise, fixed taken as 0
 # Keys of a backend's meta that must agree for checkpointed entries to be reused.
-_IDENTITY = ("backend", "cpu", "threads", "torch", "formats_tried")
+_IDENTITY = ("backend", "cpu", "threads", "torch", "formats_tried", "whole_blocks")
 
 
 class FixedTimeError(InputError):
@@ -178,18 +178,13 @@ def measure(
     engine.prepare(model, units, batch)
     try:
         before, after, again = _measure_units(engine, model, units, batch, wanted, entries, path, state, progress, dedupe, on_unit)
+        times, unpruned = _unit_table(units, entries, wanted)
+        deployed = engine.deployed_fixed(model, batch, {n: (times[n][DENSE], entries[n]["formats"].get(DENSE, "dense")) for n in units})
     finally:
         engine.finish()
     base = statistics.median([before.median, after.median] + ([again.median] if again is not None else []))
-    times, unpruned = {}, {}
-    for name in units:
-        entry = entries[name]
-        # how the unpruned model runs the unit (torch dense): what ``base`` holds, whatever the dense option runs in
-        unpruned[name] = entry.get("unpruned", entry["times"][DENSE])
-        # An option that runs dense costs exactly the dense time (consistent across resumes).
-        times[name] = {k: unpruned[name] if entry["formats"].get(k) == "dense" else entry["times"][k] for k in wanted[name]}
     dense_sum = sum(unpruned.values())
-    fixed = base - dense_sum
+    fixed = base - dense_sum if deployed is None else deployed["fixed"]
     if -NOISE_FLOOR * base <= fixed < 0:
         # a model whose time is all in its units (e.g. convs and Linears with ReLUs between): the
         # shortfall is timing noise, and a fixed cost of zero is the truth within it
@@ -217,10 +212,24 @@ def measure(
             "unpruned": unpruned,
             # Their time is part of ``fixed``: they run dense in every profile.
             "kept_dense": unsupported_layers(model),
+            **({"deployed_fixed": deployed} if deployed is not None else {}),
         }
     )
     shapes = {n: u.describe() for n, u in units.items()}
     return TimingTable(times, base, fixed, meta, shapes)
+
+
+def _unit_table(units: "Mapping[str, Unit]", entries: dict[str, dict], wanted: dict[str, list[str]]) -> tuple[dict, dict]:
+    """Each unit's option times, and its time in the unpruned model (torch dense: what ``base`` holds,
+    whatever the dense option runs in); an option that runs dense costs exactly that (consistent across resumes)."""
+    from spdy.levels import DENSE
+
+    times, unpruned = {}, {}
+    for name in units:
+        entry = entries[name]
+        unpruned[name] = entry.get("unpruned", entry["times"][DENSE])
+        times[name] = {k: unpruned[name] if entry["formats"].get(k) == "dense" else entry["times"][k] for k in wanted[name]}
+    return times, unpruned
 
 
 def _batch_shapes(batch: Any) -> Any:

@@ -20,12 +20,11 @@ import torch
 from torch import nn
 
 from spdy.blocks import Block, block_of, resize
-from spdy.errors import InputError
 from spdy.levels import DENSE
 from spdy.runtime.timer import alternating_stats
 from spdy.timing.backend import UnitTiming
 from spdy.timing.torch_cpu import TorchCpuBackend
-from spdy.units import Unit, call_model
+from spdy.units import Unit, captured_inputs
 
 STRUCTURED_FORMAT = "structured"  # the format recorded for a resized option: dense torch on a smaller layer
 
@@ -68,28 +67,15 @@ class TorchCpuBlocksBackend(TorchCpuBackend):
 
     name = "torch-cpu-blocks"
 
+    def __init__(self, **options: Any):
+        super().__init__(**options, whole_blocks=False)  # a resized block runs in dense torch, never fused
+
     def prepare(self, model: nn.Module, units: dict[str, Unit], batch: Any) -> None:
         super().prepare(model, units, batch)
         self._model = model
-        self._inputs: dict[str, tuple[tuple, dict]] = {}
-        hooks = []
-        for name, unit in units.items():
-            owner = model.get_submodule(block_of(unit).owner)
-
-            def hook(module, args, kwargs, name=name):
-                self._inputs[name] = (tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args),
-                                      {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
-
-            hooks.append(owner.register_forward_pre_hook(hook, with_kwargs=True))
-        try:
-            with torch.no_grad():
-                call_model(model, batch)
-        finally:
-            for h in hooks:
-                h.remove()
-        missed = [n for n in units if n not in self._inputs]
-        if missed:
-            raise InputError(f"blocks never ran on the timing batch: {missed[:3]}")
+        owners = {name: block_of(unit).owner for name, unit in units.items()}
+        by_owner = captured_inputs(model, sorted(set(owners.values())), batch)
+        self._inputs = {name: by_owner[owner] for name, owner in owners.items()}
 
     def signature(self, unit: Unit) -> str | None:
         block = block_of(unit)

