@@ -52,12 +52,18 @@ def test_whole_blocks_are_the_fused_encoder_layers(minilm):
     assert whole_blocks(bundle.model, {u: units[u] for u in units if "intermediate" not in u}) == {}  # a layer left half dense is not fused
 
 
-@pytest.mark.skipif(not ok, reason=f"kernel runtime unavailable: {reason}")
-def test_measure_times_units_inside_their_layers(minilm, tmp_path):
+@pytest.fixture(scope="module")
+def table(minilm, tmp_path_factory) -> TimingTable:
+    if not ok:
+        pytest.skip(f"kernel runtime unavailable: {reason}")
     bundle, units = minilm
-    table = measure(bundle.model, units, bundle.calibration[0], levels=LEVELS, progress=False, checkpoint=tmp_path / "c.json", **FAST)
-    table.save(tmp_path / "t.json")
-    table = TimingTable.load(tmp_path / "t.json")
+    path = tmp_path_factory.mktemp("in_block")
+    table = measure(bundle.model, units, bundle.calibration[0], levels=LEVELS, progress=False, checkpoint=path / "c.json", **FAST)
+    table.save(path / "t.json")
+    return TimingTable.load(path / "t.json")
+
+
+def test_measure_times_units_inside_their_layers(table):
     deployed = table.meta["deployed_fixed"]
     assert sorted(deployed["whole_blocks"]) == [f"bert.encoder.layer.{i}" for i in range(6)]
     in_block = [u for u in table.units if "encoder" in u]
@@ -83,6 +89,16 @@ def test_a_checkpoint_of_units_timed_alone_is_not_reused(minilm, tmp_path):
     measure(bundle.model, few, bundle.calibration[0], levels=[0.5], progress=False, checkpoint=tmp_path / "c.json", whole_blocks=False, **FAST)
     with pytest.raises(InputError, match="whole_blocks"):
         measure(bundle.model, few, bundle.calibration[0], levels=[0.5], progress=False, checkpoint=tmp_path / "c.json", **FAST)
+
+
+def test_verify_blames_no_layer_the_table_timed_whole(minilm, table):
+    from spdy.search.profile import Profile
+    from spdy.verification import verify
+
+    bundle, units = minilm
+    result = verify(bundle.model, units, Profile({u: "0.9000" for u in table.units}), bundle.calibration[0], table, rounds=2)
+    assert result.fused == []
+    assert "saw every block that runs fused" in result.under_prediction() or not result.under_prediction()
 
 
 def test_structured_blocks_never_time_whole_blocks():
