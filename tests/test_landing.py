@@ -106,3 +106,21 @@ def test_a_steep_runtime_is_bracketed_instead_of_overshot(table):
     assert rounds[0]["measured"] < 2.0 < rounds[1]["measured"]
     assert len(rounds) == 3 and LANDING[0] <= result["measured_speedup"] / 2.0 <= LANDING[1], rounds
     assert rounds[0]["target_for_table"] < rounds[2]["target_for_table"] < rounds[1]["target_for_table"]
+
+
+def test_a_miss_is_measured_again_before_anything_is_resolved(table):
+    """One noisy low run of rounds (0.80x of the prediction) is pooled with a second, normal one: their
+    median lands, so the profile is kept and nothing more is pruned."""
+    runs = iter([[0.8 * 2.0] * 9 + [2.0], [2.0] * 10])
+
+    def measure(profile: Profile) -> dict:
+        ratios = next(runs)
+        measured = sorted(ratios)[len(ratios) // 2]
+        return {"measured_speedup": measured, "ratios": ratios, "met": measured >= 2.0 * 0.97, "target": 2.0, "tolerance": 0.03}
+
+    def resolve(profile, table_target):
+        raise AssertionError("a miss the second measurement does not confirm must not be re-solved")
+
+    profile, result, rounds = land(_profile(table, 2.0, 2.0), 2.0, table.max_speedup(), measure, resolve)
+    assert len(rounds) == 1 and result["rounds"] == 20 and result["met"]
+    assert result["measured_speedup"] == pytest.approx(2.0) and rounds[0]["measured"] == pytest.approx(2.0)

@@ -65,6 +65,28 @@ def fused_blocks(model: nn.Module) -> list[str]:
             if isinstance(m, FUSED_TYPES) or isinstance(m, (SparseLinear, SparseConv2d)) and m.activation is not None]
 
 
+def _median_spread(ratios: list[float]) -> tuple[float, float]:
+    """Median of per-round ratios and their spread (IQR / median)."""
+    measured = statistics.median(ratios)
+    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else [min(ratios), measured, max(ratios)]
+    return measured, (q[2] - q[0]) / measured
+
+
+def pooled(first: Mapping[str, Any], second: Mapping[str, Any]) -> dict:
+    """Two `VerifyResult.to_json` measurements of one profile as one, their per-round ratios pooled: a
+    measurement that missed by the machine's noise is judged again on twice the rounds."""
+    ratios = list(first["ratios"]) + list(second["ratios"])
+    measured, spread = _median_spread(ratios)
+    result = dict(second, ratios=ratios, rounds=len(ratios), measured_speedup=measured, measured_spread=spread)
+    if second.get("target") is not None:
+        result["met"] = measured >= second["target"] * (1 - second["tolerance"])
+    engine = list(first.get("engine_dense_ratios") or []) + list(second.get("engine_dense_ratios") or [])
+    if second.get("speedup_over_engine_dense") is not None:
+        result["engine_dense_ratios"] = engine
+        result["speedup_over_engine_dense"] = statistics.median(engine) if second.get("engine_baseline") == ENGINE_BASELINE and engine else measured
+    return result
+
+
 @dataclass
 class VerifyResult:
     """Measured against predicted speedup of one profile on this machine.
@@ -104,9 +126,8 @@ class VerifyResult:
                      tolerance: float, threads: int, output_error: float, **fields: Any) -> "VerifyResult":
         """Per-round ``dense / pruned`` ratios of alternated runs -> median speedup, spread (IQR / median), met."""
         ratios = [d / p for d, p in zip(dense, pruned)]
-        measured = statistics.median(ratios)
-        q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else [min(ratios), measured, max(ratios)]
-        return cls(target=target, predicted_speedup=predicted, measured_speedup=measured, measured_spread=(q[2] - q[0]) / measured,
+        measured, spread = _median_spread(ratios)
+        return cls(target=target, predicted_speedup=predicted, measured_speedup=measured, measured_spread=spread,
                    met=None if target is None else measured >= target * (1 - tolerance), tolerance=tolerance,
                    dense_time=statistics.median(dense), pruned_time=statistics.median(pruned), rounds=len(ratios),
                    threads=int(threads), output_error=output_error, ratios=ratios, **fields)
