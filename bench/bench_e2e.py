@@ -149,7 +149,7 @@ def deepsparse_worker(sparsities: list[float], threads: int, model_name: str, ba
     import deepsparse
     import torch
 
-    from spdy.timing.deepsparse import export_onnx
+    from spdy.runtime.onnx import export_onnx
     from spdy.units import call_model
 
     torch.set_grad_enabled(False)

@@ -45,9 +45,29 @@ def exported_resized(model: torch.nn.Module, sizes: dict[str, int], batch: dict,
     for b in blocks:
         rows = model.get_submodule(b.consumer).weight.shape[0]
         resize(model, b, range(sizes[b.name]), torch.randn(rows, sizes[b.name] * b.width))
-    export(model, "tiny", Profile({}), {}, directory, structure=kept_sizes(model, blocks))
+    export(model, "tiny", Profile({}), {}, directory, structure=kept_sizes(model, blocks), example=batch)
     loaded = spdy.load(directory)
     assert kept_sizes(loaded, blocks) == sizes
     with torch.no_grad():
         assert torch.equal(loaded(**batch), model(**batch))
+        check_onnx(directory, model, batch)
     return loaded
+
+
+def check_onnx(directory: Path, model: torch.nn.Module, batch: dict) -> None:
+    """The export's model.onnx, run by onnxruntime, computes what ``model`` does on ``batch``."""
+    import json
+
+    import numpy as np
+    import onnxruntime
+
+    record = json.loads((directory / "runtime.json").read_text())["onnx"]
+    assert record.get("file") == "model.onnx", record
+    session = onnxruntime.InferenceSession(str(directory / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    out = session.run(None, {n: batch[n].numpy() for n in names})[0]
+    with torch.no_grad():
+        expected = model(**batch)
+    expected = (expected if isinstance(expected, torch.Tensor) else expected[0]).numpy()
+    assert out.shape == expected.shape
+    assert np.abs(out - expected).max() <= 1e-4 * max(np.abs(expected).max(), 1.0)

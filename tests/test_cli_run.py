@@ -48,7 +48,8 @@ def test_run_end_to_end(finished_run, capsys):
         # the curve's landing rounds measure over dense torch only; the exported profile is measured again, in full
         assert (v["measured_speedup"] in [r["measured"] for r in p["rounds"]]) == (method != "spdy"), method
         assert p["heldout_loss"] is not None, method
-        assert v["measured_speedup"] == statistics.median(v["ratios"]) and len(v["ratios"]) == 7, method
+        # 7 rounds, or 14 where a measurement outside the landing band was taken again and pooled
+        assert v["measured_speedup"] == statistics.median(v["ratios"]) and len(v["ratios"]) in (7, 14), method
         assert v["met"] == (v["measured_speedup"] >= summary["target"] * (1 - v["tolerance"])), method
         assert v["output_error"] < 1e-4, method  # the converted model computes what its masked dense twin does
     # the chosen profile runs sparse where the table found that faster, and is faster than dense
@@ -84,7 +85,7 @@ def test_the_default_run_is_a_curve_that_exports_the_fastest_profile_within_the_
     assert choice["max_loss"] == 0.01 and "top-1 agreement" in choice["quality_loss_is"]  # a classifier's default
     for p in summary["curve"]:
         assert p["quality_loss"] == pytest.approx(1 - p["quality"]["top1_agreement"])
-        assert p["rounds"] == 7  # --rounds 7, below the curve's 10
+        assert p["rounds"] in (7, 14)  # --rounds 7, below the curve's 10 (14: taken again outside the landing band)
     within = [p for p in ours if p["quality_loss"] <= choice["max_loss"]]
     if within:
         best = max(within, key=lambda p: p["measured_speedup"])
@@ -167,6 +168,18 @@ def test_export_loads_as_a_runnable_sparse_model(finished_run):
         module = model.get_submodule(unit)
         weight = module.dense_weight() if hasattr(module, "dense_weight") else module.weight
         assert (weight == 0).float().mean().item() == pytest.approx(sparsity, abs=1e-3), unit
+    # beside the weights: the pruned model in ONNX, traced on the timing batch, computing what it computes
+    record = json.loads((work / "export" / "runtime.json").read_text())["onnx"]
+    if "skipped" in record:
+        pytest.skip(f"no ONNX here: {record['skipped']}")
+    import numpy as np
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(work / "export" / record["file"]), providers=["CPUExecutionProvider"])
+    x = torch.rand(*record["inputs"]["input_0"])
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert np.abs(session.run(None, {"input_0": x.numpy()})[0] - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
 def test_export_load_attention_choice_is_checked(finished_run):

@@ -288,16 +288,17 @@ def apply(units: Mapping[str, Unit], profile: Profile, db: Database | None = Non
 def export_profile(bundle: ModelBundle, units: Mapping[str, Unit], profile: Profile, db: Database, formats: Mapping[str, str],
                    directory: Path) -> Path:
     """Export the profile's pruned model: a structured one physically smaller (the bundle's model untouched),
-    else the database weights applied to the bundle's model in place (`apply`)."""
+    else the database weights applied to the bundle's model in place (`apply`); with ``model.onnx`` traced on
+    the timing batch where it can be."""
     from spdy.runtime.deploy import export
 
     if db.pattern == STRUCTURED:
         from spdy.verify_structured import smaller_model
 
         small, kept = smaller_model(bundle.model, units, profile.options, db)
-        return export(small, bundle.name, profile, {}, directory, tokenizer=bundle.tokenizer, structure=kept)
+        return export(small, bundle.name, profile, {}, directory, tokenizer=bundle.tokenizer, structure=kept, example=timing_batch(bundle))
     apply(units, profile, db)
-    return export(bundle.model, bundle.name, profile, formats, directory, tokenizer=bundle.tokenizer)
+    return export(bundle.model, bundle.name, profile, formats, directory, tokenizer=bundle.tokenizer, example=timing_batch(bundle))
 
 
 def default_target(table: TimingTable) -> float:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from spdy.runtime.timer import time_alternating
-from spdy.timing.deepsparse import export_onnx, import_deepsparse
+from spdy.runtime.onnx import export_onnx, import_deepsparse
 
 
 class DeepSparseModel:

@@ -23,12 +23,14 @@ from torch import nn
 from spdy.errors import InputError
 from spdy.files import read_json, replace_atomically, write_json
 from spdy.runtime import convert, kernel_status, use_kernel_attention
+from spdy.runtime.onnx import write_onnx
 
 if TYPE_CHECKING:  # the runtime needs no search code: a profile only has to save itself
     from spdy.search.profile import Profile
 
 RUNTIME = "runtime.json"
 WEIGHTS = "model.safetensors"
+ONNX = "model.onnx"
 _STAGING = "huggingface.tmp"  # config and tokenizer are saved here, then moved in file by file
 
 
@@ -64,11 +66,13 @@ def _save_huggingface(directory: Path, name: str, module: nn.Module, model: nn.M
 
 
 def export(model: nn.Module, spec: str, profile: Profile, formats: Mapping[str, str], directory: str | os.PathLike,
-           tokenizer: Any = None, structure: Mapping[str, int] | None = None) -> Path:
+           tokenizer: Any = None, structure: Mapping[str, int] | None = None, example: Any = None) -> Path:
     """Write the (pruned, not yet converted) model's weights, profile and format choices, plus a
     Hugging Face model's config and ``tokenizer`` so the export loads on its own. ``structure``: the
     structures each block of a physically smaller model kept (`spdy.blocks.shrink`), so `load` resizes
-    the architecture its config builds before loading the weights."""
+    the architecture its config builds before loading the weights. ``example``: a batch to trace the
+    model on for ``model.onnx`` (the pruned weights as dense tensors, or the smaller model; ONNX
+    runtimes and DeepSparse load it); ``runtime.json`` says what was written or why not."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -92,6 +96,8 @@ def export(model: nn.Module, spec: str, profile: Profile, formats: Mapping[str, 
     part = _huggingface_part(model)
     if part is not None:
         meta["huggingface"] = _save_huggingface(directory, *part, model, tokenizer)
+    if example is not None:
+        meta["onnx"] = write_onnx(model, example, directory / ONNX)
     write_json(directory / RUNTIME, meta)
     return directory
 

@@ -18,35 +18,20 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from spdy.errors import InputError
 from spdy.levels import UNSTRUCTURED, Option
+from spdy.runtime.onnx import export_onnx, import_deepsparse
 from spdy.runtime.timer import Stat
 from spdy.timing.backend import Backend, UnitTiming, machine_meta
 from spdy.units import Unit
 
 _WEIGHT_OP = re.compile(r"^(?P<scope>.*)/(MatMul|Gemm|Conv)(_\d+)?_output_0$")
-
-
-def import_deepsparse() -> Any:
-    """The deepsparse module; missing, an InputError (one line, exit 2) that says how to get it."""
-    try:
-        import deepsparse
-    except ImportError as e:
-        raise InputError(
-            f"engine deepsparse needs deepsparse 1.8.0, which this Python ({sys.executable}) cannot import ({e}); it pins numpy<2 "
-            "and onnx<1.15, so it lives in its own environment: `make .venv-ds/.installed` then run .venv-ds/bin/spdy, or "
-            "`pip install 'spdy[deepsparse]'` into a fresh Python 3.11 venv"
-        ) from None
-    return deepsparse
 
 
 def _scope_key(text: str) -> str:
@@ -80,61 +65,6 @@ def unit_layer_times(layer_info: list[dict], units: list[str]) -> dict[str, floa
             f"'/{missing[0].replace('.', '/')}/'); engine layers' canonical names look like {names}"
         )
     return times
-
-
-def _eager_attention(model: nn.Module) -> list[tuple[Any, str]]:
-    """Switch transformers configs to eager attention for export; returns what to restore."""
-    changed = []
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        current = getattr(config, "_attn_implementation", None)
-        if current is not None and current != "eager":
-            changed.append((config, current))
-            config._attn_implementation = "eager"
-    return changed
-
-
-def _inputs(batch: Any) -> tuple[list[str], tuple, dict]:
-    if isinstance(batch, dict):
-        return list(batch), (), dict(batch)
-    if isinstance(batch, (tuple, list)):
-        return [f"input_{i}" for i in range(len(batch))], tuple(batch), {}
-    return ["input_0"], (batch,), {}
-
-
-def _scope_graph_outputs(path: Path) -> None:
-    """Rename graph outputs after the node that computes them: the exporter names them by number
-    (e.g. ``51``), which hides a model's last layer (a classifier's Linear) from `unit_layer_times`."""
-    import onnx
-
-    model = onnx.load(str(path))
-    outputs = {o.name for o in model.graph.output}
-    renames = {name: f"{node.name}_output_{i}" for node in model.graph.node for i, name in enumerate(node.output)
-               if name in outputs and node.name.startswith("/")}
-    if not renames:
-        return
-    for node in model.graph.node:
-        node.output[:] = [renames.get(n, n) for n in node.output]
-        node.input[:] = [renames.get(n, n) for n in node.input]
-    for output in model.graph.output:
-        output.name = renames.get(output.name, output.name)
-    onnx.save(model, str(path))
-
-
-def export_onnx(model: nn.Module, batch: Any, path: Path) -> list:
-    """Export with module-scoped node names; returns the batch as the engine's numpy inputs."""
-    names, args, kwargs = _inputs(batch)
-    changed = _eager_attention(model)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning)  # the legacy exporter is what DeepSparse reads
-            torch.onnx.export(model, args, str(path), kwargs=kwargs or None, input_names=names, dynamo=False, opset_version=13)
-    finally:
-        for config, value in changed:
-            config._attn_implementation = value
-    _scope_graph_outputs(path)
-    tensors = list(batch.values()) if isinstance(batch, dict) else list(args)
-    return [t.numpy() for t in tensors]
 
 
 class DeepSparseBackend(Backend):
