@@ -212,10 +212,13 @@ def _workload(shapes) -> str:
     return f"batch {tuple(shapes)}" if shapes else "batch ?"
 
 
-def _whole_blocks(deployed: dict | None) -> list[str]:
-    """How a table of units timed inside the blocks the runtime fuses got its fixed cost."""
+def _deployed_fixed(deployed: dict | None) -> list[str]:
+    """How the table took its fixed cost from the deployed model, where it did."""
     if not deployed:
         return []
+    if "whole_blocks" not in deployed:
+        return [f"The time outside the units is the model as deployed with every unit at its dense option (in its format, "
+                f"with the fusions `convert` applies: {deployed['reference_model'] * 1e3:.2f} ms) less those options' times.", ""]
     blocks = deployed["whole_blocks"]
     return [f"The runtime runs {len(blocks)} blocks whole (e.g. `{next(iter(blocks))}`); their units were timed inside them, "
             f"against the block with every unit empty, and the time outside the units is the deployed model with those "
@@ -347,7 +350,7 @@ def write_report(work: str | Path) -> tuple[Path, Path]:
         f"Pruner `{summary['pruner']}`, pattern `{summary['pattern']}`, the model's loss `{summary['loss']}`, the search's "
         f"`{summary.get('search_loss', summary['loss'])}`.",
         "",
-        *_whole_blocks(table.meta.get("deployed_fixed")),
+        *_deployed_fixed(table.meta.get("deployed_fixed")),
         *_calibration(table.meta.get("calibration")),
         *_kept_dense(table.meta.get("kept_dense")),
         *([f"Finished with global AdaPrune ({summary['gap']['gap']['epochs']} epochs, lr {summary['gap']['gap']['lr']:g}): "

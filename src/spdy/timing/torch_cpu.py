@@ -136,14 +136,26 @@ class TorchCpuBackend(Backend):
             raise RuntimeError(f"timing unit {unit.name!r} option {key!r} (formats {candidates}) failed: {e}") from e
 
     def deployed_fixed(self, model: nn.Module, batch: Any, dense: dict[str, tuple[float, str]]) -> dict | None:
-        """With whole blocks: the deployed model with their units empty, less the other units' dense times."""
-        if self._blocks is None or not self._blocks.members:
+        """The time outside the units as the runtime deploys the model (it fuses activations and residuals into
+        kernel-format layers, which torch runs as passes of their own). With whole blocks: the deployed model with
+        their units empty, less the other units' dense times. Else, where some dense option runs in another format
+        than torch's: the model converted to every unit's dense option, less those options' times. None (the dense
+        model's time less the units' unpruned ones) where the unpruned model runs as torch runs it, and for a decode
+        step (the copy of a language model in the kernel format would cost more than the correction is worth)."""
+        if self._blocks is not None and self._blocks.members:
+            emptied = self._blocks.emptied_model({u: fmt for u, (_, fmt) in dense.items()})
+            measured = self.model_time(emptied, batch)
+            outside = sum(t for u, (t, _) in dense.items() if u not in self._blocks)
+            return {"fixed": measured.median - outside, "emptied_model": measured.median, "emptied_spread": measured.spread,
+                    "whole_blocks": self._blocks.members}
+        formats = {u: fmt for u, (_, fmt) in dense.items() if fmt != "dense"}
+        if not formats or hasattr(batch, "run_model"):
             return None
-        emptied = self._blocks.emptied_model({u: fmt for u, (_, fmt) in dense.items()})
-        measured = self.model_time(emptied, batch)
-        outside = sum(t for u, (t, _) in dense.items() if u not in self._blocks)
-        return {"fixed": measured.median - outside, "emptied_model": measured.median, "emptied_spread": measured.spread,
-                "whole_blocks": self._blocks.members}
+        from spdy.runtime.convert import convert
+
+        measured = self.model_time(convert(copy.deepcopy(model), formats).eval(), batch)
+        return {"fixed": measured.median - sum(t for t, _ in dense.values()), "reference_model": measured.median,
+                "reference_spread": measured.spread}
 
     @torch.no_grad()
     def model_time(self, model: nn.Module, batch: Any) -> Stat:
