@@ -70,6 +70,9 @@ def main() -> None:
                 new.target, new.meta["table_target"] = target, table_target
                 return new
 
+            if plan > table.max_speedup():
+                print(f"| {target:.2f} | {name} | beyond this table's maximum ({table.max_speedup():.3f}x) | | | | | |", flush=True)
+                continue
             start = baselines.dp_errors(table, plan, errors)
             start.target, start.meta["table_target"] = target, plan
             _, result, rounds = pipeline.land(start, target, table.max_speedup(), measure, resolve)

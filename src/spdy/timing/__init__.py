@@ -178,11 +178,11 @@ def measure(
     engine.prepare(model, units, batch)
     try:
         before, after, again = _measure_units(engine, model, units, batch, wanted, entries, path, state, progress, dedupe, on_unit)
+        base = statistics.median([before.median, after.median] + ([again.median] if again is not None else []))
         times, unpruned = _unit_table(units, entries, wanted)
-        deployed = engine.deployed_fixed(model, batch, {n: (times[n][DENSE], entries[n]["formats"].get(DENSE, "dense")) for n in units})
+        deployed = engine.deployed_fixed(model, batch, {n: (times[n][DENSE], entries[n]["formats"].get(DENSE, "dense")) for n in units}, base)
     finally:
         engine.finish()
-    base = statistics.median([before.median, after.median] + ([again.median] if again is not None else []))
     dense_sum = sum(unpruned.values())
     fixed = base - dense_sum if deployed is None else deployed["fixed"]
     if deployed is not None and fixed < 0:

@@ -54,10 +54,10 @@ class Backend(ABC):
     def unit_times(self, unit: Unit, options: list[str]) -> UnitTiming:
         """Seconds of ``unit`` alone at its real input shape, for each option key."""
 
-    def deployed_fixed(self, model: nn.Module, batch: Any, dense: dict[str, tuple[float, str]]) -> dict | None:
+    def deployed_fixed(self, model: nn.Module, batch: Any, dense: dict[str, tuple[float, str]], base: float) -> dict | None:
         """The table's ``fixed`` measured on the model as the runtime deploys it, given each unit's dense
-        option (seconds, format), with what it measured; None: ``fixed`` is the dense model's time
-        less the units' unpruned times."""
+        option (seconds, format) and the dense model's time ``base``, with what it measured; None: ``fixed``
+        is the dense model's time less the units' unpruned times."""
         return None
 
     @abstractmethod

@@ -135,27 +135,35 @@ class TorchCpuBackend(Backend):
         except Exception as e:
             raise RuntimeError(f"timing unit {unit.name!r} option {key!r} (formats {candidates}) failed: {e}") from e
 
-    def deployed_fixed(self, model: nn.Module, batch: Any, dense: dict[str, tuple[float, str]]) -> dict | None:
+    def deployed_fixed(self, model: nn.Module, batch: Any, dense: dict[str, tuple[float, str]], base: float) -> dict | None:
         """The time outside the units as the runtime deploys the model (it fuses activations and residuals into
         kernel-format layers, which torch runs as passes of their own). With whole blocks: the deployed model with
         their units empty, less the other units' dense times. Else, where some dense option runs in another format
         than torch's: the model converted to every unit's dense option, less those options' times. None (the dense
         model's time less the units' unpruned ones) where the unpruned model runs as torch runs it, and for a decode
-        step (the copy of a language model in the kernel format would cost more than the correction is worth)."""
-        if self._blocks is not None and self._blocks.members:
-            emptied = self._blocks.emptied_model({u: fmt for u, (_, fmt) in dense.items()})
-            measured = self.model_time(emptied, batch)
-            outside = sum(t for u, (t, _) in dense.items() if u not in self._blocks)
-            return {"fixed": measured.median - outside, "emptied_model": measured.median, "emptied_spread": measured.spread,
-                    "whole_blocks": self._blocks.members}
-        formats = {u: fmt for u, (_, fmt) in dense.items() if fmt != "dense"}
-        if not formats or hasattr(batch, "run_model"):
-            return None
-        from spdy.runtime.convert import convert
+        step (the copy of a language model in the kernel format would cost more than the correction is worth).
 
-        measured = self.model_time(convert(copy.deepcopy(model), formats).eval(), batch)
-        return {"fixed": measured.median - sum(t for t, _ in dense.values()), "reference_model": measured.median,
-                "reference_spread": measured.spread}
+        The deployed model is timed alternated with the dense one and taken as its ratio times ``base``: this
+        machine's speed drifts by tens of percent between two measurements minutes apart, and a fixed cost from
+        two separate runs would carry that drift whole."""
+        if self._blocks is not None and self._blocks.members:
+            deployed = self._blocks.emptied_model({u: fmt for u, (_, fmt) in dense.items()})
+            outside = sum(t for u, (t, _) in dense.items() if u not in self._blocks)
+            record = {"whole_blocks": self._blocks.members}
+        else:
+            formats = {u: fmt for u, (_, fmt) in dense.items() if fmt != "dense"}
+            if not formats or hasattr(batch, "run_model"):
+                return None
+            from spdy.runtime.convert import convert
+
+            deployed = convert(copy.deepcopy(model), formats).eval()
+            outside, record = sum(t for t, _ in dense.values()), {}
+        with torch.no_grad():
+            stats = alternating_stats({"model": lambda: call_model(model, batch), "deployed": lambda: call_model(deployed, batch)},
+                                      self.model_rounds, max_spread=self.max_spread)
+        measured = base * stats["deployed"].median / stats["model"].median
+        key = "emptied_model" if "whole_blocks" in record else "reference_model"
+        return {"fixed": measured - outside, key: measured, "spread": stats["deployed"].spread, **record}
 
     @torch.no_grad()
     def model_time(self, model: nn.Module, batch: Any) -> Stat:
