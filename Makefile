@@ -37,7 +37,7 @@ $(VENV_DS)/.installed: pyproject.toml
 
 test-deepsparse:
 	@if $(MAKE) --no-print-directory $(VENV_DS)/.installed; then \
-		$(DS) -m pytest -q -ra -p no:cacheprovider tests/test_timing.py tests/test_verify_engines.py -k deepsparse; \
+		$(DS) -m pytest -q -ra -p no:cacheprovider tests/test_timing.py tests/test_verify_engines.py tests/test_structured.py -k deepsparse; \
 	else echo "*** deepsparse 1.8.0 could not be installed: its engine tests did NOT run ***"; fi
 
 clean:

@@ -1,6 +1,7 @@
 """Structured options (issue 19): heads and neurons of BERT-style blocks, their database, timing, smaller model and export."""
 
 import copy
+import importlib.util
 import json
 
 import pytest
@@ -15,6 +16,8 @@ from spdy.database.structured import build_structured_database, removal_order
 from spdy.errors import InputError
 from spdy.levels import DENSE, Option, kept_structures, structured_options
 from spdy.models.huggingface import SentenceEncoder
+from spdy.search.profile import Profile
+from spdy.verify_structured import verify_structured
 
 from conftest import exported_resized
 from spdy.timing import measure
@@ -177,3 +180,23 @@ def test_export_of_removed_blocks_loads_back_identical(tmp_path):
     """Blocks with nothing kept leave empty layers, whose tensors share a data_ptr; they must not be taken for tied weights."""
     model, _, heldout = tiny_bert()
     exported_resized(model, dict(zip([b.name for b in find_blocks(model)], (0, 0, 2, 48))), heldout[0], tmp_path)
+
+
+def test_a_structured_profile_verifies_on_deepsparse_as_a_smaller_dense_model(built):
+    """DeepSparse runs the smaller model (exported to ONNX) against the dense one: the speedup is over dense DeepSparse."""
+    pytest.importorskip("deepsparse", reason="deepsparse 1.8.0 is not installed in this environment (see .venv-ds)")
+    model, units, db, calibration = built
+    profile = Profile({name: db.options(name)[len(db.options(name)) // 2] for name in units}, target=1.05)
+    result = verify_structured(model, units, profile, calibration[0], None, db, rounds=4, threads=1, engine="deepsparse")
+    assert result.baseline == "dense deepsparse" and result.rounds == 4 and len(result.ratios) == 4
+    assert result.output_error < 1e-3 and result.measured_speedup > 0
+    assert set(result.formats) == set(units)  # every block runs smaller
+
+
+def test_a_structured_profile_names_the_engines_it_verifies_on(built):
+    model, units, db, calibration = built
+    with pytest.raises(InputError, match="torch-cpu or deepsparse"):
+        verify_structured(model, units, Profile({}), calibration[0], None, db, rounds=2, engine="cuda-2:4")
+    if importlib.util.find_spec("deepsparse") is None:
+        with pytest.raises(InputError, match="make .venv-ds"):
+            verify_structured(model, units, Profile({}), calibration[0], None, db, rounds=2, engine="deepsparse")

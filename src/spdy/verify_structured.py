@@ -1,9 +1,11 @@
-"""Verify a structured profile: build the physically smaller model and time it against dense torch.
+"""Verify a structured profile: build the physically smaller model and time it against the dense one.
 
 The smaller model (`spdy.blocks.shrink`: fewer heads, narrower feed-forward layers) must compute
 what the masked model the search scored computes (the consumer weights with removed columns
 zero); its output is checked against that one, then it runs alternately with the dense model on
-the timing batch, as `spdy.verification.verify` does for sparse formats.
+the timing batch, as `spdy.verification.verify` does for sparse formats: in dense torch, or
+(``engine="deepsparse"``) both exported to ONNX and compiled by DeepSparse, which gains from a
+smaller model without any sparse format.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from spdy.blocks import shrink
+from spdy.errors import InputError
 from spdy.database.structured import StructuredDatabase
 from spdy.runtime.formats import set_threads
 from spdy.runtime.timer import oversubscribed, time_alternating
@@ -24,7 +27,7 @@ from spdy.search.profile import Profile
 from spdy.timing.blocks import STRUCTURED_FORMAT
 from spdy.timing.table import TimingTable
 from spdy.units import Unit, call_model
-from spdy.verification import ROUNDS, TOLERANCE, SpeedupMiss, VerifyResult, _relative_error, _tensor, pruned_copy
+from spdy.verification import BASELINE, ROUNDS, TOLERANCE, SpeedupMiss, VerifyResult, _relative_error, _tensor, pruned_copy
 
 
 @torch.no_grad()
@@ -34,9 +37,16 @@ def smaller_model(model: nn.Module, units: Mapping[str, Unit], options: Mapping[
     return small, shrink(small, units, options, db)
 
 
+ENGINES = {"torch-cpu": BASELINE, "deepsparse": "dense deepsparse"}  # engine -> the dense run the speedup is over
+OUTPUT_TOLERANCE = {"torch-cpu": 1e-4, "deepsparse": 1e-3}  # relative; DeepSparse sums in another order
+
+
 def verify_structured(model: nn.Module, units: Mapping[str, Unit], profile: Profile, batch: Any, table: TimingTable | None,
-                      db: StructuredDatabase, rounds: int = ROUNDS, tolerance: float = TOLERANCE, threads: int | None = None) -> VerifyResult:
-    """Measured speedup of the smaller model over the dense one (dense torch both), with the output check."""
+                      db: StructuredDatabase, rounds: int = ROUNDS, tolerance: float = TOLERANCE, threads: int | None = None,
+                      engine: str = "torch-cpu") -> VerifyResult:
+    """Measured speedup of the smaller model over the dense one (both on ``engine``), with the output check."""
+    if engine not in ENGINES:
+        raise InputError(f"verify: a structured profile runs as a smaller dense model on {' or '.join(ENGINES)}, not {engine!r}")
     options = dict(profile.options)
     predicted = table.predicted_speedup(options) if table is not None else profile.predicted_speedup
     threads = int(threads or (table.meta.get("threads") if table is not None else None) or torch.get_num_threads())
@@ -50,16 +60,25 @@ def verify_structured(model: nn.Module, units: Mapping[str, Unit], profile: Prof
         reference = _tensor(call_model(pruned_copy(model, units, options, db.weight), batch))
         small, kept = smaller_model(model, units, options, db)
         error = _relative_error(_tensor(call_model(small, batch)), reference)
-        samples = time_alternating({"dense": lambda: call_model(model, batch), "pruned": lambda: call_model(small, batch)}, rounds)
+        if engine == "deepsparse":
+            from spdy.runtime.deepsparse import compare
+
+            if not math.isfinite(error) or error > OUTPUT_TOLERANCE["torch-cpu"]:  # wrong before any engine sees it
+                warnings.warn(f"verify: the smaller model's output differs from the masked model by {error:.2e} (relative)", RuntimeWarning, stacklevel=2)
+            run = compare(model, small, batch, reference, threads, rounds)
+            samples, error = {"dense": run.dense, "pruned": run.pruned}, run.output_error
+        else:
+            samples = time_alternating({"dense": lambda: call_model(model, batch), "pruned": lambda: call_model(small, batch)}, rounds)
     finally:
         set_threads(previous)
         torch.set_grad_enabled(grad)
     formats = {name: STRUCTURED_FORMAT for name, n in kept.items() if n < units[name].extra["block"].count}
     result = VerifyResult.from_samples(samples["dense"], samples["pruned"], profile.target, predicted, tolerance, threads, error,
-                                       formats=formats, fused=[])
+                                       formats=formats, fused=[], baseline=ENGINES[engine])
     if result.met is False:
-        warnings.warn(f"SPEEDUP MISSED: the smaller model measured {result.measured_speedup:.3f}x over dense torch < target "
+        warnings.warn(f"SPEEDUP MISSED: the smaller model measured {result.speedups()} < target "
                       f"{profile.target:g}x - {tolerance:.0%}; predicted {predicted:.3f}x", SpeedupMiss, stacklevel=2)
-    if not math.isfinite(error) or error > 1e-4:
-        warnings.warn(f"verify: the smaller model's output differs from the masked model by {error:.2e} (relative)", RuntimeWarning, stacklevel=2)
+    if not math.isfinite(error) or error > OUTPUT_TOLERANCE[engine]:
+        warnings.warn(f"verify: the smaller model's output on {engine} differs from the masked model by {error:.2e} (relative)",
+                      RuntimeWarning, stacklevel=2)
     return result
