@@ -34,16 +34,17 @@ from torch import nn
 from spdy.levels import DENSE, Option
 from spdy.runtime.convert import convert
 from spdy.runtime.masks import magnitude_mask
-from spdy.runtime.timer import Stat, alternating_stats
+from spdy.runtime.timer import alternating_stats
 from spdy.timing.backend import UnitTiming
-from spdy.units import Unit, call_model, captured_inputs
+from spdy.units import Unit, captured_inputs
 
 FORMAT = "kernel"  # every unit of a whole block runs in it, or the block is not fused
 
 
 def whole_blocks(model: nn.Module, units: Mapping[str, Unit]) -> dict[str, list[str]]:
     """Block name -> its units, for every layer of a ModuleList that the runtime runs whole once its units are
-    in the kernel format. A layer class whose first layer does not fuse is not tried again (a Llama decoder)."""
+    in the kernel format. A layer class whose first layer does not fuse is not tried again (a Llama decoder);
+    once one has, every layer of the class is tried."""
     blocks: dict[str, list[str]] = {}
     fuses: dict[type, bool] = {}
     for list_name, layers in model.named_modules():
@@ -55,7 +56,8 @@ def whole_blocks(model: nn.Module, units: Mapping[str, Unit]) -> dict[str, list[
             if not members or fuses.get(type(layer)) is False:
                 continue
             trial = convert(copy.deepcopy(layer), {u[len(name) + 1:]: FORMAT for u in members})
-            fuses[type(layer)] = whole = bool(getattr(type(trial), "whole_block", False))
+            whole = bool(getattr(type(trial), "whole_block", False))
+            fuses[type(layer)] = fuses.get(type(layer), False) or whole  # one layer left half dense keeps the others in
             if whole:
                 blocks[name] = members
     return blocks
@@ -171,7 +173,6 @@ class WholeBlocks:
     def emptied_model(self, formats: Mapping[str, str]) -> nn.Module:
         """The model as deployed at ``formats`` (unit -> format), every whole-block unit empty."""
         model = copy.deepcopy(self.model)
-        with torch.no_grad():
-            for unit in self.block_of:
-                model.get_submodule(unit).weight.zero_()
+        for unit in self.block_of:
+            model.get_submodule(unit).weight.zero_()
         return convert(model, {u: FORMAT if u in self.block_of else f for u, f in formats.items()}).eval()
