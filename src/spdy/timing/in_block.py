@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from spdy.errors import InputError
 from spdy.levels import DENSE, Option
 from spdy.runtime.convert import convert
 from spdy.runtime.masks import magnitude_mask
@@ -55,7 +56,10 @@ def whole_blocks(model: nn.Module, units: Mapping[str, Unit]) -> dict[str, list[
             members = [u for u in units if u.startswith(name + ".")]
             if not members or fuses.get(type(layer)) is False:
                 continue
-            trial = convert(copy.deepcopy(layer), {u[len(name) + 1:]: FORMAT for u in members})
+            try:
+                trial = convert(copy.deepcopy(layer), {u[len(name) + 1:]: FORMAT for u in members})
+            except (InputError, ValueError):  # a unit the kernel format cannot hold: the layer never runs whole
+                trial = layer
             whole = bool(getattr(type(trial), "whole_block", False))
             fuses[type(layer)] = fuses.get(type(layer), False) or whole  # one layer left half dense keeps the others in
             if whole:
