@@ -88,3 +88,10 @@ def magnitude_pruned_minilm(level: str, **sizes):
             w = weight_matrix(unit)
             set_weight_matrix(unit, w * magnitude_mask(w, level))
     return bundle, units
+
+
+def one_layer_model(layer: torch.nn.Module) -> torch.nn.Module:
+    """A model whose ``layers`` ModuleList holds only ``layer``: where the block finders look for layers."""
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([layer])
+    return model

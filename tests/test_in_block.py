@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from spdy.levels import DENSE
 from spdy.runtime import cpu
@@ -108,4 +107,3 @@ def test_structured_blocks_never_time_whole_blocks():
 
     assert get_backend("torch-cpu-blocks", threads=1).whole_blocks is False
     assert get_backend("torch-cpu", threads=1).whole_blocks is True
-    torch.set_num_threads(torch.get_num_threads())

@@ -23,7 +23,6 @@ def pruned_minilm():
 
 
 def test_an_unstructured_export_writes_onnx_with_its_zeros(pruned_minilm, tmp_path):
-    import numpy as np
     import onnx
     from onnx import numpy_helper
 
@@ -37,7 +36,6 @@ def test_an_unstructured_export_writes_onnx_with_its_zeros(pruned_minilm, tmp_pa
     zeros = sum(int((numpy_helper.to_array(t) == 0).sum()) for t in onnx.load(str(tmp_path / "model.onnx")).graph.initializer)
     assert zeros >= sum(int((weight_matrix(u) == 0).sum()) for u in units.values()) > 0
     assert not list(tmp_path.glob("*.tmp*"))
-    assert np.isfinite(zeros)
 
 
 def test_what_cannot_be_traced_is_said_not_raised(pruned_minilm, tmp_path, monkeypatch):

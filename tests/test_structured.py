@@ -19,7 +19,7 @@ from spdy.models.huggingface import SentenceEncoder
 from spdy.search.profile import Profile
 from spdy.verify_structured import verify_structured
 
-from conftest import exported_resized
+from conftest import exported_resized, one_layer_model
 from spdy.timing import measure
 
 
@@ -135,13 +135,8 @@ def test_unrecognised_blocks_are_named():
             super().__init__()
             self.attention = nn.Linear(8, 8)
 
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layers = nn.ModuleList([Layer()])
-
     with pytest.raises(InputError, match=r"layer 'layers.0' \(Layer\).*attention.self.query"):
-        find_blocks(Model())
+        find_blocks(one_layer_model(Layer()))
     with pytest.raises(InputError, match="no encoder layers in Sequential.*BERT-style"):
         find_blocks(nn.Sequential(nn.Linear(4, 4)))
 

@@ -20,7 +20,7 @@ from spdy.models.huggingface import CausalLM
 from spdy.runtime.modeling.llama_blocks import NoAttention
 from spdy.timing import measure
 
-from conftest import exported_resized
+from conftest import exported_resized, one_layer_model
 
 
 def tiny_llama_model(seed: int = 0) -> CausalLM:
@@ -144,13 +144,8 @@ def test_unrecognised_decoder_layers_are_named():
             super().__init__()
             self.self_attn = Attention()
 
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layers = nn.ModuleList([Layer()])
-
     with pytest.raises(InputError, match=r"layer 'layers.0' \(Layer\).*no nn.Linear self_attn.q_proj.*separate q/k/v"):
-        find_blocks(Model())
+        find_blocks(one_layer_model(Layer()))
 
 
 def test_query_heads_must_group_evenly():

@@ -26,6 +26,7 @@ from spdy.runtime.timer import oversubscribed, time_alternating
 from spdy.search.profile import Profile
 from spdy.timing.blocks import STRUCTURED_FORMAT
 from spdy.timing.table import TimingTable
+from spdy import verify_engines
 from spdy.units import Unit, call_model
 from spdy.verification import BASELINE, ROUNDS, TOLERANCE, SpeedupMiss, VerifyResult, _relative_error, _tensor, pruned_copy
 
@@ -37,8 +38,9 @@ def smaller_model(model: nn.Module, units: Mapping[str, Unit], options: Mapping[
     return small, shrink(small, units, options, db)
 
 
-ENGINES = {"torch-cpu": BASELINE, "deepsparse": "dense deepsparse"}  # engine -> the dense run the speedup is over
-OUTPUT_TOLERANCE = {"torch-cpu": 1e-4, "deepsparse": 1e-3}  # relative; DeepSparse sums in another order
+# engine -> the dense run the speedup is over, and the relative output error beyond which the smaller model is wrong there
+ENGINES = {"torch-cpu": BASELINE, "deepsparse": verify_engines.ENGINES["deepsparse"]}
+OUTPUT_TOLERANCE = {"torch-cpu": 1e-4, "deepsparse": verify_engines.OUTPUT_TOLERANCE["deepsparse"]}
 
 
 def verify_structured(model: nn.Module, units: Mapping[str, Unit], profile: Profile, batch: Any, table: TimingTable | None,

@@ -84,8 +84,7 @@ def export_onnx(model: nn.Module, batch: Any, path: Path) -> list:
         for config, value in changed:
             config._attn_implementation = value
     _scope_graph_outputs(path)
-    tensors = list(batch.values()) if isinstance(batch, dict) else list(args)
-    return [t.numpy() for t in tensors]
+    return [t.numpy() for t in (*args, *kwargs.values())]
 
 
 def write_onnx(model: nn.Module, example: Any, path: Path) -> dict:
@@ -97,11 +96,12 @@ def write_onnx(model: nn.Module, example: Any, path: Path) -> dict:
 
     if importlib.util.find_spec("onnx") is None:
         return {"skipped": "the onnx package is not installed (pip install 'spdy[onnx]')"}
-    values = list(example.values()) if isinstance(example, dict) else list(example) if isinstance(example, (tuple, list)) else [example]
+    names, args, kwargs = _inputs(example)
+    values = [*args, *kwargs.values()]
     if not values or not all(isinstance(v, torch.Tensor) for v in values):
         return {"skipped": f"the example batch ({type(example).__name__}) is not tensors: nothing to trace the model on"}
     try:
         replace_atomically(path, lambda tmp: export_onnx(model.eval(), example, tmp))
     except Exception as e:  # the weights are exported already; an exporter that cannot trace this model costs only the ONNX file
         return {"skipped": f"the ONNX exporter failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"}
-    return {"file": path.name, "opset": OPSET, "inputs": {n: list(v.shape) for n, v in zip(_inputs(example)[0], values)}}
+    return {"file": path.name, "opset": OPSET, "inputs": {n: list(v.shape) for n, v in zip(names, values)}}

@@ -68,6 +68,7 @@ def whole_blocks(model: nn.Module, units: Mapping[str, Unit]) -> dict[str, list[
 
 
 def _zeroed(block: nn.Module, relative: Sequence[str]) -> nn.Module:
+    """A copy of ``block`` with the weights of the named submodules zero."""
     empty = copy.deepcopy(block)
     with torch.no_grad():
         for r in relative:
@@ -176,7 +177,4 @@ class WholeBlocks:
     @torch.no_grad()
     def emptied_model(self, formats: Mapping[str, str]) -> nn.Module:
         """The model as deployed at ``formats`` (unit -> format), every whole-block unit empty."""
-        model = copy.deepcopy(self.model)
-        for unit in self.block_of:
-            model.get_submodule(unit).weight.zero_()
-        return convert(model, {u: FORMAT if u in self.block_of else f for u, f in formats.items()}).eval()
+        return convert(_zeroed(self.model, list(self.block_of)), {u: FORMAT if u in self.block_of else f for u, f in formats.items()}).eval()

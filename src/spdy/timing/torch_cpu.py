@@ -31,6 +31,7 @@ from torch import nn
 
 from spdy.errors import InputError
 from spdy.levels import DENSE, Option
+from spdy.runtime.convert import convert
 from spdy.runtime.formats import FORMATS, kernel_status, set_threads
 from spdy.runtime.masks import magnitude_mask
 from spdy.runtime.select import MIN_GAIN, format_stats, pick
@@ -154,8 +155,6 @@ class TorchCpuBackend(Backend):
             formats = {u: fmt for u, (_, fmt) in dense.items() if fmt != "dense"}
             if not formats or hasattr(batch, "run_model"):
                 return None
-            from spdy.runtime.convert import convert
-
             deployed = convert(copy.deepcopy(model), formats).eval()
             outside, record = sum(t for t, _ in dense.values()), {}
         with torch.no_grad():
