@@ -5,7 +5,7 @@ pools would otherwise compete), 2 threads for everything unless --threads says o
 alternated, medians over the repeats after warm-up, OMP_WAIT_POLICY=PASSIVE by default. Workers print JSON lines; the
 parent prints one Markdown table of ratios dense_time / engine_time (> 1 = faster).
 
-    python bench/bench_kernels.py [--quick] [--threads T] [--engines kernel,csr,deepsparse] [--save F] [--load F]
+    python bench/bench_kernels.py [--quick] [--threads T] [--sparsities 0,0.5,0.9] [--engines kernel,csr,deepsparse] [--save F] [--load F]
     python bench/bench_kernels.py --engines kernel,base --baseline old_kernels.py   # before/after a kernel change
 
 ``base`` is the kernel module from the file given by --baseline (e.g. ``git show REV:src/spdy/runtime/kernels.py``),
@@ -40,10 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DEEPSPARSE_PYTHON = ROOT / ".venv-ds" / "bin" / "python"
 
 
-def _cases(quick: bool) -> list[tuple[str, int, int, int, float]]:
+def _cases(quick: bool, sparsities: tuple[float, ...] | None = None) -> list[tuple[str, int, int, int, float]]:
     shapes = QUICK["shapes"] if quick else tuple(SHAPES)
     rows = QUICK["rows"] if quick else ROWS
-    sparsities = QUICK["sparsities"] if quick else SPARSITIES
+    sparsities = sparsities or (QUICK["sparsities"] if quick else SPARSITIES)
     return [(s, *SHAPES[s], n, p) for s in shapes for n in rows for p in sparsities]
 
 
@@ -132,14 +132,15 @@ def _deepsparse_engine(w, b, n: int, workdir: str, threads: int):
     return run
 
 
-def worker(engine: str, quick: bool, repeats: int, threads: int, baseline: str | None) -> None:
+def worker(engine: str, quick: bool, repeats: int, threads: int, baseline: str | None,
+           sparsities: tuple[float, ...] | None = None) -> None:
     """Measure one engine on every case; print one JSON object per case."""
     import torch
     import torch.nn.functional as F
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as workdir, torch.inference_mode():
-        for name, out_f, in_f, n, p in _cases(quick):
+        for name, out_f, in_f, n, p in _cases(quick, sparsities):
             w, b, x = _layer(out_f, in_f, n, p)
             dense = lambda: F.linear(x, w, b)  # noqa: E731
             if engine == "deepsparse":
@@ -160,8 +161,9 @@ def worker(engine: str, quick: bool, repeats: int, threads: int, baseline: str |
 
 
 def _run_worker(engine: str, python: str, quick: bool, repeats: int, wait_policy: str, threads: int,
-                baseline: str | None) -> list[dict]:
+                baseline: str | None, sparsities: str | None) -> list[dict]:
     cmd = [python, __file__, "--worker", engine, "--repeats", str(repeats), "--threads", str(threads)]
+    cmd += ["--sparsities", sparsities] if sparsities else []
     cmd += (["--quick"] if quick else []) + (["--baseline", baseline] if baseline else [])
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     if wait_policy:
@@ -196,6 +198,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 layers x 3 sparsities")
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--sparsities", help="comma-separated, e.g. 0,0.5,0.9 (0 = the kernel on a dense matrix)")
     ap.add_argument("--threads", type=int, default=THREADS)
     ap.add_argument("--baseline", help="kernels.py of an earlier revision, run as engine 'base'")
     ap.add_argument("--engines", default="kernel,csr,deepsparse",
@@ -211,7 +214,8 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, args.quick, args.repeats, args.threads, args.baseline)
+        sparsities = tuple(float(p) for p in args.sparsities.split(",")) if args.sparsities else None
+        worker(args.worker, args.quick, args.repeats, args.threads, args.baseline, sparsities)
         return
     engines = [args.engine] if args.engine else args.engines.split(",")
     if "base" in engines and not args.baseline:
@@ -226,7 +230,8 @@ def main() -> None:
         if any(r["engine"] == e for r in results):
             continue
         python = args.deepsparse_python if e == "deepsparse" else sys.executable
-        results += _run_worker(e, python, args.quick, args.repeats, args.omp_wait_policy, args.threads, args.baseline)
+        results += _run_worker(e, python, args.quick, args.repeats, args.omp_wait_policy, args.threads, args.baseline,
+                               args.sparsities)
     if args.save:
         Path(args.save).write_text("".join(json.dumps(r) + "\n" for r in results))
     engines = [e for e in engines if any(r["engine"] == e for r in results)]

@@ -5,7 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spdy.search.dp import InfeasibleTarget, prior, scaled_errors, solve, solve_arrays
+from spdy.levels import DENSE
+from spdy.search.dp import Group, InfeasibleTarget, prior, scaled_errors, solve, solve_arrays
 from spdy.timing.table import TimingTable
 
 
@@ -67,6 +68,70 @@ def test_never_exceeds_budget_and_is_optimal_up_to_rounding(instance, buckets):
     bound = exhaustive(times, errors, tighter)
     if bound is not None:
         assert choice.error <= bound + 1e-9
+
+
+def exhaustive_grouped(times, errors, budget, groups):
+    """Best error when each group may also take its joint option; None when nothing fits."""
+    best = None
+    for taken in itertools.product([False, True], repeat=len(groups)):
+        inside = {i for g, t in zip(groups, taken) if t for i in range(g.start, g.stop)}
+        rest = [i for i in range(len(times)) if i not in inside]
+        joint_time = sum(g.time for g, t in zip(groups, taken) if t)
+        joint_error = sum(g.error for g, t in zip(groups, taken) if t)
+        err = exhaustive([times[i] for i in rest], [errors[i] for i in rest], budget - joint_time) if rest else (0.0 if joint_time <= budget else None)
+        if err is not None and (best is None or err + joint_error < best):
+            best = err + joint_error
+    return best
+
+
+@st.composite
+def grouped_instances(draw):
+    times, errors, budget, slack = draw(integer_instances())
+    groups, start = [], 0
+    while start < len(times):
+        stop = draw(st.integers(start + 1, len(times)))
+        if draw(st.booleans()):
+            fastest = int(sum(t.min() for t in times[start:stop]))
+            groups.append(Group(start, stop, float(draw(st.integers(fastest, fastest + 20))), draw(st.floats(0, 10))))
+        start = stop
+    return times, errors, budget, slack, groups
+
+
+@settings(max_examples=300, deadline=None)
+@given(grouped_instances())
+def test_groups_match_exhaustive_search(instance):
+    """A run of units that may instead take one joint option (a block left dense, unfused) is solved exactly."""
+    times, errors, budget, slack, groups = instance
+    choice = solve_arrays(times, errors, budget, buckets=slack, groups=groups)
+    assert choice.time <= budget
+    assert choice.error == pytest.approx(exhaustive_grouped(times, errors, budget, groups), abs=1e-9)
+    for g in groups:
+        assert len({choice.indices[i] < 0 for i in range(g.start, g.stop)}) == 1  # a group is taken whole or not at all
+
+
+def test_overlapping_groups_are_refused():
+    times = [np.array([1.0, 0.5])] * 3
+    with pytest.raises(ValueError, match="disjoint"):
+        solve_arrays(times, times, 3.0, groups=[Group(0, 2, 1.0), Group(1, 3, 1.0)])
+
+
+def test_a_dense_block_cheaper_than_its_fused_units_is_kept_whole():
+    """Two units fused in the kernel cost 3 each dense; torch runs the pair dense in 4: a low target keeps
+    them dense, unfused, and the table says they run in torch's format."""
+    times = {u: {DENSE: 3.0, "0.5000": 2.0, "0.9000": 0.5} for u in ("a", "b", "c")}
+    meta = {"formats": {u: {DENSE: "kernel", "0.5000": "kernel", "0.9000": "kernel"} for u in times}}
+    table = TimingTable(times, base=10.0, fixed=1.0, meta=meta, dense_blocks={"ab": {"units": ["a", "b"], "time": 4.0}})
+    assert table.predicted_time({u: DENSE for u in times}) == pytest.approx(1 + 4 + 3)
+    solution = solve(table, 10 / 6)  # 6: only "ab" dense (4) + "c" at 0.9 (0.5) + fixed fits; the fused pair at 0.5 does not
+    assert solution.profile == {"a": DENSE, "b": DENSE, "c": "0.9000"}
+    assert solution.predicted_time == pytest.approx(5.5)
+    assert table.formats(solution.profile) == {"a": "dense", "b": "dense", "c": "kernel"}
+    assert table.formats({"a": DENSE, "b": "0.5000"})["a"] == "kernel"  # half the block sparse: the block stays fused
+    assert table.min_time() == pytest.approx(2.5)
+    again = TimingTable.from_dict(table.to_dict())
+    assert again.dense_blocks == table.dense_blocks
+    assert table.calibrated([({u: DENSE for u in times}, 10 / 9), ({u: "0.9000" for u in times}, 4.0)]).dense_blocks["ab"]["time"] != 4.0
+    assert table.exclude(["a"]).dense_blocks == {}
 
 
 def test_infeasible_reports_max_speedup():

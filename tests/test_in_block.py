@@ -54,14 +54,20 @@ def test_whole_blocks_are_the_fused_encoder_layers(minilm):
 
 
 @pytest.fixture(scope="module")
-def table(minilm, tmp_path_factory) -> TimingTable:
+def measured(minilm, tmp_path_factory):
+    """The table and its timing checkpoint."""
     if not ok:
         pytest.skip(f"kernel runtime unavailable: {reason}")
     bundle, units = minilm
     path = tmp_path_factory.mktemp("in_block")
     table = measure(bundle.model, units, bundle.calibration[0], levels=LEVELS, progress=False, checkpoint=path / "c.json", **FAST)
     table.save(path / "t.json")
-    return TimingTable.load(path / "t.json")
+    return TimingTable.load(path / "t.json"), path / "c.json"
+
+
+@pytest.fixture(scope="module")
+def table(measured) -> TimingTable:
+    return measured[0]
 
 
 def test_measure_times_units_inside_their_layers(table):
@@ -107,3 +113,35 @@ def test_structured_blocks_never_time_whole_blocks():
 
     assert get_backend("torch-cpu-blocks", threads=1).whole_blocks is False
     assert get_backend("torch-cpu", threads=1).whole_blocks is True
+
+
+def test_each_layer_left_dense_is_timed_as_torch_runs_it(minilm, measured):
+    """Every fused layer's unfused torch time is measured (once: the six layers are alike) and checkpointed; a
+    layer becomes a dense block of the table exactly where torch runs it faster than its fused units at 0%,
+    and a profile keeping that block dense runs it unfused, in torch, as predicted."""
+    from spdy.files import read_json
+    from spdy.search.profile import Profile
+    from spdy.verification import verify
+
+    bundle, units = minilm
+    table, checkpoint = measured
+    unfused = read_json(checkpoint, "timing checkpoint")["unfused_blocks"]
+    assert sorted(unfused) == [f"bert.encoder.layer.{i}" for i in range(6)]
+    assert len(set(unfused.values())) == 1 and next(iter(unfused.values())) > 0
+    members = {f"bert.encoder.layer.{i}": [u for u in table.units if u.startswith(f"bert.encoder.layer.{i}.")] for i in range(6)}
+    expected = {b: {"units": us, "time": unfused[b]} for b, us in members.items() if unfused[b] < sum(table.times[u][DENSE] for u in us)}
+    assert table.dense_blocks == expected
+
+    # force the question either way: a table in which layer 0 left dense is the cheaper choice
+    forced = TimingTable(table.times, table.base, table.fixed, table.meta, table.shapes,
+                         {"bert.encoder.layer.0": {"units": members["bert.encoder.layer.0"], "time": 1e-6}})
+    profile = {u: DENSE if u.startswith("bert.encoder.layer.0.") else "0.9000" for u in table.units}
+    formats = forced.formats(profile)
+    assert all(formats[u] == "dense" for u in members["bert.encoder.layer.0"])
+    assert all(formats[u] == "kernel" for u in table.units if not u.startswith("bert.encoder.layer.0."))
+    others = [u for u in table.units if u not in members["bert.encoder.layer.0"]]
+    assert forced.predicted_time(profile) == pytest.approx(table.fixed + sum(table.times[u]["0.9000"] for u in others) + 1e-6)
+    result = verify(bundle.model, units, Profile(profile), bundle.calibration[0], forced, rounds=2)
+    assert result.fused == []  # layer 0 ran unfused in torch, the others fused, as the table timed them
+    assert all(result.formats.get(u, "dense") == "dense" for u in members["bert.encoder.layer.0"])
+    assert result.output_error < 1e-4

@@ -202,7 +202,7 @@ def find_profile(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTa
     if work is not None:
         # the budget is left out: a rerun with a larger budget resumes the search where the smaller one stopped it
         key = {k: v for k, v in asdict(settings).items() if k != "budget"}
-        checkpoint = work / f"search-{settings.method}-{digest(table.to_dict()['units'], db.manifest.get('identity', db.directory.name), target, key, start)}.json"
+        checkpoint = work / f"search-{settings.method}-{digest(table.solver_view(), db.manifest.get('identity', db.directory.name), target, key, start)}.json"
     method = settings.method
     scale, pool = ExitStack(), None
     try:
@@ -375,7 +375,7 @@ def calibrate(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTable
         calibrated = table.calibrated(points)
     except InputError as e:  # measurements too noisy to fit (tiny models, a loaded machine): plan on the table as timed
         say(f"      calibration skipped: {e}")
-        calibrated = TimingTable(table.times, table.base, table.fixed, dict(table.meta, calibration={"skipped": str(e)}), table.shapes)
+        calibrated = TimingTable(table.times, table.base, table.fixed, dict(table.meta, calibration={"skipped": str(e)}), table.shapes, table.dense_blocks)
     calibrated.save(path)
     return calibrated, path
 

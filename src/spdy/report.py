@@ -225,6 +225,16 @@ def _deployed_fixed(deployed: dict | None) -> list[str]:
             f"units empty ({deployed['emptied_model'] * 1e3:.2f} ms) less the other units' dense times.", ""]
 
 
+def _dense_blocks(blocks: dict[str, dict]) -> list[str]:
+    """Blocks a profile may leave dense and unfused, where torch runs them faster than the fused kernel at 0%."""
+    if not blocks:
+        return []
+    name, block = next(iter(blocks.items()))
+    return [f"{len(blocks)} fused blocks run faster left dense in torch than fused with their units at 0% (e.g. `{name}`: "
+            f"{block['time'] * 1e3:.2f} ms over the empty block, against {len(block['units'])} units); the solver may keep "
+            f"any of them dense and unfused.", ""]
+
+
 def _calibration(fit: dict | None) -> list[str]:
     """How the table was fitted to the deployed runtime, when it was."""
     if not fit:
@@ -351,6 +361,7 @@ def write_report(work: str | Path) -> tuple[Path, Path]:
         f"`{summary.get('search_loss', summary['loss'])}`.",
         "",
         *_deployed_fixed(table.meta.get("deployed_fixed")),
+        *_dense_blocks(table.dense_blocks),
         *_calibration(table.meta.get("calibration")),
         *_kept_dense(table.meta.get("kept_dense")),
         *([f"Finished with global AdaPrune ({summary['gap']['gap']['epochs']} epochs, lr {summary['gap']['gap']['lr']:g}): "

@@ -38,7 +38,7 @@ from spdy.search.profile import Profile
 from spdy.runtime import (FeedForwardInput, FeedForwardOutput, FusedBottleneck, FusedEncoderLayer, FusedMBConv,
                           ProjectedSelfAttention, ResidualNormOutput, SparseConv2d, SparseLinear, convert, formats_of,
                           kernel_status, magnitude_mask)
-from spdy.runtime.formats import FORMATS, set_threads
+from spdy.runtime.formats import set_threads
 from spdy.runtime.timer import oversubscribed, time_alternating
 from spdy.timing.table import TimingTable
 from spdy.units import Unit, call_model, set_weight_matrix, weight_matrix
@@ -229,19 +229,6 @@ def _tensor(output: Any) -> torch.Tensor:
     raise TypeError(f"verify: cannot find a tensor in the model output of type {type(output).__name__}")
 
 
-def _table_formats(table: TimingTable | None, options: Mapping[str, str]) -> dict[str, str] | None:
-    """The format the table measured for each chosen option, if it recorded all of them as
-    runtime formats (an engine's name, e.g. ``deepsparse``, is none)."""
-    recorded = (table.meta.get("formats") if table is not None else None) or {}
-    formats = {}
-    for unit, key in options.items():
-        fmt = recorded.get(unit, {}).get(key)
-        if fmt not in FORMATS:
-            return None
-        formats[unit] = fmt
-    return formats
-
-
 def _relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
     return float((out - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
 
@@ -274,7 +261,7 @@ def verify(
     """Build, convert and time the profile's pruned model against dense torch and, where the
     profile runs the kernel format, the engine's fastest dense run (`_engine_dense`).
 
-    Formats: ``formats`` if given, else those ``table.meta["formats"]`` recorded for the
+    Formats: ``formats`` if given, else those the table recorded (`TimingTable.formats`) for the
     chosen options (so the runtime runs what was timed), else measured at convert time.
     Threads: ``threads``, else the table's, else all cores. The model itself is not changed.
     Engine: ``engine``, else the table's backend; ``deepsparse`` and ``cuda-2:4`` verify on that
@@ -301,7 +288,7 @@ def verify(
         pruned = pruned_copy(model, units, options, weights)
         twin = copy.deepcopy(pruned) if generation and hasattr(batch, "generation") else None  # stays masked dense torch
         reference = _tensor(call_model(pruned, batch)).clone()
-        chosen = dict(formats) if formats is not None else _table_formats(table, options)
+        chosen = dict(formats) if formats is not None else (table.formats(options) if table is not None else None)
         sparse_units = [u for u, k in options.items() if k != DENSE]
         if chosen is None:
             convert(pruned, units=sparse_units, example=batch)

@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from spdy.errors import InputError
-from spdy.levels import Option
+from spdy.levels import DENSE, Option
 from spdy.timing.table import TimingTable
 
 DEFAULT_BUCKETS = 10_000
@@ -41,11 +41,22 @@ class InfeasibleTarget(InputError):
 
 @dataclass
 class Choice:
-    """The DP's answer in numbers: an option index per unit."""
+    """The DP's answer in numbers: an option index per unit (-1 for the units of a group taken whole)."""
 
     indices: list[int]
     time: float
     error: float
+
+
+@dataclass(frozen=True)
+class Group:
+    """Units ``start:stop`` (consecutive) that may instead take one joint option of ``time`` and ``error``
+    together (a block the runtime runs otherwise when all its units are at one option)."""
+
+    start: int
+    stop: int
+    time: float
+    error: float = 0.0
 
 
 def prior(n: int) -> np.ndarray:
@@ -68,11 +79,12 @@ def _rows_kernel():
     import numba
 
     @numba.njit(cache=True, nogil=True)
-    def rows_kernel(tb: np.ndarray, e: np.ndarray, offsets: np.ndarray, buckets: int) -> np.ndarray:
+    def rows_kernel(tb: np.ndarray, e: np.ndarray, offsets: np.ndarray, buckets: int,
+                    group_start: np.ndarray, group_stop: np.ndarray, group_tb: np.ndarray, group_e: np.ndarray) -> np.ndarray:
         units = len(offsets) - 1
         rows = np.full((units + 1, buckets + 1), np.inf)
         rows[0, 0] = 0.0
-        reach = 0
+        reach = np.zeros(units + 1, np.int64)
         for layer in range(units):
             # Separate buffers let LLVM vectorise: it cannot prove two rows of one array disjoint.
             prev = rows[layer].copy()
@@ -80,47 +92,69 @@ def _rows_kernel():
             widest = 0
             for k in range(offsets[layer], offsets[layer + 1]):
                 t, err = tb[k], e[k]
-                hi = min(buckets, reach + t) + 1
+                hi = min(buckets, reach[layer] + t) + 1
                 out, src = cur[t:hi], prev[: hi - t]
                 for b in range(hi - t):
                     x = src[b] + err
                     out[b] = x if x < out[b] else out[b]
                 widest = max(widest, t)
+            reach[layer + 1] = min(buckets, reach[layer] + widest)
+            for g in range(len(group_stop)):  # a group ending here may instead take its one joint option
+                t, start = group_tb[g], group_start[g]
+                if group_stop[g] != layer + 1 or t > buckets:
+                    continue
+                hi = min(buckets, reach[start] + t) + 1
+                for b in range(hi - t):
+                    x = rows[start, b] + group_e[g]
+                    cur[b + t] = x if x < cur[b + t] else cur[b + t]
+                reach[layer + 1] = max(reach[layer + 1], hi - 1)
             rows[layer + 1] = cur
-            reach = min(buckets, reach + widest)
         return rows
 
     return rows_kernel
 
 
-def _dp(tbs: list[np.ndarray], errs: list[np.ndarray], buckets: int) -> list[int]:
+def _dp(errs: list[np.ndarray], buckets: int, groups: Sequence[Group], tbs: list[np.ndarray], group_tbs: Sequence[int]) -> list[int]:
     """Min-plus DP over buckets; rows[l][b] = least error of units 0..l using exactly b buckets.
 
     Only the value rows are stored; the choice at each unit is recovered while tracing
-    back, which keeps the inner loop a plain vectorisable min.
+    back, which keeps the inner loop a plain vectorisable min. A unit of a group taken whole is -1.
     """
     candidates = [[int(s) for s in _pareto(tb, e) if tb[s] <= buckets] for tb, e in zip(tbs, errs)]
     offsets = np.cumsum([0] + [len(c) for c in candidates])
     flat_tb = np.array([tb[s] for tb, c in zip(tbs, candidates) for s in c], dtype=np.int64)
     flat_e = np.array([e[s] for e, c in zip(errs, candidates) for s in c], dtype=np.float64)
-    rows = _rows_kernel()(flat_tb, flat_e, offsets, buckets)
+    rows = _rows_kernel()(flat_tb, flat_e, offsets, buckets, np.array([g.start for g in groups], dtype=np.int64),
+                          np.array([g.stop for g in groups], dtype=np.int64), np.array(group_tbs, dtype=np.int64),
+                          np.array([g.error for g in groups], dtype=np.float64))
+    ending = {g.stop: (g, int(t)) for g, t in zip(groups, group_tbs)}
     end = int(np.argmin(rows[-1]))
-    picks = []
-    for layer in range(len(tbs) - 1, -1, -1):
-        tb, e, prev = tbs[layer], errs[layer], rows[layer]
+    picks = [-1] * len(tbs)
+    layer = len(tbs) - 1
+    while layer >= 0:
         target = rows[layer + 1, end]
+        group, t = ending.get(layer + 1, (None, 0))
+        if group is not None and t <= end and rows[group.start, end - t] + group.error == target:
+            end -= t
+            layer = group.start - 1
+            continue
+        tb, e, prev = tbs[layer], errs[layer], rows[layer]
         s = next(s for s in candidates[layer] if tb[s] <= end and prev[end - int(tb[s])] + e[s] == target)
-        picks.append(s)
+        picks[layer] = s
         end -= int(tb[s])
-    return picks[::-1]
+        layer -= 1
+    return picks
 
 
-def solve_arrays(times: Sequence[np.ndarray], errors: Sequence[np.ndarray], budget: float, buckets: int = DEFAULT_BUCKETS) -> Choice:
+def solve_arrays(times: Sequence[np.ndarray], errors: Sequence[np.ndarray], budget: float, buckets: int = DEFAULT_BUCKETS,
+                 groups: Sequence[Group] = ()) -> Choice:
     """Minimise ``sum errors`` with ``sum times <= budget``; options with inf time are unavailable.
 
     Times above each unit's fastest are rounded *up* to buckets spanning the slack, so
     the returned choice never exceeds the un-rounded budget; it is optimal up to that
     rounding (exactly optimal when times are multiples of ``slack / buckets``).
+    ``groups``: disjoint runs of consecutive units, each of which may take its joint option
+    instead of one option per unit (a joint time below its units' fastest counts as that sum).
     Raises ``ValueError`` when even the fastest options exceed the budget.
     """
     if buckets < 1 or buckets > 10_000_000:
@@ -131,6 +165,7 @@ def solve_arrays(times: Sequence[np.ndarray], errors: Sequence[np.ndarray], budg
         raise InputError("times and errors must have one array per unit, of equal lengths")
     if any(np.isnan(e).any() for e in errors):
         raise InputError("errors contain NaN")
+    _check_groups(groups, len(times))
     fastest = np.array([t.min() for t in times])
     slack = budget - fastest.sum()
     if not np.isfinite(slack) or slack < 0:
@@ -140,21 +175,38 @@ def solve_arrays(times: Sequence[np.ndarray], errors: Sequence[np.ndarray], budg
     if slack == 0.0:
         picks = [int(np.argmin(np.where(t == f, e, np.inf))) for t, f, e in zip(times, fastest, errs)]
     else:
-        picks = _dp(_round_up(times, fastest, slack / buckets, buckets), errs, buckets)
-        while _total(times, picks) > budget:
+        picks = _dp(errs, buckets, groups, *_bucketed(times, fastest, slack, buckets, groups))
+        while _total(times, picks, groups) > budget:
             # Float rounding let an exact multiple of the bucket width tip over; shrink by a hair.
             slack *= 1 - 1e-9
-            picks = _dp(_round_up(times, fastest, slack / buckets, buckets), errs, buckets)
-    return Choice(picks, _total(times, picks), float(sum(e[p] for e, p in zip(errors, picks))))
+            picks = _dp(errs, buckets, groups, *_bucketed(times, fastest, slack, buckets, groups))
+    error = sum(e[p] for e, p in zip(errors, picks) if p >= 0) + sum(g.error for g in _taken(groups, picks))
+    return Choice(picks, _total(times, picks, groups), float(error))
 
 
-def _round_up(times: list[np.ndarray], fastest: np.ndarray, width: float, buckets: int) -> list[np.ndarray]:
-    """Bucket counts above each unit's fastest time, rounded up (exact multiples stay exact)."""
-    return [np.ceil(np.minimum((t - f) / width * (1 - 1e-12), buckets + 1.0)) for t, f in zip(times, fastest)]
+def _check_groups(groups: Sequence[Group], units: int) -> None:
+    previous = 0
+    for g in sorted(groups, key=lambda g: g.start):
+        if not (previous <= g.start < g.stop <= units) or not np.isfinite(g.time) or not np.isfinite(g.error):
+            raise InputError(f"groups must be disjoint runs of units within 0..{units} with finite time and error, got {g}")
+        previous = g.stop
 
 
-def _total(times: list[np.ndarray], picks: list[int]) -> float:
-    return float(sum(t[p] for t, p in zip(times, picks)))
+def _bucketed(times: list[np.ndarray], fastest: np.ndarray, slack: float, buckets: int, groups: Sequence[Group]) -> tuple[list[np.ndarray], list[int]]:
+    """Bucket counts above each unit's fastest time, rounded up (exact multiples stay exact), and each group's."""
+    width = slack / buckets
+    units = [np.ceil(np.minimum((t - f) / width * (1 - 1e-12), buckets + 1.0)) for t, f in zip(times, fastest)]
+    joint = [int(np.ceil(min(max(g.time - fastest[g.start:g.stop].sum(), 0.0) / width * (1 - 1e-12), buckets + 1.0))) for g in groups]
+    return units, joint
+
+
+def _taken(groups: Sequence[Group], picks: list[int]) -> list[Group]:
+    return [g for g in groups if picks[g.start] < 0]
+
+
+def _total(times: list[np.ndarray], picks: list[int], groups: Sequence[Group] = ()) -> float:
+    taken = _taken(groups, picks)
+    return float(sum(t[p] for t, p in zip(times, picks) if p >= 0) + sum(max(g.time, sum(times[i].min() for i in range(g.start, g.stop))) for g in taken))
 
 
 @dataclass
@@ -185,6 +237,18 @@ def scaled_errors(table: TimingTable, coefficients: Sequence[float]) -> dict[str
     return {u: {k: c * v for k, v in base[u].items()} for u, c in zip(table.units, coefficients)}
 
 
+def _grouped_order(table: TimingTable) -> list[str]:
+    """The table's units with each dense block's units next to each other (the DP's groups are runs)."""
+    block_of = {u: n for n, b in table.dense_blocks.items() for u in b["units"]}
+    order: list[str] = []
+    for unit in table.units:
+        if unit not in block_of:
+            order.append(unit)
+        elif unit not in order:
+            order += table.dense_blocks[block_of[unit]]["units"]
+    return order
+
+
 def solve(table: TimingTable, target: float, errors: Mapping[str, Mapping[str, float]] | None = None, buckets: int = DEFAULT_BUCKETS) -> Solution:
     """The least-error profile whose predicted speedup on ``table`` is at least ``target``.
 
@@ -196,8 +260,9 @@ def solve(table: TimingTable, target: float, errors: Mapping[str, Mapping[str, f
     max_speedup = table.max_speedup()
     if table.min_time() > table.base / target:
         raise InfeasibleTarget(target, max_speedup)
+    order = _grouped_order(table)
     keys, times, errs = [], [], []
-    for unit in table.units:
+    for unit in order:
         if unit not in errors:
             raise InputError(f"no errors given for unit {unit!r}")
         options = [k for k in table.options(unit) if k in errors[unit]]
@@ -206,13 +271,20 @@ def solve(table: TimingTable, target: float, errors: Mapping[str, Mapping[str, f
         keys.append(options)
         times.append(np.array([table.times[unit][k] for k in options]))
         errs.append(np.array([float(errors[unit][k]) for k in options]))
+    position = {u: i for i, u in enumerate(order)}
+    groups = []
+    for block in table.dense_blocks.values():
+        first = min(position[u] for u in block["units"])
+        if all(DENSE in errors[u] for u in block["units"]):
+            groups.append(Group(first, first + len(block["units"]), block["time"], sum(float(errors[u][DENSE]) for u in block["units"])))
     try:
-        choice = solve_arrays(times, errs, budget, buckets)
+        choice = solve_arrays(times, errs, budget, buckets, groups)
     except ValueError:
         # Only reachable when the options with errors exclude every unit's fastest one.
         fastest = table.fixed + sum(t.min() for t in times)
         raise InfeasibleTarget(target, table.base / fastest) from None
-    profile = {u: ks[i] for u, ks, i in zip(table.units, keys, choice.indices)}
+    chosen = {u: ks[i] if i >= 0 else DENSE for u, ks, i in zip(order, keys, choice.indices)}
+    profile = {u: chosen[u] for u in table.units}
     predicted = table.predicted_time(profile)
     return Solution(
         profile=profile,

@@ -67,9 +67,8 @@ class EvolutionSearch:
         self.pool = pool
         self.config, self.progress, self.budget = config, progress, budget
         self.keys = [table.options(u) for u in table.units]
-        self.times = [np.array([table.times[u][k] for k in ks]) for u, ks in zip(table.units, self.keys)]
         self.limit = table.base / target - table.fixed
-        key = {"method": "evo", "table": digest(table.to_dict()["units"], length=16), "target": target, "config": asdict(config), "data": fingerprint}
+        key = {"method": "evo", "table": digest(table.solver_view(), length=16), "target": target, "config": asdict(config), "data": fingerprint}
         self.checkpoint = Checkpoint(checkpoint, key)
         self.start = solve(table, target).profile  # the prior's DP profile; raises InfeasibleTarget
 
@@ -77,7 +76,7 @@ class EvolutionSearch:
         return {u: ks[i] for u, ks, i in zip(self.table.units, self.keys, genome)}
 
     def _time(self, genome: np.ndarray) -> float:
-        return float(sum(t[i] for t, i in zip(self.times, genome)))
+        return self.table.predicted_time(self._profile(genome)) - self.table.fixed
 
     def mutate(self, parent: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Make 1..max_switches units one level denser, then random others sparser until it fits."""

@@ -142,7 +142,7 @@ class SpdySearch:
         self.wasted = 0  # batch passes the pool ran for tries drawn after a winner (the serial search never ran them)
         self.objective = MultiFidelity(evaluate)
         self.ladder = fidelities(config.first_batches, self.objective.batches)
-        key = {"method": "spdy", "table": digest(table.to_dict()["units"], length=16), "target": target, "config": asdict(config), "data": fingerprint,
+        key = {"method": "spdy", "table": digest(table.solver_view(), length=16), "target": target, "config": asdict(config), "data": fingerprint,
                "start": None if start is None else digest(list(start))}
         self.checkpoint = Checkpoint(checkpoint, key)
         self.ties = tie_matrix(table.units, config.tie)

@@ -180,6 +180,7 @@ def measure(
         before, after, again = _measure_units(engine, model, units, batch, wanted, entries, path, state, progress, dedupe, on_unit)
         base = statistics.median([before.median, after.median] + ([again.median] if again is not None else []))
         times, unpruned = _unit_table(units, entries, wanted)
+        dense_blocks = _dense_blocks(engine, units, times, state, path)
         deployed = engine.deployed_fixed(model, batch, {n: (times[n][DENSE], entries[n]["formats"].get(DENSE, "dense")) for n in units}, base)
     finally:
         engine.finish()
@@ -222,7 +223,26 @@ def measure(
         }
     )
     shapes = {n: u.describe() for n, u in units.items()}
-    return TimingTable(times, base, fixed, meta, shapes)
+    return TimingTable(times, base, fixed, meta, shapes, dense_blocks)
+
+
+def _dense_blocks(engine: "Backend", units: "Mapping[str, Unit]", times: dict, state: dict, path: Path | None) -> dict[str, dict]:
+    """The engine's fused blocks that run faster left dense in torch than fused at their units' dense options
+    (where the CPU's BLAS beats the kernel on a dense matrix): the table's ``dense_blocks``. Checkpointed."""
+    from spdy.levels import DENSE
+
+    measured = state.setdefault("unfused_blocks", {})
+    blocks = {}
+    for name, members in engine.fused_blocks().items():
+        if not set(members) <= set(units):
+            continue
+        if name not in measured:
+            measured[name] = engine.unfused_time(name)
+            if path:
+                _save_checkpoint(path, state)
+        if measured[name] < sum(times[u][DENSE] for u in members):
+            blocks[name] = {"units": list(members), "time": measured[name]}
+    return blocks
 
 
 def _unit_table(units: "Mapping[str, Unit]", entries: dict[str, dict], wanted: dict[str, list[str]]) -> tuple[dict, dict]:

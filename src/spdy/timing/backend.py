@@ -60,6 +60,15 @@ class Backend(ABC):
         is the dense model's time less the units' unpruned times."""
         return None
 
+    def fused_blocks(self) -> dict[str, list[str]]:
+        """Blocks the runtime fuses once their units are all in one format (name -> units), whose units this
+        backend times as the fused block runs them; `unfused_time` prices each left dense, as torch runs it."""
+        return {}
+
+    def unfused_time(self, block: str) -> float:
+        """Seconds the block of `fused_blocks` takes unpruned and unfused, on the scale of its units' times."""
+        raise NotImplementedError(f"{self.name} fuses no blocks")
+
     @abstractmethod
     def model_time(self, model: nn.Module, batch: Any) -> Stat:
         """Seconds of the dense end-to-end model on ``batch`` (median and spread)."""

@@ -117,6 +117,7 @@ class WholeBlocks:
         self.block_of = {u: b for b, us in self.members.items() for u in us}
         self.inputs = captured_inputs(model, list(self.members), batch)
         self._empty: dict[str, tuple[nn.Module, nn.Module, float]] = {}
+        self._unfused: dict[str, float] = {}
 
     def __contains__(self, unit: str) -> bool:
         return unit in self.block_of
@@ -124,14 +125,17 @@ class WholeBlocks:
     def _relative(self, block: str) -> list[str]:
         return [u[len(block) + 1:] for u in self.members[block]]
 
-    def signature(self, unit: Unit) -> str:
-        block = self.block_of[unit.name]
+    def _block_signature(self, block: str) -> str:
         module = self.model.get_submodule(block)
         args, kwargs = self.inputs[block]
         shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]
         shapes += [(k, tuple(v.shape) if isinstance(v, torch.Tensor) else v) for k, v in sorted(kwargs.items())]
         parts = [(r, tuple(module.get_submodule(r).weight.shape), module.get_submodule(r).bias is not None) for r in self._relative(block)]
-        return f"whole-block:{type(module).__name__}:{parts}:in{shapes}:{unit.name[len(block) + 1:]}"
+        return f"whole-block:{type(module).__name__}:{parts}:in{shapes}"
+
+    def signature(self, unit: Unit) -> str:
+        block = self.block_of[unit.name]
+        return f"{self._block_signature(block)}:{unit.name[len(block) + 1:]}"
 
     def _run(self, block: str, module: nn.Module):
         args, kwargs = self.inputs[block]
@@ -173,6 +177,18 @@ class WholeBlocks:
             result.formats[key], result.spread[key] = FORMAT, stats["unit"].spread
         result.times = monotone(result.times)
         return result
+
+    @torch.no_grad()
+    def unfused_time(self, block: str) -> float:
+        """The block as torch runs it unpruned (its units all dense, so not fused), over the empty fused block:
+        what the table's dense block costs. Blocks of equal structure and inputs are timed once."""
+        signature = self._block_signature(block)
+        if signature not in self._unfused:
+            _, empty, empty_alone = self._empty_block(block)
+            stats = alternating_stats({"empty": self._run(block, empty), "torch": self._run(block, self.model.get_submodule(block))},
+                                      self.rounds, max_spread=self.max_spread)
+            self._unfused[signature] = max(stats["torch"].median / stats["empty"].median - 1, 0.0) * empty_alone
+        return self._unfused[signature]
 
     @torch.no_grad()
     def emptied_model(self, formats: Mapping[str, str]) -> nn.Module:

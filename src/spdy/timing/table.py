@@ -57,6 +57,12 @@ class TimingTable:
     ``times[unit][option_key]``; every unit must offer the dense option ``"0.0000"``.
     ``meta`` records how the times were measured (engine, CPU, threads, versions, date);
     ``shapes[unit]`` the unit's weight and input shapes where known.
+
+    ``dense_blocks[name] = {"units": [...], "time": seconds}``: units the runtime fuses into one
+    block once they are all in the kernel format (their times are measured so), which it leaves
+    to torch when they are all at the dense option, in ``time`` instead of the sum of their dense
+    options. Recorded only where that is faster (e.g. where the CPU's BLAS beats the kernel on a
+    dense matrix), so a profile may keep whole blocks dense and unfused.
     """
 
     times: dict[str, dict[str, float]]
@@ -64,6 +70,7 @@ class TimingTable:
     fixed: float
     meta: dict = field(default_factory=dict)
     shapes: dict[str, dict] = field(default_factory=dict)
+    dense_blocks: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._sorted: dict[str, list[str]] = {}
@@ -89,6 +96,18 @@ class TimingTable:
         for unit in self.shapes:
             if unit not in self.times:
                 raise TimingFormatError(path, "shapes", f"unknown unit {unit!r}; units are {self.units[:5]}...")
+        seen: set[str] = set()
+        for name, block in self.dense_blocks.items():
+            where = f"dense_blocks {name!r}"
+            if not isinstance(block, dict) or not isinstance(block.get("units"), list) or not block["units"]:
+                raise TimingFormatError(path, where, "expected {'units': [unit, ...], 'time': seconds}")
+            unknown = [u for u in block["units"] if u not in self.times]
+            if unknown:
+                raise TimingFormatError(path, where, f"unknown units {unknown[:3]}; units are {self.units[:3]}...")
+            if seen & set(block["units"]):
+                raise TimingFormatError(path, where, f"units {sorted(seen & set(block['units']))[:3]} are in another block too")
+            seen |= set(block["units"])
+            block["time"] = _check_time(block.get("time"), path, f"{where} time")
 
     @property
     def units(self) -> list[str]:
@@ -124,8 +143,30 @@ class TimingTable:
         return {u: f[DENSE] for u, f in (self.meta.get("formats") or {}).items() if f.get(DENSE, "dense") != "dense"}
 
     def min_time(self) -> float:
-        """The fastest the model can be made: every unit at its fastest option."""
-        return self.fixed + sum(min(o.values()) for o in self.times.values())
+        """The fastest the model can be made: every unit at its fastest option (a dense block, if faster still)."""
+        fastest = {u: min(o.values()) for u, o in self.times.items()}
+        saved = sum(max(0.0, sum(fastest[u] for u in b["units"]) - b["time"]) for b in self.dense_blocks.values())
+        return self.fixed + sum(fastest.values()) - saved
+
+    def blocks_left_dense(self, profile: Mapping[str, str]) -> list[str]:
+        """The dense blocks whose units the profile all keeps at the dense option: torch runs them unfused."""
+        return [name for name, b in self.dense_blocks.items() if all(profile.get(u, DENSE) == DENSE for u in b["units"])]
+
+    def formats(self, profile: Mapping[str, str]) -> dict[str, str] | None:
+        """The runtime format of every unit at its chosen option, as the table measured it (torch's
+        ``dense`` in a block left dense), or None where the table recorded none for some option."""
+        from spdy.runtime.formats import FORMATS
+
+        recorded = self.meta.get("formats") or {}
+        formats = {}
+        for unit, key in profile.items():
+            fmt = recorded.get(unit, {}).get(key)
+            if fmt not in FORMATS:
+                return None
+            formats[unit] = fmt
+        for name in self.blocks_left_dense(profile):
+            formats.update({u: "dense" for u in self.dense_blocks[name]["units"] if u in formats})
+        return formats
 
     def max_speedup(self) -> float:
         return self.base / self.min_time()
@@ -145,6 +186,9 @@ class TimingTable:
             if key not in options:
                 raise InputError(f"unit {unit!r} has no timed option {key!r}; it has {self.options(unit)}")
             total += options[key]
+        for name in self.blocks_left_dense(profile):
+            block = self.dense_blocks[name]
+            total += block["time"] - sum(self.times[u][DENSE] for u in block["units"])
         return total
 
     def predicted_speedup(self, profile: Mapping[str, str]) -> float:
@@ -185,12 +229,13 @@ class TimingTable:
             pairs = ", ".join(f"{a * 1e3:.3f} -> {b * 1e3:.3f} ms" for a, b in zip(x, y))
             raise InputError(f"calibration: measured times do not grow with the table's unit times ({pairs}); re-time")
         times = {u: {k: t * scale for k, t in o.items()} for u, o in self.times.items()}
+        blocks = {n: dict(b, time=b["time"] * scale) for n, b in self.dense_blocks.items()}
         before = np.abs((self.fixed + x) / y - 1)
         after = np.abs((fixed + scale * x) / y - 1)
         calibration = {"fixed_before": self.fixed, "fixed": float(fixed), "scale": float(scale),
                        "max_error_before": float(before.max()), "max_error_after": float(after.max()),
                        "points": [{"unit_time": float(a), "measured_time": float(b)} for a, b in zip(x, y)]}
-        return TimingTable(times, self.base, float(fixed), dict(self.meta, calibration=calibration), dict(self.shapes))
+        return TimingTable(times, self.base, float(fixed), dict(self.meta, calibration=calibration), dict(self.shapes), blocks)
 
     def planning_target(self, target: float) -> float:
         """The speedup to ask this calibrated table for so the deployed runtime lands on ``target``.
@@ -232,9 +277,16 @@ class TimingTable:
         fixed = self.fixed + sum(self.unpruned_time(n) for n in names)
         meta = dict(self.meta, excluded=sorted(set(self.meta.get("excluded", [])) | set(names)))
         shapes = {u: s for u, s in self.shapes.items() if u in kept}
-        return TimingTable(kept, self.base, fixed, meta, shapes)
+        # an excluded unit runs as torch runs it, dense: its block is never fused, so its dense options no longer apply
+        blocks = {n: dict(b) for n, b in self.dense_blocks.items() if not set(b["units"]) & set(names)}
+        return TimingTable(kept, self.base, fixed, meta, shapes, blocks)
 
     # -- persistence ------------------------------------------------------------------
+    def solver_view(self) -> object:
+        """What the solver and the searches see of the table (JSON-able), for checkpoint keys."""
+        data = self.to_dict()
+        return {"units": data["units"], "dense_blocks": self.dense_blocks} if self.dense_blocks else data["units"]
+
     def to_dict(self) -> dict:
         return {
             "format": FORMAT,
@@ -242,6 +294,7 @@ class TimingTable:
             "fixed": self.fixed,
             "meta": self.meta,
             "units": {u: {"times": {k: self.times[u][k] for k in self.options(u)}, **({"shape": self.shapes[u]} if u in self.shapes else {})} for u in self.units},
+            **({"dense_blocks": self.dense_blocks} if self.dense_blocks else {}),
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -270,6 +323,10 @@ class TimingTable:
         table = cls.__new__(cls)
         table.times, table.base, table.fixed = times, data["base"], data["fixed"]
         table.meta, table.shapes = dict(data.get("meta") or {}), shapes
+        blocks = data.get("dense_blocks") or {}
+        if not isinstance(blocks, dict):
+            raise TimingFormatError(path, "dense_blocks", "expected an object name -> {'units': [...], 'time': seconds}")
+        table.dense_blocks = {n: dict(b) if isinstance(b, dict) else b for n, b in blocks.items()}
         table._sorted = {}
         table.validate(path)
         return table

@@ -164,6 +164,12 @@ class TorchCpuBackend(Backend):
         key = "emptied_model" if "whole_blocks" in record else "reference_model"
         return {"fixed": measured - outside, key: measured, "spread": stats["deployed"].spread, **record}
 
+    def fused_blocks(self) -> dict[str, list[str]]:
+        return dict(self._blocks.members) if self._blocks is not None else {}
+
+    def unfused_time(self, block: str) -> float:
+        return self._blocks.unfused_time(block)
+
     @torch.no_grad()
     def model_time(self, model: nn.Module, batch: Any) -> Stat:
         return alternating_stats({"model": lambda: call_model(model, batch)}, self.model_rounds, max_spread=self.max_spread)["model"]
