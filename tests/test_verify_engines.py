@@ -20,7 +20,7 @@ from spdy.pipeline import prunable_units, timing_batch
 from spdy.search.profile import Profile
 from spdy.timing import measure
 from spdy.timing.table import TimingTable
-from spdy.verification import _table_formats, verify
+from spdy.verification import verify
 
 HAS_DEEPSPARSE = importlib.util.find_spec("deepsparse") is not None
 
@@ -85,8 +85,8 @@ def test_engine_names_are_not_runtime_formats(digits) -> None:
     bundle, units, batch = digits
     names = list(units)
     options = {u: "0.9000" for u in names}
-    assert _table_formats(_table(names, "deepsparse", "deepsparse"), options) is None
-    assert _table_formats(_table(names, "torch-cpu", "csr"), options) == {u: "csr" for u in names}
+    assert _table(names, "deepsparse", "deepsparse").formats(options) is None
+    assert _table(names, "torch-cpu", "csr").formats(options) == {u: "csr" for u in names}
     # a deepsparse table verified on the torch runtime on purpose: formats are chosen by measurement, not taken from it
     result = verify(bundle.model, units, _uniform(names), batch, _table(names, "deepsparse", "deepsparse"), rounds=3, threads=1,
                     engine="torch-cpu")
