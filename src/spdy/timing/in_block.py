@@ -26,6 +26,7 @@ Blocks of equal structure and inputs are timed once.
 from __future__ import annotations
 
 import copy
+import statistics
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -116,8 +117,9 @@ class WholeBlocks:
         self.members = whole_blocks(model, units)
         self.block_of = {u: b for b, us in self.members.items() for u in us}
         self.inputs = captured_inputs(model, list(self.members), batch)
-        self._empty: dict[str, tuple[nn.Module, nn.Module, float]] = {}
+        self._empty: dict[str, tuple[nn.Module, nn.Module]] = {}
         self._unfused: dict[str, float] = {}
+        self._empties: dict[str, list[float]] = {}  # the empty block's medians in its alternated runs
 
     def __contains__(self, unit: str) -> bool:
         return unit in self.block_of
@@ -144,15 +146,12 @@ class WholeBlocks:
     def _converted(self, module: nn.Module, relative: Sequence[str]) -> nn.Module:
         return convert(module, {r: FORMAT for r in relative}).eval()
 
-    def _empty_block(self, block: str) -> tuple[nn.Module, nn.Module, float]:
-        """(unconverted zeroed block, converted empty block, its time alone), once per block."""
+    def _empty_block(self, block: str) -> tuple[nn.Module, nn.Module]:
+        """(unconverted zeroed block, converted empty block), once per block."""
         if block not in self._empty:
             relative = self._relative(block)
             zeroed = _zeroed(self.model.get_submodule(block), relative)
-            empty = self._converted(copy.deepcopy(zeroed), relative)
-            with torch.no_grad():
-                alone = alternating_stats({"empty": self._run(block, empty)}, self.rounds, max_spread=self.max_spread)["empty"]
-            self._empty[block] = (zeroed, empty, alone.median)
+            self._empty[block] = (zeroed, self._converted(copy.deepcopy(zeroed), relative))
         return self._empty[block]
 
     @torch.no_grad()
@@ -160,9 +159,10 @@ class WholeBlocks:
         block = self.block_of[unit.name]
         relative = self._relative(block)
         name = unit.name[len(block) + 1:]
-        zeroed, empty, empty_alone = self._empty_block(block)
+        zeroed, empty = self._empty_block(block)
         dense = self.model.get_submodule(unit.name).weight.detach()
         result = UnitTiming({}, {}, {}, unpruned=unpruned)
+        ratios = {}
         for key in options:
             variant = copy.deepcopy(zeroed)
             variant.get_submodule(name).weight.copy_(dense * magnitude_mask(dense, key))
@@ -172,10 +172,13 @@ class WholeBlocks:
                                           max_spread=self.max_spread)
             except Exception as e:
                 raise RuntimeError(f"timing unit {unit.name!r} option {key!r} inside {block!r} failed: {e}") from e
-            # the ratio to the empty block in one alternated run, on the empty block's time alone: drift cancels
-            result.times[key] = (stats["unit"].median / stats["empty"].median - 1) * empty_alone
+            ratios[key] = stats["unit"].median / stats["empty"].median - 1
+            self._empties.setdefault(block, []).append(stats["empty"].median)
             result.formats[key], result.spread[key] = FORMAT, stats["unit"].spread
-        result.times = monotone(result.times)
+        # each ratio to the empty block in one alternated run, on the empty block's median over all of the block's runs:
+        # drift within a run cancels, and no single measurement of the empty block sets the scale of every unit
+        anchor = statistics.median(self._empties[block])
+        result.times = monotone({key: ratio * anchor for key, ratio in ratios.items()})
         return result
 
     @torch.no_grad()
@@ -184,10 +187,11 @@ class WholeBlocks:
         what the table's dense block costs. Blocks of equal structure and inputs are timed once."""
         signature = self._block_signature(block)
         if signature not in self._unfused:
-            _, empty, empty_alone = self._empty_block(block)
+            _, empty = self._empty_block(block)
             stats = alternating_stats({"empty": self._run(block, empty), "torch": self._run(block, self.model.get_submodule(block))},
                                       self.rounds, max_spread=self.max_spread)
-            self._unfused[signature] = max(stats["torch"].median / stats["empty"].median - 1, 0.0) * empty_alone
+            anchor = statistics.median(self._empties.get(block) or [stats["empty"].median])  # the scale of the block's units
+            self._unfused[signature] = max(stats["torch"].median / stats["empty"].median - 1, 0.0) * anchor
         return self._unfused[signature]
 
     @torch.no_grad()
