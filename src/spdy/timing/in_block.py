@@ -14,7 +14,11 @@ fused, whatever the profile):
   overheads only. A unit's option costs ``t(block with the unit at that option, the others
   empty) - t(empty block)``: a large share of a small time, which a noisy machine measures far
   better than one unit's share of the whole dense block (a 384 x 384 projection is ~5% of a
-  MiniLM layer, within one alternated run's noise);
+  MiniLM layer, within one alternated run's noise); each option's ratio to the empty block in
+  its own alternated run is scaled by the empty block's median over all of the block's runs, so no
+  single measurement sets the scale of every unit (one did, and moved it by 20-50% between runs);
+* where torch runs the block left dense faster than the fused block at every unit's 0% (the CPU's
+  BLAS beats the kernel on a dense matrix), the table records it as a dense block (`unfused_time`);
 * the times fall with sparsity (fewer weights, less work): noise that says otherwise is pooled
   with its neighbours (isotonic fit) rather than handed to the solver as a bargain;
 * the table's ``fixed`` is the deployed model with every such unit empty (the other units at
