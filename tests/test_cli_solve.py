@@ -74,3 +74,20 @@ def test_reference_table_via_cli(reference_tables, capsys):
     assert main(["solve", str(path), "--target", "2.0", "--exclude", "conv1", "fc", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["predicted_speedup"] >= 2.0 and len(out["profile"]) == 52
+
+
+def test_a_block_left_dense_is_named(tmp_path, capsys):
+    """A table whose fused pair runs faster left dense in torch: a low target keeps it so, and says it."""
+    t = TimingTable({
+        "a": {"0.0000": 3.0, "0.9000": 0.5},
+        "b": {"0.0000": 3.0, "0.9000": 0.5},
+        "c": {"0.0000": 3.0, "0.9000": 0.5},
+    }, base=10.0, fixed=1.0, dense_blocks={"ab": {"units": ["a", "b"], "time": 4.0}})
+    path = tmp_path / "t.json"
+    t.save(path)
+    assert main(["solve", str(path), "--target", str(10 / 6), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["dense_blocks"] == ["ab"] and out["profile"] == {"a": 0.0, "b": 0.0, "c": 0.9}
+    assert out["predicted_time"] == pytest.approx(5.5)
+    assert main(["solve", str(path), "--target", str(10 / 6)]) == 0
+    assert "left dense, unfused in torch: ab" in capsys.readouterr().out

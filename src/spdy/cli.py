@@ -72,6 +72,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
             "max_speedup": solution.max_speedup,
             "total_error": solution.total_error,
             "profile": solution.sparsities(),
+            "dense_blocks": table.blocks_left_dense(solution.profile),
         }, indent=1))
         return 0
     width = max(len(u) for u in table.units)
@@ -80,6 +81,8 @@ def cmd_solve(args: argparse.Namespace) -> int:
         print(f"{unit:<{width}}  {key:>8}  {table.times[unit][key] * 1e3:9.3f}  {table.dense_time(unit) * 1e3:10.3f}")
     print(f"\ntarget {args.target:g}x: predicted speedup {solution.predicted_speedup:.4f}x "
           f"({solution.predicted_time * 1e3:.3f} ms of {table.base * 1e3:.3f} ms dense; fixed {table.fixed * 1e3:.3f} ms)")
+    if left := table.blocks_left_dense(solution.profile):
+        print(f"left dense, unfused in torch: {', '.join(left)}")
     print(f"maximum attainable speedup on this table: {solution.max_speedup:.4f}x")
     return 0
 

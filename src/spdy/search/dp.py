@@ -10,6 +10,8 @@ buckets, as in the paper, with two changes from the reference:
   (the reference rounded to nearest and could overshoot by half a bucket per unit).
 
 Options dominated by a faster option with no more error are dropped before the DP.
+A run of units may also take one joint option together (`Group`: a fused layer left dense
+and unfused); the DP then jumps over the run, so that choice is exact too.
 This module sees numbers only; it knows nothing of engines or weights.
 """
 
