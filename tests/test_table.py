@@ -48,6 +48,11 @@ def test_exclude_moves_dense_time_into_fixed():
     (lambda d: d.pop("base"), "base: missing"),
     (lambda d: d["units"]["a"]["times"].__setitem__("bogus", 1.0), "option key"),
     (lambda d: d.__setitem__("format", "other/1"), "format"),
+    (lambda d: d.__setitem__("dense_blocks", {"l0": {"units": ["a", "zzz"], "time": 1.0}}), "dense_blocks 'l0': unknown units \\['zzz'\\]"),
+    (lambda d: d.__setitem__("dense_blocks", {"l0": {"units": ["a"], "time": -1.0}}), "dense_blocks 'l0' time: expected a finite time"),
+    (lambda d: d.__setitem__("dense_blocks", {"l0": {"units": ["a"], "time": 1.0}, "l1": {"units": ["a", "b"], "time": 1.0}}),
+     "dense_blocks 'l1': units \\['a'\\] are in another block too"),
+    (lambda d: d.__setitem__("dense_blocks", ["a"]), "dense_blocks: expected an object"),
 ])
 def test_malformed_json_names_file_and_place(tmp_path, mutate, message):
     data = small_table().to_dict()
