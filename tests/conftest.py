@@ -51,7 +51,26 @@ def exported_resized(model: torch.nn.Module, sizes: dict[str, int], batch: dict,
     with torch.no_grad():
         assert torch.equal(loaded(**batch), model(**batch))
         check_onnx(directory, model, batch)
+        check_pretrained(directory, model, batch)
     return loaded
+
+
+def check_pretrained(directory: Path, model: torch.nn.Module, batch: dict) -> None:
+    """Where the export wrote ``huggingface/``, transformers alone loads it and computes what ``model``'s
+    Hugging Face part does on ``batch``; elsewhere runtime.json says why not."""
+    import json
+
+    import transformers
+
+    record = json.loads((directory / "runtime.json").read_text())["pretrained"]
+    if "skipped" in record:
+        assert not (directory / "huggingface").exists()
+        return
+    part = next(m for m in model.modules() if hasattr(getattr(m, "config", None), "save_pretrained"))
+    loaded = getattr(transformers, record["class"]).from_pretrained(str(directory / record["directory"])).eval()
+    got, expected = loaded(**batch), part(**batch)
+    got, expected = (x if isinstance(x, torch.Tensor) else x[0] for x in (got, expected))
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
 
 
 def check_onnx(directory: Path, model: torch.nn.Module, batch: dict) -> None:

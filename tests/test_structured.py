@@ -195,3 +195,18 @@ def test_a_structured_profile_names_the_engines_it_verifies_on(built):
     if importlib.util.find_spec("deepsparse") is None:
         with pytest.raises(InputError, match="make .venv-ds"):
             verify_structured(model, units, Profile({}), calibration[0], None, db, rounds=2, engine="deepsparse")
+
+
+def test_an_encoder_with_one_feed_forward_width_loads_with_from_pretrained(tmp_path):
+    """Every head kept, every layer at 48 neurons: `huggingface/` is a BERT that transformers loads on its own."""
+    model, _, heldout = tiny_bert()
+    exported_resized(model, dict(zip([b.name for b in find_blocks(model)], (4, 48, 4, 48))), heldout[0], tmp_path)
+    record = json.loads((tmp_path / "runtime.json").read_text())["pretrained"]
+    assert record == {"directory": "huggingface", "class": "BertModel"}
+    assert json.loads((tmp_path / "huggingface" / "config.json").read_text())["intermediate_size"] == 48
+
+
+def test_an_encoder_with_heads_removed_says_why_it_has_no_pretrained_directory(tmp_path):
+    model, _, heldout = tiny_bert()
+    exported_resized(model, dict(zip([b.name for b in find_blocks(model)], (2, 48, 4, 48))), heldout[0], tmp_path)
+    assert "num_attention_heads" in json.loads((tmp_path / "runtime.json").read_text())["pretrained"]["skipped"]

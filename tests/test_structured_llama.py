@@ -210,3 +210,13 @@ def test_smollm2_blocks_and_exact_resize(smollm2):
     # 30 layers of float32 products of other shapes: the same up to rounding (logits of size ~20)
     assert float((out - reference).norm() / reference.norm()) < 1e-5
     assert small.lm.model.layers[2].self_attn.k_proj.out_features == 128 and small.lm.model.layers[0].mlp.down_proj.in_features == 768
+
+
+def test_a_decoder_with_uniform_sizes_loads_with_from_pretrained(tmp_path):
+    """One key/value group (3 query heads) and 48 gated neurons in every layer: `huggingface/` is a Llama that
+    transformers loads on its own, with the head size kept."""
+    model, _, heldout = tiny_llama()
+    exported_resized(model, dict(zip([b.name for b in find_blocks(model)], (1, 48, 1, 48))), heldout[0], tmp_path)
+    config = json.loads((tmp_path / "huggingface" / "config.json").read_text())
+    assert (config["num_key_value_heads"], config["num_attention_heads"], config["head_dim"], config["intermediate_size"]) == (1, 3, 16, 48)
+    assert json.loads((tmp_path / "runtime.json").read_text())["pretrained"]["class"] == "LlamaForCausalLM"

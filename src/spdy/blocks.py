@@ -160,6 +160,13 @@ def resize_to(model: nn.Module, sizes: Mapping[str, int]) -> None:
             resize(model, block, range(kept), torch.zeros(out, kept * block.width))
 
 
+def pretrained_config(config: object, sizes: Mapping[str, int]) -> str | None:
+    """Give ``config`` (a copy) the sizes a structured export kept, in its model family's terms (`resize_to`'s
+    counterpart for `from_pretrained`); the reason, where that family's config cannot hold them."""
+    family = "llama" if any(n.endswith((".self_attn.o_proj", ".mlp.down_proj")) for n in sizes) else "bert"
+    return importlib.import_module(f"spdy.runtime.modeling.{family}_blocks").pretrained_config(config, sizes)
+
+
 def _sliced(layer: nn.Linear, rows: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> nn.Linear:
     """A new Linear with ``layer``'s rows ``rows``, or with ``weight`` (out, in) and ``layer``'s bias."""
     w = layer.weight.data[rows] if rows is not None else weight

@@ -4,12 +4,15 @@ An export directory holds ``model.safetensors`` (the pruned weights), ``profile.
 ``runtime.json`` (the MODEL spec, the runtime format of every pruned layer as measured for
 this engine; for a structured export, how many heads or neurons each block kept). A Hugging Face model also gets its ``config.json`` and tokenizer files, and
 ``runtime.json`` names the classes to rebuild it with, so `load` needs neither the original
-model directory nor the MODEL spec on the machine it runs on. Every file is replaced
+model directory nor the MODEL spec on the machine it runs on. A structured export whose sizes a
+config can hold (one feed-forward width for every layer, BERT heads all kept; Llama key/value groups
+and neurons each one number) also gets ``huggingface/``, which ``from_pretrained`` loads as it is. Every file is replaced
 atomically: a killed export leaves whole files, never half of one.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import os
@@ -31,6 +34,7 @@ if TYPE_CHECKING:  # the runtime needs no search code: a profile only has to sav
 RUNTIME = "runtime.json"
 WEIGHTS = "model.safetensors"
 ONNX = "model.onnx"
+PRETRAINED = "huggingface"  # a structured export's smaller model as `from_pretrained` loads it, where its config can say so
 _STAGING = "huggingface.tmp"  # config and tokenizer are saved here, then moved in file by file
 
 
@@ -65,6 +69,29 @@ def _save_huggingface(directory: Path, name: str, module: nn.Module, model: nn.M
     return {"class": type(module).__name__, "attribute": name, "wrapper": wrapper}
 
 
+def _save_pretrained(directory: Path, module: nn.Module, tokenizer: Any, structure: Mapping[str, int]) -> dict:
+    """The smaller Hugging Face model with a config of its sizes, in its own directory (replaced whole), so
+    ``from_pretrained`` loads it with no spdy at all; or why its family's config cannot hold them."""
+    from spdy.blocks import pretrained_config
+
+    config = copy.deepcopy(module.config)
+    if why := pretrained_config(config, structure):
+        return {"skipped": why}
+    staging = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    original = module.config
+    module.config = config
+    try:
+        module.save_pretrained(str(staging))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+    finally:
+        module.config = original
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(staging, directory)
+    return {"directory": directory.name, "class": type(module).__name__}
+
+
 def export(model: nn.Module, spec: str, profile: Profile, formats: Mapping[str, str], directory: str | os.PathLike,
            tokenizer: Any = None, structure: Mapping[str, int] | None = None, example: Any = None) -> Path:
     """Write the (pruned, not yet converted) model's weights, profile and format choices, plus a
@@ -96,6 +123,8 @@ def export(model: nn.Module, spec: str, profile: Profile, formats: Mapping[str, 
     part = _huggingface_part(model)
     if part is not None:
         meta["huggingface"] = _save_huggingface(directory, *part, model, tokenizer)
+        if structure:
+            meta["pretrained"] = _save_pretrained(directory / PRETRAINED, part[1], tokenizer, structure)
     if example is not None:
         meta["onnx"] = write_onnx(model, example, directory / ONNX)
     write_json(directory / RUNTIME, meta)

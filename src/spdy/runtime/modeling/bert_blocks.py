@@ -14,7 +14,7 @@ consumer's bias, added to the residual as before.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -69,3 +69,21 @@ def finish_resize(model: nn.Module, block: Block, kept: Sequence[int]) -> None:
     attention = model.get_submodule(block.owner)
     attention.num_attention_heads = len(kept)
     attention.all_head_size = len(kept) * block.width
+
+
+def pretrained_config(config: Any, sizes: Mapping[str, int]) -> str | None:
+    """Set ``config`` (a copy of the model's) to the sizes a structured export kept, so `from_pretrained` builds
+    the smaller encoder; or say why transformers cannot. It sizes a head as hidden_size / num_attention_heads, so
+    only the feed-forward blocks may shrink, all to one width."""
+    heads = {n: k for n, k in sizes.items() if n.endswith(".attention.output.dense")}
+    pruned = [n for n, k in heads.items() if k != config.num_attention_heads]
+    if pruned:
+        return (f"transformers sizes a BERT head as hidden_size / num_attention_heads, so an encoder with heads removed "
+                f"({pruned[0]!r} keeps {heads[pruned[0]]} of {config.num_attention_heads}) has no config of its own")
+    neurons = {k for n, k in sizes.items() if n not in heads}
+    if len(neurons) > 1 or 0 in neurons:
+        return f"its layers keep {sorted(neurons)} feed-forward neurons; a config holds one intermediate_size above 0"
+    if neurons:
+        config.intermediate_size = neurons.pop()
+    return None
+

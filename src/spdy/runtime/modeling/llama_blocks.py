@@ -17,7 +17,7 @@ Each decoder layer has two blocks (`spdy.blocks.Block`):
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -84,3 +84,23 @@ def finish_resize(model: nn.Module, block: Block, kept: Sequence[int]) -> None:
         attention = model.get_submodule(block.owner)
         head_dim = block.producer_rows()[1]
         set_module(model, block.owner, NoAttention(attention.o_proj, getattr(attention, "layer_idx", 0), head_dim))
+
+
+def pretrained_config(config: Any, sizes: Mapping[str, int]) -> str | None:
+    """Set ``config`` (a copy of the model's) to the sizes a structured export kept, so `from_pretrained` builds
+    the smaller decoder (every layer keeps one number of key/value groups and of neurons, none of them zero);
+    or say why transformers cannot."""
+    groups = {k for n, k in sizes.items() if n.endswith(".self_attn.o_proj")}
+    neurons = {k for n, k in sizes.items() if not n.endswith(".self_attn.o_proj")}
+    for what, kept in (("key/value groups", groups), ("gated neurons", neurons)):
+        if len(kept) > 1 or 0 in kept:
+            return f"its layers keep {sorted(kept)} {what}; a config holds one number above 0 for every layer"
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if groups:
+        queries = config.num_attention_heads // config.num_key_value_heads
+        config.head_dim, config.num_key_value_heads = head_dim, groups.pop()
+        config.num_attention_heads = config.num_key_value_heads * queries
+    if neurons:
+        config.intermediate_size = neurons.pop()
+    return None
+
