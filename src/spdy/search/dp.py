@@ -18,7 +18,7 @@ This module sees numbers only; it knows nothing of engines or weights.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -169,6 +169,8 @@ def solve_arrays(times: Sequence[np.ndarray], errors: Sequence[np.ndarray], budg
         raise InputError("errors contain NaN")
     _check_groups(groups, len(times))
     fastest = np.array([t.min() for t in times])
+    # a joint time below its units' fastest counts as that sum: the buckets measure time above the fastest
+    groups = [replace(g, time=max(g.time, float(fastest[g.start:g.stop].sum()))) for g in groups]
     slack = budget - fastest.sum()
     if not np.isfinite(slack) or slack < 0:
         raise InputError(f"infeasible: the fastest options take {fastest.sum():.6g}, budget is {budget:.6g}")
@@ -198,7 +200,7 @@ def _bucketed(times: list[np.ndarray], fastest: np.ndarray, slack: float, bucket
     """Bucket counts above each unit's fastest time, rounded up (exact multiples stay exact), and each group's."""
     width = slack / buckets
     units = [np.ceil(np.minimum((t - f) / width * (1 - 1e-12), buckets + 1.0)) for t, f in zip(times, fastest)]
-    joint = [int(np.ceil(min(max(g.time - fastest[g.start:g.stop].sum(), 0.0) / width * (1 - 1e-12), buckets + 1.0))) for g in groups]
+    joint = [int(np.ceil(min((g.time - fastest[g.start:g.stop].sum()) / width * (1 - 1e-12), buckets + 1.0))) for g in groups]
     return units, joint
 
 
@@ -208,7 +210,7 @@ def _taken(groups: Sequence[Group], picks: list[int]) -> list[Group]:
 
 def _total(times: list[np.ndarray], picks: list[int], groups: Sequence[Group] = ()) -> float:
     taken = _taken(groups, picks)
-    return float(sum(t[p] for t, p in zip(times, picks) if p >= 0) + sum(max(g.time, sum(times[i].min() for i in range(g.start, g.stop))) for g in taken))
+    return float(sum(t[p] for t, p in zip(times, picks) if p >= 0) + sum(g.time for g in taken))
 
 
 @dataclass
