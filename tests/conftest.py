@@ -32,24 +32,27 @@ def masked_weight(out_f: int, in_f: int, sparsity: float, seed: int) -> torch.Te
     return w * (torch.rand(out_f, in_f, generator=g) >= sparsity)
 
 
-def exported_resized(model: torch.nn.Module, sizes: dict[str, int], batch: dict, directory: Path) -> torch.nn.Module:
-    """Resize ``model``'s structured blocks to keep ``sizes`` structures (the first ones, random consumer
-    weights), export, load back with `spdy.load`, and check the loaded model keeps those sizes and
-    computes exactly what the resized one does on ``batch``; returns the loaded model."""
+def exported_resized(model: torch.nn.Module, sizes: dict[str, int], batch, directory: Path,
+                     fresh: torch.nn.Module | None = None) -> torch.nn.Module:
+    """Resize ``model``'s structured blocks (those `spdy.blocks.block_units` would choose) to keep ``sizes``
+    structures (the first ones, random consumer weights), export, load back with `spdy.load` (into ``fresh``,
+    an unpruned copy, for a model without a Hugging Face config), and check the loaded model keeps those
+    sizes and computes exactly what the resized one does on ``batch``; returns the loaded model."""
     import spdy
-    from spdy.blocks import find_blocks, kept_sizes, resize
+    from spdy.blocks import disjoint, find_blocks, kept_sizes, resize
     from spdy.runtime.deploy import export
     from spdy.search.profile import Profile
+    from spdy.units import call_model
 
-    blocks = find_blocks(model)
+    blocks = disjoint(find_blocks(model))
     for b in blocks:
         rows = model.get_submodule(b.consumer).weight.shape[0]
         resize(model, b, range(sizes[b.name]), torch.randn(rows, sizes[b.name] * b.width))
     export(model, "tiny", Profile({}), {}, directory, structure=kept_sizes(model, blocks), example=batch)
-    loaded = spdy.load(directory)
+    loaded = spdy.load(directory, model=fresh)
     assert kept_sizes(loaded, blocks) == sizes
     with torch.no_grad():
-        assert torch.equal(loaded(**batch), model(**batch))
+        assert torch.equal(call_model(loaded, batch), call_model(model, batch))
         check_onnx(directory, model, batch)
         check_pretrained(directory, model, batch)
     return loaded
@@ -57,12 +60,12 @@ def exported_resized(model: torch.nn.Module, sizes: dict[str, int], batch: dict,
 
 def check_pretrained(directory: Path, model: torch.nn.Module, batch: dict) -> None:
     """Where the export wrote ``huggingface/``, transformers alone loads it and computes what ``model``'s
-    Hugging Face part does on ``batch``; elsewhere runtime.json says why not."""
+    Hugging Face part does on ``batch``; elsewhere runtime.json says why not (or the model has no such part)."""
     import json
 
     import transformers
 
-    record = json.loads((directory / "runtime.json").read_text())["pretrained"]
+    record = json.loads((directory / "runtime.json").read_text()).get("pretrained", {"skipped": "no Hugging Face part"})
     if "skipped" in record:
         assert not (directory / "huggingface").exists()
         return
@@ -73,20 +76,23 @@ def check_pretrained(directory: Path, model: torch.nn.Module, batch: dict) -> No
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
 
 
-def check_onnx(directory: Path, model: torch.nn.Module, batch: dict) -> None:
-    """The export's model.onnx, run by onnxruntime, computes what ``model`` does on ``batch``."""
+def check_onnx(directory: Path, model: torch.nn.Module, batch) -> None:
+    """The export's model.onnx, run by onnxruntime, computes what ``model`` does on ``batch`` (a tensor or named inputs)."""
     import json
 
     import numpy as np
     import onnxruntime
 
+    from spdy.units import call_model
+
     record = json.loads((directory / "runtime.json").read_text())["onnx"]
     assert record.get("file") == "model.onnx", record
     session = onnxruntime.InferenceSession(str(directory / "model.onnx"), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    out = session.run(None, {n: batch[n].numpy() for n in names})[0]
+    feeds = {names[0]: batch.numpy()} if isinstance(batch, torch.Tensor) else {n: batch[n].numpy() for n in names}
+    out = session.run(None, feeds)[0]
     with torch.no_grad():
-        expected = model(**batch)
+        expected = call_model(model, batch)
     expected = (expected if isinstance(expected, torch.Tensor) else expected[0]).numpy()
     assert out.shape == expected.shape
     assert np.abs(out - expected).max() <= 1e-4 * max(np.abs(expected).max(), 1.0)

@@ -137,7 +137,7 @@ def test_unrecognised_blocks_are_named():
 
     with pytest.raises(InputError, match=r"layer 'layers.0' \(Layer\).*attention.self.query"):
         find_blocks(one_layer_model(Layer()))
-    with pytest.raises(InputError, match="no encoder layers in Sequential.*BERT-style"):
+    with pytest.raises(InputError, match="no blocks in Sequential.*BERT-style"):
         find_blocks(nn.Sequential(nn.Linear(4, 4)))
 
 

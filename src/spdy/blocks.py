@@ -1,33 +1,38 @@
-"""Structured units: groups of layers that share one pruned dimension (heads, neurons).
+"""Structured units: groups of layers that share one pruned dimension (heads, neurons, channels).
 
 A block's structures are column groups of its *consumer* layer's input (the attention output
-dense, the feed-forward down projection) and row groups of its *producers* (query/key/value, the
-up projection). The unit the solver sees is named after the consumer: the consumer's weight
-with the removed structures' columns zeroed (and the rest OBS-updated) computes exactly what
-the physically smaller block computes, so the database, the stitcher and the search work on it
-unchanged; `shrink` builds the smaller model once a profile is chosen.
+dense, the feed-forward down projection, the next convolution) and row groups of its
+*producers* (query/key/value, the up projection, a convolution and its BatchNorm). The unit the
+solver sees is named after the consumer: the consumer's weight with the removed structures'
+columns zeroed (and the rest OBS-updated) computes exactly what the physically smaller block
+computes, so the database, the stitcher and the search work on it unchanged; `shrink` builds
+the smaller model once a profile is chosen.
 
 Model families say where their blocks are and what else a resize must change (head counts, a
-block removed whole): `spdy.runtime.modeling.bert_blocks` (BERT-style encoders) and
-`spdy.runtime.modeling.llama_blocks` (Llama-style decoders, grouped-query attention). The
-slicing itself is generic and lives here.
+block removed whole): `spdy.runtime.modeling.bert_blocks` (BERT-style encoders),
+`spdy.runtime.modeling.llama_blocks` (Llama-style decoders, grouped-query attention) and
+`spdy.runtime.modeling.cnn_blocks` (ResNet blocks, sequential conv/linear stacks). The slicing
+itself is generic and lives here. A layer is resized along one dimension only: blocks that
+would share a layer (a convolution consuming one block's channels and producing the next's)
+are not chosen together, since the time of such a layer depends on two options at once.
 """
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import importlib
-import warnings
+import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.nn.utils import skip_init
 
 from spdy.errors import InputError
 from spdy.levels import DENSE, Option, kept_structures, structured_options
-from spdy.units import Unit
+from spdy.runtime.modules import weight_of
+from spdy.units import Unit, unit_kind
 
 if TYPE_CHECKING:
     from spdy.database.structured import StructuredDatabase
@@ -38,14 +43,15 @@ class Block:
     """``count`` structures of ``width`` consumer columns each; options keep multiples of ``step`` of them."""
 
     name: str  # the consumer's module path: the unit's name
-    structure: str  # "heads" | "neurons"
-    producers: tuple[str, ...]  # layers whose output rows are the structures
+    structure: str  # "heads" | "neurons" | "channels"
+    producers: tuple[str, ...]  # layers whose output rows (a BatchNorm's features) are the structures
     owner: str  # the module that runs producers to context (attention.self / intermediate): timed with the consumer
     count: int
     width: int
     step: int
     rows: tuple[int, ...] = ()  # each producer's output rows per structure (grouped-query: q 3 heads, k/v 1); empty: ``width`` each
     family: str = "bert"  # the module `spdy.runtime.modeling.<family>_blocks` that finishes a resize
+    chain: tuple[str, ...] = ()  # where no one module is the owner: the modules run in order from the producers' input to the consumer's
 
     @property
     def consumer(self) -> str:
@@ -63,7 +69,12 @@ class Block:
 
     def describe(self) -> dict:
         return {"structure": self.structure, "count": self.count, "width": self.width, "step": self.step,
-                "producers": list(self.producers), "owner": self.owner, "rows": list(self.producer_rows()), "family": self.family}
+                "producers": list(self.producers), "owner": self.owner, "rows": list(self.producer_rows()), "family": self.family,
+                **({"chain": list(self.chain)} if self.chain else {})}
+
+    def layers(self) -> set[str]:
+        """The layers whose shapes this block changes."""
+        return {*self.producers, self.consumer}
 
 
 NEURON_OPTIONS = 24  # neuron grid: about this many steps from all to none
@@ -96,16 +107,31 @@ def linear_at(layer: nn.Module, path: str) -> nn.Linear | None:
 
 
 def find_blocks(model: nn.Module) -> list[Block]:
-    """The model's structured blocks: Llama-style decoders (``self_attn`` with ``q_proj``) or else
-    BERT-style encoders; `InputError` naming what is not recognised."""
+    """The model's structured blocks: Llama-style decoders (``self_attn`` with ``q_proj``), BERT-style
+    encoders, or convolutional networks; `InputError` naming what is not recognised."""
     layers = layer_stack(model)
     if layers and hasattr(layers[0][1], "self_attn"):
         from spdy.runtime.modeling.llama_blocks import llama_blocks
 
         return llama_blocks(model, layers)
-    from spdy.runtime.modeling.bert_blocks import bert_blocks
+    if layers:
+        from spdy.runtime.modeling.bert_blocks import bert_blocks
 
-    return bert_blocks(model, layers)
+        return bert_blocks(model, layers)
+    from spdy.runtime.modeling.cnn_blocks import cnn_blocks
+
+    return cnn_blocks(model)
+
+
+def disjoint(blocks: Sequence[Block]) -> list[Block]:
+    """The blocks in order, skipping any that would resize a layer an earlier one already resizes."""
+    taken: set[str] = set()
+    chosen = []
+    for block in blocks:
+        if not block.layers() & taken:
+            chosen.append(block)
+            taken |= block.layers()
+    return chosen
 
 
 def block_units(model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] = ()) -> dict[str, Unit]:
@@ -120,7 +146,14 @@ def block_units(model: nn.Module, include: Sequence[str] | None = None, exclude:
               and not any(fnmatch.fnmatchcase(n, p) for p in exclude)}
     if not chosen:
         raise InputError(f"--include/--exclude leave no structured block; blocks are e.g. {list(blocks)[:2]}")
-    return {n: Unit(n, model.get_submodule(n), "linear", extra={"block": b}) for n, b in chosen.items()}
+    if include:
+        for a, b in itertools.combinations(chosen.values(), 2):
+            if shared := sorted(a.layers() & b.layers()):
+                raise InputError(f"--include picks blocks {a.name!r} and {b.name!r}, which both resize {shared[0]!r}: a layer can shrink "
+                                 "along one dimension only; include one of them")
+    else:
+        chosen = {b.name: b for b in disjoint(list(chosen.values()))}
+    return {n: Unit(n, model.get_submodule(n), unit_kind(model.get_submodule(n)), extra={"block": b}) for n, b in chosen.items()}
 
 
 def block_of(unit: Unit) -> Block:
@@ -156,7 +189,7 @@ def resize_to(model: nn.Module, sizes: Mapping[str, int]) -> None:
     for name, kept in sizes.items():
         block = blocks[name]
         if kept < block.count:
-            out = model.get_submodule(name).out_features
+            out = weight_of(model.get_submodule(name)).shape[0]
             resize(model, block, range(kept), torch.zeros(out, kept * block.width))
 
 
@@ -167,16 +200,31 @@ def pretrained_config(config: object, sizes: Mapping[str, int]) -> str | None:
     return importlib.import_module(f"spdy.runtime.modeling.{family}_blocks").pretrained_config(config, sizes)
 
 
-def _sliced(layer: nn.Linear, rows: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> nn.Linear:
-    """A new Linear with ``layer``'s rows ``rows``, or with ``weight`` (out, in) and ``layer``'s bias."""
-    w = layer.weight.data[rows] if rows is not None else weight
-    with warnings.catch_warnings():  # a block with nothing kept has zero-size layers, whose (skipped) init warns
-        warnings.simplefilter("ignore", UserWarning)
-        new = skip_init(nn.Linear, w.shape[1], w.shape[0], bias=layer.bias is not None, dtype=w.dtype, device=w.device)
+def _sliced(layer: nn.Module, rows: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> nn.Module:
+    """A copy of a Linear, Conv2d or BatchNorm with only its output rows (channels, features) ``rows``, or with
+    the (out, in) matrix ``weight`` as its weight (a Conv2d's in being in_channels * kh * kw) and ``layer``'s bias."""
+    new = copy.copy(layer)  # shares nothing that is replaced below; hyperparameters carried over
+    new._parameters, new._buffers = dict(layer._parameters), dict(layer._buffers)
     with torch.no_grad():
-        new.weight.copy_(w)
-        if layer.bias is not None:
-            new.bias.copy_(layer.bias.data[rows] if rows is not None else layer.bias.data)
+        if rows is not None:
+            for name, tensor in layer._parameters.items():
+                if tensor is not None:
+                    new._parameters[name] = nn.Parameter(tensor.data[rows].clone(), tensor.requires_grad)
+            for name, tensor in layer._buffers.items():
+                if tensor is not None and tensor.dim() > 0:  # not a BatchNorm's step count
+                    new._buffers[name] = tensor[rows].clone()
+        else:
+            shape = (weight.shape[0], -1, *layer.weight.shape[2:])
+            new._parameters["weight"] = nn.Parameter(weight.reshape(shape).clone(), layer.weight.requires_grad)
+    if rows is not None:
+        size = len(rows)
+        for attribute in ("out_features", "out_channels", "num_features"):
+            if hasattr(layer, attribute):
+                setattr(new, attribute, size)
+    else:
+        for attribute, value in (("in_features", weight.shape[1]), ("in_channels", new.weight.shape[1])):
+            if hasattr(layer, attribute):
+                setattr(new, attribute, value)
     return new
 
 
@@ -191,7 +239,7 @@ def resize(model: nn.Module, block: Block, kept: Sequence[int], consumer_weight:
     those structures, the consumer gets ``consumer_weight`` (out, len(kept) * width), e.g. an OBS-updated one from
     the database; the block's family then fixes what else depends on the size (`finish_resize`)."""
     kept = sorted(int(k) for k in kept)
-    expected = (model.get_submodule(block.consumer).out_features, len(kept) * block.width)
+    expected = (weight_of(model.get_submodule(block.consumer)).shape[0], len(kept) * block.width)
     if tuple(consumer_weight.shape) != expected:
         raise InputError(f"block {block.name!r}: consumer weight {tuple(consumer_weight.shape)} does not fit {len(kept)} kept "
                          f"{block.structure} (expected {expected})")
@@ -208,4 +256,4 @@ def structure_columns(structures: Sequence[int] | torch.Tensor, width: int) -> t
 
 def kept_sizes(model: nn.Module, blocks: Sequence[Block]) -> dict[str, int]:
     """How many structures each block holds in ``model`` now (a resized model's record)."""
-    return {b.name: model.get_submodule(b.consumer).in_features // b.width for b in blocks}
+    return {b.name: weight_of(model.get_submodule(b.consumer)).shape[1] // b.width for b in blocks}

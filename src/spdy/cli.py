@@ -464,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "for classifiers)")
     p.add_argument("--engine", help="timing backend (default torch-cpu)")
     p.add_argument("--pruner", choices=("obs", "adaprune", "magnitude"), help="database pruner (default obs)")
-    p.add_argument("--pattern", help="unstructured | N:M | RxC blocks | structured: whole heads and neurons, a physically smaller "
+    p.add_argument("--pattern", help="unstructured | N:M | RxC blocks | structured: whole heads, neurons and conv channels, a physically smaller "
                    "model that dense torch runs faster (default unstructured)")
     p.add_argument("--levels", help="sparsity levels: 0.5,0.7,0.9 or MIN:MAX:STEPS (default the SPDY grid)")
     p.add_argument("--method", choices=METHODS, help="search method (default spdy)")

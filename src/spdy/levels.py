@@ -10,11 +10,13 @@ named by a stable string key, so tables, databases and profiles written by diffe
 * ``"2:4@0.5000"``        N:M (2 of every 4 consecutive weights zero)
 * ``"heads@0.2500"``      structured: a quarter of a block's attention heads removed
 * ``"neurons@1.0000"``    structured: every feed-forward neuron removed (the block is gone)
+* ``"channels@0.5000"``    structured: half of a convolution's output channels removed
 
 Sparsities are rounded to 4 decimals in keys, as in the reference tables. A structured
 key's sparsity is the fraction of the block's structures removed; `kept_structures` turns
-it back into a count. Only structured options reach 1.0: removing a whole block leaves its
-residual connection, while a layer with no weight left is no layer.
+it back into a count. Only heads and neurons reach 1.0: removing a whole block leaves its
+residual connection, while a layer with no weight left is no layer, and torch cannot run a
+convolution without channels.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from spdy.errors import InputError
 
 DENSE = "0.0000"
 UNSTRUCTURED = "unstructured"
-STRUCTURED = "structured"  # the --pattern that prunes whole heads and neurons
-STRUCTURES = ("heads", "neurons")  # the patterns of structured options, one per kind of block
+STRUCTURED = "structured"  # the --pattern that prunes whole heads, neurons and channels
+STRUCTURES = ("heads", "neurons", "channels")  # the patterns of structured options, one per kind of block
+REMOVABLE = ("heads", "neurons")  # structures a block can lose every one of (the block is gone)
 
 _NM = re.compile(r"^(\d+):(\d+)$")
 _BLOCK = re.compile(r"^(\d+)x(\d+)$")
@@ -64,9 +67,9 @@ class Option:
 
     def __post_init__(self) -> None:
         validate_pattern(self.pattern)
-        top_ok = self.pattern in STRUCTURES and self.sparsity == 1.0
+        top_ok = self.pattern in REMOVABLE and self.sparsity == 1.0
         if not (0.0 <= self.sparsity < 1.0 or top_ok) or np.isnan(self.sparsity):
-            raise InputError(f"sparsity must be in [0, 1) (structured heads/neurons: [0, 1]), got {self.sparsity} for {self.pattern}")
+            raise InputError(f"sparsity must be in [0, 1) (structured heads/neurons: [0, 1], channels: [0, 1)), got {self.sparsity} for {self.pattern}")
         if self.sparsity == 0.0 and self.pattern != UNSTRUCTURED:
             object.__setattr__(self, "pattern", UNSTRUCTURED)
 
@@ -120,23 +123,24 @@ def validate_pattern(pattern: str) -> str:
         if int(m.group(1)) > 0 and int(m.group(2)) > 0:
             return pattern
     raise InputError(f"unknown pattern {pattern!r}: use 'unstructured', 'N:M' like '2:4', blocks 'RxC' like '4x1' or '16x16', "
-                     f"or '{STRUCTURED}' (whole heads and neurons)")
+                     f"or '{STRUCTURED}' (whole heads, neurons and conv channels)")
 
 
 def structured_options(structure: str, count: int, step: int = 1) -> list[Option]:
-    """Dense plus ``structure`` with ``count`` down to 0 kept in steps of ``step`` (nested by construction)."""
+    """Dense plus ``structure`` with ``count`` down to 0 kept (channels: down to ``step``) in steps of ``step``
+    (nested by construction)."""
     if structure not in STRUCTURES:
         raise InputError(f"unknown structure {structure!r}: use one of {', '.join(STRUCTURES)}")
     if count < 1 or step < 1:
         raise InputError(f"{structure}: need at least one structure and a step >= 1, got {count} and {step}")
-    kept = sorted({*range(count - step, 0, -step), 0}, reverse=True)
+    kept = sorted({*range(count - step, 0, -step), *((0,) if structure in REMOVABLE else ())}, reverse=True)
     return [Option(0.0)] + [Option(round(1.0 - k / count, 4), structure) for k in kept]
 
 
 def kept_structures(option: Option, count: int, step: int = 1) -> int:
     """How many of ``count`` structures an option keeps, on the grid of ``step`` it was made on."""
     if option.pattern not in STRUCTURES and not option.is_dense:
-        raise InputError(f"option {option.key!r} is not structured (heads@S or neurons@S)")
+        raise InputError(f"option {option.key!r} is not structured (heads@S, neurons@S or channels@S)")
     kept = round((1.0 - option.sparsity) * count / step) * step
     return min(kept, count)
 

@@ -54,7 +54,7 @@ def set_weight_matrix(unit: Unit, matrix: torch.Tensor) -> None:
     w.copy_(matrix.t() if unit.kind == "conv1d" else matrix.reshape(w.shape))
 
 
-def _kind(module: nn.Module) -> str | None:
+def unit_kind(module: nn.Module) -> str | None:
     from spdy.runtime.modules import conv1d_type  # at call time: spdy.runtime imports this module
 
     conv1d = conv1d_type()
@@ -88,7 +88,7 @@ def unsupported_reason(module: nn.Module) -> str | None:
 
 def unsupported_layers(model: nn.Module) -> dict[str, str]:
     """Layers that look prunable but stay dense, with the reason (recorded in timing tables)."""
-    return {name: why for name, m in model.named_modules() if _kind(m) is not None and (why := unsupported_reason(m)) is not None}
+    return {name: why for name, m in model.named_modules() if unit_kind(m) is not None and (why := unsupported_reason(m)) is not None}
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -103,7 +103,7 @@ def find_units(model: nn.Module, include: Sequence[str] | None = None, exclude: 
     Layers the runtime cannot prune (`unsupported_reason`) are never units.
     """
     unsupported = unsupported_layers(model)
-    found = {name: Unit(name, m, k) for name, m in model.named_modules() if (k := _kind(m)) is not None and name not in unsupported}
+    found = {name: Unit(name, m, k) for name, m in model.named_modules() if (k := unit_kind(m)) is not None and name not in unsupported}
     if not found:
         why = f"; {len(unsupported)} stay dense, e.g. {next(iter(unsupported.items()))}" if unsupported else ""
         raise InputError(f"the model has no prunable layers (nn.Linear, nn.Conv2d or transformers Conv1D){why}")

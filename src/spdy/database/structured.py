@@ -119,7 +119,7 @@ def removal_order(W: torch.Tensor, H: torch.Tensor, width: int, pruner: str = "o
             yield count - k, active.nonzero().flatten(), W.float().clone()
 
 
-def _build_unit(directory: Path, name: str, block: Block, W: torch.Tensor, H: torch.Tensor, pruner: str, damp: float) -> dict:
+def _build_unit(directory: Path, name: str, kind: str, block: Block, W: torch.Tensor, H: torch.Tensor, pruner: str, damp: float) -> dict:
     started = time.perf_counter()
     options = {block.kept(o.key): o.key for o in block.options()[1:]}
     energy = output_energy(W, H)
@@ -135,7 +135,7 @@ def _build_unit(directory: Path, name: str, block: Block, W: torch.Tensor, H: to
     path.parent.mkdir(parents=True, exist_ok=True)
     replace_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={"unit": name}))
     errors = dict(sorted(errors.items(), key=lambda item: float(item[0].rpartition("@")[2])))
-    return {"kind": "linear", "shape": list(W.shape), "block": block.describe(), "file": filename, "sha256": file_sha256(path),
+    return {"kind": kind, "shape": list(W.shape), "block": block.describe(), "file": filename, "sha256": file_sha256(path),
             **file_stamp(path), "seconds": round(time.perf_counter() - started, 3), "relative_error": errors}
 
 
@@ -164,7 +164,7 @@ def build_structured_database(model: torch.nn.Module, units: Mapping[str, Unit],
         if todo:
             stats = capture(model, dict(todo), calibration, progress=progress)
             for name, unit in progress_bar(todo.items(), desc=f"structured {pruner} database", unit="block", disable=not progress):
-                entry = _build_unit(directory, name, blocks[name], weight_matrix(unit).detach().float(), stats.pop(name).hessian, pruner, damp)
+                entry = _build_unit(directory, name, unit.kind, blocks[name], weight_matrix(unit).detach().float(), stats.pop(name).hessian, pruner, damp)
                 manifest["units"][name] = entry
                 manifest["units"] = {n: manifest["units"][n] for n in units if n in manifest["units"]}
                 write_manifest(directory, manifest)

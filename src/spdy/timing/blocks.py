@@ -2,7 +2,8 @@
 
 A block's time is its owner (the self-attention with its q/k/v projections, or the up
 projection with its activation) plus its consumer (unless the owner holds it, as a Llama
-attention holds ``o_proj`` and its MLP ``down_proj``), run on the inputs the owner really gets
+attention holds ``o_proj`` and its MLP ``down_proj``; a convolutional block runs its chain, the
+producer and what follows it up to the consumer), run on the inputs the owner really gets
 in the model (captured from the timing batch: hidden states, attention mask, and in a decoder
 the rotary embeddings and causal mask exactly as the decoder layer passes them). Each option is
 timed on a physically resized copy (`spdy.blocks.resize`, the first
@@ -21,6 +22,7 @@ from torch import nn
 
 from spdy.blocks import Block, block_of, resize
 from spdy.levels import DENSE
+from spdy.runtime.modules import weight_of
 from spdy.runtime.timer import alternating_stats
 from spdy.timing.backend import UnitTiming
 from spdy.timing.torch_cpu import TorchCpuBackend
@@ -35,19 +37,21 @@ class _Part(nn.Module):
     def __init__(self, model: nn.Module, block: Block):
         super().__init__()
         self.model = model
-        self.owner = model.get_submodule(block.owner)
+        self.chain = [model.get_submodule(p) for p in block.chain or (block.owner,)]
         self.consumer = None if block.consumer.startswith(block.owner + ".") else model.get_submodule(block.consumer)
 
     def forward(self, args: tuple, kwargs: dict) -> torch.Tensor:
-        out = self.owner(*args, **kwargs)
+        out = self.chain[0](*args, **kwargs)
         out = out[0] if isinstance(out, tuple) else out
+        for module in self.chain[1:]:
+            out = module(out)
         return out if self.consumer is None else self.consumer(out)
 
 
 def block_part(model: nn.Module, block: Block, kept: int) -> _Part:
     """The block alone (a copy of the modules it uses), keeping ``kept`` structures."""
     holder = nn.Module()
-    for path in (block.owner, block.consumer, *block.producers):
+    for path in (block.owner, block.consumer, *block.producers, *block.chain):
         parts = path.split(".")
         parent = holder
         for p in parts[:-1]:
@@ -58,7 +62,7 @@ def block_part(model: nn.Module, block: Block, kept: int) -> _Part:
             parent.add_module(parts[-1], copy.deepcopy(model.get_submodule(path)))
     if kept < block.count:
         consumer = holder.get_submodule(block.consumer)
-        resize(holder, block, range(kept), consumer.weight.data[:, : kept * block.width].clone())
+        resize(holder, block, range(kept), weight_of(consumer)[:, : kept * block.width].clone())
     return _Part(holder, block)
 
 
