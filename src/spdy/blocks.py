@@ -221,6 +221,8 @@ def _sliced(layer: nn.Module, rows: torch.Tensor | None = None, weight: torch.Te
         for attribute in ("out_features", "out_channels", "num_features"):
             if hasattr(layer, attribute):
                 setattr(new, attribute, size)
+        if isinstance(layer, nn.Conv2d) and layer.groups == layer.in_channels == layer.out_channels:  # depthwise: channel for channel
+            new.in_channels = new.groups = size
     else:
         for attribute, value in (("in_features", weight.shape[1]), ("in_channels", new.weight.shape[1])):
             if hasattr(layer, attribute):

@@ -9,12 +9,14 @@ the rotary embeddings and causal mask exactly as the decoder layer passes them).
 timed on a physically resized copy (`spdy.blocks.resize`, the first
 structures kept: speed depends on how many remain, not which), alternated with the dense copy;
 its time is the ratio times the block's dense time, so slow periods between options cancel.
-Blocks of equal shape and input are timed once.
+An option whose ratio is out of order with its size (`out_of_order`: a large block much faster than
+a smaller one) is measured twice more and the median kept. Blocks of equal shape and input are timed once.
 """
 
 from __future__ import annotations
 
 import copy
+import statistics
 from typing import Any
 
 import torch
@@ -29,6 +31,23 @@ from spdy.timing.torch_cpu import TorchCpuBackend
 from spdy.units import Unit, captured_inputs
 
 STRUCTURED_FORMAT = "structured"  # the format recorded for a resized option: dense torch on a smaller layer
+
+
+ORDER_SLACK = 0.1  # a block keeping more structures may beat one keeping fewer by this much (aligned sizes) before it is re-timed
+REMEASURE = 3  # times an out-of-order option is measured in all; its median is kept
+
+
+def out_of_order(block: Block, ratios: dict[str, float]) -> list[str]:
+    """Options whose time ratio to the whole block is out of order with the kept sizes beyond `ORDER_SLACK`
+    (keeping more structures, much faster; or fewer, much slower): both of each such pair, to be measured again.
+    A machine's slow phase during one option, or a fast one, would otherwise be a bargain or a trap to the solver."""
+    sizes = sorted(((block.kept(k), r, k) for k, r in ratios.items()), reverse=True)
+    flagged = set()
+    for i, (_, more, key) in enumerate(sizes):
+        for _, fewer, other in sizes[i + 1:]:
+            if fewer > more * (1 + ORDER_SLACK):
+                flagged |= {key, other}
+    return [k for _, _, k in sizes if k in flagged]
 
 
 class _Part(nn.Module):
@@ -51,7 +70,11 @@ class _Part(nn.Module):
 def block_part(model: nn.Module, block: Block, kept: int) -> _Part:
     """The block alone (a copy of the modules it uses), keeping ``kept`` structures."""
     holder = nn.Module()
-    for path in (block.owner, block.consumer, *block.producers, *block.chain):
+    copied: set[str] = set()
+    for path in sorted({block.owner, block.consumer, *block.producers, *block.chain}, key=lambda p: p.count(".")):
+        if any(path.startswith(c + ".") for c in copied):  # inside a module copied whole (a padded depthwise conv's Sequential)
+            continue
+        copied.add(path)
         parts = path.split(".")
         parent = holder
         for p in parts[:-1]:
@@ -96,16 +119,25 @@ class TorchCpuBlocksBackend(TorchCpuBackend):
         run_dense = lambda: dense(args, kwargs)
         ref = alternating_stats({"dense": run_dense}, self.rounds, max_spread=self.max_spread)["dense"]
         result = UnitTiming({DENSE: ref.median}, {DENSE: "dense"}, {DENSE: ref.spread}, unpruned=ref.median)
-        for key in options:
-            if key == DENSE:
-                continue
+        ratios: dict[str, list[float]] = {}
+
+        def time_option(key: str) -> None:
             part = block_part(self._model, block, block.kept(key)).eval()
             try:
                 stats = alternating_stats({"dense": run_dense, "part": lambda: part(args, kwargs)}, self.rounds, max_spread=self.max_spread)
             except Exception as e:
                 raise RuntimeError(f"timing block {unit.name!r} option {key!r} failed: {e}") from e
-            result.times[key] = stats["part"].median / stats["dense"].median * ref.median
+            ratios.setdefault(key, []).append(stats["part"].median / stats["dense"].median)
             result.formats[key], result.spread[key] = STRUCTURED_FORMAT, stats["part"].spread
+
+        for key in options:
+            if key != DENSE:
+                time_option(key)
+        for key in out_of_order(block, {k: r[0] for k, r in ratios.items()}):
+            for _ in range(REMEASURE - 1):
+                time_option(key)
+        for key, measured in ratios.items():
+            result.times[key] = statistics.median(measured) * ref.median
         return result
 
     def meta(self) -> dict:

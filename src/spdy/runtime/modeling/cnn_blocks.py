@@ -1,11 +1,15 @@
 """The structured blocks of a convolutional network: output channels (or neurons) of one layer with
 the matching inputs of the layer that consumes them.
 
-Two layouts are recognised (`spdy.blocks.Block`, structure ``channels``):
+Three layouts are recognised (`spdy.blocks.Block`, structure ``channels``):
 
 * residual blocks in torchvision's layout (``conv1``/``bn1``/``conv2``, and ``conv3`` in a
   Bottleneck): the inner convolutions' channels, ``conv1`` -> ``conv2`` and ``conv2`` ->
   ``conv3``. The block's output channels stay: the shortcut adds them.
+* inverted residual blocks without squeeze-and-excitation in ``efficientnet-lite-pytorch``'s
+  layout (``_expand_conv``, ``_depthwise_conv``, ``_project_conv``, EfficientNet-Lite): the
+  expanded channels, which the depthwise convolution keeps channel for channel, so it loses the
+  removed ones too.
 * ``nn.Sequential`` stacks: two Conv2d/Linear layers with nothing between them but per-channel
   modules (activations, BatchNorm, pooling, dropout, a Flatten before a Linear). A Linear after
   a Flatten consumes ``height * width`` columns per channel; two Linears share neurons.
@@ -93,6 +97,31 @@ def _residual_blocks(path: str, block: nn.Module) -> list[Block]:
     return found
 
 
+def _depthwise(path: str, module: nn.Module) -> tuple[str, nn.Conv2d] | None:
+    """The depthwise Conv2d at ``path`` and its path: the module itself, or the conv after a padding in a Sequential."""
+    if isinstance(module, nn.Sequential) and len(module) and all(isinstance(m, nn.ZeroPad2d) for m in list(module)[:-1]):
+        path, module = f"{path}.{len(module) - 1}", module[-1]
+    ok = isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels > 1
+    return (path, module) if ok else None
+
+
+def _inverted_blocks(path: str, block: nn.Module) -> list[Block]:
+    names = ("_expand_conv", "_bn0", "_swish", "_depthwise_conv", "_bn1", "_swish")
+    if not all(hasattr(block, n) for n in (*names, "_project_conv")) or getattr(block, "has_se", False):
+        return []
+    at = (lambda n: f"{path}.{n}") if path else (lambda n: n)
+    expand, project = block._expand_conv, block._project_conv
+    depthwise = _depthwise(at("_depthwise_conv"), block._depthwise_conv)
+    if not (depthwise and _dense_layer(expand) and isinstance(project, nn.Conv2d) and project.groups == 1
+            and expand.out_channels == depthwise[1].out_channels == project.in_channels):
+        return []
+    norms = [n for n in ("_bn0", "_bn1") if isinstance(getattr(block, n), (nn.BatchNorm2d, nn.BatchNorm1d))]
+    producers = (at("_expand_conv"), depthwise[0], *map(at, norms))
+    count = expand.out_channels
+    return [Block(at("_project_conv"), "channels", producers, at("_expand_conv"), count, project.weight[0, 0].numel(),
+                  channel_step(count), rows=(1,) * len(producers), family="cnn", chain=tuple(map(at, names)))]
+
+
 def cnn_blocks(model: nn.Module) -> list[Block]:
     """Every channel block of ``model``'s residual blocks and sequential stacks, in module order; an
     `InputError` saying what is expected when there is none."""
@@ -100,13 +129,14 @@ def cnn_blocks(model: nn.Module) -> list[Block]:
     for path, module in model.named_modules():
         if all(hasattr(module, n) for n in ("conv1", "bn1", "conv2")):
             blocks += _residual_blocks(path, module)
+        blocks += _inverted_blocks(path, module)
         if isinstance(module, nn.Sequential):
             blocks += _sequential_blocks(path, module)
     if not blocks:
         kinds = sorted({type(m).__name__ for m in model.modules()})[:8]
         raise InputError(f"structured pruning found no blocks in {type(model).__name__}: it expects a BERT-style encoder or a "
                          "Llama-style decoder (an nn.ModuleList of layers with attention), residual blocks with conv1/bn1/conv2 "
-                         "(torchvision layout), or an nn.Sequential in which two Conv2d/Linear layers (groups=1) are separated only "
+                         "(torchvision layout), EfficientNet-Lite blocks (_expand_conv/_depthwise_conv/_project_conv), or an nn.Sequential in which two Conv2d/Linear layers (groups=1) are separated only "
                          f"by activations, BatchNorm, pooling, dropout or a Flatten; the model has {kinds}")
     return blocks
 
