@@ -63,15 +63,30 @@ def test_residual_blocks_prune_inner_channels_with_their_batchnorms():
     assert list(block_units(model, include=["*.conv3"])) == ["layer1.0.conv3", "layer2.0.conv3"]
 
 
-@pytest.mark.parametrize("which", ["digits", "resnet", "resnet-folded", "resnet-conv3"])
+def lite0_blocks() -> tuple[nn.Module, list, dict]:
+    """The real EfficientNet-Lite0 as spdy loads it (BatchNorms folded), a batch, and two of its blocks: one whose
+    depthwise conv is padded in a Sequential (stride 2), one plain."""
+    pytest.importorskip("efficientnet_lite_pytorch", reason="the vision extra (efficientnet-lite-pytorch) is not installed")
+    from spdy.models import load_model
+
+    bundle = load_model("efficientnet-lite0", samples=2, heldout=1)
+    units = block_units(bundle.model, include=["_blocks.1.*", "_blocks.2.*"])
+    return bundle.model, [bundle.calibration[0][:2]], units
+
+
+@pytest.mark.parametrize("which", ["digits", "resnet", "resnet-folded", "resnet-conv3", "efficientnet-lite0"])
 def test_smaller_network_equals_masked_network(which, cnn, tmp_path):
+    units = None
     if which == "digits":
         model, calibration = cnn
+    elif which == "efficientnet-lite0":
+        model, calibration, units = lite0_blocks()
+        assert units["_blocks.1._project_conv"].extra["block"].producers[:2] == ("_blocks.1._expand_conv", "_blocks.1._depthwise_conv.1")
     else:
         model, calibration = tiny_resnet(), images(6, 2, size=32)
         if which == "resnet-folded":  # as spdy loads CNNs: BatchNorms folded into the convs, left as Identity
             fold_batchnorms(model, calibration[0])
-    units = block_units(model, include=["*.conv3"] if which == "resnet-conv3" else None)
+    units = units or block_units(model, include=["*.conv3"] if which == "resnet-conv3" else None)
     db = build_structured_database(model, units, calibration, tmp_path, progress=False)
     profile = {n: db.options(n)[len(db.options(n)) // 2] for n in units}
     with torch.no_grad():
