@@ -187,10 +187,14 @@ def resize_to(model: nn.Module, sizes: Mapping[str, int]) -> None:
     if unknown:
         raise InputError(f"the export resized blocks this model does not have, e.g. {unknown[:2]}; blocks are e.g. {list(blocks)[:2]}")
     for name, kept in sizes.items():
-        block = blocks[name]
-        if kept < block.count:
-            out = weight_of(model.get_submodule(name)).shape[0]
-            resize(model, block, range(kept), torch.zeros(out, kept * block.width))
+        if kept < blocks[name].count:
+            keep_first(model, blocks[name], kept)
+
+
+def keep_first(model: nn.Module, block: Block, kept: int) -> None:
+    """Resize ``block`` to its first ``kept`` structures, the consumer's columns sliced with them, no update: a
+    shape to time (speed depends on how many structures remain, not which) or to load weights into."""
+    resize(model, block, range(kept), weight_of(model.get_submodule(block.consumer))[:, : kept * block.width].clone())
 
 
 def pretrained_config(config: object, sizes: Mapping[str, int]) -> str | None:

@@ -355,10 +355,13 @@ def calibrate(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTable
 
     The profiles measured are the DP's (SPDY prior) at targets spread over the table's range,
     pruned with magnitude masks (speed depends on how many weights remain, not which), run in
-    the formats the table measured with every fusion ``convert`` applies.
+    the formats the table measured with every fusion ``convert`` applies; structured blocks
+    resized, the first structures kept (`spdy.verify_structured.sized_speedup`).
     """
     from spdy.verification import verify
+    from spdy.verify_structured import sized_speedup
 
+    structured = any("block" in u.extra for u in units.values())
     path = table_path.with_name(table_path.stem + "-calibrated.json")
     if path.is_file():
         return TimingTable.load(path), path
@@ -368,9 +371,13 @@ def calibrate(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTable
     if table.dense_formats():  # unpruned layers run faster than torch's: that profile is a point of its own
         profiles.insert(0, Profile({u: DENSE for u in table.units}))
     for profile in profiles:  # no target: nothing to meet, only a point to measure
-        result = verify(bundle.model, units, profile, timing_batch(bundle), table, rounds=CALIBRATION_ROUNDS, generation=False)
-        points.append((profile.options, result.measured_speedup))
-        say(f"      calibration: predicted {table.predicted_speedup(profile.options):.3f}x, measured {result.measured_speedup:.3f}x")
+        if structured:
+            measured = sized_speedup(bundle.model, units, profile.options, timing_batch(bundle), CALIBRATION_ROUNDS, table.meta.get("threads"))
+        else:
+            measured = verify(bundle.model, units, profile, timing_batch(bundle), table, rounds=CALIBRATION_ROUNDS,
+                              generation=False).measured_speedup
+        points.append((profile.options, measured))
+        say(f"      calibration: predicted {table.predicted_speedup(profile.options):.3f}x, measured {measured:.3f}x")
     try:
         calibrated = table.calibrated(points)
     except InputError as e:  # measurements too noisy to fit (tiny models, a loaded machine): plan on the table as timed
@@ -705,7 +712,7 @@ def _run(cfg: RunConfig, say: Callable[[str], None], progress: bool, cluster: Ra
         table, table_path = timed(log, "timing", measure_table)
     say(f"[2/6] timings ({cfg.engine}): dense {table.base * 1e3:.2f} ms, fixed {table.fixed * 1e3:.2f} ms; "
         f"maximum attainable speedup {table.max_speedup():.3f}x  [{table_path}]")
-    if cfg.calibrate and cfg.engine == "torch-cpu" and not structured and table.max_speedup() > 1.02:
+    if cfg.calibrate and cfg.engine == "torch-cpu" and table.max_speedup() > 1.02:
         table, table_path = timed(log, "calibration", lambda: calibrate(bundle, units, table, table_path, say))
         fit = table.meta["calibration"]
         if "scale" in fit:

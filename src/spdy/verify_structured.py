@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import warnings
-from typing import Any, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from spdy.blocks import shrink
+from spdy.blocks import block_of, keep_first, shrink
 from spdy.errors import InputError
 from spdy.database.structured import StructuredDatabase
+from spdy.levels import DENSE
 from spdy.runtime.formats import set_threads
 from spdy.runtime.timer import oversubscribed, time_alternating
 from spdy.search.profile import Profile
@@ -38,6 +41,36 @@ def smaller_model(model: nn.Module, units: Mapping[str, Unit], options: Mapping[
     return small, shrink(small, units, options, db)
 
 
+@contextmanager
+def _timing(threads: int) -> Iterator[None]:
+    """``threads`` torch threads (a warning when the machine has fewer free) and no autograd, restored after."""
+    if warning := oversubscribed(threads):
+        warnings.warn(f"verify: {warning}", RuntimeWarning, stacklevel=3)
+    previous, grad = torch.get_num_threads(), torch.is_grad_enabled()
+    set_threads(threads)
+    torch.set_grad_enabled(False)
+    try:
+        yield
+    finally:
+        set_threads(previous)
+        torch.set_grad_enabled(grad)
+
+
+@torch.no_grad()
+def sized_speedup(model: nn.Module, units: Mapping[str, Unit], options: Mapping[str, str], batch: Any, rounds: int,
+                  threads: int | None = None) -> float:
+    """Measured speedup over ``model`` of a copy resized to ``options`` with the first structures kept: speed
+    depends on how many remain, not which, so the timing table is checked against the runtime before any
+    database exists (`spdy.pipeline.calibrate`)."""
+    small = copy.deepcopy(model).eval()
+    for name, key in options.items():
+        if key != DENSE:
+            keep_first(small, block_of(units[name]), block_of(units[name]).kept(key))
+    with _timing(int(threads or torch.get_num_threads())):
+        samples = time_alternating({"dense": lambda: call_model(model, batch), "small": lambda: call_model(small, batch)}, rounds)
+    return statistics.median(d / p for d, p in zip(samples["dense"], samples["small"]))
+
+
 # engine -> the dense run the speedup is over, and the relative output error beyond which the smaller model is wrong there
 ENGINES = {"torch-cpu": BASELINE, "deepsparse": verify_engines.ENGINES["deepsparse"]}
 OUTPUT_TOLERANCE = {"torch-cpu": 1e-4, "deepsparse": verify_engines.OUTPUT_TOLERANCE["deepsparse"]}
@@ -52,12 +85,7 @@ def verify_structured(model: nn.Module, units: Mapping[str, Unit], profile: Prof
     options = dict(profile.options)
     predicted = table.predicted_speedup(options) if table is not None else profile.predicted_speedup
     threads = int(threads or (table.meta.get("threads") if table is not None else None) or torch.get_num_threads())
-    if warning := oversubscribed(threads):
-        warnings.warn(f"verify: {warning}", RuntimeWarning, stacklevel=2)
-    previous, grad = torch.get_num_threads(), torch.is_grad_enabled()
-    set_threads(threads)
-    torch.set_grad_enabled(False)
-    try:
+    with _timing(threads):
         model.eval()
         reference = _tensor(call_model(pruned_copy(model, units, options, db.weight), batch))
         small, kept = smaller_model(model, units, options, db)
@@ -71,9 +99,6 @@ def verify_structured(model: nn.Module, units: Mapping[str, Unit], profile: Prof
             samples, error = {"dense": run.dense, "pruned": run.pruned}, run.output_error
         else:
             samples = time_alternating({"dense": lambda: call_model(model, batch), "pruned": lambda: call_model(small, batch)}, rounds)
-    finally:
-        set_threads(previous)
-        torch.set_grad_enabled(grad)
     formats = {name: STRUCTURED_FORMAT for name, n in kept.items() if n < units[name].extra["block"].count}
     result = VerifyResult.from_samples(samples["dense"], samples["pruned"], profile.target, predicted, tolerance, threads, error,
                                        formats=formats, fused=[], baseline=ENGINES[engine])

@@ -6,7 +6,7 @@ attention holds ``o_proj`` and its MLP ``down_proj``; a convolutional block runs
 producer and what follows it up to the consumer), run on the inputs the owner really gets
 in the model (captured from the timing batch: hidden states, attention mask, and in a decoder
 the rotary embeddings and causal mask exactly as the decoder layer passes them). Each option is
-timed on a physically resized copy (`spdy.blocks.resize`, the first
+timed on a physically resized copy (`spdy.blocks.keep_first`, the first
 structures kept: speed depends on how many remain, not which), alternated with the dense copy;
 its time is the ratio times the block's dense time, so slow periods between options cancel.
 An option whose ratio is out of order with its size (`out_of_order`: a large block much faster than
@@ -22,9 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from spdy.blocks import Block, block_of, resize
+from spdy.blocks import Block, block_of, keep_first
 from spdy.levels import DENSE
-from spdy.runtime.modules import weight_of
 from spdy.runtime.timer import alternating_stats
 from spdy.timing.backend import UnitTiming
 from spdy.timing.torch_cpu import TorchCpuBackend
@@ -84,8 +83,7 @@ def block_part(model: nn.Module, block: Block, kept: int) -> _Part:
         if not hasattr(parent, parts[-1]):
             parent.add_module(parts[-1], copy.deepcopy(model.get_submodule(path)))
     if kept < block.count:
-        consumer = holder.get_submodule(block.consumer)
-        resize(holder, block, range(kept), weight_of(consumer)[:, : kept * block.width].clone())
+        keep_first(holder, block, kept)
     return _Part(holder, block)
 
 
