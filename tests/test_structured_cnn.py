@@ -154,3 +154,22 @@ def test_block_times_out_of_order_with_their_sizes_are_measured_again():
     # 60 channels at 0.26 of the block, 54 at 0.63: one of them caught the machine in another phase
     assert out_of_order(block, ratios) == ["channels@0.3750", "channels@0.4375", "channels@0.5000"]
     assert out_of_order(block, {"channels@0.0625": 1.05, "channels@0.1250": 1.0, "channels@0.5000": 0.5}) == []  # within the slack
+
+
+def test_blocks_are_timed_inside_the_whole_model_too():
+    """The hooks see each block once per run, from its first module to its consumer, inside the model's own time."""
+    import time
+
+    from spdy.blocks import block_of
+    from spdy.timing.blocks import in_model_times
+
+    model, batch = tiny_resnet(), images(2, 2, size=32)[0]
+    blocks = {n: block_of(u) for n, u in block_units(model).items()}
+    spans = in_model_times(model, blocks, batch, rounds=5)
+    with torch.no_grad():
+        started = time.perf_counter()
+        model(batch)
+        whole = time.perf_counter() - started
+    assert set(spans) == set(blocks) and all(0 < t for t in spans.values())
+    assert sum(spans.values()) < 3 * whole  # each span is a part of one run (with room for a noisy machine)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # hooks removed
