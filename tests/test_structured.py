@@ -165,7 +165,7 @@ def test_structured_run_config_refuses_what_does_not_apply():
     from spdy.pipeline import RunConfig
 
     assert RunConfig(pattern="structured").methods == ["spdy", "uniform", "dp-errors"]  # global magnitude ranks single weights
-    for bad, match in (({"engine": "deepsparse"}, "torch-cpu only"), ({"gap": True}, "--gap"), ({"pruner": "adaprune"}, "pruners obs"),
+    for bad, match in (({"engine": "cuda-2:4"}, "torch-cpu or deepsparse"), ({"gap": True}, "--gap"), ({"pruner": "adaprune"}, "pruners obs"),
                        ({"method": "owl"}, "ranks single weights")):
         with pytest.raises(InputError, match=match):
             RunConfig(pattern="structured", **bad)
@@ -186,6 +186,37 @@ def test_a_structured_profile_verifies_on_deepsparse_as_a_smaller_dense_model(bu
     assert result.baseline == "dense deepsparse" and result.rounds == 4 and len(result.ratios) == 4
     assert result.output_error < 1e-3 and result.measured_speedup > 0
     assert set(result.formats) == set(units)  # every block runs smaller
+
+
+def test_block_scopes_take_the_engine_layers_of_their_modules():
+    from spdy.timing.deepsparse_blocks import block_layer_times
+
+    scopes = {"attn": ["bert/encoder/layer/0/attention/output/dense", "bert/encoder/layer/0/attention/self"],
+              "ffn": ["bert/encoder/layer/0/intermediate", "bert/encoder/layer/0/output/dense"]}
+    info = [{"canonical_name": "/bert/encoder/layer.0/attention/self/query/MatMul_output_0", "average_run_time_in_ms": 1.0},
+            {"canonical_name": "/bert/encoder/layer.0/attention/self/MatMul_1_output_0", "average_run_time_in_ms": 2.0},
+            {"canonical_name": "/bert/encoder/layer.0/attention/output/dense/MatMul_output_0,"
+                               "/bert/encoder/layer.0/intermediate/dense/MatMul_output_0", "average_run_time_in_ms": 4.0},
+            {"canonical_name": "<none>", "average_run_time_in_ms": 8.0},
+            {"canonical_name": "/bert/encoder/layer.0/attention/selfish/MatMul_output_0", "average_run_time_in_ms": 16.0}]
+    assert block_layer_times(info, scopes) == {"attn": 5.0, "ffn": 2.0}  # a fused layer split evenly; no prefix of another name
+
+
+def test_a_deepsparse_table_times_blocks_in_smaller_models(built, tmp_path):
+    """Every option of every block from DeepSparse's analysis of resized models; the smallest costs less than the whole block."""
+    pytest.importorskip("deepsparse", reason="deepsparse 1.8.0 is not installed in this environment (see .venv-ds)")
+    model, units, db, calibration = built
+    options = unit_options(units, removable=False)  # DeepSparse dies on the zero-size layers of a removed block
+    assert all(len(options[u]) == len(unit_options(units)[u]) - 1 for u in units)
+    with pytest.raises(InputError, match="zero-size layers"):
+        measure(model, units, calibration[0], options=unit_options(units), backend="deepsparse-blocks", progress=False, threads=1)
+    table = measure(model, units, calibration[0], options=options, backend="deepsparse-blocks", progress=False,
+                    threads=1, iterations=5, warmup_iterations=1, workdir=str(tmp_path))
+    assert {u: sorted(o) for u, o in table.times.items()} == {u: sorted(k) for u, k in options.items()}
+    assert table.meta["backend"] == "deepsparse-blocks"
+    assert table.fixed >= 0 and table.fixed + sum(table.unpruned_time(u) for u in table.units) == pytest.approx(table.base)
+    smallest = sum(t[max(t, key=lambda k: Option.parse(k).sparsity)] for t in table.times.values())
+    assert smallest < sum(t[DENSE] for t in table.times.values())  # per block, the tiny model's engine layers are too noisy to order
 
 
 def test_a_structured_profile_names_the_engines_it_verifies_on(built):

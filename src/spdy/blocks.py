@@ -163,9 +163,9 @@ def block_of(unit: Unit) -> Block:
         raise InputError(f"unit {unit.name!r} is a single layer, not a structured block (use --pattern structured)") from None
 
 
-def unit_options(units: Mapping[str, Unit]) -> dict[str, list[str]]:
-    """Option keys per block unit, dense first."""
-    return {n: [o.key for o in block_of(u).options()] for n, u in units.items()}
+def unit_options(units: Mapping[str, Unit], removable: bool = True) -> dict[str, list[str]]:
+    """Option keys per block unit, dense first; not ``removable``: without those that keep nothing."""
+    return {n: [o.key for o in block_of(u).options() if removable or block_of(u).kept(o.key) > 0] for n, u in units.items()}
 
 
 def shrink(model: nn.Module, units: Mapping[str, Unit], options: Mapping[str, str], db: "StructuredDatabase") -> dict[str, int]:

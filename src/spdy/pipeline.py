@@ -61,22 +61,28 @@ def options_of(pattern: str, levels: Sequence[float] | None) -> list[Option]:
     return options_for(pattern, list(levels) if levels is not None else spdy_grid()[1:])
 
 
-def option_keys(pattern: str, levels: Sequence[float] | None, units: Mapping[str, Unit]) -> list[str] | dict[str, list[str]]:
-    """The option keys to time: the pattern's grid for every unit, or (structured) each block's kept sizes."""
+def option_keys(pattern: str, levels: Sequence[float] | None, units: Mapping[str, Unit],
+                engine: str = "torch-cpu") -> list[str] | dict[str, list[str]]:
+    """The option keys to time: the pattern's grid for every unit, or (structured) each block's kept sizes; on
+    DeepSparse not a block removed whole (its engine crashes, SIGFPE, on the zero-size layers that leaves)."""
     if pattern == STRUCTURED:
         from spdy.blocks import unit_options
 
-        return unit_options(units)
+        return unit_options(units, removable=engine != "deepsparse")
     return [o.key for o in options_of(pattern, levels)]
 
 
+STRUCTURED_ENGINES = {"torch-cpu": "torch-cpu-blocks", "deepsparse": "deepsparse-blocks"}  # engines that run a smaller dense model
+
+
 def timing_engine(engine: str, pattern: str) -> str:
-    """The backend that times ``pattern`` for ``engine``: structured blocks on torch-cpu have their own."""
+    """The backend that times ``pattern`` for ``engine``: structured blocks have their own."""
     if pattern != STRUCTURED:
         return engine
-    if engine != "torch-cpu":
-        raise InputError(f"--pattern {STRUCTURED} is timed on --engine torch-cpu only (dense torch runs the smaller layers), not {engine!r}")
-    return "torch-cpu-blocks"
+    if engine not in STRUCTURED_ENGINES:
+        raise InputError(f"--pattern {STRUCTURED} is timed on --engine {' or '.join(STRUCTURED_ENGINES)} (dense engines run the "
+                         f"smaller layers), not {engine!r}")
+    return STRUCTURED_ENGINES[engine]
 
 
 def timing_path(bundle: ModelBundle, units: Mapping[str, Unit], work: Path, pattern: str = "unstructured",
@@ -86,7 +92,7 @@ def timing_path(bundle: ModelBundle, units: Mapping[str, Unit], work: Path, patt
     CPU), so a table measured by another runtime or machine is measured again, not reused."""
     from spdy.timing.backend import cpu_model
 
-    keys = option_keys(pattern, levels, units)
+    keys = option_keys(pattern, levels, units, engine)
     engine = timing_engine(engine, pattern)
     batch = timing_batch(bundle)
     shape = {k: list(v.shape) for k, v in batch.items()} if isinstance(batch, dict) else list(getattr(batch, "shape", []))
@@ -102,7 +108,7 @@ def timings(bundle: ModelBundle, units: Mapping[str, Unit], work: Path, pattern:
     path = timing_path(bundle, units, work, pattern, levels, engine, threads)
     if path.is_file():
         return TimingTable.load(path), path
-    keys = option_keys(pattern, levels, units)
+    keys = option_keys(pattern, levels, units, engine)
     return measure_to(path, bundle, units, keys, timing_engine(engine, pattern), progress, threads), path
 
 
@@ -745,7 +751,8 @@ def _run(cfg: RunConfig, say: Callable[[str], None], progress: bool, cluster: Ra
         if structured:
             from spdy.verify_structured import verify_structured
 
-            result = timed(log, f"verify:{method}", lambda: verify_structured(bundle.model, units, profile, batch, table, db, rounds))
+            result = timed(log, f"verify:{method}", lambda: verify_structured(bundle.model, units, profile, batch, table, db, rounds,
+                                                                             engine=cfg.engine))
         else:
             result = timed(log, f"verify:{method}", lambda: verify(bundle.model, units, profile, batch, table, weights=db.weight,
                                                                   rounds=rounds, engine=cfg.engine, engine_dense=full, generation=full))

@@ -108,6 +108,7 @@ _REGISTRY: dict[str, str | Callable[..., Backend]] = {
     "deepsparse": "spdy.timing.deepsparse:DeepSparseBackend",
     "cuda-2:4": "spdy.timing.cuda_semi:CudaSemiBackend",
     "torch-cpu-blocks": "spdy.timing.blocks:TorchCpuBlocksBackend",  # structured options (`spdy.blocks`)
+    "deepsparse-blocks": "spdy.timing.deepsparse_blocks:DeepSparseBlocksBackend",
 }
 
 
