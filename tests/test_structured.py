@@ -219,6 +219,20 @@ def test_a_deepsparse_table_times_blocks_in_smaller_models(built, tmp_path):
     assert smallest < sum(t[DENSE] for t in table.times.values())  # per block, the tiny model's engine layers are too noisy to order
 
 
+@pytest.mark.parametrize("engine", ["torch-cpu", "deepsparse"])
+def test_a_resized_model_is_timed_for_calibration(built, engine):
+    """Before any database: the first structures kept, the whole model timed against the dense one on the engine."""
+    from spdy.verify_structured import sized_speedup
+
+    if engine == "deepsparse":
+        pytest.importorskip("deepsparse", reason="deepsparse 1.8.0 is not installed in this environment (see .venv-ds)")
+    model, units, _, calibration = built
+    smallest = {name: keys[-2] for name, keys in unit_options(units).items()}  # one structure kept in every block
+    assert sized_speedup(model, units, smallest, calibration[0], rounds=5, threads=1, engine=engine) > 1.0
+    with pytest.raises(InputError, match="torch-cpu or deepsparse"):
+        sized_speedup(model, units, smallest, calibration[0], rounds=1, engine="cuda-2:4")
+
+
 def test_a_structured_profile_names_the_engines_it_verifies_on(built):
     model, units, db, calibration = built
     with pytest.raises(InputError, match="torch-cpu or deepsparse"):

@@ -356,13 +356,14 @@ CALIBRATION_ROUNDS = 10
 
 
 def calibrate(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTable, table_path: Path,
-              say: Callable[[str], None] = lambda text: None) -> tuple[TimingTable, Path]:
+              say: Callable[[str], None] = lambda text: None, engine: str = "torch-cpu") -> tuple[TimingTable, Path]:
     """The table fitted to the deployed runtime (`TimingTable.calibrated`), cached beside it.
 
     The profiles measured are the DP's (SPDY prior) at targets spread over the table's range,
     pruned with magnitude masks (speed depends on how many weights remain, not which), run in
     the formats the table measured with every fusion ``convert`` applies; structured blocks
-    resized, the first structures kept (`spdy.verify_structured.sized_speedup`).
+    resized, the first structures kept (`spdy.verify_structured.sized_speedup`, on torch or on
+    DeepSparse, whose per-layer analysis overstates what the blocks' share of a real run is).
     """
     from spdy.verification import verify
     from spdy.verify_structured import sized_speedup
@@ -378,7 +379,8 @@ def calibrate(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTable
         profiles.insert(0, Profile({u: DENSE for u in table.units}))
     for profile in profiles:  # no target: nothing to meet, only a point to measure
         if structured:
-            measured = sized_speedup(bundle.model, units, profile.options, timing_batch(bundle), CALIBRATION_ROUNDS, table.meta.get("threads"))
+            measured = sized_speedup(bundle.model, units, profile.options, timing_batch(bundle), CALIBRATION_ROUNDS, table.meta.get("threads"),
+                                     engine)
         else:
             measured = verify(bundle.model, units, profile, timing_batch(bundle), table, rounds=CALIBRATION_ROUNDS,
                               generation=False).measured_speedup
@@ -718,8 +720,8 @@ def _run(cfg: RunConfig, say: Callable[[str], None], progress: bool, cluster: Ra
         table, table_path = timed(log, "timing", measure_table)
     say(f"[2/6] timings ({cfg.engine}): dense {table.base * 1e3:.2f} ms, fixed {table.fixed * 1e3:.2f} ms; "
         f"maximum attainable speedup {table.max_speedup():.3f}x  [{table_path}]")
-    if cfg.calibrate and cfg.engine == "torch-cpu" and table.max_speedup() > 1.02:
-        table, table_path = timed(log, "calibration", lambda: calibrate(bundle, units, table, table_path, say))
+    if cfg.calibrate and (cfg.engine == "torch-cpu" or structured and cfg.engine == "deepsparse") and table.max_speedup() > 1.02:
+        table, table_path = timed(log, "calibration", lambda: calibrate(bundle, units, table, table_path, say, cfg.engine))
         fit = table.meta["calibration"]
         if "scale" in fit:
             say(f"      calibrated to the deployed runtime: fixed {fit['fixed_before'] * 1e3:.2f} -> {fit['fixed'] * 1e3:.2f} ms, "

@@ -58,16 +58,25 @@ def _timing(threads: int) -> Iterator[None]:
 
 @torch.no_grad()
 def sized_speedup(model: nn.Module, units: Mapping[str, Unit], options: Mapping[str, str], batch: Any, rounds: int,
-                  threads: int | None = None) -> float:
-    """Measured speedup over ``model`` of a copy resized to ``options`` with the first structures kept: speed
-    depends on how many remain, not which, so the timing table is checked against the runtime before any
-    database exists (`spdy.pipeline.calibrate`)."""
+                  threads: int | None = None, engine: str = "torch-cpu") -> float:
+    """Measured speedup over ``model`` of a copy resized to ``options`` with the first structures kept, on
+    ``engine``: speed depends on how many remain, not which, so the timing table is checked against the
+    runtime before any database exists (`spdy.pipeline.calibrate`)."""
+    if engine not in ENGINES:
+        raise InputError(f"a structured table is calibrated on {' or '.join(ENGINES)}, not {engine!r}")
     small = copy.deepcopy(model).eval()
     for name, key in options.items():
         if key != DENSE:
             keep_first(small, block_of(units[name]), block_of(units[name]).kept(key))
-    with _timing(int(threads or torch.get_num_threads())):
-        samples = time_alternating({"dense": lambda: call_model(model, batch), "small": lambda: call_model(small, batch)}, rounds)
+    threads = int(threads or torch.get_num_threads())
+    with _timing(threads):
+        if engine == "deepsparse":
+            from spdy.runtime.deepsparse import compare
+
+            run = compare(model, small, batch, _tensor(call_model(small, batch)), threads, rounds)
+            samples = {"dense": run.dense, "small": run.pruned}
+        else:
+            samples = time_alternating({"dense": lambda: call_model(model, batch), "small": lambda: call_model(small, batch)}, rounds)
     return statistics.median(d / p for d, p in zip(samples["dense"], samples["small"]))
 
 
