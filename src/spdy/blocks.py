@@ -72,6 +72,12 @@ class Block:
                 "producers": list(self.producers), "owner": self.owner, "rows": list(self.producer_rows()), "family": self.family,
                 **({"chain": list(self.chain)} if self.chain else {})}
 
+    @property
+    def runs(self) -> tuple[str, ...]:
+        """The modules the block runs, in order: its chain (or owner), then the consumer unless the owner holds it."""
+        start = self.chain or (self.owner,)
+        return start if self.consumer.startswith(self.owner + ".") else (*start, self.consumer)
+
     def layers(self) -> set[str]:
         """The layers whose shapes this block changes."""
         return {*self.producers, self.consumer}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
@@ -31,7 +30,7 @@ from spdy.timing.blocks import STRUCTURED_FORMAT
 from spdy.timing.table import TimingTable
 from spdy import verify_engines
 from spdy.units import Unit, call_model
-from spdy.verification import BASELINE, ROUNDS, TOLERANCE, SpeedupMiss, VerifyResult, _relative_error, _tensor, pruned_copy
+from spdy.verification import BASELINE, ROUNDS, TOLERANCE, SpeedupMiss, VerifyResult, _median_spread, _relative_error, _tensor, pruned_copy
 
 
 @torch.no_grad()
@@ -70,14 +69,21 @@ def sized_speedup(model: nn.Module, units: Mapping[str, Unit], options: Mapping[
             keep_first(small, block_of(units[name]), block_of(units[name]).kept(key))
     threads = int(threads or torch.get_num_threads())
     with _timing(threads):
-        if engine == "deepsparse":
-            from spdy.runtime.deepsparse import compare
+        dense, pruned, _ = _alternate(model, small, batch, _tensor(call_model(small, batch)), engine, threads, rounds)
+    return _median_spread([d / p for d, p in zip(dense, pruned)])[0]
 
-            run = compare(model, small, batch, _tensor(call_model(small, batch)), threads, rounds)
-            samples = {"dense": run.dense, "small": run.pruned}
-        else:
-            samples = time_alternating({"dense": lambda: call_model(model, batch), "small": lambda: call_model(small, batch)}, rounds)
-    return statistics.median(d / p for d, p in zip(samples["dense"], samples["small"]))
+
+def _alternate(model: nn.Module, small: nn.Module, batch: Any, reference: torch.Tensor, engine: str, threads: int,
+               rounds: int) -> tuple[list[float], list[float], float | None]:
+    """Per-round seconds of ``model`` and ``small`` run alternately on ``engine``, and (DeepSparse) the relative error
+    of ``small``'s output there against ``reference``."""
+    if engine == "deepsparse":
+        from spdy.runtime.deepsparse import compare
+
+        run = compare(model, small, batch, reference, threads, rounds)
+        return run.dense, run.pruned, run.output_error
+    samples = time_alternating({"dense": lambda: call_model(model, batch), "small": lambda: call_model(small, batch)}, rounds)
+    return samples["dense"], samples["small"], None
 
 
 # engine -> the dense run the speedup is over, and the relative output error beyond which the smaller model is wrong there
@@ -99,17 +105,12 @@ def verify_structured(model: nn.Module, units: Mapping[str, Unit], profile: Prof
         reference = _tensor(call_model(pruned_copy(model, units, options, db.weight), batch))
         small, kept = smaller_model(model, units, options, db)
         error = _relative_error(_tensor(call_model(small, batch)), reference)
-        if engine == "deepsparse":
-            from spdy.runtime.deepsparse import compare
-
-            if not math.isfinite(error) or error > OUTPUT_TOLERANCE["torch-cpu"]:  # wrong before any engine sees it
-                warnings.warn(f"verify: the smaller model's output differs from the masked model by {error:.2e} (relative)", RuntimeWarning, stacklevel=2)
-            run = compare(model, small, batch, reference, threads, rounds)
-            samples, error = {"dense": run.dense, "pruned": run.pruned}, run.output_error
-        else:
-            samples = time_alternating({"dense": lambda: call_model(model, batch), "pruned": lambda: call_model(small, batch)}, rounds)
+        if engine != "torch-cpu" and (not math.isfinite(error) or error > OUTPUT_TOLERANCE["torch-cpu"]):  # wrong before any engine sees it
+            warnings.warn(f"verify: the smaller model's output differs from the masked model by {error:.2e} (relative)", RuntimeWarning, stacklevel=2)
+        dense, pruned, engine_error = _alternate(model, small, batch, reference, engine, threads, rounds)
+        error = error if engine_error is None else engine_error
     formats = {name: STRUCTURED_FORMAT for name, n in kept.items() if n < units[name].extra["block"].count}
-    result = VerifyResult.from_samples(samples["dense"], samples["pruned"], profile.target, predicted, tolerance, threads, error,
+    result = VerifyResult.from_samples(dense, pruned, profile.target, predicted, tolerance, threads, error,
                                        formats=formats, fused=[], baseline=ENGINES[engine])
     if result.met is False:
         warnings.warn(f"SPEEDUP MISSED: the smaller model measured {result.speedups()} < target "

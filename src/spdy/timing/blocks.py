@@ -64,8 +64,7 @@ def in_model_times(model: nn.Module, blocks: dict[str, Block], batch: Any, round
     spans: dict[str, list[float]] = {name: [] for name in blocks}
     handles = []
     for name, block in blocks.items():
-        first = model.get_submodule(block.chain[0] if block.chain else block.owner)
-        last = model.get_submodule(block.owner if block.consumer.startswith(block.owner + ".") else block.consumer)
+        first, last = model.get_submodule(block.runs[0]), model.get_submodule(block.runs[-1])
         handles.append(first.register_forward_pre_hook(lambda module, args, name=name: started.__setitem__(name, time.perf_counter())))
         handles.append(last.register_forward_hook(lambda module, args, out, name=name: spans[name].append(time.perf_counter() - started[name])))
     try:
@@ -78,20 +77,19 @@ def in_model_times(model: nn.Module, blocks: dict[str, Block], batch: Any, round
 
 
 class _Part(nn.Module):
-    """A block cut out of the model: owner then consumer (owner alone when it holds the consumer), on the owner's captured inputs."""
+    """A block cut out of the model (`Block.runs`: owner or chain, then consumer), on the first module's captured inputs."""
 
     def __init__(self, model: nn.Module, block: Block):
         super().__init__()
         self.model = model
-        self.chain = [model.get_submodule(p) for p in block.chain or (block.owner,)]
-        self.consumer = None if block.consumer.startswith(block.owner + ".") else model.get_submodule(block.consumer)
+        self.runs = [model.get_submodule(p) for p in block.runs]
 
     def forward(self, args: tuple, kwargs: dict) -> torch.Tensor:
-        out = self.chain[0](*args, **kwargs)
+        out = self.runs[0](*args, **kwargs)
         out = out[0] if isinstance(out, tuple) else out
-        for module in self.chain[1:]:
+        for module in self.runs[1:]:
             out = module(out)
-        return out if self.consumer is None else self.consumer(out)
+        return out
 
 
 def block_part(model: nn.Module, block: Block, kept: int) -> _Part:

@@ -57,22 +57,25 @@ class DeepSparseBlocksBackend(DeepSparseBackend):
         self._batch, self._units = batch, dict(units)
         self._options = unit_options(units, removable=False)
         self._scopes = {name: block_scopes(block_of(unit)) for name, unit in units.items()}
-        self._resized: dict[int, dict] = {}
+        self._resized: dict[int, tuple[dict[str, float], float]] = {}
 
-    def _at_index(self, index: int) -> dict:
-        """The analysis of the model with every block at its ``index``-th option (or its last)."""
-        if index == 0:
-            return self._analysis(0.0)
+    def _at_index(self, index: int) -> tuple[dict[str, float], float]:
+        """Seconds per block, and the run's spread, in the analysis of the model with every block at its
+        ``index``-th option (or its last)."""
         if index not in self._resized:
-            small = copy.deepcopy(self._model).eval()
-            for name, keys in self._options.items():
-                key = keys[min(index, len(keys) - 1)]
-                if key != DENSE:
-                    block = block_of(self._units[name])
-                    keep_first(small, block, block.kept(key))
-            path = self.workdir / f"blocks-{index}.onnx"
-            inputs = export_onnx(small, self._batch, path)
-            self._resized[index] = self._analysis(0.0, path, inputs)
+            if index == 0:
+                analysis = self._analysis(0.0)
+            else:
+                small = copy.deepcopy(self._model).eval()
+                for name, keys in self._options.items():
+                    key = keys[min(index, len(keys) - 1)]
+                    if key != DENSE:
+                        block = block_of(self._units[name])
+                        keep_first(small, block, block.kept(key))
+                path = self.workdir / f"blocks-{index}.onnx"
+                analysis = self._analysis(0.0, path, export_onnx(small, self._batch, path))
+            times = block_layer_times(analysis["layer_info"], self._scopes)
+            self._resized[index] = ({name: ms / 1e3 for name, ms in times.items()}, _stat(analysis).spread)
         return self._resized[index]
 
     def unit_times(self, unit: Unit, options: list[str]) -> UnitTiming:
@@ -82,13 +85,13 @@ class DeepSparseBlocksBackend(DeepSparseBackend):
             if key not in order:
                 raise InputError(f"deepsparse-blocks: unit {unit.name!r} option {key!r}: DeepSparse 1.8 crashes on the zero-size layers "
                                  f"of a block removed whole; time {order} (spdy.blocks.unit_options(units, removable=False))")
-            analysis = self._at_index(order.index(key))
-            timing.times[key] = block_layer_times(analysis["layer_info"], self._scopes)[unit.name] / 1e3
+            times, spread = self._at_index(order.index(key))
+            timing.times[key] = times[unit.name]
             if key == DENSE and not timing.times[key]:
                 raise InputError(f"deepsparse-blocks: no engine layer computes block {unit.name!r} (looked for outputs in the "
                                  f"ONNX scopes {self._scopes[unit.name]})")
             timing.formats[key] = "dense" if key == DENSE else STRUCTURED_FORMAT
-            timing.spread[key] = _stat(analysis).spread
+            timing.spread[key] = spread
         return timing
 
     def meta(self) -> dict:
