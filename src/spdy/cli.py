@@ -466,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pruner", choices=("obs", "adaprune", "magnitude"), help="database pruner (default obs)")
     p.add_argument("--pattern", help="unstructured | N:M | RxC blocks | structured: whole heads, neurons and conv channels, a physically smaller "
                    "model that dense torch runs faster (default unstructured)")
+    p.add_argument("--shrink", type=float, metavar="S", help="mixed profile: first shrink the model with structured options (heads, "
+                   "neurons, channels) to S x over dense torch, then prune the smaller model with --pattern to --target over the "
+                   "original; the structured stage is cached in WORK/shrink (torch-cpu)")
     p.add_argument("--levels", help="sparsity levels: 0.5,0.7,0.9 or MIN:MAX:STEPS (default the SPDY grid)")
     p.add_argument("--method", choices=METHODS, help="search method (default spdy)")
     p.add_argument("--baselines", help="comma-separated methods to compare against (default uniform,global-magnitude,dp-errors)")

@@ -9,7 +9,9 @@ affects.
 
 from __future__ import annotations
 
+import copy
 import json
+import statistics
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields, replace
@@ -179,7 +181,8 @@ def evaluators(bundle: ModelBundle, stitcher: Stitcher) -> Evaluators:
     stitcher.restore()
 
     def make(batches: list, labels: list | None, split: str) -> Evaluator | None:
-        return Evaluator(bundle.model, batches, bundle.objective, stitcher.apply, labels, split, bundle.search_output) if batches else None
+        return (Evaluator(bundle.model, batches, bundle.objective, stitcher.apply, labels, split, bundle.search_output, bundle.reference)
+                if batches else None)
 
     return Evaluators(make(bundle.calibration, bundle.calibration_labels, "calibration"),
                       make(bundle.validation, bundle.validation_labels, "validation"), make(bundle.heldout, bundle.heldout_labels, "heldout"))
@@ -268,7 +271,7 @@ def heldout_quality(bundle: ModelBundle, stitcher: Stitcher, profiles: Mapping[s
     if not bundle.heldout:
         return {}
     stitcher.restore()
-    dense = dense if dense is not None else outputs(bundle.model, bundle.heldout)
+    dense = dense if dense is not None else outputs(bundle.dense_reference, bundle.heldout)
     result = {}
     try:
         for method, profile in profiles.items():
@@ -304,7 +307,8 @@ def export_profile(bundle: ModelBundle, units: Mapping[str, Unit], profile: Prof
         small, kept = smaller_model(bundle.model, units, profile.options, db)
         return export(small, bundle.name, profile, {}, directory, tokenizer=bundle.tokenizer, structure=kept, example=timing_batch(bundle))
     apply(units, profile, db)
-    return export(bundle.model, bundle.name, profile, formats, directory, tokenizer=bundle.tokenizer, example=timing_batch(bundle))
+    return export(bundle.model, bundle.name, profile, formats, directory, tokenizer=bundle.tokenizer, example=timing_batch(bundle),
+                  structure=bundle.meta.get("structure"))
 
 
 def default_target(table: TimingTable) -> float:
@@ -383,7 +387,7 @@ def calibrate(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTable
                                      engine)
         else:
             measured = verify(bundle.model, units, profile, timing_batch(bundle), table, rounds=CALIBRATION_ROUNDS,
-                              generation=False).measured_speedup
+                              generation=False, baseline=bundle.reference).measured_speedup
         points.append((profile.options, measured))
         say(f"      calibration: predicted {table.predicted_speedup(profile.options):.3f}x, measured {measured:.3f}x")
     try:
@@ -528,6 +532,7 @@ class RunConfig:
     engine: str = "torch-cpu"
     pruner: str = "obs"
     pattern: str = "unstructured"
+    shrink: float | None = None  # mixed: shrink with structured options to this speedup first, then prune with ``pattern``
     levels: list[float] | None = None
     method: str = "spdy"
     baselines: tuple[str, ...] = ("uniform", "global-magnitude", "dp-errors")
@@ -581,6 +586,8 @@ class RunConfig:
         if self.max_loss is not None and not 0 <= self.max_loss < float("inf"):
             raise InputError(f"--max-loss {self.max_loss!r}: need a finite number >= 0 (e.g. 0.05 for 1 - mean cosine)")
         parse_budget(self.search_budget)
+        if self.shrink is not None:
+            self._check_shrink()
         if self.pattern == STRUCTURED:
             timing_engine(self.engine, self.pattern)
             if self.method in WEIGHT_BASELINES:
@@ -589,6 +596,19 @@ class RunConfig:
                 raise InputError(f"--gap fine-tunes under fixed masks; it does not apply to --pattern {STRUCTURED} yet")
             if self.pruner not in ("obs", "magnitude"):
                 raise InputError(f"--pruner {self.pruner}: --pattern {STRUCTURED} has the pruners obs (structured OBS) and magnitude")
+
+    def _check_shrink(self) -> None:
+        check_target(self.shrink, "--shrink")
+        if self.pattern == STRUCTURED:
+            raise InputError(f"--shrink S shrinks the model with structured options first, then prunes it with --pattern: give an "
+                             f"unstructured, N:M or block pattern, not {STRUCTURED} (or drop --shrink for a structured profile alone)")
+        if self.engine != "torch-cpu":
+            raise InputError(f"--shrink: the smaller model is timed against the original on torch-cpu; --engine {self.engine} is not supported")
+        if self.target is not None and self.target <= self.shrink:
+            raise InputError(f"--shrink {self.shrink:g} must be below --target {self.target:g}: the pruning after the shrink makes up the rest")
+        for flag, given in (("--search-loss", self.search_loss), ("--gap", self.gap)):
+            if given:
+                raise InputError(f"{flag} does not combine with --shrink yet: the pruned smaller model is compared with the original by output")
 
     def target_list(self, table: TimingTable, heldout: bool) -> list[float]:
         """The targets to search: --target's, --targets', or (the default) a curve spread over the table's range;
@@ -691,10 +711,64 @@ def run(cfg: RunConfig, say: Callable[[str], None] = print, progress: bool = Tru
     Returns the run's summary (also written to ``summary.json``).
     """
     with connect(cfg.cluster) as cluster:
-        return _run(cfg, say, progress, cluster)
+        shrunk = shrink_first(cfg, say, progress, cluster) if cfg.shrink is not None else None
+        return _run(cfg, say, progress, cluster, shrunk)
 
 
-def _run(cfg: RunConfig, say: Callable[[str], None], progress: bool, cluster: RayCluster | None) -> dict:
+def shrink_first(cfg: RunConfig, say: Callable[[str], None], progress: bool, cluster: RayCluster | None) -> tuple[ModelBundle, dict[str, Unit]]:
+    """A mixed profile's first stage: the structured run to ``cfg.shrink`` over dense torch (cached in WORK/shrink), then the
+    smaller model it exported, loaded as a user would (`spdy.load`), with the original kept as the bundle's ``reference``:
+    every later speedup, loss and verify is over the original, so ``--target`` means what the user compares with."""
+    from spdy.files import read_json
+    from spdy.runtime.deploy import RUNTIME, load
+
+    first = replace(cfg, pattern=STRUCTURED, shrink=None, target=cfg.shrink, targets=None, levels=None, include=None, exclude=None,
+                    method=cfg.method if cfg.method not in WEIGHT_BASELINES else "spdy",
+                    pruner=cfg.pruner if cfg.pruner in ("obs", "magnitude") else "obs", baselines=(),
+                    work_dir=str(Path(cfg.work_dir) / "shrink"))
+    summary = _run(first, lambda text: say(f"shrink: {text}"), progress, cluster)
+    bundle, units = load_bundle(cfg.model, cfg.samples, cfg.heldout, cfg.seq_len, cfg.batch_size, cfg.include, cfg.exclude or (),
+                                cfg.validation, cfg.database_samples, cfg.workload, "unstructured")
+    original = bundle.model
+    bundle.model = load(summary["export"], model=copy.deepcopy(original)).eval()
+    bundle.reference = original
+    measured = summary["profiles"][first.method]["verify"]
+    bundle.meta["structure"] = read_json(Path(summary["export"]) / RUNTIME, "export runtime file")["structured"]
+    bundle.meta["shrink"] = {"work_dir": first.work_dir, "export": summary["export"], "target": cfg.shrink,
+                             "measured_speedup": measured["measured_speedup"], "quality": summary["profiles"][first.method]["quality"],
+                             "structure": bundle.meta["structure"]}
+    units = prunable_units(bundle, cfg.include, cfg.exclude or ())
+    say(f"shrink: the smaller model measured {measured['measured_speedup']:.3f}x over dense torch; now pruning it with --pattern "
+        f"{cfg.pattern} to {cfg.target or cfg.targets or 'a curve of targets'} over the original")
+    return bundle, units
+
+
+def over_reference(bundle: ModelBundle, table: TimingTable, table_path: Path, rounds: int = CALIBRATION_ROUNDS * 2) -> tuple[TimingTable, Path]:
+    """The table of a shrunk model rebased onto its original (`TimingTable.rebased`): the two run alternately on the
+    timing batch, unpruned, and the median ratio scales ``base`` (cached beside the table)."""
+    from spdy.runtime.formats import set_threads
+    from spdy.runtime.timer import time_alternating
+    from spdy.units import call_model
+
+    path = table_path.with_name(table_path.stem + "-over-original.json")
+    if path.is_file():
+        return TimingTable.load(path), path
+    batch, previous = timing_batch(bundle), torch.get_num_threads()
+    set_threads(int(table.meta.get("threads") or previous))
+    try:
+        with torch.no_grad():
+            samples = time_alternating({"original": lambda: call_model(bundle.reference, batch), "shrunk": lambda: call_model(bundle.model, batch)},
+                                       rounds)
+    finally:
+        set_threads(previous)
+    ratio = statistics.median(o / s for o, s in zip(samples["original"], samples["shrunk"]))
+    rebased = table.rebased(ratio, f"the original {bundle.name}")
+    rebased.save(path)
+    return rebased, path
+
+
+def _run(cfg: RunConfig, say: Callable[[str], None], progress: bool, cluster: RayCluster | None,
+         loaded: tuple[ModelBundle, dict[str, Unit]] | None = None) -> dict:
     from spdy.database import Stitcher
     from spdy.report import write_report
     from spdy import verification
@@ -706,9 +780,9 @@ def _run(cfg: RunConfig, say: Callable[[str], None], progress: bool, cluster: Ra
     log = StageLog(work / "run.json")
     levels = cfg.levels
 
-    bundle, units = timed(log, "load", lambda: load_bundle(cfg.model, cfg.samples, cfg.heldout, cfg.seq_len, cfg.batch_size,
-                                                           cfg.include, cfg.exclude or (), cfg.validation, cfg.database_samples,
-                                                           cfg.workload, cfg.pattern))
+    bundle, units = loaded or timed(log, "load", lambda: load_bundle(cfg.model, cfg.samples, cfg.heldout, cfg.seq_len, cfg.batch_size,
+                                                                     cfg.include, cfg.exclude or (), cfg.validation, cfg.database_samples,
+                                                                     cfg.workload, cfg.pattern))
     structured = cfg.pattern == STRUCTURED
     bundle.search_on(cfg.search_loss)
     say(f"[1/6] model {bundle.name}: {len(units)} prunable units, {len(bundle.calibration)} calibration, {len(bundle.validation)} "
@@ -720,6 +794,10 @@ def _run(cfg: RunConfig, say: Callable[[str], None], progress: bool, cluster: Ra
         table, table_path = timed(log, "timing", measure_table)
     say(f"[2/6] timings ({cfg.engine}): dense {table.base * 1e3:.2f} ms, fixed {table.fixed * 1e3:.2f} ms; "
         f"maximum attainable speedup {table.max_speedup():.3f}x  [{table_path}]")
+    if bundle.reference is not None:
+        table, table_path = timed(log, "rebase", lambda: over_reference(bundle, table, table_path))
+        say(f"      over the original model: the smaller one runs {table.reference_speedup:.3f}x faster unpruned; maximum attainable "
+            f"speedup {table.max_speedup():.3f}x")
     if cfg.calibrate and (cfg.engine == "torch-cpu" or structured and cfg.engine == "deepsparse") and table.max_speedup() > 1.02:
         table, table_path = timed(log, "calibration", lambda: calibrate(bundle, units, table, table_path, say, cfg.engine))
         fit = table.meta["calibration"]
@@ -740,12 +818,12 @@ def _run(cfg: RunConfig, say: Callable[[str], None], progress: bool, cluster: Ra
     say(f"[3/6] database ({cfg.pruner}, {cfg.pattern}): {db.directory}")
     stitcher = Stitcher({u: units[u] for u in table.units}, db)
     evaluation = evaluators(bundle, stitcher)
-    dense_heldout = outputs(bundle.model, bundle.heldout)  # the reference of every target's held-out quality
+    dense_heldout = outputs(bundle.dense_reference, bundle.heldout)  # the reference of every target's held-out quality
     batch = timing_batch(bundle)
 
     def measure_profile(method: str, profile: Profile, target: float, rounds: int, full: bool = True) -> dict:
         """Verified on the workload; not ``full`` (a curve's landing rounds): over dense torch only, no timed generate."""
-        key = digest(profile.options, target, cfg.engine, cfg.threads, rounds, full, runtime_fingerprint(),
+        key = digest(profile.options, target, str(table_path), cfg.engine, cfg.threads, rounds, full, runtime_fingerprint(),
                      Path(verification.__file__).read_text())
         path = work / f"verify-{method}-{key}.json"
         if path.is_file():
@@ -757,7 +835,8 @@ def _run(cfg: RunConfig, say: Callable[[str], None], progress: bool, cluster: Ra
                                                                              engine=cfg.engine))
         else:
             result = timed(log, f"verify:{method}", lambda: verify(bundle.model, units, profile, batch, table, weights=db.weight,
-                                                                  rounds=rounds, engine=cfg.engine, engine_dense=full, generation=full))
+                                                                  rounds=rounds, engine=cfg.engine, engine_dense=full, generation=full,
+                                                                  baseline=bundle.reference))
         write_json(path, result.to_json())
         return result.to_json()
 
@@ -850,6 +929,7 @@ def _run(cfg: RunConfig, say: Callable[[str], None], progress: bool, cluster: Ra
     command = cfg.command_line()
     summary = {
         "model": bundle.name, "engine": cfg.engine, "pruner": cfg.pruner, "pattern": cfg.pattern, "loss": bundle.loss,
+        "shrink": bundle.meta.get("shrink"),
         "search_loss": bundle.objective, "method": cfg.method, "target": target, "targets": targets, "choice": choice,
         "planned_table_target": plans[target], "timings": str(table_path),
         "database": str(db.directory), "export": str(export_dir),

@@ -295,6 +295,17 @@ def _validation(profiles: dict) -> list[str]:
     return lines + [""] if lines else []
 
 
+def _shrunk(shrink: dict | None, table: TimingTable) -> list[str]:
+    """A mixed profile's first stage: what the structured run kept and measured, and where its own report is."""
+    if not shrink:
+        return []
+    resized = shrink["structure"]
+    return [f"**Shrunk first, then pruned.** A structured profile for {shrink['target']:g}x measured {shrink['measured_speedup']:.3f}x "
+            f"over dense torch ({len(resized)} blocks resized, e.g. " + ", ".join(f"`{n}` keeps {k}" for n, k in list(resized.items())[:3])
+            + f"); its run and report are in `{shrink['work_dir']}`. Unpruned, the smaller model runs {table.reference_speedup:.3f}x "
+            "faster than the original; every speedup and loss here is over the original.", ""]
+
+
 def _kept_dense(kept: dict | None) -> list[str]:
     """Layers that look prunable but stay dense, grouped by reason."""
     if not kept:
@@ -364,6 +375,7 @@ def write_report(work: str | Path) -> tuple[Path, Path]:
         *_dense_blocks(table.dense_blocks),
         *_calibration(table.meta.get("calibration")),
         *_kept_dense(table.meta.get("kept_dense")),
+        *_shrunk(summary.get("shrink"), table),
         *([f"Finished with global AdaPrune ({summary['gap']['gap']['epochs']} epochs, lr {summary['gap']['gap']['lr']:g}): "
            f"held-out loss {summary['gap']['heldout_before_gap']:.5g} -> {summary['gap']['heldout_after_gap']:.5g}.", ""]
           if summary.get("gap") else []),

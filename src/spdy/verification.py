@@ -52,6 +52,7 @@ Weights = Callable[[str, str], torch.Tensor] | Mapping[str, Any]
 UNDER_PREDICTED = 1.25  # measured / predicted beyond this is no longer noise
 OVER_DELIVERED = 1.08  # a met profile measured beyond this x its target prunes more than needed
 BASELINE = "dense torch"
+ORIGINAL = "the original model in dense torch"  # a shrunk model's baseline: the model before it was shrunk
 ENGINE_BASELINE = "the kernel format at 0%"
 TORCH_FASTER = "dense torch, faster here than the kernel format at 0%"
 FUSED_TYPES = (ResidualNormOutput, FeedForwardInput, FeedForwardOutput, ProjectedSelfAttention, FusedEncoderLayer,
@@ -257,6 +258,7 @@ def verify(
     engine: str | None = None,
     engine_dense: bool = True,
     generation: bool = True,
+    baseline: nn.Module | None = None,
 ) -> VerifyResult:
     """Build, convert and time the profile's pruned model against dense torch and, where the
     profile runs the kernel format, the engine's fastest dense run (`_engine_dense`).
@@ -268,11 +270,15 @@ def verify(
     engine, pruned over its own dense run (`spdy.verify_engines`). ``engine_dense=False`` skips the
     engine's dense run (a third of the rounds' time) where only the speedup over dense torch is used,
     e.g. a curve's landing rounds; ``generation=False`` skips a decoding workload's timed ``generate``
-    (else it runs min(``rounds``, `GENERATION_ROUNDS`) rounds).
+    (else it runs min(``rounds``, `GENERATION_ROUNDS`) rounds). ``baseline``: the model the speedups are over, when
+    not ``model`` itself (the original a shrunk ``model`` came from, with the same layer names); its dense torch
+    run and its engine's fastest dense run are the two baselines.
     """
     from spdy.verify_engines import ENGINES, engine_of, verify_on_engine
 
     if (on := engine_of(table, engine)) in ENGINES:
+        if baseline is not None:
+            raise InputError(f"verify: a speedup over another model (a shrunk model's original) is measured on torch, not on {on}")
         return verify_on_engine(on, model, units, profile, batch, table, weights, rounds, tolerance, threads)
     options = dict(profile.options)
     target = profile.target
@@ -296,17 +302,18 @@ def verify(
             convert(pruned, {u: f for u, f in chosen.items() if u in sparse_units or formats is None and f != "dense"})
         out = _tensor(call_model(pruned, batch))
         error = _relative_error(out, reference)
-        contenders = {"dense": lambda: call_model(model, batch), "pruned": lambda: call_model(pruned, batch)}
-        engine_dense = _engine_dense(model, formats_of(pruned)) if engine_dense else None
+        baseline = model if baseline is None else baseline.eval()
+        contenders = {"dense": lambda: call_model(baseline, batch), "pruned": lambda: call_model(pruned, batch)}
+        engine_dense = _engine_dense(baseline, formats_of(pruned)) if engine_dense else None
         if engine_dense is not None:
-            dense_error = _relative_error(_tensor(call_model(engine_dense, batch)), _tensor(call_model(model, batch)))
+            dense_error = _relative_error(_tensor(call_model(engine_dense, batch)), _tensor(call_model(baseline, batch)))
             if not math.isfinite(dense_error) or dense_error > 1e-3:
                 warnings.warn(f"verify: the engine's dense run differs from dense torch by {dense_error:.2e} (relative)", RuntimeWarning, stacklevel=2)
             contenders["engine dense"] = lambda: call_model(engine_dense, batch)
         samples = time_alternating(contenders, rounds)
         timed_whole = ((table.meta.get("deployed_fixed") or {}).get("whole_blocks") or {}) if table is not None else {}
         fused = [n for n in fused_blocks(pruned) if not any(n == b or n.startswith(b + ".") for b in timed_whole)]
-        generated = batch.generation(model, pruned, twin, rounds=min(rounds, GENERATION_ROUNDS)) if twin is not None else None
+        generated = batch.generation(baseline, pruned, twin, rounds=min(rounds, GENERATION_ROUNDS)) if twin is not None else None
     finally:
         set_threads(previous)
         torch.set_grad_enabled(grad)
@@ -316,6 +323,7 @@ def verify(
     result = VerifyResult.from_samples(
         samples["dense"], samples["pruned"], target, predicted, tolerance, threads, error,
         formats=formats_of(pruned),
+        baseline=BASELINE if baseline is model else ORIGINAL,
         engine_baseline=None if engine_time is None else ENGINE_BASELINE if kernel_faster else TORCH_FASTER,
         engine_dense_time=engine_time,
         engine_dense_ratios=engine_ratios,
@@ -327,7 +335,7 @@ def verify(
     measured, met = result.measured_speedup, result.met
     if met is False:
         warnings.warn(
-            f"SPEEDUP MISSED: measured {measured:.3f}x over {BASELINE} (spread {result.measured_spread:.1%}) < target {target:g}x "
+            f"SPEEDUP MISSED: measured {measured:.3f}x over {result.baseline} (spread {result.measured_spread:.1%}) < target {target:g}x "
             f"- {tolerance:.0%} noise tolerance; predicted {'?' if predicted is None else f'{predicted:.3f}'}x. The timing table may be stale or "
             f"measured under other load; re-measure it on this machine",
             SpeedupMiss,

@@ -77,6 +77,14 @@ class ModelBundle:
     search_loss: str | None = None
     # what the deployed model is timed and verified on (None: the first calibration batch); causal LMs decode
     workload: Workload | None = None
+    # the model pruned versions are compared with, in speed and in output, when not ``model`` itself: the original
+    # that ``model`` was shrunk from (`spdy.pipeline.shrink_first`)
+    reference: nn.Module | None = None
+
+    @property
+    def dense_reference(self) -> nn.Module:
+        """The dense model every speedup and loss is over: ``reference``, else ``model``."""
+        return self.model if self.reference is None else self.reference
 
     @cached_property
     def timing_batch(self) -> Any:

@@ -27,7 +27,7 @@ def digits_data(seed: int = 0, batch_size: int = 128, images: bool = True) -> tu
     return list(x[:split].split(batch_size)), list(y[:split].split(batch_size)), list(x[split:].split(batch_size)), list(y[split:].split(batch_size))
 
 
-def digits_mlp(hidden: int = 256, depth: int = 2, epochs: int = 40, batch_size: int = 128, seed: int = 0) -> ModelBundle:
+def digits_mlp(hidden: int = 512, depth: int = 2, epochs: int = 40, batch_size: int = 128, seed: int = 0) -> ModelBundle:
     """An MLP on the flattened images; LayerNorm + GELU give it real time outside the prunable layers, like a transformer block."""
     train, train_labels, test, test_labels = digits_data(seed, batch_size, images=False)
     torch.manual_seed(seed)

@@ -80,20 +80,25 @@ class Evaluator:
 
     ``loss`` is a built-in name or a callable ``(output, dense_output, batch) -> scalar``;
     ``labels`` (one tensor per batch) are needed by ``"ce"`` only. ``forward`` (batch -> tensor)
-    is what gets compared, the model's output by default (e.g. a family's per-token states). Non-finite losses become
+    is what gets compared, the model's output by default (e.g. a family's per-token states). ``reference_model``: the
+    model whose outputs candidates are compared with, when not ``model`` as it stands now (a shrunk model's original,
+    same inputs and outputs; compared on outputs only, so no ``forward``). Non-finite losses become
     ``inf`` with a warning, so a broken candidate never wins; a non-finite dense reference is
     broken input (every candidate would fail) and an ``InputError`` naming the ``split`` batch.
     """
 
     def __init__(self, model: nn.Module, batches: Sequence[Any], loss: str | LossFn = "cosine",
                  apply: Callable[[Mapping[str, str]], object] | None = None, labels: Sequence[torch.Tensor] | None = None,
-                 split: str = "evaluation", forward: Callable[[Any], torch.Tensor] | None = None):
+                 split: str = "evaluation", forward: Callable[[Any], torch.Tensor] | None = None,
+                 reference_model: nn.Module | None = None):
         if isinstance(loss, str) and loss not in _BUILTIN:
             raise InputError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)} or pass a callable")
         if not batches:
             raise InputError("the evaluator needs at least one batch")
         if loss == "ce" and (labels is None or len(labels) != len(batches)):
             raise InputError("loss 'ce' needs labels: one tensor per batch")
+        if reference_model is not None and forward is not None:
+            raise InputError("a search signal other than the model's output is compared within one model, not with another (reference_model)")
         self.model, self.batches, self.loss, self.apply = model, list(batches), loss, apply
         self.forward = forward
         self.fn: LossFn = _BUILTIN[loss] if isinstance(loss, str) else loss
@@ -103,7 +108,7 @@ class Evaluator:
         elif loss == "next-token":
             self.reference = [None] * len(self.batches)
         else:
-            self.reference = [self._forward(b) for b in self.batches]
+            self.reference = [self._forward(b, reference_model) for b in self.batches]
         for i, reference in enumerate(self.reference):
             if isinstance(reference, torch.Tensor) and reference.is_floating_point() and not bool(torch.isfinite(reference).all()):
                 what = "labels" if loss == "ce" else "dense model's output"
@@ -111,8 +116,8 @@ class Evaluator:
                                  f"loss would be non-finite; clean the data or fix the model before searching")
 
     @torch.no_grad()
-    def _forward(self, batch: Any) -> torch.Tensor:
-        out = self.forward(batch) if self.forward is not None else call_model(self.model, batch)
+    def _forward(self, batch: Any, model: nn.Module | None = None) -> torch.Tensor:
+        out = self.forward(batch) if self.forward is not None else call_model(self.model if model is None else model, batch)
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"the model returned {type(out).__name__}; spdy needs one tensor per batch (wrap the model)")
         return out

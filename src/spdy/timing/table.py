@@ -171,6 +171,20 @@ class TimingTable:
     def max_speedup(self) -> float:
         return self.base / self.min_time()
 
+    @property
+    def reference_speedup(self) -> float:
+        """The unpruned model's speedup over ``base``'s model: 1, unless this model was shrunk from that one (`rebased`)."""
+        return float((self.meta.get("reference") or {}).get("speedup", 1.0))
+
+    def rebased(self, speedup: float, reference: str) -> "TimingTable":
+        """A copy whose speedups are over ``reference``, the larger model this one was shrunk from, which runs
+        ``speedup`` x slower than this one unpruned: targets and predictions then mean what a user compares with."""
+        if not (math.isfinite(speedup) and speedup > 0):
+            raise InputError(f"rebasing a timing table needs a finite positive speedup over {reference}, got {speedup!r}")
+        meta = dict(self.meta, reference={"model": reference, "speedup": float(speedup), "base_before": self.base})
+        return TimingTable({u: dict(o) for u, o in self.times.items()}, self.base * speedup, self.fixed, meta, dict(self.shapes),
+                           {n: dict(b) for n, b in self.dense_blocks.items()})
+
     def budget(self, target: float) -> float:
         """Time the solver's units may use for a ``target`` speedup: ``base / target - fixed``."""
         return self.base / check_target(target) - self.fixed
@@ -253,7 +267,7 @@ class TimingTable:
             return target
         points = [(self.fixed + fit["scale"] * p["unit_time"], p["measured_time"]) for p in fit["points"]]
         if not self.dense_formats():  # the unpruned model, exact by definition, is a profile of this table only then
-            points.append((self.fixed + sum(self.unpruned_time(u) for u in self.units), self.base))
+            points.append((self.fixed + sum(self.unpruned_time(u) for u in self.units), self.base / self.reference_speedup))
         predicted, measured = zip(*points)
         order = np.argsort(predicted)
         xs, ratios = np.array(predicted)[order], (np.array(measured) / np.array(predicted))[order]
