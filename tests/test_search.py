@@ -4,6 +4,7 @@ the weights kept, plus a fixed part): these tests check the searches, and a tabl
 loaded machine made them fail for reasons of its own."""
 
 import json
+from dataclasses import replace
 import math
 
 import pytest
@@ -17,7 +18,7 @@ from spdy.search.evaluate import Evaluator, MultiFidelity
 from spdy.search.evolution import EvoConfig, EvolutionSearch
 from spdy.levels import DENSE, Option, options_for
 from spdy.models.digits import digits_mlp
-from spdy.search.select import FINALISTS, pick_on_validation
+from spdy.search.select import FINALISTS, pick_on_validation, with_uniform
 from spdy.search.spdy import SpdyConfig, SpdySearch, fidelities
 from spdy.timing.table import TimingTable
 from spdy.units import find_units, weight_matrix
@@ -263,6 +264,29 @@ def test_finalists_keep_the_best_distinct_full_scores_and_validation_picks_among
     assert picked.meta["coefficients"] == finalists[best]["coefficients"] and "finalists" not in picked.meta
     assert [v["validation_loss"] for v in picked.meta["validation"]] == pytest.approx(scores)
     assert picked.predicted_speedup == pytest.approx(table.predicted_speedup(picked.options)) and picked.predicted_speedup >= target
+
+
+def test_spdy_is_never_handed_back_worse_than_the_uniform_profile(setup):
+    """The uniform profile at the same target joins a search's finalists: taken when it scores better on the
+    calibration data, left to the validation pick otherwise; a target no single level meets leaves the profile be."""
+    _, _, table, _, evaluator, target = setup
+    searched = SpdySearch(table, target, evaluator, SpdyConfig(random_starts=4, tries=2, seed=1), progress=False).run()
+    even = baselines.uniform(table, target).options
+    assert searched.options != even
+    real = with_uniform(searched, table, target, evaluator)
+    assert real.meta["uniform_calibration_loss"] == pytest.approx(evaluator(even)) and real.evaluations == searched.evaluations + 1
+    assert real.calibration_loss == min(searched.calibration_loss, real.meta["uniform_calibration_loss"])
+    favours = with_uniform(searched, table, target, lambda options: 0.0 if options == even else 1.0)
+    assert favours.options == even and favours.calibration_loss == 0.0 and favours.meta["uniform"]
+    assert favours.predicted_speedup == pytest.approx(table.predicted_speedup(even)) and favours.predicted_speedup >= target
+    shuns = with_uniform(searched, table, target, lambda options: 9.0 if options == even else 1.0)
+    assert shuns.options == searched.options and shuns.meta["finalists"][-1]["baseline"] == "uniform"
+    picked = pick_on_validation(shuns, table, lambda options: 0.0 if options == even else 1.0)  # validation decides
+    assert picked.options == even and picked.meta["uniform"] and picked.meta["coefficients"] == searched.meta["coefficients"]
+    assert with_uniform(replace(searched, options=even), table, target, evaluator).evaluations == searched.evaluations  # already uniform
+    with pytest.raises(InputError):
+        baselines.uniform(table, table.max_speedup() * 1.5)
+    assert with_uniform(searched, table, table.max_speedup() * 1.5, evaluator) is searched  # no uniform profile to compare with
 
 
 def test_evolution_keeps_finalists_too(setup):

@@ -33,7 +33,7 @@ from spdy.search import baselines
 from spdy.search.dp import InfeasibleTarget, scaled_errors, solve
 from spdy.search.budget import DEFAULT_SEARCH_BUDGET, parse_budget
 from spdy.search.profile import METHODS, Profile
-from spdy.search.select import VALIDATION, pick_on_validation
+from spdy.search.select import VALIDATION, pick_on_validation, with_uniform
 from spdy.quality import default_max_loss, outputs, quality, quality_loss, quality_loss_name
 from spdy.search.spdy import SpdyConfig, SpdySearch
 from spdy.files import digest, replace_atomically, write_json
@@ -235,6 +235,8 @@ def find_profile(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTa
             profile.calibration_loss = calibration(profile.options)
             profile.evaluations = 1
             profile.meta["seconds"] = round(time.perf_counter() - started, 2)
+        if method == "spdy":
+            profile = with_uniform(profile, table, target, calibration)
         if validation is not None:
             profile = pick_on_validation(profile, table, validation)
         profile.meta.pop("finalists", None)
@@ -875,7 +877,8 @@ def _run(cfg: RunConfig, say: Callable[[str], None], progress: bool, cluster: Ra
                 learned = found.meta.get("coefficients")
             say(f"[4/6] {target:g}x {method}: predicted {found.predicted_speedup:.3f}x, calibration loss {found.calibration_loss:.5g}"
                 + (f", validation {found.validation_loss:.5g}" if found.validation_loss is not None else "")
-                + (f", held-out {found.heldout_loss:.5g}" if found.heldout_loss is not None else "") + f" ({found.evaluations} evaluations)")
+                + (f", held-out {found.heldout_loss:.5g}" if found.heldout_loss is not None else "") + f" ({found.evaluations} evaluations)"
+                + ("; the uniform profile scored better than any the search found, so it is the pick" if found.meta.get("uniform") else ""))
             learned_here = found.meta.get("coefficients") if method == "spdy" else None
             files = {id(found): path}
 
