@@ -108,6 +108,12 @@ def test_run_shrinks_then_prunes_and_exports_a_smaller_sparse_model(tmp_path, mo
     with torch.no_grad():
         out = loaded(heldout[0])
     assert out.shape == original(heldout[0]).shape and torch.isfinite(out).all()
+    # another method's profile exports from the cached stages onto the smaller model, and loads as one
+    assert main(["export", str(work), "--target", "1.5", "--method", "uniform"]) == 0
+    other = spdy.load(work / "export-1.5x-uniform", model=wide_mlp()[0])
+    assert other.get_submodule("2").in_features == loaded.get_submodule("2").in_features
+    with torch.no_grad():
+        assert other(heldout[0]).shape == out.shape
     # a rerun resumes every stage of both runs from the work directory
     assert main(["run", "test_shrink:wide_mlp", "--shrink", "1.2", "--target", "1.5", "--levels", "0.5,0.7,0.9,0.95",
                  "--random-starts", "4", "--tries", "2", "--rounds", "6", "--threads", "1", "--baselines", "uniform",

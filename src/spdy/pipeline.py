@@ -721,28 +721,36 @@ def shrink_first(cfg: RunConfig, say: Callable[[str], None], progress: bool, clu
     """A mixed profile's first stage: the structured run to ``cfg.shrink`` over dense torch (cached in WORK/shrink), then the
     smaller model it exported, loaded as a user would (`spdy.load`), with the original kept as the bundle's ``reference``:
     every later speedup, loss and verify is over the original, so ``--target`` means what the user compares with."""
-    from spdy.files import read_json
-    from spdy.runtime.deploy import RUNTIME, load
-
     first = replace(cfg, pattern=STRUCTURED, shrink=None, target=cfg.shrink, targets=None, levels=None, include=None, exclude=None,
                     method=cfg.method if cfg.method not in WEIGHT_BASELINES else "spdy",
                     pruner=cfg.pruner if cfg.pruner in ("obs", "magnitude") else "obs", baselines=(),
                     work_dir=str(Path(cfg.work_dir) / "shrink"))
-    summary = _run(first, lambda text: say(f"shrink: {text}"), progress, cluster)
-    bundle, units = load_bundle(cfg.model, cfg.samples, cfg.heldout, cfg.seq_len, cfg.batch_size, cfg.include, cfg.exclude or (),
-                                cfg.validation, cfg.database_samples, cfg.workload, "unstructured")
-    original = bundle.model
-    bundle.model = load(summary["export"], model=copy.deepcopy(original)).eval()
-    bundle.reference = original
-    measured = summary["profiles"][first.method]["verify"]
-    bundle.meta["structure"] = read_json(Path(summary["export"]) / RUNTIME, "export runtime file")["structured"]
-    bundle.meta["shrink"] = {"work_dir": first.work_dir, "export": summary["export"], "target": cfg.shrink,
-                             "measured_speedup": measured["measured_speedup"], "quality": summary["profiles"][first.method]["quality"],
-                             "structure": bundle.meta["structure"]}
-    units = prunable_units(bundle, cfg.include, cfg.exclude or ())
-    say(f"shrink: the smaller model measured {measured['measured_speedup']:.3f}x over dense torch; now pruning it with --pattern "
-        f"{cfg.pattern} to {cfg.target or cfg.targets or 'a curve of targets'} over the original")
+    _run(first, lambda text: say(f"shrink: {text}"), progress, cluster)
+    bundle, units = shrunk_bundle(cfg, Path(first.work_dir))
+    say(f"shrink: the smaller model measured {bundle.meta['shrink']['measured_speedup']:.3f}x over dense torch; now pruning it "
+        f"with --pattern {cfg.pattern} to {cfg.target or cfg.targets or 'a curve of targets'} over the original")
     return bundle, units
+
+
+def shrunk_bundle(cfg: RunConfig, shrink_dir: Path) -> tuple[ModelBundle, dict[str, Unit]]:
+    """The model and data of ``cfg`` with the smaller model the structured run in ``shrink_dir`` exported as the bundle's
+    model (`spdy.load`, as a user loads it), the original as its ``reference``, and the units of the smaller model."""
+    from spdy.files import read_json
+    from spdy.runtime.deploy import RUNTIME, load
+
+    summary = read_json(shrink_dir / "summary.json", "structured run summary")
+    export = shrink_dir / "export"
+    bundle, _ = load_bundle(cfg.model, cfg.samples, cfg.heldout, cfg.seq_len, cfg.batch_size, cfg.include, cfg.exclude or (),
+                            cfg.validation, cfg.database_samples, cfg.workload, "unstructured")
+    original = bundle.model
+    bundle.model = load(export, model=copy.deepcopy(original)).eval()
+    bundle.reference = original
+    chosen = summary["profiles"][summary["method"]]
+    bundle.meta["structure"] = read_json(export / RUNTIME, "export runtime file")["structured"]
+    bundle.meta["shrink"] = {"work_dir": str(shrink_dir), "export": str(export), "target": cfg.shrink,
+                             "measured_speedup": chosen["verify"]["measured_speedup"], "quality": chosen["quality"],
+                             "structure": bundle.meta["structure"]}
+    return bundle, prunable_units(bundle, cfg.include, cfg.exclude or ())
 
 
 def over_reference(bundle: ModelBundle, table: TimingTable, table_path: Path, rounds: int = CALIBRATION_ROUNDS * 2) -> tuple[TimingTable, Path]:
@@ -969,8 +977,11 @@ def export_point(work_dir: str | Path, target: float, method: str | None = None,
                          f"{', '.join(f'{t:g}' for t in measured) or 'no target'} (methods: {', '.join(sorted({p['method'] for p in summary['curve']}))})")
     point = points[0]
     cfg = RunConfig(**summary["config"])
-    bundle, units = load_bundle(cfg.model, cfg.samples, cfg.heldout, cfg.seq_len, cfg.batch_size, cfg.include, cfg.exclude or (),
-                                pattern=cfg.pattern)
+    if cfg.shrink is not None:  # the profile prunes the smaller model the run's structured stage exported
+        bundle, units = shrunk_bundle(cfg, work / "shrink")
+    else:
+        bundle, units = load_bundle(cfg.model, cfg.samples, cfg.heldout, cfg.seq_len, cfg.batch_size, cfg.include, cfg.exclude or (),
+                                    pattern=cfg.pattern)
     db = Database.open(work / Path(summary["database"]).name)  # every stage lives in the work directory, wherever it moved
     check_same_model(bundle, db)
     profile = Profile.load(work / Path(point["profile_file"]).name)
