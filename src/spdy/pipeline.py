@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import statistics
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields, replace
@@ -310,7 +309,7 @@ def export_profile(bundle: ModelBundle, units: Mapping[str, Unit], profile: Prof
         return export(small, bundle.name, profile, {}, directory, tokenizer=bundle.tokenizer, structure=kept, example=timing_batch(bundle))
     apply(units, profile, db)
     return export(bundle.model, bundle.name, profile, formats, directory, tokenizer=bundle.tokenizer, example=timing_batch(bundle),
-                  structure=bundle.meta.get("structure"))
+                  structure=(bundle.meta.get("shrink") or {}).get("structure"))
 
 
 def default_target(table: TimingTable) -> float:
@@ -746,32 +745,21 @@ def shrunk_bundle(cfg: RunConfig, shrink_dir: Path) -> tuple[ModelBundle, dict[s
     bundle.model = load(export, model=copy.deepcopy(original)).eval()
     bundle.reference = original
     chosen = summary["profiles"][summary["method"]]
-    bundle.meta["structure"] = read_json(export / RUNTIME, "export runtime file")["structured"]
     bundle.meta["shrink"] = {"work_dir": str(shrink_dir), "export": str(export), "target": cfg.shrink,
                              "measured_speedup": chosen["verify"]["measured_speedup"], "quality": chosen["quality"],
-                             "structure": bundle.meta["structure"]}
+                             "structure": read_json(export / RUNTIME, "export runtime file")["structured"]}
     return bundle, prunable_units(bundle, cfg.include, cfg.exclude or ())
 
 
 def over_reference(bundle: ModelBundle, table: TimingTable, table_path: Path, rounds: int = CALIBRATION_ROUNDS * 2) -> tuple[TimingTable, Path]:
     """The table of a shrunk model rebased onto its original (`TimingTable.rebased`): the two run alternately on the
     timing batch, unpruned, and the median ratio scales ``base`` (cached beside the table)."""
-    from spdy.runtime.formats import set_threads
-    from spdy.runtime.timer import time_alternating
-    from spdy.units import call_model
+    from spdy.verify_structured import speedup_of
 
     path = table_path.with_name(table_path.stem + "-over-original.json")
     if path.is_file():
         return TimingTable.load(path), path
-    batch, previous = timing_batch(bundle), torch.get_num_threads()
-    set_threads(int(table.meta.get("threads") or previous))
-    try:
-        with torch.no_grad():
-            samples = time_alternating({"original": lambda: call_model(bundle.reference, batch), "shrunk": lambda: call_model(bundle.model, batch)},
-                                       rounds)
-    finally:
-        set_threads(previous)
-    ratio = statistics.median(o / s for o, s in zip(samples["original"], samples["shrunk"]))
+    ratio = speedup_of(bundle.reference, bundle.model, timing_batch(bundle), rounds, table.meta.get("threads"))
     rebased = table.rebased(ratio, f"the original {bundle.name}")
     rebased.save(path)
     return rebased, path

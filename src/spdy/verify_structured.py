@@ -67,6 +67,12 @@ def sized_speedup(model: nn.Module, units: Mapping[str, Unit], options: Mapping[
     for name, key in options.items():
         if key != DENSE:
             keep_first(small, block_of(units[name]), block_of(units[name]).kept(key))
+    return speedup_of(model, small, batch, rounds, threads, engine)
+
+
+@torch.no_grad()
+def speedup_of(model: nn.Module, small: nn.Module, batch: Any, rounds: int, threads: int | None = None, engine: str = "torch-cpu") -> float:
+    """Median per-round speedup of ``small`` over ``model``, the two run alternately on ``engine`` with ``threads``."""
     threads = int(threads or torch.get_num_threads())
     with _timing(threads):
         dense, pruned, _ = _alternate(model, small, batch, _tensor(call_model(small, batch)), engine, threads, rounds)
