@@ -58,8 +58,11 @@ def main() -> None:
     stitcher = Stitcher({u: units[u] for u in table.units}, db)
     output_heldout = Evaluator(bundle.model, bundle.heldout, bundle.loss, stitcher.apply, bundle.heldout_labels, "heldout")
     plain = replace(bundle, search_loss=None)
-    bundle.search_on(next(iter(bundle.signals)))
-    evaluations = {"output": pipeline.evaluators(plain, stitcher), "signal": pipeline.evaluators(bundle, stitcher)}
+    evaluations = {"output": pipeline.evaluators(plain, stitcher)}
+    signal = next(iter(bundle.signals), None)  # a classifier (digits-cnn) has only its output
+    if signal is not None:
+        bundle.search_on(signal)
+        evaluations["signal"] = pipeline.evaluators(bundle, stitcher)
     maximum = table.max_speedup()
     print(f"{bundle.name}: dense {table.base * 1e3:.1f} ms, max {maximum:.3f}x on the table; {args.samples} calibration / "
           f"{args.validation} validation / {args.heldout} held-out samples; database on {args.database_samples or 'the calibration'} "
@@ -98,7 +101,7 @@ def main() -> None:
                 for seed in (int(s) for s in args.seeds.split(",")):
                     row(target, method, variant, seed)
         for method in filter(None, args.baselines.split(",")):
-            row(target, method, "signal")
+            row(target, method, "signal" if signal else "output")
 
 
 if __name__ == "__main__":

@@ -6,10 +6,12 @@ at ``--levels`` (a full MiniLM build is ~3 minutes per run on this machine); the
 with ``--random-starts`` and ``--tries`` on a synthetic timing table (time proportional to the
 weights kept plus a fixed part: the search's cost does not depend on the table's numbers).
 
-    NUMBA_NUM_THREADS=2 python bench/bench_ray.py [--layers 2] [--threads 2] [-o bench/results/ray.json]
+    NUMBA_NUM_THREADS=2 python bench/bench_ray.py [--layers 2] [--threads 2] [--parts database,search,faults] [--repeats 3] [-o bench/results/ray.json]
 
 Prints JSON: wall times, per-task compute and the overhead Ray adds per task, whether the
-outputs are identical, and the fault runs (one worker SIGKILLed mid-task): time added.
+outputs are identical, and the fault runs (one worker SIGKILLed mid-task): time added. The Ray
+database is built twice, its units handed to the workers longest first (what `build_database`
+does) and in the model's order (as before), to show what the order costs at the end of a build.
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ def kill_after(title: str, delay: float) -> list[float]:
     return done
 
 
+def median(results: list[dict], key: str) -> dict:
+    """The result whose ``key`` is the median (the lower middle one of an even count)."""
+    return sorted(results, key=lambda r: r[key])[(len(results) - 1) // 2]
+
+
 def table_for(units, levels: list[float]) -> TimingTable:
     keys = [DENSE] + [o.key for o in options_for("unstructured", levels)]
     times = {u: {k: unit.weight_shape[0] * unit.weight_shape[1] * 1e-9 * (0.2 + 0.8 * (1 - Option.parse(k).sparsity)) for k in keys}
@@ -74,8 +81,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--random-starts", type=int, default=32)
     parser.add_argument("--tries", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=1, help="Ray database builds per order (alternated; the median is kept)")
+    parser.add_argument("--parts", default="database,search,faults", help="which of database, search, faults to run")
     parser.add_argument("-o", "--output")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     levels = _levels(args.levels)
     include = [f"bert.encoder.layer.{i}.*" for i in range(args.layers)]
     bundle, units = load_bundle("minilm", include=include)
@@ -105,16 +115,28 @@ def main() -> None:
     local_db, out["database_local"] = build("local")
     stitcher = Stitcher(units, local_db)
     evaluator = Evaluator(bundle.model, bundle.calibration, bundle.objective, stitcher.apply)
-    local_profile, out["search_local"] = search()
-    stitcher.restore()
+    if "search" in parts:
+        local_profile, out["search_local"] = search()
+        stitcher.restore()
     print(json.dumps(out, indent=1), flush=True)
 
     started = time.perf_counter()
     with RayCluster("ray", cpus=args.threads, threads=1) as cluster:
         out["ray_start_s"] = round(time.perf_counter() - started, 2)
-        ray_db, out["database_ray"] = build("ray", cluster.map_unordered)
         n = len(units)
-        out["database_ray"]["overhead_per_task_s"] = round((out["database_ray"]["wall_s"] * args.threads - out["database_ray"]["task_s_sum"]) / n, 3)
+        rank = {u: i for i, u in enumerate(units)}
+
+        def model_order(fn, jobs):
+            return cluster.map_unordered(fn, sorted(jobs, key=lambda job: rank[job[0]]))
+
+        runs: dict[str, list[dict]] = {"database_ray": [], "database_ray_model_order": []}
+        for repeat in range(args.repeats):  # the two orders alternated, so a change in the machine's load hits both
+            ray_db, result = build(f"ray-{repeat}", cluster.map_unordered)
+            runs["database_ray"].append(result)
+            runs["database_ray_model_order"].append(build(f"ray-model-order-{repeat}", model_order)[1])
+        for run, results in runs.items():
+            out[run] = dict(median(results, "wall_s"), walls_s=[r["wall_s"] for r in results])
+            out[run]["overhead_per_task_s"] = round((out[run]["wall_s"] * args.threads - out[run]["task_s_sum"]) / n, 3)
         # a task's result depends on its thread count: compared with a local build at the workers' one thread
         torch.set_num_threads(1)
         one_db, out["database_local_1_thread"] = build("local-1")
@@ -126,26 +148,28 @@ def main() -> None:
         out["database_ray"]["identical_to_2_threads"] = all(ray_db.manifest["units"][u]["sha256"] == local_db.manifest["units"][u]["sha256"] for u in units)
         print(json.dumps(out["database_ray"]), flush=True)
 
-        killed = kill_after("ray::_run_task", 0.4 * out["database_ray"]["wall_s"])
-        _, out["database_ray_killed"] = build("ray-killed", cluster.map_unordered)
-        out["database_ray_killed"]["killed_at_s"] = killed
-        out["database_ray_killed"]["added_s"] = round(out["database_ray_killed"]["wall_s"] - out["database_ray"]["wall_s"], 2)
-        print(json.dumps(out["database_ray_killed"]), flush=True)
+        if "faults" in parts:
+            killed = kill_after("ray::_run_task", 0.4 * out["database_ray"]["wall_s"])
+            _, out["database_ray_killed"] = build("ray-killed", cluster.map_unordered)
+            out["database_ray_killed"]["killed_at_s"] = killed
+            out["database_ray_killed"]["added_s"] = round(out["database_ray_killed"]["wall_s"] - out["database_ray"]["wall_s"], 2)
+            print(json.dumps(out["database_ray_killed"]), flush=True)
+        if "search" in parts:
+            made = time.perf_counter()
+            pool = cluster.pool(evaluator, stitcher)
+            out["pool_start_s"] = round(time.perf_counter() - made, 2)  # until the actors are made; they load while the search starts
+            ray_profile, out["search_ray"] = search(pool)
+            out["search_ray"]["same_profile"] = ray_profile.options == local_profile.options
+            out["search_ray"]["same_loss"] = ray_profile.calibration_loss == local_profile.calibration_loss
+            print(json.dumps(out["search_ray"]), flush=True)
 
-        made = time.perf_counter()
-        pool = cluster.pool(evaluator, stitcher)
-        out["pool_start_s"] = round(time.perf_counter() - made, 2)  # until the actors are made; they load while the search starts
-        ray_profile, out["search_ray"] = search(pool)
-        out["search_ray"]["same_profile"] = ray_profile.options == local_profile.options
-        out["search_ray"]["same_loss"] = ray_profile.calibration_loss == local_profile.calibration_loss
-        print(json.dumps(out["search_ray"]), flush=True)
-
-        killed = kill_after("ray::_Evaluating.call", 0.4 * out["search_ray"]["wall_s"])
-        again, out["search_ray_killed"] = search(pool)
-        out["search_ray_killed"]["killed_at_s"] = killed
-        out["search_ray_killed"]["same_profile"] = again.options == ray_profile.options
-        out["search_ray_killed"]["added_s"] = round(out["search_ray_killed"]["wall_s"] - out["search_ray"]["wall_s"], 2)
-        pool.close()
+            if "faults" in parts:
+                killed = kill_after("ray::_Evaluating.call", 0.4 * out["search_ray"]["wall_s"])
+                again, out["search_ray_killed"] = search(pool)
+                out["search_ray_killed"]["killed_at_s"] = killed
+                out["search_ray_killed"]["same_profile"] = again.options == ray_profile.options
+                out["search_ray_killed"]["added_s"] = round(out["search_ray_killed"]["wall_s"] - out["search_ray"]["wall_s"], 2)
+            pool.close()
     print(json.dumps(out, indent=1))
     if args.output:
         Path(args.output).write_text(json.dumps(out, indent=1) + "\n")

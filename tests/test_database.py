@@ -211,6 +211,25 @@ def test_resume_after_interrupted_build(bundle, units, tmp_path):
     assert db.check() == {}
 
 
+def test_a_parallel_build_starts_the_longest_units_and_records_the_local_order(bundle, units, tmp_path):
+    chosen = layer(units, 1, ("attention.self.query", "intermediate.dense", "output.dense", "attention.output.dense"))
+    opts = options_for("unstructured", [0.5, 0.9])
+    started = []
+
+    def in_turn(fn, jobs):  # a one-worker executor: runs the jobs in the order handed over
+        for job in jobs:
+            started.append(job[0])
+            yield fn(*job)
+
+    parallel = build_database(bundle.model, chosen, bundle.calibration, opts, tmp_path / "parallel", "magnitude", progress=False, executor=in_turn)
+    local = build_database(bundle.model, chosen, bundle.calibration, opts, tmp_path / "local", "magnitude", progress=False)
+    prefix = "bert.encoder.layer.1."
+    # 384 x 1536 (384 x 1536^2 = 9.1e8) before 1536 x 384 (2.3e8) and the two 384 x 384 (5.7e7), ties in model order
+    assert started == [prefix + n for n in ("output.dense", "intermediate.dense", "attention.self.query", "attention.output.dense")]
+    assert parallel.units == local.units == list(chosen)
+    assert {u: e["sha256"] for u, e in parallel.manifest["units"].items()} == {u: e["sha256"] for u, e in local.manifest["units"].items()}
+
+
 def test_corrupt_and_missing_files_are_reported_and_rebuilt(bundle, units, tmp_path):
     db = small_build(bundle, units, tmp_path)
     corrupt, missing = db.units[1], db.units[2]

@@ -129,6 +129,13 @@ def _build_unit(directory: Path, name: str, kind: str, original: torch.Tensor, s
     }
 
 
+def reconstruction_cost(shape: Sequence[int]) -> int:
+    """How long a unit's reconstruction takes, up to a constant: OBS is ``rows x columns^2`` (a Hessian of
+    ``columns`` squared, row by row). Orders a parallel build: the longest task started last bounds its wall time."""
+    rows, columns = shape[0], math.prod(shape[1:])
+    return rows * columns * columns
+
+
 # runs ``fn(*job)`` for every job, yielding each result as it finishes, in any order, and stops the jobs still running
 # when closed (e.g. `spdy.cluster.RayCluster.map_unordered`)
 Executor = Callable[[Callable[..., tuple[str, dict]], Iterable[tuple]], Generator[tuple[str, dict], None, None]]
@@ -171,6 +178,8 @@ def build_database(
             del manifest["units"][bad]
         write_manifest(directory, manifest)  # with the stamps check() verified
         todo = {name: unit for name, unit in units.items() if name not in manifest["units"]}
+        if executor is not None:  # parallel workers: the longest reconstructions first, so none is left to run alone at the end
+            todo = dict(sorted(todo.items(), key=lambda item: -reconstruction_cost(item[1].weight_shape)))
         if todo:
             stats = capture(model, todo, calibration, rows=algorithm.rows, progress=progress)
             with progress_bar(total=len(todo) * len(options), desc=f"{algorithm.name} database", unit="level", disable=not progress) as bar:
