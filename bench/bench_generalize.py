@@ -79,11 +79,11 @@ def main() -> None:
         profile = pipeline.find_profile(bundle if kind == "signal" else plain, units, table, db, target, settings, progress=False,
                                         evaluation=pipeline.Evaluators(calibration, validation if pick else None, heldout))
         seconds = time.perf_counter() - started
-        validation_loss = profile.validation_loss if pick else validation(profile.options)
+        validation_loss = profile.validation_loss if pick else validation(profile.options) if validation else None  # digits: no split
         output = output_heldout(profile.options)
         stitcher.restore()
         load = os.getloadavg()[0]
-        print(f"| {target:.3f} | {method}{f' (seed {seed})' if seed else ''} | {variant} | {profile.predicted_speedup:.3f} | {profile.calibration_loss:.5f} | {validation_loss:.5f} "
+        print(f"| {target:.3f} | {method}{f' (seed {seed})' if seed else ''} | {variant} | {profile.predicted_speedup:.3f} | {profile.calibration_loss:.5f} | {'-' if validation_loss is None else f'{validation_loss:.5f}'} "
               f"| {profile.heldout_loss:.5f} | {output:.5f} | {profile.evaluations} | {seconds:.0f} | {load:.2f} |", flush=True)
         if args.out:
             with open(args.out, "a") as f:

@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--random-starts", type=int, default=32)
     parser.add_argument("--tries", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=1, help="Ray database builds per order (alternated; the median is kept)")
+    parser.add_argument("--repeats", type=int, default=1, help="Ray database builds per order, and local and Ray searches (alternated; medians kept)")
     parser.add_argument("--parts", default="database,search,faults", help="which of database, search, faults to run")
     parser.add_argument("-o", "--output")
     args = parser.parse_args()
@@ -115,50 +115,57 @@ def main() -> None:
     local_db, out["database_local"] = build("local")
     stitcher = Stitcher(units, local_db)
     evaluator = Evaluator(bundle.model, bundle.calibration, bundle.objective, stitcher.apply)
-    if "search" in parts:
-        local_profile, out["search_local"] = search()
-        stitcher.restore()
     print(json.dumps(out, indent=1), flush=True)
 
     started = time.perf_counter()
     with RayCluster("ray", cpus=args.threads, threads=1) as cluster:
         out["ray_start_s"] = round(time.perf_counter() - started, 2)
-        n = len(units)
-        rank = {u: i for i, u in enumerate(units)}
+        if "database" in parts:
+            n = len(units)
+            rank = {u: i for i, u in enumerate(units)}
 
-        def model_order(fn, jobs):
-            return cluster.map_unordered(fn, sorted(jobs, key=lambda job: rank[job[0]]))
+            def model_order(fn, jobs):
+                return cluster.map_unordered(fn, sorted(jobs, key=lambda job: rank[job[0]]))
 
-        runs: dict[str, list[dict]] = {"database_ray": [], "database_ray_model_order": []}
-        for repeat in range(args.repeats):  # the two orders alternated, so a change in the machine's load hits both
-            ray_db, result = build(f"ray-{repeat}", cluster.map_unordered)
-            runs["database_ray"].append(result)
-            runs["database_ray_model_order"].append(build(f"ray-model-order-{repeat}", model_order)[1])
-        for run, results in runs.items():
-            out[run] = dict(median(results, "wall_s"), walls_s=[r["wall_s"] for r in results])
-            out[run]["overhead_per_task_s"] = round((out[run]["wall_s"] * args.threads - out[run]["task_s_sum"]) / n, 3)
-        # a task's result depends on its thread count: compared with a local build at the workers' one thread
-        torch.set_num_threads(1)
-        one_db, out["database_local_1_thread"] = build("local-1")
-        torch.set_num_threads(args.threads)
-        out["database_ray"]["identical_to_1_thread"] = all(ray_db.manifest["units"][u]["sha256"] == one_db.manifest["units"][u]["sha256"] for u in units)
-        out["database_ray"]["same_errors_as_1_thread"] = ray_db.relative_errors() == one_db.relative_errors()
-        out["database_ray"]["largest_error_difference"] = max(abs(a - one_db.relative_errors()[u][k]) / max(a, 1e-300)
-                                                              for u, e in ray_db.relative_errors().items() for k, a in e.items())
-        out["database_ray"]["identical_to_2_threads"] = all(ray_db.manifest["units"][u]["sha256"] == local_db.manifest["units"][u]["sha256"] for u in units)
-        print(json.dumps(out["database_ray"]), flush=True)
+            runs: dict[str, list[dict]] = {"database_ray": [], "database_ray_model_order": []}
+            for repeat in range(args.repeats):  # the two orders alternated, so a change in the machine's load hits both
+                ray_db, result = build(f"ray-{repeat}", cluster.map_unordered)
+                runs["database_ray"].append(result)
+                runs["database_ray_model_order"].append(build(f"ray-model-order-{repeat}", model_order)[1])
+            for run, results in runs.items():
+                out[run] = dict(median(results, "wall_s"), walls_s=[r["wall_s"] for r in results])
+                out[run]["overhead_per_task_s"] = round((out[run]["wall_s"] * args.threads - out[run]["task_s_sum"]) / n, 3)
+            # a task's result depends on its thread count: compared with a local build at the workers' one thread
+            torch.set_num_threads(1)
+            one_db, out["database_local_1_thread"] = build("local-1")
+            torch.set_num_threads(args.threads)
+            out["database_ray"]["identical_to_1_thread"] = all(ray_db.manifest["units"][u]["sha256"] == one_db.manifest["units"][u]["sha256"] for u in units)
+            out["database_ray"]["same_errors_as_1_thread"] = ray_db.relative_errors() == one_db.relative_errors()
+            out["database_ray"]["largest_error_difference"] = max(abs(a - one_db.relative_errors()[u][k]) / max(a, 1e-300)
+                                                                  for u, e in ray_db.relative_errors().items() for k, a in e.items())
+            out["database_ray"]["identical_to_2_threads"] = all(ray_db.manifest["units"][u]["sha256"] == local_db.manifest["units"][u]["sha256"] for u in units)
+            print(json.dumps(out["database_ray"]), flush=True)
 
-        if "faults" in parts:
-            killed = kill_after("ray::_run_task", 0.4 * out["database_ray"]["wall_s"])
-            _, out["database_ray_killed"] = build("ray-killed", cluster.map_unordered)
-            out["database_ray_killed"]["killed_at_s"] = killed
-            out["database_ray_killed"]["added_s"] = round(out["database_ray_killed"]["wall_s"] - out["database_ray"]["wall_s"], 2)
-            print(json.dumps(out["database_ray_killed"]), flush=True)
+            if "faults" in parts:
+                killed = kill_after("ray::_run_task", 0.4 * out["database_ray"]["wall_s"])
+                _, out["database_ray_killed"] = build("ray-killed", cluster.map_unordered)
+                out["database_ray_killed"]["killed_at_s"] = killed
+                out["database_ray_killed"]["added_s"] = round(out["database_ray_killed"]["wall_s"] - out["database_ray"]["wall_s"], 2)
+                print(json.dumps(out["database_ray_killed"]), flush=True)
         if "search" in parts:
             made = time.perf_counter()
             pool = cluster.pool(evaluator, stitcher)
-            out["pool_start_s"] = round(time.perf_counter() - made, 2)  # until the actors are made; they load while the search starts
-            ray_profile, out["search_ray"] = search(pool)
+            pool.pids()  # waits for every actor's constructor: the model, its batches and outputs from the object store
+            out["pool_start_s"] = round(time.perf_counter() - made, 2)  # paid once per search, apart from the search's wall
+            searches: dict[str, list[dict]] = {"search_local": [], "search_ray": []}
+            for _ in range(args.repeats):  # alternated; the pool's actors stay up (idle) while the local search runs
+                local_profile, result = search()
+                stitcher.restore()
+                searches["search_local"].append(result)
+                ray_profile, result = search(pool)
+                searches["search_ray"].append(result)
+            for run, results in searches.items():
+                out[run] = dict(median(results, "wall_s"), walls_s=[r["wall_s"] for r in results])
             out["search_ray"]["same_profile"] = ray_profile.options == local_profile.options
             out["search_ray"]["same_loss"] = ray_profile.calibration_loss == local_profile.calibration_loss
             print(json.dumps(out["search_ray"]), flush=True)
