@@ -1,4 +1,4 @@
-"""Local vs Ray at equal total threads: a MiniLM database build and one SPDY search, and a worker killed in each.
+"""Local vs Ray at equal total threads: a MiniLM (or SmolLM2) database build and one SPDY search, and a worker killed in each.
 
 Local runs torch (and numba) on ``--threads`` threads; Ray runs ``--threads`` workers of one
 thread each on a local instance. The database covers the units of ``--layers`` encoder layers
@@ -61,6 +61,9 @@ def kill_after(title: str, delay: float) -> list[float]:
     return done
 
 
+LAYERS = {"minilm": "bert.encoder.layer.{}.*", "smollm2": "lm.model.layers.{}.*"}  # the units of the first --layers
+
+
 def median(results: list[dict], key: str) -> dict:
     """The result whose ``key`` is the median (the lower middle one of an even count)."""
     return sorted(results, key=lambda r: r[key])[(len(results) - 1) // 2]
@@ -76,6 +79,8 @@ def table_for(units, levels: list[float]) -> TimingTable:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="minilm", choices=sorted(LAYERS))
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per calibration batch (64 sequences in all)")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--levels", default="0.4:0.99:41", help="MIN:MAX:STEPS or a list (default: the SPDY grid)")
     parser.add_argument("--threads", type=int, default=2)
@@ -87,8 +92,8 @@ def main() -> None:
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     levels = _levels(args.levels)
-    include = [f"bert.encoder.layer.{i}.*" for i in range(args.layers)]
-    bundle, units = load_bundle("minilm", include=include)
+    include = [LAYERS[args.model].format(i) for i in range(args.layers)]
+    bundle, units = load_bundle(args.model, include=include, batch_size=args.batch_size)
     opts = options_for("unstructured", levels)
     table = table_for(units, levels)
     target = 1 + 0.5 * (table.max_speedup() - 1)
