@@ -80,7 +80,8 @@ def table_for(units, levels: list[float]) -> TimingTable:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="minilm", choices=sorted(LAYERS))
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per calibration batch (64 sequences in all)")
+    parser.add_argument("--samples", type=int, default=64, help="calibration sequences")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per calibration batch")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--levels", default="0.4:0.99:41", help="MIN:MAX:STEPS or a list (default: the SPDY grid)")
     parser.add_argument("--threads", type=int, default=2)
@@ -93,7 +94,7 @@ def main() -> None:
     parts = set(args.parts.split(","))
     levels = _levels(args.levels)
     include = [LAYERS[args.model].format(i) for i in range(args.layers)]
-    bundle, units = load_bundle(args.model, include=include, batch_size=args.batch_size)
+    bundle, units = load_bundle(args.model, args.samples, include=include, batch_size=args.batch_size)
     opts = options_for("unstructured", levels)
     table = table_for(units, levels)
     target = 1 + 0.5 * (table.max_speedup() - 1)
@@ -167,8 +168,10 @@ def main() -> None:
                 local_profile, result = search()
                 stitcher.restore()
                 searches["search_local"].append(result)
+                print("search_local", json.dumps(result), flush=True)
                 ray_profile, result = search(pool)
                 searches["search_ray"].append(result)
+                print("search_ray", json.dumps(result), flush=True)
             for run, results in searches.items():
                 out[run] = dict(median(results, "wall_s"), walls_s=[r["wall_s"] for r in results])
             out["search_ray"]["same_profile"] = ray_profile.options == local_profile.options
