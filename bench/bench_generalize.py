@@ -11,7 +11,7 @@ fractions of the way to the table's maximum. Variants of the search objective:
 embeddings), no validation pick (the search before issue 23); ``signal`` scores the family's
 richer signal (MiniLM: 1 - cosine of every token's last hidden state); ``+validation`` picks the
 final profile among the search's finalists on validation samples; ``+tied`` shares SPDY's
-coefficients by unit kind and depth; ``+random`` draws every SPDY start at random (no even start). Baselines are scored once.
+coefficients by unit kind and depth. Baselines are scored once.
 Columns: predicted speedup on the table, calibration / validation / held-out loss in the
 variant's search loss, and the held-out loss in the model's own output loss (the one number
 every row shares), plus the load average when the row finished.
@@ -72,10 +72,9 @@ def main() -> None:
 
     def row(target: float, method: str, variant: str, seed: int = 0) -> None:
         kind, *extras = variant.split("+")
-        pick, tie, even = "validation" in extras, "kind-depth" if "tied" in extras else "none", "random" not in extras
+        pick, tie = "validation" in extras, "kind-depth" if "tied" in extras else "none"
         calibration, validation, heldout = evaluations[kind]
-        settings = pipeline.SearchSettings(method, seed, budget=parse_budget(args.budget) if method in ("spdy", "evo") else None, tie=tie,
-                                           even_start=even)
+        settings = pipeline.SearchSettings(method, seed, budget=parse_budget(args.budget) if method in ("spdy", "evo") else None, tie=tie)
         started = time.perf_counter()
         profile = pipeline.find_profile(bundle if kind == "signal" else plain, units, table, db, target, settings, progress=False,
                                         evaluation=pipeline.Evaluators(calibration, validation if pick else None, heldout))

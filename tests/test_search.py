@@ -15,7 +15,6 @@ from spdy.database import Stitcher, build_database
 from spdy.errors import InputError
 from spdy.search.budget import parse_budget
 from spdy.search.evaluate import Evaluator, MultiFidelity
-from spdy.search.dp import prior_errors, solve
 from spdy.search.evolution import EvoConfig, EvolutionSearch
 from spdy.levels import DENSE, Option, options_for
 from spdy.models.digits import digits_mlp
@@ -149,18 +148,6 @@ def test_spdy_beats_uniform(setup):
     spdy = SpdySearch(table, target, evaluator, SpdyConfig(random_starts=10, tries=5, seed=0), progress=False).run()
     assert spdy.calibration_loss < evaluator(uniform.options)
     assert spdy.calibration_loss == evaluator(spdy.options)
-
-
-def test_the_first_start_spreads_the_prior_evenly(setup):
-    """With ``even_start`` the first start is every coefficient equal: the DP's even spread of the prior over the
-    table, which random draws almost never give; without it every start is drawn."""
-    _, _, table, _, evaluator, target = setup
-    even = solve(table, target, prior_errors(table)).profile
-    config = SpdyConfig(random_starts=1, tries=1, seed=0)
-    first = SpdySearch(table, target, evaluator, config, progress=False).run().trace[0]
-    assert first["phase"] == "random" and first["loss"] == evaluator(even)
-    drawn = SpdySearch(table, target, evaluator, replace(config, even_start=False), progress=False).run().trace[0]
-    assert drawn["loss"] != first["loss"]
 
 
 def test_local_search_improves_on_the_random_starts(setup):

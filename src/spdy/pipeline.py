@@ -153,7 +153,6 @@ class SearchSettings:
     offspring: int = 16
     budget: float | None = None  # seconds of wall time for the spdy/evo search; None: run to the end (deterministic)
     tie: str = "none"  # SPDY: coefficients per unit, or shared by kind and depth (`SpdyConfig.tie`)
-    even_start: bool = True  # SPDY: the first start is every coefficient equal (`SpdyConfig.even_start`)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -223,8 +222,7 @@ def find_profile(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTa
             profile = Profile(solution.profile, target, solution.predicted_time, solution.predicted_speedup, "spdy",
                               calibration(solution.profile), evaluations=1, meta={"coefficients": list(coefficients)})
         elif method == "spdy":
-            cfg = SpdyConfig(random_starts=settings.random_starts, tries=settings.tries, seed=settings.seed, tie=settings.tie,
-                             even_start=settings.even_start)
+            cfg = SpdyConfig(random_starts=settings.random_starts, tries=settings.tries, seed=settings.seed, tie=settings.tie)
             profile = SpdySearch(table, target, calibration, cfg, checkpoint, progress, bundle.fingerprint, settings.budget, start, pool).run()
         elif method == "evo":
             cfg = EvoConfig(generations=settings.generations, offspring=settings.offspring, seed=settings.seed)

@@ -58,9 +58,6 @@ class SpdyConfig:
     # "kind-depth": a unit's coefficient is its kind's (its name without layer indices) times its depth's (the first
     # index in its name), so the search has (kinds + depths) free directions instead of one per unit
     tie: str = "none"
-    # the first start has every coefficient equal: the DP then spreads the prior evenly, weighted by the time each unit
-    # saves (near uniform, which is hard to beat at high targets), so the local search can start from there
-    even_start: bool = True
 
     def __post_init__(self) -> None:
         if self.tie not in TIES:
@@ -174,8 +171,6 @@ class SpdySearch:
         units = len(self.table.units) if self.ties is None else self.ties.shape[1]  # free directions
         rng = np.random.default_rng(cfg.seed)
         starts = rng.random((cfg.random_starts, units))
-        if cfg.even_start:
-            starts[0] = 0.5
         loaded = self.checkpoint.load()
         state = loaded or {
             "phase": "random", "k": max(1, round(cfg.step_fraction * units)), "tries": 0, "best": None, "best_loss": math.inf,
