@@ -158,7 +158,7 @@ def build_database(
 
     ``options`` must share one pattern; dense is always stored. ``on_unit(name)`` runs after
     each unit is committed (progress reporting, tests). ``executor`` runs the units' reconstructions
-    (one job per unit, e.g. on a Ray cluster whose workers see ``out_dir``); without one they run here,
+    (one job per unit, longest first, e.g. on a Ray cluster whose workers see ``out_dir``); without one they run here,
     one after another. Either way the files are the same, and the manifest is written here as each
     unit finishes. Resumes ``out_dir`` when it holds a
     database built the same way; recomputes units whose file is missing or corrupt.
