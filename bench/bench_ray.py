@@ -10,8 +10,9 @@ weights kept plus a fixed part: the search's cost does not depend on the table's
 
 Prints JSON: wall times, per-task compute and the overhead Ray adds per task, whether the
 outputs are identical, and the fault runs (one worker SIGKILLed mid-task): time added. The Ray
-database is built twice, its units handed to the workers longest first (what `build_database`
-does) and in the model's order (as before), to show what the order costs at the end of a build.
+database is built in two orders, its units handed to the workers longest first (what
+`build_database` does) and in the model's order, to show what the order costs at the end of a
+build; ``--repeats`` alternates the two (and the local and Ray searches) and keeps the medians.
 """
 
 from __future__ import annotations
@@ -64,9 +65,10 @@ def kill_after(title: str, delay: float) -> list[float]:
 LAYERS = {"minilm": "bert.encoder.layer.{}.*", "smollm2": "lm.model.layers.{}.*"}  # the units of the first --layers
 
 
-def median(results: list[dict], key: str) -> dict:
-    """The result whose ``key`` is the median (the lower middle one of an even count)."""
-    return sorted(results, key=lambda r: r[key])[(len(results) - 1) // 2]
+def median_run(results: list[dict]) -> dict:
+    """The run of median wall time (the lower middle one of an even count), with every run's wall time beside it."""
+    middle = sorted(results, key=lambda r: r["wall_s"])[(len(results) - 1) // 2]
+    return dict(middle, walls_s=[r["wall_s"] for r in results])
 
 
 def table_for(units, levels: list[float]) -> TimingTable:
@@ -139,7 +141,7 @@ def main() -> None:
                 runs["database_ray"].append(result)
                 runs["database_ray_model_order"].append(build(f"ray-model-order-{repeat}", model_order)[1])
             for run, results in runs.items():
-                out[run] = dict(median(results, "wall_s"), walls_s=[r["wall_s"] for r in results])
+                out[run] = median_run(results)
                 out[run]["overhead_per_task_s"] = round((out[run]["wall_s"] * args.threads - out[run]["task_s_sum"]) / n, 3)
             # a task's result depends on its thread count: compared with a local build at the workers' one thread
             torch.set_num_threads(1)
@@ -173,7 +175,7 @@ def main() -> None:
                 searches["search_ray"].append(result)
                 print("search_ray", json.dumps(result), flush=True)
             for run, results in searches.items():
-                out[run] = dict(median(results, "wall_s"), walls_s=[r["wall_s"] for r in results])
+                out[run] = median_run(results)
             out["search_ray"]["same_profile"] = ray_profile.options == local_profile.options
             out["search_ray"]["same_loss"] = ray_profile.calibration_loss == local_profile.calibration_loss
             print(json.dumps(out["search_ray"]), flush=True)
