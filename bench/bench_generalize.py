@@ -11,7 +11,8 @@ fractions of the way to the table's maximum. Variants of the search objective:
 embeddings), no validation pick (the search before issue 23); ``signal`` scores the family's
 richer signal (MiniLM: 1 - cosine of every token's last hidden state); ``+validation`` picks the
 final profile among the search's finalists on validation samples; ``+tied`` shares SPDY's
-coefficients by unit kind and depth. Baselines are scored once.
+coefficients by unit kind and depth; ``+random`` starts SPDY from random vectors only (no baseline
+anchors). Baselines are scored once.
 Columns: predicted speedup on the table, calibration / validation / held-out loss in the
 variant's search loss, and the held-out loss in the model's own output loss (the one number
 every row shares), plus the load average when the row finished.
@@ -74,7 +75,8 @@ def main() -> None:
         kind, *extras = variant.split("+")
         pick, tie = "validation" in extras, "kind-depth" if "tied" in extras else "none"
         calibration, validation, heldout = evaluations[kind]
-        settings = pipeline.SearchSettings(method, seed, budget=parse_budget(args.budget) if method in ("spdy", "evo") else None, tie=tie)
+        settings = pipeline.SearchSettings(method, seed, budget=parse_budget(args.budget) if method in ("spdy", "evo") else None, tie=tie,
+                                           anchors=() if "random" in extras else pipeline.ANCHORS)
         started = time.perf_counter()
         profile = pipeline.find_profile(bundle if kind == "signal" else plain, units, table, db, target, settings, progress=False,
                                         evaluation=pipeline.Evaluators(calibration, validation if pick else None, heldout))

@@ -19,7 +19,8 @@ from spdy.search.evolution import EvoConfig, EvolutionSearch
 from spdy.levels import DENSE, Option, options_for
 from spdy.models.digits import digits_mlp
 from spdy.search.select import FINALISTS, pick_on_validation, with_uniform
-from spdy.search.spdy import SpdyConfig, SpdySearch, fidelities
+from spdy.search.dp import scaled_errors, solve
+from spdy.search.spdy import SpdyConfig, SpdySearch, fidelities, fit_coefficients
 from spdy.timing.table import TimingTable
 from spdy.units import find_units, weight_matrix
 
@@ -287,6 +288,35 @@ def test_spdy_is_never_handed_back_worse_than_the_uniform_profile(setup):
     with pytest.raises(InputError):
         baselines.uniform(table, table.max_speedup() * 1.5)
     assert with_uniform(searched, table, table.max_speedup() * 1.5, evaluator) is searched  # no uniform profile to compare with
+
+
+def _index_distance(table, a, b):
+    return sum(abs(table.options(u).index(a[u]) - table.options(u).index(b[u])) for u in table.units)
+
+
+def test_fitted_coefficients_reproduce_a_profile_the_dp_makes_and_approach_one_it_cannot(setup):
+    _, _, table, _, _, target = setup
+    made = solve(table, target, scaled_errors(table, [0.9, 0.05, 0.6, 0.3, 1.0, 0.2][:len(table.units)])).profile
+    fitted = fit_coefficients(table, target, made)
+    assert fitted.max() == pytest.approx(1.0) and (fitted > 0).all()
+    assert solve(table, target, scaled_errors(table, fitted)).profile == made
+    even = baselines.uniform(table, target).options  # the grid overshoots the target: not a DP solution at it
+    near = solve(table, target, scaled_errors(table, fit_coefficients(table, target, even))).profile
+    plain = solve(table, target).profile  # every coefficient equal
+    assert _index_distance(table, near, even) <= _index_distance(table, plain, even)
+    assert table.predicted_speedup(near) >= target
+
+
+def test_anchors_join_the_random_starts_first_and_the_search_never_ends_worse_than_them(setup):
+    _, _, table, _, evaluator, target = setup
+    made = solve(table, target, scaled_errors(table, [0.9, 0.05, 0.6, 0.3, 1.0, 0.2][:len(table.units)])).profile
+    cfg = SpdyConfig(random_starts=2, tries=2, seed=4, first_batches=1000)  # every start scored on all batches
+    anchored = SpdySearch(table, target, evaluator, cfg, progress=False, anchors=[made]).run()
+    assert anchored.trace[0]["phase"] == "random" and anchored.trace[0]["loss"] == pytest.approx(evaluator(made))
+    assert anchored.calibration_loss <= evaluator(made)
+    assert any(f["options"] == made for f in anchored.meta["finalists"])
+    plain = SpdySearch(table, target, evaluator, cfg, progress=False)
+    assert plain.checkpoint.key != SpdySearch(table, target, evaluator, cfg, progress=False, anchors=[made]).checkpoint.key
 
 
 def test_evolution_keeps_finalists_too(setup):

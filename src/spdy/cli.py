@@ -171,7 +171,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if missing:
         raise InputError(f"--timings {args.timings} has units the model does not offer (check --include/--exclude): {missing[:3]}")
     settings = SearchSettings(args.method, args.seed, args.random_starts, args.tries, args.generations, args.offspring,
-                              parse_budget(args.search_budget))
+                              parse_budget(args.search_budget), anchors=args.anchors)
     work = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     if work:
         work.mkdir(parents=True, exist_ok=True)
@@ -390,11 +390,16 @@ def _cluster_arg(p: argparse.ArgumentParser) -> None:
                    "database directory)")
 
 
+ANCHORS_HELP = ("SPDY: comma-separated baselines whose profiles join the random starts, so the search can start from the best "
+                "of them (default uniform,global-magnitude,dp-errors; none for random starts only)")
+
+
 def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="spdy", choices=METHODS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--random-starts", type=int, default=100, help="SPDY: random coefficient vectors first (default %(default)s)")
     p.add_argument("--tries", type=int, default=100, help="SPDY: failed local-search tries before shrinking the step (default %(default)s)")
+    p.add_argument("--anchors", default="uniform,global-magnitude,dp-errors", help=ANCHORS_HELP)
     p.add_argument("--generations", type=int, default=50, help="evo: generations (default %(default)s)")
     p.add_argument("--offspring", type=int, default=16, help="evo: offspring per generation (default %(default)s)")
     p.add_argument("--search-budget", default=DEFAULT_SEARCH_BUDGET, metavar="TIME", help=BUDGET_HELP)
@@ -492,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-budget", metavar="TIME", help=BUDGET_HELP)
     p.add_argument("--tie", choices=("none", "kind-depth"), help="SPDY: one coefficient per unit (none, the default) or shared by unit kind and "
                    "depth (kind-depth: fewer free directions)")
+    p.add_argument("--anchors", help=ANCHORS_HELP)
     p.add_argument("--rounds", type=int, help="verify: alternating rounds (default 30)")
     p.add_argument("--threads", type=int, help="threads the engine runs with, timed and verified alike (default: all cores)")
     p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,

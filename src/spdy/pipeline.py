@@ -21,6 +21,7 @@ import torch
 
 from spdy.cluster import RayCluster, connect, parse_cluster
 from spdy.database import Database, Stitcher, build_database, capture
+from spdy.database.structured import StructuredDatabase
 from spdy.search.evaluate import Evaluator
 from spdy.search.evolution import EvoConfig, EvolutionSearch
 from spdy.levels import DENSE, STRUCTURED, Option, options_for, spdy_grid
@@ -143,6 +144,16 @@ def database(bundle: ModelBundle, units: Mapping[str, Unit], work: Path, pruner:
                               executor=ray.map_unordered if ray else None)
 
 
+ANCHORS = ("uniform", "global-magnitude", "dp-errors")  # one-shot allocations SPDY also starts from
+
+
+def parse_anchors(anchors: str | Sequence[str]) -> tuple[str, ...]:
+    """``"uniform,dp-errors"`` or a sequence -> a tuple of baseline names; ``"none"`` -> no anchors."""
+    if isinstance(anchors, str):
+        anchors = [] if anchors.strip() == "none" else [a.strip() for a in anchors.split(",") if a.strip()]
+    return tuple(anchors)
+
+
 @dataclass
 class SearchSettings:
     method: str = "spdy"
@@ -153,10 +164,15 @@ class SearchSettings:
     offspring: int = 16
     budget: float | None = None  # seconds of wall time for the spdy/evo search; None: run to the end (deterministic)
     tie: str = "none"  # SPDY: coefficients per unit, or shared by kind and depth (`SpdyConfig.tie`)
+    anchors: tuple[str, ...] = ANCHORS  # SPDY: baselines whose profiles join the random starts (`SpdySearch`)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        self.anchors = parse_anchors(self.anchors)
+        unknown = [a for a in self.anchors if a not in ANCHORS]
+        if unknown:
+            raise InputError(f"SPDY anchors {unknown}: choose among {', '.join(ANCHORS)} (or none)")
         if self.budget is not None and not 0 < self.budget < float("inf"):
             raise InputError(f"search budget {self.budget!r}: need a positive, finite number of seconds")
 
@@ -223,7 +239,9 @@ def find_profile(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTa
                               calibration(solution.profile), evaluations=1, meta={"coefficients": list(coefficients)})
         elif method == "spdy":
             cfg = SpdyConfig(random_starts=settings.random_starts, tries=settings.tries, seed=settings.seed, tie=settings.tie)
-            profile = SpdySearch(table, target, calibration, cfg, checkpoint, progress, bundle.fingerprint, settings.budget, start, pool).run()
+            anchors = [] if start is not None else _anchors(settings.anchors, bundle, table, target, units, db, stitcher)
+            profile = SpdySearch(table, target, calibration, cfg, checkpoint, progress, bundle.fingerprint, settings.budget, start, pool,
+                                 anchors).run()
         elif method == "evo":
             cfg = EvoConfig(generations=settings.generations, offspring=settings.offspring, seed=settings.seed)
             profile = EvolutionSearch(table, target, calibration, len(bundle.calibration), cfg, checkpoint, progress, bundle.fingerprint,
@@ -246,6 +264,21 @@ def find_profile(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTa
         scale.close()
     profile.meta.update(model=bundle.name, model_fingerprint=fingerprint, loss=bundle.objective, database=str(db.directory), pruner=db.pruner.get("name"))
     return profile
+
+
+def _anchors(names: Sequence[str], bundle: ModelBundle, table: TimingTable, target: float, units: Mapping[str, Unit], db: Database,
+             stitcher: Stitcher) -> list[dict[str, str]]:
+    """The profiles of the baselines ``names`` at ``target``, for SPDY to start from; a baseline that does not
+    apply (one ranking single weights on whole structures, or with no single level meeting the target) is left out."""
+    profiles = []
+    for name in names:
+        if name in WEIGHT_BASELINES and isinstance(db, StructuredDatabase):
+            continue
+        try:
+            profiles.append(_baseline(name, bundle, table, target, units, db, stitcher).options)
+        except InputError:
+            continue
+    return profiles
 
 
 def _baseline(method: str, bundle: ModelBundle, table: TimingTable, target: float, units: Mapping[str, Unit], db: Database,
@@ -555,6 +588,7 @@ class RunConfig:
     offspring: int = 16
     search_budget: str | float | None = DEFAULT_SEARCH_BUDGET
     tie: str = "none"
+    anchors: str | tuple[str, ...] = ANCHORS
     rounds: int = 30
     threads: int | None = None
     gap: bool = False
@@ -587,6 +621,7 @@ class RunConfig:
         if self.max_loss is not None and not 0 <= self.max_loss < float("inf"):
             raise InputError(f"--max-loss {self.max_loss!r}: need a finite number >= 0 (e.g. 0.05 for 1 - mean cosine)")
         parse_budget(self.search_budget)
+        self.anchors = self.settings(self.method).anchors  # checked, and a tuple from here on
         if self.shrink is not None:
             self._check_shrink()
         if self.pattern == STRUCTURED:
@@ -626,7 +661,7 @@ class RunConfig:
 
     def settings(self, method: str) -> SearchSettings:
         return SearchSettings(method, self.seed, self.random_starts, self.tries, self.generations, self.offspring,
-                              parse_budget(self.search_budget), self.tie)
+                              parse_budget(self.search_budget), self.tie, self.anchors)
 
     @property
     def methods(self) -> list[str]:
@@ -641,7 +676,9 @@ class RunConfig:
             value = getattr(self, f.name)
             if f.name == "model" or value == f.default or value is None:
                 continue
-            if isinstance(value, (list, tuple)):
+            if f.name == "anchors" and not value:
+                value = "none"
+            elif isinstance(value, (list, tuple)):
                 value = " ".join(map(str, value)) if f.name in ("include", "exclude") else ",".join(map(str, value))
             flags.append(f"--{f.name.replace('_', '-')} {value}")
         return " ".join(["spdy run", self.model, *flags])

@@ -5,7 +5,10 @@ gets the prior ``(i/(n-1))^2`` over its sorted options times a coefficient ``c_l
 [0, 1]; a coefficient vector is scored by solving the DP and evaluating the resulting
 profile on calibration data. The search is 100 random vectors, then a local search that
 redraws k random coordinates (k from 10% of the units down to 1, lowered after 100 failed
-tries in a row), as in the paper.
+tries in a row), as in the paper. ``anchors`` (e.g. the uniform and global-magnitude profiles
+at the same target) join the random vectors as coefficients fitted to reproduce them
+(`fit_coefficients`), so the local search can start from the best of the allocations it is
+compared with instead of only from a random one.
 
 Most candidates are clearly worse than the incumbent, and a few calibration batches say
 so: evaluation is multi-fidelity (`MultiFidelity`). The random vectors go through
@@ -136,7 +139,8 @@ class SpdySearch:
 
     def __init__(self, table: TimingTable, target: float, evaluate: Objective, config: SpdyConfig = SpdyConfig(),
                  checkpoint: str | os.PathLike | None = None, progress: bool = True, fingerprint: str = "",
-                 budget: float | None = None, start: Sequence[float] | None = None, pool: Pool | None = None):
+                 budget: float | None = None, start: Sequence[float] | None = None, pool: Pool | None = None,
+                 anchors: Sequence[Mapping[str, str]] = ()):
         self.table, self.target, self.config, self.progress, self.budget = table, target, config, progress, budget
         self.pool = pool
         self.wasted = 0  # batch passes the pool ran for tries drawn after a winner (the serial search never ran them)
@@ -144,12 +148,15 @@ class SpdySearch:
         self.ladder = fidelities(config.first_batches, self.objective.batches)
         key = {"method": "spdy", "table": digest(table.solver_view(), length=16), "target": target, "config": asdict(config), "data": fingerprint,
                "start": None if start is None else digest(list(start))}
+        if anchors:
+            key["anchors"] = digest([dict(a) for a in anchors])
         self.checkpoint = Checkpoint(checkpoint, key)
         self.ties = tie_matrix(table.units, config.tie)
         if start is not None and len(start) != len(table.units):
             raise InputError(f"a warm start needs one coefficient per unit ({len(table.units)}), got {len(start)}")
         self.start = None if start is None else self.search_vector(np.asarray(start, dtype=float))
         solve(table, target, buckets=config.buckets)  # fail fast (InfeasibleTarget) before any evaluation
+        self.anchors = [self.search_vector(fit_coefficients(table, target, a, config.buckets)) for a in anchors] if start is None else []
 
     def unit_coefficients(self, x: np.ndarray) -> np.ndarray:
         """Per-unit coefficients of the search vector ``x`` (the product of a unit's group coefficients when tied)."""
@@ -170,7 +177,7 @@ class SpdySearch:
         cfg, fid, full = self.config, self.objective, self.objective.batches
         units = len(self.table.units) if self.ties is None else self.ties.shape[1]  # free directions
         rng = np.random.default_rng(cfg.seed)
-        starts = rng.random((cfg.random_starts, units))
+        starts = np.vstack([*self.anchors, rng.random((cfg.random_starts, units))])
         loaded = self.checkpoint.load()
         state = loaded or {
             "phase": "random", "k": max(1, round(cfg.step_fraction * units)), "tries": 0, "best": None, "best_loss": math.inf,
@@ -218,7 +225,7 @@ class SpdySearch:
         if state["phase"] == "random":
             # successive halving: every start on the lowest fidelity, the better half on the next, ... the last on all
             profiles = [self.profile_for(c) for c in starts]
-            alive = list(range(cfg.random_starts))
+            alive = list(range(len(starts)))
             for b in self.ladder:
                 for chunk in range(0, len(alive) if self.pool is not None else 0, self._width * 4):
                     if clock.out():
@@ -236,7 +243,7 @@ class SpdySearch:
                     break
                 if b < full:
                     alive = alive[:max(1, math.ceil(len(alive) / 2))]
-            complete = [i for i in range(cfg.random_starts) if fid.known(profiles[i]) >= full]
+            complete = [i for i in range(len(starts)) if fid.known(profiles[i]) >= full]
             if not complete:  # the budget ran out before any full evaluation: finish the leader
                 complete = alive[:1]
                 score(profiles[complete[0]], full)
@@ -314,6 +321,31 @@ class SpdySearch:
         """Does ``profile`` beat the incumbent on all batches? (`challenge`)"""
         fid = self.objective
         return challenge(self.ladder, fid.batches, self.config.abandon_margin, lambda b: score(profile, b), lambda b: fid.mean(incumbent, b))
+
+
+def fit_coefficients(table: TimingTable, target: float, profile: Mapping[str, str], buckets: int = DEFAULT_BUCKETS,
+                     rounds: int = 120) -> np.ndarray:
+    """Per-unit coefficients (max 1) whose DP profile at ``target`` is as close as found to ``profile``.
+
+    A coefficient is raised while its unit comes out sparser than in ``profile`` and lowered while it comes out
+    denser, in steps that shrink; the closest solution (mean option-index distance) wins. Exact only where the
+    table's time steps allow it: a profile with spare speed (a grid that overshoots) is approached, not matched.
+    """
+    options = [table.options(u) for u in table.units]
+    wanted = np.array([keys.index(profile[u]) for u, keys in zip(table.units, options)])
+    sizes = np.array([len(keys) for keys in options])
+    logs, best, closest = np.zeros(len(wanted)), np.ones(len(wanted)), math.inf
+    for r in range(rounds):
+        coefficients = np.exp(logs - logs.max())
+        solution = solve(table, target, scaled_errors(table, coefficients), buckets).profile
+        got = np.array([keys.index(solution[u]) for u, keys in zip(table.units, options)])
+        distance = float(np.mean(np.abs(got - wanted) / sizes))
+        if distance < closest:
+            best, closest = coefficients, distance
+        if distance == 0:
+            break
+        logs += 2.0 * 0.97 ** r * (got - wanted) / sizes
+    return best
 
 
 def challenge(ladder: Sequence[int], batches: int, margin: float, score: Callable[[int], float], reference: Callable[[int], float]) -> bool:
