@@ -40,13 +40,15 @@ def main() -> None:
     parser.add_argument("--workload", help="e.g. prefill:4x128 (a causal LM's default is decode, which structured pruning is not timed for)")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--anchors", default="uniform,global-magnitude,dp-errors", help="SPDY's anchors (none: random starts only)")
     parser.add_argument("--out", help="append every row here as a JSON line")
     args = parser.parse_args()
 
     before = os.getloadavg()
     cfg = RunConfig(model=args.model, target=args.target, pattern="structured", pruner=args.pruner, baselines=("uniform",),
                     search_budget=args.budget, heldout=args.heldout, samples=args.samples, validation=args.validation,
-                    workload=args.workload, rounds=args.rounds, threads=args.threads, work_dir=args.work_dir)
+                    workload=args.workload, rounds=args.rounds, threads=args.threads, work_dir=args.work_dir,
+                    anchors=args.anchors)
     summary = run(cfg, say=print, progress=False)
     after = os.getloadavg()
     print("\n| model | target | pruner | method | measured speedup (spread) | predicted | held-out loss | perplexity (dense) | load before / after |")
@@ -55,6 +57,7 @@ def main() -> None:
         v, quality = p["verify"], p["quality"] or {}
         perplexity = f"{quality['perplexity']:.3f} ({quality['dense_perplexity']:.3f})" if "perplexity" in quality else "-"
         row = {"model": args.model, "target": args.target, "pruner": args.pruner, "method": method, "workload": args.workload,
+               "anchors": args.anchors if method == "spdy" else None,
                "measured_speedup": v["measured_speedup"], "spread": v["measured_spread"], "predicted": p["predicted_speedup"],
                "heldout_loss": p["heldout_loss"], "quality": p["quality"], "dense_ms": v["dense_time"] * 1e3,
                "pruned_ms": v["pruned_time"] * 1e3, "rounds": v["rounds"], "load_before": before, "load_after": after,
