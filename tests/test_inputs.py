@@ -343,3 +343,14 @@ def test_cli_search_and_verify_refuse_another_models_database_and_profile(built,
     plain = work / "plain.json"  # a profile without a fingerprint (spdy solve's) is still accepted
     plain.write_text(json.dumps({"profile": Profile.load(work / "p1.json").sparsities}))
     assert main([*verify, "--profile", str(plain)]) in (0, 1)
+
+
+def test_spdy_anchors_are_checked_and_none_spells_random_starts_only():
+    from spdy.pipeline import ANCHORS, RunConfig
+
+    with pytest.raises(InputError, match=r"SPDY anchors \['owl'\]: choose among uniform, global-magnitude, dp-errors \(or none\)"):
+        SearchSettings(anchors="uniform,owl")
+    assert SearchSettings(anchors=" none ").anchors == () and SearchSettings().anchors == ANCHORS
+    cfg = RunConfig(model="digits", target=1.5, anchors="none")
+    assert cfg.anchors == () and cfg.settings("spdy").anchors == () and "--anchors none" in cfg.command_line()
+    assert RunConfig(model="digits", target=1.5, anchors=["dp-errors"]).command_line().endswith("--anchors dp-errors")
