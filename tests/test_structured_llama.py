@@ -220,3 +220,20 @@ def test_a_decoder_with_uniform_sizes_loads_with_from_pretrained(tmp_path):
     config = json.loads((tmp_path / "huggingface" / "config.json").read_text())
     assert (config["num_key_value_heads"], config["num_attention_heads"], config["head_dim"], config["intermediate_size"]) == (1, 3, 16, 48)
     assert json.loads((tmp_path / "runtime.json").read_text())["pretrained"]["class"] == "LlamaForCausalLM"
+
+
+def test_smollm2_from_its_gguf_file_exports_a_plain_float_model_that_from_pretrained_loads(smollm2, tmp_path):
+    """transformers marks a model read from a GGUF file as quantized and refuses to save it; its weights are floats
+    once loaded, so the uniformly smaller SmolLM2 is written as a float Llama that loads on its own."""
+    from transformers import AutoModelForCausalLM
+
+    model = copy.deepcopy(smollm2.model)
+    batch = {k: v[:1, :16] for k, v in smollm2.calibration[0].items()}
+    sizes = {b.name: (2 if b.structure == "heads" else 1024) for b in find_blocks(model)}
+    loaded = exported_resized(model, sizes, batch, tmp_path)
+    config = json.loads((tmp_path / "huggingface" / "config.json").read_text())
+    assert "quantization_config" not in config and (config["num_key_value_heads"], config["intermediate_size"]) == (2, 1024)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "huggingface").eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(**batch).logits, loaded(**batch), atol=1e-4, rtol=1e-4)
+    assert model.lm.hf_quantizer is not None  # the model itself is left as it was

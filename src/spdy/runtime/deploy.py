@@ -77,16 +77,24 @@ def _save_pretrained(directory: Path, module: nn.Module, tokenizer: Any, structu
     config = copy.deepcopy(module.config)
     if why := pretrained_config(config, structure):
         return {"skipped": why}
+    quantizer = getattr(module, "hf_quantizer", None)
+    if quantizer is not None:
+        method = getattr(quantizer.quantization_config, "quant_method", None)
+        if getattr(method, "value", method) != "gguf":
+            return {"skipped": f"the model is quantized ({getattr(method, 'value', method)}); spdy writes float weights only"}
+        # a GGUF file is dequantized as it loads: the weights are plain floats, saved as such
+        config.quantization_config = None
+        del config.quantization_config
     staging = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     original = module.config
-    module.config = config
+    module.config, module.hf_quantizer = config, None
     try:
         module.save_pretrained(str(staging))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
     finally:
-        module.config = original
+        module.config, module.hf_quantizer = original, quantizer
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(staging, directory)
     return {"directory": directory.name, "class": type(module).__name__}
