@@ -156,6 +156,31 @@ def test_negative_fixed_is_an_error(net) -> None:
         measure(model, units, x, levels=[0.9], backend="inflated", progress=False, threads=1, **FAST)
 
 
+class InflatedFirstPass(TorchCpuBackend):
+    """A backend whose first timing of each unit is 1000x too long, as if another job had the cores then."""
+
+    name = "inflated-once"
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.seen: set[str] = set()
+
+    def unit_times(self, unit: Unit, options: list[str]) -> UnitTiming:
+        timing = super().unit_times(unit, options)
+        scale = 1 if unit.name in self.seen else 1000
+        self.seen.add(unit.name)
+        return UnitTiming({k: scale * t for k, t in timing.times.items()}, timing.formats, timing.spread)
+
+
+def test_units_summing_over_the_model_are_timed_once_more(net) -> None:
+    model, units, x = net
+    engine = InflatedFirstPass(threads=1, **FAST)
+    with pytest.warns(RuntimeWarning, match="timing them again"):
+        table = measure(model, units, x, levels=[0.9], backend=engine, progress=False, dedupe=False)
+    assert engine.seen == set(units) and table.fixed >= 0
+    assert sum(table.times[u][DENSE] for u in table.units) <= 1.03 * table.base
+
+
 def test_backend_registry_errors() -> None:
     with pytest.raises(ValueError, match="unknown timing backend"):
         get_backend("tpu")
