@@ -25,6 +25,7 @@ import json
 import os
 
 from spdy.pipeline import RunConfig, run
+from spdy.search.profile import ANCHORS
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
     parser.add_argument("--workload", help="e.g. prefill:4x128 (a causal LM's default is decode, which structured pruning is not timed for)")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--anchors", default="uniform,global-magnitude,dp-errors", help="SPDY's anchors (none: random starts only)")
+    parser.add_argument("--anchors", default=",".join(ANCHORS), help="SPDY's anchors (none: random starts only)")
     parser.add_argument("--out", help="append every row here as a JSON line")
     args = parser.parse_args()
 

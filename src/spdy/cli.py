@@ -16,7 +16,7 @@ from spdy.errors import InputError
 from spdy.search.budget import DEFAULT_SEARCH_BUDGET, parse_budget
 from spdy.search.dp import DEFAULT_BUCKETS, InfeasibleTarget, solve
 from spdy.levels import DENSE, Option, geometric_levels
-from spdy.search.profile import METHODS, Profile
+from spdy.search.profile import ANCHORS, METHODS, Profile
 from spdy.search.select import VALIDATION
 from spdy.timing.table import TimingTable, check_target
 
@@ -391,7 +391,7 @@ def _cluster_arg(p: argparse.ArgumentParser) -> None:
 
 
 ANCHORS_HELP = ("SPDY: comma-separated baselines whose profiles join the random starts, so the search can start from the best "
-                "of them (default uniform,global-magnitude,dp-errors; none for random starts only)")
+                f"of them (default {','.join(ANCHORS)}; none for random starts only)")
 
 
 def _search_args(p: argparse.ArgumentParser) -> None:
@@ -399,7 +399,7 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--random-starts", type=int, default=100, help="SPDY: random coefficient vectors first (default %(default)s)")
     p.add_argument("--tries", type=int, default=100, help="SPDY: failed local-search tries before shrinking the step (default %(default)s)")
-    p.add_argument("--anchors", default="uniform,global-magnitude,dp-errors", help=ANCHORS_HELP)
+    p.add_argument("--anchors", default=",".join(ANCHORS), help=ANCHORS_HELP)
     p.add_argument("--generations", type=int, default=50, help="evo: generations (default %(default)s)")
     p.add_argument("--offspring", type=int, default=16, help="evo: offspring per generation (default %(default)s)")
     p.add_argument("--search-budget", default=DEFAULT_SEARCH_BUDGET, metavar="TIME", help=BUDGET_HELP)

@@ -32,7 +32,7 @@ from spdy.models.workload import Workload
 from spdy.search import baselines
 from spdy.search.dp import InfeasibleTarget, scaled_errors, solve
 from spdy.search.budget import DEFAULT_SEARCH_BUDGET, parse_budget
-from spdy.search.profile import METHODS, Profile
+from spdy.search.profile import ANCHORS, METHODS, Profile
 from spdy.search.select import VALIDATION, pick_on_validation, with_uniform
 from spdy.quality import default_max_loss, outputs, quality, quality_loss, quality_loss_name
 from spdy.search.spdy import SpdyConfig, SpdySearch
@@ -142,9 +142,6 @@ def database(bundle: ModelBundle, units: Mapping[str, Unit], work: Path, pruner:
     with connect(cluster) as ray:
         return build_database(bundle.model, dict(units), bundle.statistics, options, directory, pruner=pruner, progress=progress,
                               executor=ray.map_unordered if ray else None)
-
-
-ANCHORS = ("uniform", "global-magnitude", "dp-errors")  # one-shot allocations SPDY also starts from
 
 
 def parse_anchors(anchors: str | Sequence[str]) -> tuple[str, ...]:

@@ -83,8 +83,7 @@ def _save_pretrained(directory: Path, module: nn.Module, tokenizer: Any, structu
         if getattr(method, "value", method) != "gguf":
             return {"skipped": f"the model is quantized ({getattr(method, 'value', method)}); spdy writes float weights only"}
         # a GGUF file is dequantized as it loads: the weights are plain floats, saved as such
-        config.quantization_config = None
-        del config.quantization_config
+        vars(config).pop("quantization_config", None)
     staging = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     original = module.config

@@ -15,6 +15,7 @@ from spdy.files import read_json, write_json
 
 FORMAT = "spdy.search.profile/1"
 METHODS = ("spdy", "evo", "uniform", "global-magnitude", "dp-errors", "owl")
+ANCHORS = ("uniform", "global-magnitude", "dp-errors")  # one-shot allocations SPDY also starts from
 
 
 @dataclass

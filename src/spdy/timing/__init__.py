@@ -184,15 +184,15 @@ def measure(
             times, unpruned = _unit_table(units, entries, wanted)
             dense_blocks = _dense_blocks(engine, units, times, state, path)
             deployed = engine.deployed_fixed(model, batch, {n: (times[n][DENSE], entries[n]["formats"].get(DENSE, "dense")) for n in units}, base)
-            if attempt or deployed is not None or sum(unpruned.values()) <= (1 + NOISE_FLOOR) * base:
+            dense_sum = sum(unpruned.values())
+            if attempt or deployed is not None or dense_sum <= (1 + NOISE_FLOOR) * base:
                 break
             # the units add up to more than the whole model: something slowed the machine while they were timed; once more
-            warnings.warn(f"the units timed alone add up to {sum(unpruned.values()) / base - 1:.1%} more than the whole model: timing them again",
+            warnings.warn(f"the units timed alone add up to {dense_sum / base - 1:.1%} more than the whole model: timing them again",
                           RuntimeWarning, stacklevel=2)
             entries.clear()
     finally:
         engine.finish()
-    dense_sum = sum(unpruned.values())
     fixed = base - dense_sum if deployed is None else deployed["fixed"]
     if deployed is not None and fixed < 0:
         # the deployed model ran faster than its units timed alone: noise, or units sharing the cache better in the
