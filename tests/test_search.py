@@ -20,7 +20,7 @@ from spdy.levels import DENSE, Option, options_for
 from spdy.models.digits import digits_mlp
 from spdy.search.select import FINALISTS, pick_on_validation, with_uniform
 from spdy.search.dp import scaled_errors, solve
-from spdy.search.spdy import SpdyConfig, SpdySearch, fidelities, fit_coefficients
+from spdy.search.spdy import MIN_RANDOM_STARTS, SpdyConfig, SpdySearch, fidelities, fit_coefficients, halving_passes
 from spdy.timing.table import TimingTable
 from spdy.units import find_units, weight_matrix
 
@@ -352,3 +352,22 @@ def test_a_tied_search_warm_starts_from_the_per_unit_coefficients_it_produced(se
     assert again.calibration_loss <= first.calibration_loss
     with pytest.raises(InputError, match="one coefficient per unit"):
         SpdySearch(table, target, evaluator, tied, progress=False, start=[0.5])
+
+
+def test_a_short_budget_cuts_the_random_starts_to_half_of_it_and_leaves_the_rest_to_the_local_search(setup):
+    """SmolLM2 at 2.5 s a batch pass spent a 3-minute budget inside 100 random starts' lowest fidelity."""
+    _, _, table, _, evaluator, target = setup
+    cfg = SpdyConfig(random_starts=100, seed=0, first_batches=1)
+    ladder = fidelities(1, 8)
+    assert halving_passes(100, ladder) == 100 + 50 * 1 + 25 * 2 + 13 * 4 and halving_passes(1, [1]) == 1
+    search = SpdySearch(table, target, evaluator, cfg, progress=False, budget=180.0)
+    search.ladder = ladder  # SmolLM2's 8 batches
+    affordable = search._affordable_starts(2.5)
+    assert halving_passes(affordable, ladder) * 2.5 <= 90 < halving_passes(affordable + 1, ladder) * 2.5
+    assert search._affordable_starts(1e-6) == 100 and search._affordable_starts(None) == 100
+    assert search._affordable_starts(1e3) == MIN_RANDOM_STARTS  # however short, a few random vectors are drawn
+    assert SpdySearch(table, target, evaluator, cfg, progress=False)._affordable_starts(2.5) == 100  # no budget: the paper's 100
+    anchored = SpdySearch(table, target, evaluator, cfg, progress=False, budget=180.0, anchors=[solve(table, target).profile])
+    assert anchored._affordable_starts(1e3) == 1 + MIN_RANDOM_STARTS
+    run = SpdySearch(table, target, evaluator, cfg, progress=False, budget=60.0).run()  # the digits MLP: ms a pass, all afforded
+    assert run.meta["starts"] == 100

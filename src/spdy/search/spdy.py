@@ -5,7 +5,8 @@ gets the prior ``(i/(n-1))^2`` over its sorted options times a coefficient ``c_l
 [0, 1]; a coefficient vector is scored by solving the DP and evaluating the resulting
 profile on calibration data. The search is 100 random vectors, then a local search that
 redraws k random coordinates (k from 10% of the units down to 1, lowered after 100 failed
-tries in a row), as in the paper. ``anchors`` (e.g. the uniform and global-magnitude profiles
+tries in a row), as in the paper. Under a wall budget the random vectors are cut to what half
+of it affords, so a slow model's search is not all random draws. ``anchors`` (e.g. the uniform and global-magnitude profiles
 at the same target) join the random vectors as coefficients fitted to reproduce them
 (`fit_coefficients`), so the local search can start from the best of the allocations it is
 compared with instead of only from a random one.
@@ -225,7 +226,10 @@ class SpdySearch:
         if state["phase"] == "random":
             # successive halving: every start on the lowest fidelity, the better half on the next, ... the last on all
             profiles = [self.profile_for(c) for c in starts]
-            alive = list(range(len(starts)))
+            if self.budget is not None and "pass_seconds" not in state:
+                save(pass_seconds=self._pass_seconds(profiles, score, clock))
+            state["starts"] = self._affordable_starts(state.get("pass_seconds"))  # a resumed search's own budget decides
+            alive = list(range(state["starts"]))
             for b in self.ladder:
                 for chunk in range(0, len(alive) if self.pool is not None else 0, self._width * 4):
                     if clock.out():
@@ -291,9 +295,32 @@ class SpdySearch:
             meta={"coefficients": coefficients.tolist(), "config": asdict(cfg), "seconds": round(clock.elapsed, 2),
                   "batch_evaluations": fid.batch_evaluations, "batches": full, "fidelities": self.ladder,
                   "full_evaluations": fid.full_evaluations, "budget": self.budget, "finalists": finalists.entries,
+                  "starts": state.get("starts"),
                   "stopped_by_budget": clock.out() and state["k"] >= 1,
                   **({"pool": {"width": self._width, "wasted_batch_evaluations": self.wasted}} if self.pool is not None else {})},
         )
+
+    def _pass_seconds(self, probes: Sequence[Mapping[str, str]], score: Callable[[Mapping[str, str], int], float],
+                      clock: Clock) -> float | None:
+        """Seconds a batch pass costs: the cheaper of the first two starts' lowest fidelity (past any warm-up)."""
+        costs = []
+        for profile in probes[:2]:
+            before, passes = clock.elapsed, self.objective.batch_evaluations
+            score(profile, self.ladder[0])
+            if self.objective.batch_evaluations > passes:
+                costs.append((clock.elapsed - before) / (self.objective.batch_evaluations - passes))
+        return min(costs) if costs else None  # None: resumed with the probes scored and their cost not kept
+
+    def _affordable_starts(self, pass_seconds: float | None) -> int:
+        """How many starts (anchors first) the successive halving may take: all without a budget; with one, as many
+        as ``RANDOM_SHARE`` of it pays for, so that a slow model's search (SmolLM2: 2.5 s a batch pass) keeps time
+        to improve on its best start."""
+        total = len(self.anchors) + self.config.random_starts
+        if self.budget is None or pass_seconds is None:
+            return total
+        per_pass = pass_seconds / self._width
+        affordable = max(n for n in range(1, total + 1) if n == 1 or halving_passes(n, self.ladder) * per_pass <= RANDOM_SHARE * self.budget)
+        return max(affordable, min(total, len(self.anchors) + MIN_RANDOM_STARTS))
 
     @property
     def _width(self) -> int:
@@ -321,6 +348,19 @@ class SpdySearch:
         """Does ``profile`` beat the incumbent on all batches? (`challenge`)"""
         fid = self.objective
         return challenge(self.ladder, fid.batches, self.config.abandon_margin, lambda b: score(profile, b), lambda b: fid.mean(incumbent, b))
+
+
+RANDOM_SHARE = 0.5  # of a budget, at most, for the random starts; the rest is the local search's
+MIN_RANDOM_STARTS = 4  # random vectors drawn beside the anchors however short the budget
+
+
+def halving_passes(starts: int, ladder: Sequence[int]) -> int:
+    """Batch passes successive halving spends on ``starts`` candidates (each fidelity adds the batches it lacks)."""
+    passes, alive, done = 0, starts, 0
+    for b in ladder:
+        passes += alive * (b - done)
+        alive, done = max(1, math.ceil(alive / 2)), b
+    return passes
 
 
 def fit_coefficients(table: TimingTable, target: float, profile: Mapping[str, str], buckets: int = DEFAULT_BUCKETS,
