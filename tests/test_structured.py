@@ -165,7 +165,7 @@ def test_structured_run_config_refuses_what_does_not_apply():
     from spdy.pipeline import RunConfig
 
     assert RunConfig(pattern="structured").methods == ["spdy", "uniform", "dp-errors"]  # global magnitude ranks single weights
-    for bad, match in (({"engine": "cuda-2:4"}, "torch-cpu or deepsparse"), ({"gap": True}, "--gap"), ({"pruner": "adaprune"}, "pruners obs"),
+    for bad, match in (({"engine": "cuda-2:4"}, "torch-cpu, deepsparse, cuda"), ({"gap": True}, "--gap"), ({"pruner": "adaprune"}, "pruners obs"),
                        ({"method": "owl"}, "ranks single weights")):
         with pytest.raises(InputError, match=match):
             RunConfig(pattern="structured", **bad)
@@ -229,17 +229,52 @@ def test_a_resized_model_is_timed_for_calibration(built, engine):
     model, units, _, calibration = built
     smallest = {name: keys[-2] for name, keys in unit_options(units).items()}  # one structure kept in every block
     assert sized_speedup(model, units, smallest, calibration[0], rounds=5, threads=1, engine=engine) > 1.0
-    with pytest.raises(InputError, match="torch-cpu or deepsparse"):
+    with pytest.raises(InputError, match="torch-cpu, deepsparse, cuda"):
         sized_speedup(model, units, smallest, calibration[0], rounds=1, engine="cuda-2:4")
 
 
 def test_a_structured_profile_names_the_engines_it_verifies_on(built):
     model, units, db, calibration = built
-    with pytest.raises(InputError, match="torch-cpu or deepsparse"):
+    with pytest.raises(InputError, match="torch-cpu, deepsparse, cuda"):
         verify_structured(model, units, Profile({}), calibration[0], None, db, rounds=2, engine="cuda-2:4")
     if importlib.util.find_spec("deepsparse") is None:
         with pytest.raises(InputError, match="make .venv-ds"):
             verify_structured(model, units, Profile({}), calibration[0], None, db, rounds=2, engine="deepsparse")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: dense torch on a GPU times and runs the smaller model")
+def test_a_structured_profile_is_timed_and_verified_on_a_gpu(built):
+    """cuda-blocks times every kept size of every block on the GPU; the smaller model then runs there against the dense one."""
+    model, units, db, calibration = built
+    table = measure(model, units, calibration[0], options=unit_options(units), backend="cuda-blocks", progress=False, rounds=5, number=5)
+    assert table.meta["backend"] == "cuda-blocks" and table.meta["dtype"] == "float16" and "gpu" in table.meta
+    assert {u: sorted(o) for u, o in table.times.items()} == {u: sorted(k) for u, k in unit_options(units).items()}
+    assert table.fixed >= 0 and all(t[DENSE] > 0 for t in table.times.values())
+    profile = Profile({name: db.options(name)[len(db.options(name)) // 2] for name in units}, target=1.0)
+    result = verify_structured(model, units, profile, calibration[0], table, db, rounds=5, engine="cuda")
+    assert result.baseline == "dense torch cuda" and len(result.ratios) == 5
+    assert result.output_error < 1e-2 and set(result.formats) == set(units)
+
+
+def test_the_cuda_engine_is_for_smaller_models_and_says_so_without_a_gpu(built):
+    from spdy.pipeline import RunConfig, structured_engine
+    from spdy.timing.cuda_blocks import CudaBlocksBackend
+    from spdy.timing.table import TimingTable
+
+    with pytest.raises(InputError, match="--engine cuda runs dense torch on a GPU.*--pattern structured"):
+        RunConfig(engine="cuda")
+    assert RunConfig(engine="cuda", pattern="structured").engine == "cuda"
+    with pytest.raises(InputError, match="dtype must be one of float16, bfloat16, float32"):
+        CudaBlocksBackend(dtype="int8")
+    table = TimingTable({"a": {DENSE: 1.0}}, base=1.0, fixed=0.0, meta={"backend": "cuda-blocks"})
+    assert structured_engine(table) == "cuda" and structured_engine(None) == "torch-cpu"
+    if torch.cuda.is_available():
+        return
+    model, units, db, calibration = built
+    with pytest.raises(RuntimeError, match="timing backend cuda-blocks: no CUDA GPU"):
+        measure(model, units, calibration[0], options=unit_options(units), backend="cuda-blocks", progress=False)
+    with pytest.raises(InputError, match="runs on a GPU: no CUDA GPU"):
+        verify_structured(model, units, Profile({}), calibration[0], None, db, rounds=2, engine="cuda")
 
 
 def test_an_encoder_with_one_feed_forward_width_loads_with_from_pretrained(tmp_path):

@@ -191,7 +191,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from spdy.blocks import block_units
     from spdy.database import Database, StructuredDatabase
-    from spdy.pipeline import check_same_model, timing_batch
+    from spdy.pipeline import check_same_model, structured_engine, timing_batch
     from spdy.verification import verify
     from spdy.verify_structured import verify_structured
 
@@ -209,7 +209,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     table = TimingTable.load(args.timings) if args.timings else None
     check_same_model(bundle, db, profile, f"--profile {args.profile}")
     if structured:
-        result = verify_structured(bundle.model, units, profile, timing_batch(bundle), table, db, args.rounds, engine=args.engine or "torch-cpu")
+        result = verify_structured(bundle.model, units, profile, timing_batch(bundle), table, db, args.rounds,
+                                   engine=args.engine or structured_engine(table))
     else:
         result = verify(bundle.model, units, profile, timing_batch(bundle), table=table,
                         weights=db.weight if db is not None else None, rounds=args.rounds, engine=args.engine)
@@ -452,9 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--database", help="database directory for the pruned weights (default: magnitude masks)")
     p.add_argument("--target", type=float, help="target speedup (default: the profile's)")
     p.add_argument("--rounds", type=int, default=30, help="alternating dense/pruned rounds (default %(default)s)")
-    p.add_argument("--engine", choices=["torch-cpu", "deepsparse", "cuda-2:4"],
+    p.add_argument("--engine", choices=["torch-cpu", "deepsparse", "cuda-2:4", "cuda"],
                    help="run both models on this engine (default: the one the timing table was measured on; a structured "
-                        "profile's smaller model: torch-cpu or deepsparse)")
+                        "profile's smaller model: torch-cpu, deepsparse or cuda)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("run", help="everything: time -> database -> search -> verify -> export -> report (resumable)")

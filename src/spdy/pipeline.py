@@ -74,17 +74,27 @@ def option_keys(pattern: str, levels: Sequence[float] | None, units: Mapping[str
     return [o.key for o in options_of(pattern, levels)]
 
 
-STRUCTURED_ENGINES = {"torch-cpu": "torch-cpu-blocks", "deepsparse": "deepsparse-blocks"}  # engines that run a smaller dense model
+# engines that run a smaller dense model -> the backend that times its blocks; ``cuda`` (dense torch on a GPU) has no other
+STRUCTURED_ENGINES = {"torch-cpu": "torch-cpu-blocks", "deepsparse": "deepsparse-blocks", "cuda": "cuda-blocks"}
 
 
 def timing_engine(engine: str, pattern: str) -> str:
     """The backend that times ``pattern`` for ``engine``: structured blocks have their own."""
     if pattern != STRUCTURED:
+        if engine == "cuda":
+            raise InputError(f"--engine cuda runs dense torch on a GPU, which is faster only for a smaller model: use --pattern {STRUCTURED} "
+                             f"(for 2:4 sparse tensor cores, --engine cuda-2:4 --pattern 2:4), not --pattern {pattern}")
         return engine
     if engine not in STRUCTURED_ENGINES:
-        raise InputError(f"--pattern {STRUCTURED} is timed on --engine {' or '.join(STRUCTURED_ENGINES)} (dense engines run the "
+        raise InputError(f"--pattern {STRUCTURED} is timed on --engine {', '.join(STRUCTURED_ENGINES)} (dense engines run the "
                          f"smaller layers), not {engine!r}")
     return STRUCTURED_ENGINES[engine]
+
+
+def structured_engine(table: TimingTable | None) -> str:
+    """The engine a structured table's blocks were timed for (torch-cpu without a table)."""
+    backend = table.meta.get("backend") if table is not None else None
+    return next((engine for engine, timed in STRUCTURED_ENGINES.items() if timed == backend), "torch-cpu")
 
 
 def timing_path(bundle: ModelBundle, units: Mapping[str, Unit], work: Path, pattern: str = "unstructured",
@@ -621,8 +631,8 @@ class RunConfig:
         self.anchors = self.settings(self.method).anchors  # checked, and a tuple from here on
         if self.shrink is not None:
             self._check_shrink()
+        timing_engine(self.engine, self.pattern)
         if self.pattern == STRUCTURED:
-            timing_engine(self.engine, self.pattern)
             if self.method in WEIGHT_BASELINES:
                 raise InputError(f"--method {self.method} ranks single weights; with --pattern {STRUCTURED} use spdy, evo, uniform or dp-errors")
             if self.gap:
@@ -806,7 +816,7 @@ def _run(cfg: RunConfig, say: Callable[[str], None], progress: bool, cluster: Ra
     from spdy import verification
     from spdy.verification import VerifyResult, verify
 
-    get_backend(cfg.engine)  # an engine that is not installed stops here, before minutes of loading
+    get_backend(timing_engine(cfg.engine, cfg.pattern))  # an engine that is not installed stops here, before minutes of loading
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     log = StageLog(work / "run.json")

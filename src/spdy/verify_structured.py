@@ -5,7 +5,8 @@ what the masked model the search scored computes (the consumer weights with remo
 zero); its output is checked against that one, then it runs alternately with the dense model on
 the timing batch, as `spdy.verification.verify` does for sparse formats: in dense torch, or
 (``engine="deepsparse"``) both exported to ONNX and compiled by DeepSparse, which gains from a
-smaller model without any sparse format.
+smaller model without any sparse format, or (``engine="cuda"``) both on a GPU in the dtype the table
+was timed in.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def sized_speedup(model: nn.Module, units: Mapping[str, Unit], options: Mapping[
     ``engine``: speed depends on how many remain, not which, so the timing table is checked against the
     runtime before any database exists (`spdy.pipeline.calibrate`)."""
     if engine not in ENGINES:
-        raise InputError(f"a structured table is calibrated on {' or '.join(ENGINES)}, not {engine!r}")
+        raise InputError(f"a structured table is calibrated on {', '.join(ENGINES)}, not {engine!r}")
     small = copy.deepcopy(model).eval()
     for name, key in options.items():
         if key != DENSE:
@@ -80,21 +81,42 @@ def speedup_of(model: nn.Module, small: nn.Module, batch: Any, rounds: int, thre
 
 
 def _alternate(model: nn.Module, small: nn.Module, batch: Any, reference: torch.Tensor, engine: str, threads: int,
-               rounds: int) -> tuple[list[float], list[float], float | None]:
-    """Per-round seconds of ``model`` and ``small`` run alternately on ``engine``, and (DeepSparse) the relative error
-    of ``small``'s output there against ``reference``."""
+               rounds: int, dtype: str = "float16") -> tuple[list[float], list[float], float | None]:
+    """Per-round seconds of ``model`` and ``small`` run alternately on ``engine``, and (DeepSparse, CUDA) the relative
+    error of ``small``'s output there against ``reference``."""
     if engine == "deepsparse":
         from spdy.runtime.deepsparse import compare
 
         run = compare(model, small, batch, reference, threads, rounds)
         return run.dense, run.pruned, run.output_error
+    if engine == "cuda":
+        return _on_gpu(model, small, batch, reference, rounds, getattr(torch, dtype))
     samples = time_alternating({"dense": lambda: call_model(model, batch), "small": lambda: call_model(small, batch)}, rounds)
     return samples["dense"], samples["small"], None
 
 
+def _on_gpu(model: nn.Module, small: nn.Module, batch: Any, reference: torch.Tensor, rounds: int,
+            dtype: torch.dtype) -> tuple[list[float], list[float], float]:
+    """Both models on the GPU in ``dtype``, each call synchronized, alternated; ``small``'s output error there."""
+    from spdy.timing.cuda_blocks import gpu_missing
+    from spdy.timing.cuda_semi import _to_cuda
+
+    if why := gpu_missing():
+        raise InputError(f"verify: a profile timed on cuda runs on a GPU: {why}")
+    inputs = _to_cuda(batch, dtype)
+    dense, small = (copy.deepcopy(m).to("cuda", dtype).eval() for m in (model, small))
+    error = verify_engines._relative_error(_tensor(call_model(small, inputs)), reference)
+
+    def synchronized(m: nn.Module):
+        return lambda: (call_model(m, inputs), torch.cuda.synchronize())
+
+    samples = time_alternating({"dense": synchronized(dense), "small": synchronized(small)}, rounds)
+    return samples["dense"], samples["small"], error
+
+
 # engine -> the dense run the speedup is over, and the relative output error beyond which the smaller model is wrong there
-ENGINES = {"torch-cpu": BASELINE, "deepsparse": verify_engines.ENGINES["deepsparse"]}
-OUTPUT_TOLERANCE = {"torch-cpu": 1e-4, "deepsparse": verify_engines.OUTPUT_TOLERANCE["deepsparse"]}
+ENGINES = {"torch-cpu": BASELINE, "deepsparse": verify_engines.ENGINES["deepsparse"], "cuda": verify_engines.ENGINES["cuda-2:4"]}
+OUTPUT_TOLERANCE = {"torch-cpu": 1e-4, "deepsparse": verify_engines.OUTPUT_TOLERANCE["deepsparse"], "cuda": verify_engines.OUTPUT_TOLERANCE["cuda-2:4"]}
 
 
 def verify_structured(model: nn.Module, units: Mapping[str, Unit], profile: Profile, batch: Any, table: TimingTable | None,
@@ -102,7 +124,7 @@ def verify_structured(model: nn.Module, units: Mapping[str, Unit], profile: Prof
                       engine: str = "torch-cpu") -> VerifyResult:
     """Measured speedup of the smaller model over the dense one (both on ``engine``), with the output check."""
     if engine not in ENGINES:
-        raise InputError(f"verify: a structured profile runs as a smaller dense model on {' or '.join(ENGINES)}, not {engine!r}")
+        raise InputError(f"verify: a structured profile runs as a smaller dense model on {', '.join(ENGINES)}, not {engine!r}")
     options = dict(profile.options)
     predicted = table.predicted_speedup(options) if table is not None else profile.predicted_speedup
     threads = int(threads or (table.meta.get("threads") if table is not None else None) or torch.get_num_threads())
@@ -113,7 +135,8 @@ def verify_structured(model: nn.Module, units: Mapping[str, Unit], profile: Prof
         error = _relative_error(_tensor(call_model(small, batch)), reference)
         if engine != "torch-cpu" and (not math.isfinite(error) or error > OUTPUT_TOLERANCE["torch-cpu"]):  # wrong before any engine sees it
             warnings.warn(f"verify: the smaller model's output differs from the masked model by {error:.2e} (relative)", RuntimeWarning, stacklevel=2)
-        dense, pruned, engine_error = _alternate(model, small, batch, reference, engine, threads, rounds)
+        dtype = table.meta.get("dtype", "float16") if table is not None else "float16"
+        dense, pruned, engine_error = _alternate(model, small, batch, reference, engine, threads, rounds, dtype)
         error = error if engine_error is None else engine_error
     formats = {name: STRUCTURED_FORMAT for name, n in kept.items() if n < units[name].extra["block"].count}
     result = VerifyResult.from_samples(dense, pruned, profile.target, predicted, tolerance, threads, error,

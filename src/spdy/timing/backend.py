@@ -109,6 +109,7 @@ _REGISTRY: dict[str, str | Callable[..., Backend]] = {
     "cuda-2:4": "spdy.timing.cuda_semi:CudaSemiBackend",
     "torch-cpu-blocks": "spdy.timing.blocks:TorchCpuBlocksBackend",  # structured options (`spdy.blocks`)
     "deepsparse-blocks": "spdy.timing.deepsparse_blocks:DeepSparseBlocksBackend",
+    "cuda-blocks": "spdy.timing.cuda_blocks:CudaBlocksBackend",
 }
 
 

@@ -113,6 +113,15 @@ def block_part(model: nn.Module, block: Block, kept: int) -> _Part:
     return _Part(holder, block)
 
 
+def block_signature(unit: Unit, inputs: tuple[tuple, dict]) -> str:
+    """Blocks of equal structure, shape and input shapes time alike (timed once)."""
+    block = block_of(unit)
+    args, kwargs = inputs
+    shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+    shapes += [(k, tuple(v.shape)) for k, v in sorted(kwargs.items()) if isinstance(v, torch.Tensor)]
+    return f"{block.structure}:{block.count}x{block.width}/{block.step}:{tuple(unit.weight_shape)}:in{shapes}"
+
+
 class TorchCpuBlocksBackend(TorchCpuBackend):
     """Dense torch on the CPU, structured blocks at every kept size."""
 
@@ -130,11 +139,7 @@ class TorchCpuBlocksBackend(TorchCpuBackend):
         self._inputs = {name: by_owner[owner] for name, owner in owners.items()}
 
     def signature(self, unit: Unit) -> str | None:
-        block = block_of(unit)
-        args, kwargs = self._inputs[unit.name]
-        shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
-        shapes += [(k, tuple(v.shape)) for k, v in sorted(kwargs.items()) if isinstance(v, torch.Tensor)]
-        return f"{block.structure}:{block.count}x{block.width}/{block.step}:{tuple(unit.weight_shape)}:in{shapes}"
+        return block_signature(unit, self._inputs[unit.name])
 
     @torch.no_grad()
     def unit_times(self, unit: Unit, options: list[str]) -> UnitTiming:
