@@ -12,7 +12,9 @@ embeddings), no validation pick (the search before issue 23); ``signal`` scores 
 richer signal (MiniLM: 1 - cosine of every token's last hidden state); ``+validation`` picks the
 final profile among the search's finalists on validation samples; ``+tied`` shares SPDY's
 coefficients by unit kind and depth; ``+random`` starts SPDY from random vectors only (no baseline
-anchors). Baselines are scored once.
+anchors); ``+oracle`` searches on the held-out samples themselves: not a method but an estimate of
+the least held-out loss any allocation reaches, i.e. how large a margin over the baselines exists
+at all. Baselines are scored once.
 Columns: predicted speedup on the table, calibration / validation / held-out loss in the
 variant's search loss, and the held-out loss in the model's own output loss (the one number
 every row shares), plus the load average when the row finished.
@@ -75,13 +77,15 @@ def main() -> None:
         kind, *extras = variant.split("+")
         pick, tie = "validation" in extras, "kind-depth" if "tied" in extras else "none"
         calibration, validation, heldout = evaluations[kind]
+        if "oracle" in extras:
+            calibration, validation = heldout, None
         settings = pipeline.SearchSettings(method, seed, budget=parse_budget(args.budget) if method in ("spdy", "evo") else None, tie=tie,
                                            anchors=() if "random" in extras else pipeline.ANCHORS)
         started = time.perf_counter()
         profile = pipeline.find_profile(bundle if kind == "signal" else plain, units, table, db, target, settings, progress=False,
                                         evaluation=pipeline.Evaluators(calibration, validation if pick else None, heldout))
         seconds = time.perf_counter() - started
-        validation_loss = profile.validation_loss if pick else validation(profile.options) if validation else None  # digits: no split
+        validation_loss = profile.validation_loss if pick else validation(profile.options) if validation else None  # digits, oracle: none
         output = output_heldout(profile.options)
         stitcher.restore()
         load = os.getloadavg()[0]

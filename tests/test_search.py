@@ -371,3 +371,17 @@ def test_a_short_budget_cuts_the_random_starts_to_half_of_it_and_leaves_the_rest
     assert anchored._affordable_starts(1e3) == 1 + MIN_RANDOM_STARTS
     run = SpdySearch(table, target, evaluator, cfg, progress=False, budget=60.0).run()  # the digits MLP: ms a pass, all afforded
     assert run.meta["starts"] == 100
+
+
+def test_the_uniform_level_short_of_the_target_anchors_a_profile_the_dp_brings_up_to_it(setup):
+    """On a coarse grid the uniform level that meets the target may overshoot by far; the one short of it, brought up to
+    the target by the DP (`fit_coefficients`), keeps nearer to even."""
+    _, _, table, _, _, target = setup
+    met = baselines.uniform(table, target).options
+    short = baselines.uniform_short_of(table, target)
+    assert short is not None and table.predicted_speedup(short) < target <= table.predicted_speedup(met)
+    assert all(table.options(u).index(short[u]) < table.options(u).index(met[u]) for u in table.units)  # one level denser
+    near = solve(table, target, scaled_errors(table, fit_coefficients(table, target, short))).profile
+    assert table.predicted_speedup(near) >= target
+    assert _index_distance(table, near, short) < _index_distance(table, met, short)
+    assert baselines.uniform_short_of(table, 1.0) is None  # dense meets it: nothing falls short

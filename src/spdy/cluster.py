@@ -126,6 +126,34 @@ class RayPool:
 
         return list(ActorPool(self.actors).map(lambda actor, item: actor.call.remote(fn, item), list(items)))
 
+    def imap(self, fn: Callable[[Evaluator, Any], Any], items: Iterable[Any]) -> Iterator[Any]:
+        """`Pool.imap`: results in item order, each free actor given the next item at once (at most two per actor
+        sent ahead of the one the caller waits for)."""
+        items, idle = iter(items), list(self.actors)
+        queue: list[list] = []  # [ref, actor, done, result] in item order
+
+        def send() -> None:
+            while idle and len(queue) < 2 * self.width:
+                item = next(items, queue)  # the queue itself marks the end
+                if item is queue:
+                    return
+                actor = idle.pop()
+                queue.append([actor.call.remote(fn, item), actor, False, None])
+
+        send()
+        while queue:
+            if not queue[0][2]:
+                running = {entry[0]: entry for entry in queue if not entry[2]}
+                ready, _ = self.ray.wait(list(running), num_returns=1)
+                for ref in ready:
+                    entry = running[ref]
+                    entry[2:] = True, self.ray.get(ref)
+                    idle.append(entry[1])
+                send()
+                continue
+            yield queue.pop(0)[3]
+            send()
+
     def pids(self) -> list[int]:
         """The actors' worker processes (the fault tests kill one)."""
         return self.ray.get([a.pid.remote() for a in self.actors])

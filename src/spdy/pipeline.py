@@ -275,12 +275,15 @@ def find_profile(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTa
 
 def _anchors(names: Sequence[str], bundle: ModelBundle, table: TimingTable, target: float, units: Mapping[str, Unit], db: Database,
              stitcher: Stitcher) -> list[dict[str, str]]:
-    """The profiles of the baselines ``names`` at ``target``, for SPDY to start from; a baseline that does not
+    """The profiles of the baselines ``names`` at ``target``, for SPDY to start from (`fit_coefficients` then finds the DP
+    profile meeting the target nearest each); for uniform, the level short of the target too; a baseline that does not
     apply (one ranking single weights on whole structures, or with no single level meeting the target) is left out."""
     profiles = []
     for name in names:
         if name in WEIGHT_BASELINES and isinstance(db, StructuredDatabase):
             continue
+        if name == "uniform" and (short := baselines.uniform_short_of(table, target)) is not None:
+            profiles.append(short)
         try:
             profiles.append(_baseline(name, bundle, table, target, units, db, stitcher).options)
         except InputError:

@@ -54,11 +54,27 @@ def _first_meeting(table: TimingTable, target: float, candidates: Iterable[dict[
                      f"(the table's maximum, with every unit at its fastest option, is {table.max_speedup():.4f}x)")
 
 
+def _uniform_levels(table: TimingTable) -> Iterable[dict[str, str]]:
+    """Every unit at one sparsity level, for each level of the table, the least first."""
+    levels = sorted({Option.parse(k).sparsity for u in table.units for k in table.options(u)})
+    return ({u: _snap(table, u, s) for u in table.units} for s in levels)
+
+
 def uniform(table: TimingTable, target: float) -> Profile:
     """The least single sparsity level that meets the target (denser units cannot opt out)."""
-    levels = sorted({Option.parse(k).sparsity for u in table.units for k in table.options(u)})
-    chosen = _first_meeting(table, target, ({u: _snap(table, u, s) for u in table.units} for s in levels), "uniform")
-    return _profile(table, target, chosen, "uniform")
+    return _profile(table, target, _first_meeting(table, target, _uniform_levels(table), "uniform"), "uniform")
+
+
+def uniform_short_of(table: TimingTable, target: float) -> dict[str, str] | None:
+    """The last single level that falls short of the target (None if the first meets it). On a coarse grid the
+    level that meets it may overshoot by far (SmolLM2's structured blocks: 1.50x for 1.27x asked); a profile
+    near this one that prunes a little more where it costs least is the better allocation to start a search from."""
+    short = None
+    for options in _uniform_levels(table):
+        if _meets(table, target, options):
+            return short
+        short = options
+    return short
 
 
 def global_magnitude(table: TimingTable, target: float, weights: Mapping[str, torch.Tensor], steps: int = 2000) -> Profile:

@@ -12,7 +12,7 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -180,6 +180,11 @@ class Pool(Protocol):
 
     def map(self, fn: Callable[[Evaluator, Any], Any], items: Sequence[Any]) -> list[Any]:
         """``[fn(evaluator, item) for item in items]``, each call on one of the pool's evaluators."""
+        ...
+
+    def imap(self, fn: Callable[[Evaluator, Any], Any], items: Iterable[Any]) -> Iterator[Any]:
+        """``fn(evaluator, item)`` for each item, yielded in order; an item is taken from ``items`` and sent as soon as an
+        evaluator is free, so none waits for the slowest of a round. Calls in flight when the caller stops are left to finish."""
         ...
 
 

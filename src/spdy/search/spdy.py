@@ -33,7 +33,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -144,7 +144,7 @@ class SpdySearch:
                  anchors: Sequence[Mapping[str, str]] = ()):
         self.table, self.target, self.config, self.progress, self.budget = table, target, config, progress, budget
         self.pool = pool
-        self.wasted = 0  # batch passes the pool ran for tries drawn after a winner (the serial search never ran them)
+        self.abandoned = 0  # tries the pool was sent after a winner or the budget's end (the serial search never ran them)
         self.objective = MultiFidelity(evaluate)
         self.ladder = fidelities(config.first_batches, self.objective.batches)
         key = {"method": "spdy", "table": digest(table.solver_view(), length=16), "target": target, "config": asdict(config), "data": fingerprint,
@@ -259,14 +259,15 @@ class SpdySearch:
             state.update(phase="local", tries=0, rng=rng.bit_generator.state)
         incumbent = self.profile_for(best)
         save()
+        parallel = self.pool is not None and self.objective.incremental
         while state["k"] >= 1 and not clock.out():
-            ahead: list[tuple[dict[str, str], int, list[float]]] = []  # the next tries, scored in parallel
+            ahead: Speculation | None = None  # the next tries of this k, scored on the pool as they are drawn
             while state["tries"] < cfg.tries and not clock.out():
-                if not ahead and self.pool is not None and self.objective.incremental:
-                    ahead = self._speculate(rng, best, state["k"], incumbent, min(self._width, cfg.tries - state["tries"]))
+                if ahead is None and parallel:
+                    ahead = Speculation(self, rng, best, state["k"], incumbent, cfg.tries - state["tries"])
                 candidate = self._draw(rng, best, state["k"])
-                if ahead:  # replayed in order: losses recorded as the serial search would compute them
-                    profile, start, losses = ahead.pop(0)
+                if ahead is not None:  # replayed in order: losses recorded as the serial search would compute them
+                    profile, start, losses = ahead.next()
                     fid.add(profile, start, losses)
                 else:
                     profile = self.profile_for(candidate)
@@ -275,12 +276,16 @@ class SpdySearch:
                     finalists.offer(profile, fid.mean(profile), coefficients=self.unit_coefficients(candidate).tolist())
                 if won:
                     improve(candidate, fid.mean(profile))
-                    self.wasted += sum(len(losses) for _, _, losses in ahead)
-                    incumbent, state["tries"], ahead = profile, 0, []
+                    incumbent, state["tries"] = profile, 0
+                    if ahead is not None:  # drawn against the old incumbent
+                        self.abandoned += ahead.close()
+                        ahead = None
                 else:
                     state["tries"] += 1
                 state["rng"] = rng.bit_generator.state
                 save()
+            if ahead is not None:
+                self.abandoned += ahead.close()
             if state["tries"] >= cfg.tries:
                 save(k=state["k"] - 1, tries=0)
         bar.close()
@@ -297,7 +302,7 @@ class SpdySearch:
                   "full_evaluations": fid.full_evaluations, "budget": self.budget, "finalists": finalists.entries,
                   "starts": state.get("starts"),
                   "stopped_by_budget": clock.out() and state["k"] >= 1,
-                  **({"pool": {"width": self._width, "wasted_batch_evaluations": self.wasted}} if self.pool is not None else {})},
+                  **({"pool": {"width": self._width, "abandoned_tries": self.abandoned}} if self.pool is not None else {})},
         )
 
     def _pass_seconds(self, probes: Sequence[Mapping[str, str]], score: Callable[[Mapping[str, str], int], float],
@@ -332,17 +337,6 @@ class SpdySearch:
         picked = rng.choice(len(best), size=min(k, len(best)), replace=False)
         candidate[picked] = rng.random(len(picked))
         return candidate
-
-    def _speculate(self, rng: np.random.Generator, best: np.ndarray, k: int, incumbent: Mapping[str, str],
-                   tries: int) -> list[tuple[dict[str, str], int, list[float]]]:
-        """The next ``tries`` candidates the search will draw (from a copy of ``rng``), each challenged against the
-        incumbent on the pool: (profile, losses known before, losses computed). Those after the first winner are wasted."""
-        fid, ahead = self.objective, copy.deepcopy(rng)
-        profiles = [self.profile_for(self._draw(ahead, best, k)) for _ in range(tries)]
-        known = [list(fid.memo.get(tuple(p.values()), [])) for p in profiles]
-        reference = list(fid.memo.get(tuple(incumbent.values()), []))
-        items = [(p, kn, incumbent, reference, self.ladder, self.config.abandon_margin) for p, kn in zip(profiles, known)]
-        return [(p, len(kn), new) for p, kn, new in zip(profiles, known, self.pool.map(challenge_losses, items))]
 
     def _challenge(self, profile: Mapping[str, str], incumbent: Mapping[str, str], score: Callable[[Mapping[str, str], int], float]) -> bool:
         """Does ``profile`` beat the incumbent on all batches? (`challenge`)"""
@@ -399,6 +393,38 @@ def challenge(ladder: Sequence[int], batches: int, margin: float, score: Callabl
         if not math.isfinite(loss) or loss > ref * (1 + allowed):
             return False
     return False
+
+
+class Speculation:
+    """The local search's next tries (drawn from a copy of its generator, so in the order it will draw them), each
+    `challenge`d against the incumbent on the pool as soon as an evaluator is free (`Pool.imap`); `next` hands them
+    back in order: (profile, losses known before, losses computed)."""
+
+    def __init__(self, search: SpdySearch, rng: np.random.Generator, best: np.ndarray, k: int, incumbent: Mapping[str, str], tries: int):
+        fid, draws = search.objective, copy.deepcopy(rng)
+        reference = list(fid.memo.get(tuple(incumbent.values()), []))
+        self.sent: list[tuple[dict[str, str], int]] = []
+        self.taken = 0
+
+        def items() -> Iterator[tuple]:
+            for _ in range(tries):
+                profile = search.profile_for(search._draw(draws, best, k))
+                known = list(fid.memo.get(tuple(profile.values()), []))
+                self.sent.append((profile, len(known)))
+                yield profile, known, incumbent, reference, search.ladder, search.config.abandon_margin
+
+        self.results = search.pool.imap(challenge_losses, items())
+
+    def next(self) -> tuple[dict[str, str], int, list[float]]:
+        losses = next(self.results)
+        profile, known = self.sent[self.taken]
+        self.taken += 1
+        return profile, known, losses
+
+    def close(self) -> int:
+        """Stop; the number of tries sent that were never taken."""
+        self.results.close()
+        return len(self.sent) - self.taken
 
 
 def challenge_losses(evaluator: Evaluator, item: tuple) -> list[float]:
