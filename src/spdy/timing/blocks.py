@@ -113,16 +113,25 @@ def block_part(model: nn.Module, block: Block, kept: int) -> _Part:
     return _Part(holder, block)
 
 
-def block_signature(unit: Unit, inputs: tuple[tuple, dict]) -> str:
-    """Blocks of equal structure, shape and input shapes time alike (timed once)."""
-    block = block_of(unit)
-    args, kwargs = inputs
-    shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
-    shapes += [(k, tuple(v.shape)) for k, v in sorted(kwargs.items()) if isinstance(v, torch.Tensor)]
-    return f"{block.structure}:{block.count}x{block.width}/{block.step}:{tuple(unit.weight_shape)}:in{shapes}"
+class BlockInputs:
+    """What the block backends share: each block timed on the inputs its owner gets in the model, and blocks of
+    equal structure, shape and input shapes timed once."""
+
+    def capture(self, model: nn.Module, units: dict[str, Unit], batch: Any) -> None:
+        self._model = model
+        owners = {name: block_of(unit).owner for name, unit in units.items()}
+        by_owner = captured_inputs(model, sorted(set(owners.values())), batch)
+        self._inputs = {name: by_owner[owner] for name, owner in owners.items()}
+
+    def signature(self, unit: Unit) -> str | None:
+        block = block_of(unit)
+        args, kwargs = self._inputs[unit.name]
+        shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+        shapes += [(k, tuple(v.shape)) for k, v in sorted(kwargs.items()) if isinstance(v, torch.Tensor)]
+        return f"{block.structure}:{block.count}x{block.width}/{block.step}:{tuple(unit.weight_shape)}:in{shapes}"
 
 
-class TorchCpuBlocksBackend(TorchCpuBackend):
+class TorchCpuBlocksBackend(BlockInputs, TorchCpuBackend):
     """Dense torch on the CPU, structured blocks at every kept size."""
 
     name = "torch-cpu-blocks"
@@ -132,14 +141,8 @@ class TorchCpuBlocksBackend(TorchCpuBackend):
 
     def prepare(self, model: nn.Module, units: dict[str, Unit], batch: Any) -> None:
         super().prepare(model, units, batch)
-        self._model = model
         self._in_model = in_model_times(model, {n: block_of(u) for n, u in units.items()}, batch, self.rounds)
-        owners = {name: block_of(unit).owner for name, unit in units.items()}
-        by_owner = captured_inputs(model, sorted(set(owners.values())), batch)
-        self._inputs = {name: by_owner[owner] for name, owner in owners.items()}
-
-    def signature(self, unit: Unit) -> str | None:
-        return block_signature(unit, self._inputs[unit.name])
+        self.capture(model, units, batch)
 
     @torch.no_grad()
     def unit_times(self, unit: Unit, options: list[str]) -> UnitTiming:

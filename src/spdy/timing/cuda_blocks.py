@@ -19,9 +19,9 @@ from spdy.blocks import block_of
 from spdy.errors import InputError
 from spdy.levels import DENSE
 from spdy.timing.backend import UnitTiming
-from spdy.timing.blocks import STRUCTURED_FORMAT, block_part, block_signature
+from spdy.timing.blocks import STRUCTURED_FORMAT, BlockInputs, block_part
 from spdy.timing.cuda_semi import CudaSemiBackend, _to_cuda, cuda_times
-from spdy.units import Unit, captured_inputs
+from spdy.units import Unit
 
 
 def gpu_missing() -> str | None:
@@ -29,7 +29,7 @@ def gpu_missing() -> str | None:
     return None if torch.cuda.is_available() else "no CUDA GPU (torch.cuda.is_available() is False)"
 
 
-class CudaBlocksBackend(CudaSemiBackend):
+class CudaBlocksBackend(BlockInputs, CudaSemiBackend):
     """NVIDIA GPU, dense torch in float16 (or bfloat16, float32): each block resized to every kept size."""
 
     name = "cuda-blocks"
@@ -46,13 +46,7 @@ class CudaBlocksBackend(CudaSemiBackend):
         not_blocks = [n for n, u in units.items() if "block" not in u.extra]
         if not_blocks:
             raise InputError(f"timing backend {self.name} times structured blocks only (--pattern structured); {not_blocks[:3]} are layers")
-        self._model = model
-        owners = {name: block_of(unit).owner for name, unit in units.items()}
-        by_owner = captured_inputs(model, sorted(set(owners.values())), batch)
-        self._inputs = {name: by_owner[owner] for name, owner in owners.items()}
-
-    def signature(self, unit: Unit) -> str | None:
-        return block_signature(unit, self._inputs[unit.name])
+        self.capture(model, units, batch)
 
     @torch.no_grad()
     def unit_times(self, unit: Unit, options: list[str]) -> UnitTiming:
