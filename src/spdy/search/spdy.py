@@ -6,10 +6,10 @@ gets the prior ``(i/(n-1))^2`` over its sorted options times a coefficient ``c_l
 profile on calibration data. The search is 100 random vectors, then a local search that
 redraws k random coordinates (k from 10% of the units down to 1, lowered after 100 failed
 tries in a row), as in the paper. Under a wall budget the random vectors are cut to what half
-of it affords, so a slow model's search is not all random draws. ``anchors`` (e.g. the uniform and global-magnitude profiles
-at the same target) join the random vectors as coefficients fitted to reproduce them
-(`fit_coefficients`), so the local search can start from the best of the allocations it is
-compared with instead of only from a random one.
+of it affords, so a slow model's search is not all random draws. ``anchors`` (e.g. the
+uniform and global-magnitude profiles at the same target) join the random vectors as
+coefficients fitted to reproduce them (`fit_coefficients`), so the local search can start
+from the best of the allocations it is compared with instead of only from a random one.
 
 Most candidates are clearly worse than the incumbent, and a few calibration batches say
 so: evaluation is multi-fidelity (`MultiFidelity`). The random vectors go through
