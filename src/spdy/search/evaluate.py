@@ -173,8 +173,9 @@ Objective = Evaluator | Callable[..., float]
 class Pool(Protocol):
     """Copies of the calibration `Evaluator` that score candidates in parallel (e.g. `spdy.cluster.RayCluster.pool`).
 
-    The searches hand it a round's independent candidates and replay its results in serial order,
-    so a search with a pool returns what it returns without one, for the same seed."""
+    The searches hand it independent candidates (a round's, or the local search's next tries as it
+    will draw them) and replay the results in serial order, so a search with a pool returns what it
+    returns without one, for the same seed."""
 
     width: int  # evaluations it runs at once
 
