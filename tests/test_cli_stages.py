@@ -218,6 +218,12 @@ def test_unknown_model_exits_2_without_traceback(tmp_path):
     one_line_error(err, "no-such-model", "not found")
 
 
+def test_time_names_what_the_cuda_engine_times_before_the_model_loads(tmp_path):
+    code, out, err = cli("time", "no-such-model", "--engine", "cuda", "-o", tmp_path / "t.json")
+    assert code == 2 and out == ""
+    one_line_error(err, "--engine cuda runs dense torch on a GPU", "--pattern structured")
+
+
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():

@@ -115,7 +115,7 @@ def cmd_time(args: argparse.Namespace) -> int:
     from spdy.pipeline import measure_to, option_keys, timing_engine
     from spdy.timing.backend import get_backend
 
-    get_backend(args.engine)  # an engine that is not installed stops here, before the model loads
+    get_backend(timing_engine(args.engine, args.pattern))  # an engine that is not installed stops here, before the model loads
     bundle, units = _bundle(args)
     keys = option_keys(args.pattern, _levels(args.levels), units, args.engine)
     out = Path(args.output)
