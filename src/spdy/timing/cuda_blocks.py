@@ -35,11 +35,6 @@ class CudaBlocksBackend(BlockInputs, CudaSemiBackend):
     name = "cuda-blocks"
     dtypes = ("float16", "bfloat16", "float32")
 
-    def __init__(self, rounds: int = 30, number: int = 20, dtype: str = "float16"):
-        if dtype not in self.dtypes:
-            raise InputError(f"{self.name}: dtype must be one of {', '.join(self.dtypes)}, got {dtype!r}")
-        self.rounds, self.number, self.dtype = rounds, number, getattr(torch, dtype)
-
     def prepare(self, model: nn.Module, units: dict[str, Unit], batch: Any) -> None:
         if why := gpu_missing():
             raise RuntimeError(f"timing backend {self.name}: {why}")
@@ -54,18 +49,15 @@ class CudaBlocksBackend(BlockInputs, CudaSemiBackend):
         args, kwargs = _to_cuda(self._inputs[unit.name], self.dtype)
         dense = block_part(self._model, block, block.count).to("cuda", self.dtype).eval()
         run_dense = lambda: dense(args, kwargs)
-        result = UnitTiming({}, {DENSE: "dense"}, {})
+        ref = cuda_times({DENSE: run_dense}, self.rounds, self.number)[DENSE]
+        result = UnitTiming({DENSE: ref.median}, {DENSE: "dense"}, {DENSE: ref.spread}, unpruned=ref.median)
         for key in options:
             if key == DENSE:
                 continue
             part = block_part(self._model, block, block.kept(key)).to("cuda", self.dtype).eval()
             stats = cuda_times({DENSE: run_dense, key: lambda: part(args, kwargs)}, self.rounds, self.number)
-            result.times[key] = stats[key].median / stats[DENSE].median  # a ratio until the dense time is known
+            result.times[key] = stats[key].median / stats[DENSE].median * ref.median  # the ratio cancels slow phases
             result.formats[key], result.spread[key] = STRUCTURED_FORMAT, stats[key].spread
-        ref = cuda_times({DENSE: run_dense}, self.rounds, self.number)[DENSE]
-        result.times = {DENSE: ref.median, **{key: ratio * ref.median for key, ratio in result.times.items()}}
-        result.spread[DENSE] = ref.spread
-        result.unpruned = ref.median
         return result
 
     def meta(self) -> dict:

@@ -64,10 +64,11 @@ class CudaSemiBackend(Backend):
     """NVIDIA GPU, fp16: cuBLAS dense vs 2:4 sparse tensor cores (cuSPARSELt or CUTLASS)."""
 
     name = "cuda-2:4"
+    dtypes = ("float16", "bfloat16")  # what the sparse tensor cores take
 
     def __init__(self, rounds: int = 30, number: int = 20, dtype: str = "float16"):
-        if dtype not in ("float16", "bfloat16"):
-            raise InputError(f"cuda-2:4: dtype must be float16 or bfloat16, got {dtype!r}")
+        if dtype not in self.dtypes:
+            raise InputError(f"{self.name}: dtype must be one of {', '.join(self.dtypes)}, got {dtype!r}")
         self.rounds, self.number, self.dtype = rounds, number, getattr(torch, dtype)
 
     def prepare(self, model: nn.Module, units: dict[str, Unit], batch: Any) -> None:
