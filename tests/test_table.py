@@ -151,6 +151,18 @@ def test_calibration_recovers_the_runtime_line_and_refuses_what_cannot_be_fitted
         table.calibrated([(profiles[0], 1.1), (profiles[2], 0.9)])
 
 
+def test_calibration_never_fits_a_line_with_a_larger_worst_error_than_the_table_has():
+    """Least squares on times favours the long profiles: one noisy short profile can leave the fitted line worse on
+    its worst point than the table was (CI's 1-ms digits model: 12.12% -> 12.18%); the table's own line is kept then."""
+    times = {"a": {"0.0000": 0.200, "0.5000": 0.100, "0.9000": 0.001}}
+    table = TimingTable(times, base=0.200, fixed=0.0)
+    measured = {"0.0000": 0.210, "0.5000": 0.100, "0.9000": 0.0005}  # the fastest profile measured at half its table time
+    calibrated = table.calibrated([({"a": k}, table.base / t) for k, t in measured.items()])
+    fit = calibrated.meta["calibration"]
+    assert fit["max_error_before"] == pytest.approx(1.0) and fit["max_error_after"] == fit["max_error_before"]
+    assert (fit["scale"], fit["fixed"]) == (1.0, 0.0) and calibrated.times == table.times
+
+
 def test_planning_target_lands_calibration_profiles_on_their_measured_speedup():
     """A runtime whose time bends (fusion pays only at high sparsity): the line misses the
     profiles, but the planning target for a profile's measured speedup is its predicted one,

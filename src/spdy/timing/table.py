@@ -224,8 +224,9 @@ class TimingTable:
         The table times units one by one; the runtime fuses neighbours and folds work that the
         table counts in ``fixed``, so a profile runs faster (or slower) than the sum predicts. The
         least-squares line ``time = a + b * sum of the profile's unit times`` becomes the copy's
-        ``fixed = a`` and every unit time scaled by ``b``; ``meta["calibration"]`` keeps the points
-        and the largest relative error before and after.
+        ``fixed = a`` and every unit time scaled by ``b``, unless that line's largest relative error
+        on the points exceeds the table's own (then the table's line is kept); ``meta["calibration"]``
+        keeps the points and the largest relative error before and after.
         """
         if len(points) < 2:
             raise InputError(f"calibration needs at least 2 measured profiles, got {len(points)}")
@@ -242,10 +243,12 @@ class TimingTable:
         if scale <= 0:
             pairs = ", ".join(f"{a * 1e3:.3f} -> {b * 1e3:.3f} ms" for a, b in zip(x, y))
             raise InputError(f"calibration: measured times do not grow with the table's unit times ({pairs}); re-time")
-        times = {u: {k: t * scale for k, t in o.items()} for u, o in self.times.items()}
-        blocks = {n: dict(b, time=b["time"] * scale) for n, b in self.dense_blocks.items()}
         before = np.abs((self.fixed + x) / y - 1)
         after = np.abs((fixed + scale * x) / y - 1)
+        if after.max() > before.max():  # least squares on times can trade the worst point for the rest: keep the table's line
+            scale, fixed, after = 1.0, self.fixed, before
+        times = {u: {k: t * scale for k, t in o.items()} for u, o in self.times.items()}
+        blocks = {n: dict(b, time=b["time"] * scale) for n, b in self.dense_blocks.items()}
         calibration = {"fixed_before": self.fixed, "fixed": float(fixed), "scale": float(scale),
                        "max_error_before": float(before.max()), "max_error_after": float(after.max()),
                        "points": [{"unit_time": float(a), "measured_time": float(b)} for a, b in zip(x, y)]}
