@@ -112,10 +112,18 @@ def main() -> None:
         tasks = [e["seconds"] for e in db.manifest["units"].values()]
         return db, {"wall_s": round(wall, 2), "task_s_sum": round(sum(tasks), 2), "load_before": before, "load_after": load()}
 
+    def passes(pool) -> int:
+        """Batch passes the pool's actors have run, kept or not."""
+        return sum(pool.ray.get([actor.call.remote(lambda e, _: e.passes, None) for actor in pool.actors]))
+
     def search(pool=None):
         started, before = time.perf_counter(), load()
+        ran = passes(pool) if pool else 0
         profile = SpdySearch(table, target, evaluator, cfg, progress=False, pool=pool).run()
-        return profile, {"wall_s": round(time.perf_counter() - started, 2), "evaluations": profile.evaluations,
+        wall = round(time.perf_counter() - started, 2)
+        if pool:
+            profile.meta["pool"]["batch_passes_run"] = passes(pool) - ran  # vs batch_evaluations: the speculation's cost
+        return profile, {"wall_s": wall, "evaluations": profile.evaluations,
                          "batch_evaluations": profile.meta["batch_evaluations"], "loss": profile.calibration_loss,
                          "load_before": before, "load_after": load(), **({"pool": profile.meta["pool"]} if pool else {})}
 

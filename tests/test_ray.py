@@ -200,6 +200,27 @@ def test_an_actor_killed_mid_search_costs_only_its_call(setup, cluster):
     same_search(serial, parallel)
 
 
+def test_calls_the_caller_gave_up_on_stop_at_their_next_batch(setup, cluster):
+    """A local-search try sent ahead is dropped when an earlier one wins; its actor must not finish it first."""
+    _, units, _, _, evaluator, _, stitcher = setup
+    profile = {u: DENSE for u in units}
+
+    def endless(ev, item):  # only a stop ends a call after the first
+        while item:
+            ev.losses(profile, 0, 1)
+        return "first"
+
+    pool = cluster.pool(evaluator, stitcher)
+    try:
+        results = pool.imap(endless, range(4))
+        assert next(results) == "first"
+        results.close()  # items 1 and 2 are running on the two actors
+        done = ray.get([actor.call.remote(lambda ev, _: ev.passes, None) for actor in pool.actors], timeout=60)
+        assert all(passes > 0 for passes in done)  # each actor ran its endless call, and left it
+    finally:
+        pool.close()
+
+
 def test_cli_database_and_search_take_the_cluster_flag(cluster, tmp_path, capsys):
     table = synthetic_table(find_units(digits_mlp().model))  # the CLI's digits model
     target = 1 + 0.5 * (table.max_speedup() - 1)

@@ -25,7 +25,7 @@ import torch
 import spdy
 from spdy.errors import InputError
 from spdy.database import Stitcher
-from spdy.search.evaluate import Evaluator
+from spdy.search.evaluate import Evaluator, Stopped
 from spdy.units import Unit, set_weight_matrix
 
 RETRIES = 3  # reruns of a task (restarts of an actor) whose worker died
@@ -106,9 +106,21 @@ class _Evaluating:
         evaluator.batches, evaluator.reference = _owned(evaluator.batches), _owned(evaluator.reference)
         self.evaluator = evaluator
         self.evaluator.apply = Stitcher(units, Database.open(database)).apply
+        self.unwanted: set[int] = set()
 
-    def call(self, fn: Callable[[Evaluator, Any], Any], item: Any) -> Any:
-        return fn(self.evaluator, item)
+    def call(self, fn: Callable[[Evaluator, Any], Any], item: Any, tag: int = -1) -> Any:
+        """``fn(evaluator, item)``, or None once `stop` was called with ``tag`` (checked between batches)."""
+        self.evaluator.stopped = lambda: tag in self.unwanted
+        try:
+            return fn(self.evaluator, item)
+        except Stopped:
+            return None
+        finally:
+            self.unwanted.discard(tag)
+
+    def stop(self, tag: int) -> None:
+        """Runs beside `call` (its own concurrency group): the call ``tag`` is no longer wanted."""
+        self.unwanted.add(tag)
 
     def pid(self) -> int:
         return os.getpid()
@@ -119,6 +131,7 @@ class RayPool:
 
     def __init__(self, ray: Any, actors: list[Any], payload: Any):
         self.ray, self.actors, self.width = ray, actors, len(actors)
+        self.tags = 0  # numbers the calls, for `_Evaluating.stop`
         self.payload = payload  # held: a restarted actor is made from it again
 
     def map(self, fn: Callable[[Evaluator, Any], Any], items: Sequence[Any]) -> list[Any]:
@@ -128,9 +141,9 @@ class RayPool:
 
     def imap(self, fn: Callable[[Evaluator, Any], Any], items: Iterable[Any]) -> Iterator[Any]:
         """`Pool.imap`: results in item order, each free actor given the next item at once (at most two per actor
-        sent ahead of the one the caller waits for)."""
+        sent ahead of the one the caller waits for); calls still running when the caller stops are stopped."""
         items, idle = iter(items), list(self.actors)
-        queue: list[list] = []  # [ref, actor, done, result] in item order
+        queue: list[list] = []  # [ref, actor, done, result, tag] in item order
 
         def send() -> None:
             while idle and len(queue) < 2 * self.width:
@@ -138,21 +151,27 @@ class RayPool:
                 if item is queue:
                     return
                 actor = idle.pop()
-                queue.append([actor.call.remote(fn, item), actor, False, None])
+                self.tags += 1
+                queue.append([actor.call.remote(fn, item, self.tags), actor, False, None, self.tags])
 
-        send()
-        while queue:
-            if not queue[0][2]:
-                running = {entry[0]: entry for entry in queue if not entry[2]}
-                ready, _ = self.ray.wait(list(running), num_returns=1)
-                for ref in ready:
-                    entry = running[ref]
-                    entry[2:] = True, self.ray.get(ref)
-                    idle.append(entry[1])
-                send()
-                continue
-            yield queue.pop(0)[3]
+        try:
             send()
+            while queue:
+                if not queue[0][2]:
+                    running = {entry[0]: entry for entry in queue if not entry[2]}
+                    ready, _ = self.ray.wait(list(running), num_returns=1)
+                    for ref in ready:
+                        entry = running[ref]
+                        entry[2:4] = True, self.ray.get(ref)
+                        idle.append(entry[1])
+                    send()
+                    continue
+                yield queue.pop(0)[3]
+                send()
+        finally:
+            for ref, actor, done, _, tag in queue:
+                if not done:
+                    actor.stop.options(concurrency_group="control").remote(tag)
 
     def pids(self) -> list[int]:
         """The actors' worker processes (the fault tests kill one)."""
@@ -240,7 +259,8 @@ class RayCluster:
         shipped = copy.copy(evaluator)
         shipped.apply = None  # the stitcher's open files stay here
         payload = ray.put((shipped, dict(stitcher.units), stitcher.dense))
-        actor = ray.remote(num_cpus=self.threads, max_restarts=RETRIES, max_task_retries=RETRIES)(_Evaluating)
+        actor = ray.remote(num_cpus=self.threads, max_restarts=RETRIES, max_task_retries=RETRIES,
+                           concurrency_groups={"control": 1})(_Evaluating)  # calls one at a time; `stop` beside them
         actors = [actor.remote(payload, str(stitcher.db.directory), self.threads) for _ in range(size or self.workers)]
         return RayPool(ray, actors, payload)
 

@@ -103,6 +103,8 @@ class Evaluator:
         self.forward = forward
         self.fn: LossFn = _BUILTIN[loss] if isinstance(loss, str) else loss
         self.calls = 0
+        self.passes = 0  # batches run through the model (a pool's actors are asked how much they computed)
+        self.stopped: Callable[[], bool] | None = None  # asked between batches: has the caller given up on this call?
         if loss == "ce":
             self.reference = list(labels)
         elif loss == "next-token":
@@ -126,6 +128,7 @@ class Evaluator:
     def batch_loss(self, index: int) -> float:
         """Loss of the model as it stands on batch ``index`` (may be NaN or inf)."""
         batch = self.batches[index]
+        self.passes += 1
         return float(self.fn(self._forward(batch), self.reference[index], batch))
 
     @torch.no_grad()
@@ -145,10 +148,12 @@ class Evaluator:
 
     def losses(self, profile: Mapping[str, str], start: int, stop: int) -> list[float]:
         """Put ``profile`` in place and return its loss on batches ``start..stop-1``, stopping after
-        the first non-finite one (a broken candidate is not worth more batches)."""
+        the first non-finite one (a broken candidate is not worth more batches). `Stopped` when ``stopped()`` says so."""
         self._put(profile)
         out: list[float] = []
         for i in range(start, min(stop, len(self.batches))):
+            if self.stopped is not None and self.stopped():
+                raise Stopped
             out.append(self.batch_loss(i))
             if not math.isfinite(out[-1]):
                 break
@@ -159,6 +164,10 @@ class Evaluator:
             raise InputError("this Evaluator has no apply function; use score() on the model as it stands")
         self.calls += 1
         self.apply(profile)
+
+
+class Stopped(Exception):
+    """An evaluation its caller gave up on (a `Pool` call whose result will not be read), left between two batches."""
 
 
 def _warn_if_broken(loss: float) -> None:
@@ -185,7 +194,8 @@ class Pool(Protocol):
 
     def imap(self, fn: Callable[[Evaluator, Any], Any], items: Iterable[Any]) -> Iterator[Any]:
         """``fn(evaluator, item)`` for each item, yielded in order; an item is taken from ``items`` and sent as soon as an
-        evaluator is free, so none waits for the slowest of a round. Calls in flight when the caller stops are left to finish."""
+        evaluator is free, so none waits for the slowest of a round. Calls in flight when the caller stops are stopped
+        at their next batch (`Evaluator.stopped`)."""
         ...
 
 
