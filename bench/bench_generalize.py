@@ -29,11 +29,22 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from spdy import pipeline
 from spdy.database import Database, Stitcher
 from spdy.search.budget import parse_budget
 from spdy.search.evaluate import Evaluator
 from spdy.timing.table import TimingTable
+
+
+def unseen_calibration(bundle, batches: int = 3):
+    """``bundle`` calibrated on the first half of its held-out samples and scored on the second, each in ``batches``."""
+    x, y = torch.cat(bundle.heldout), torch.cat(bundle.heldout_labels)
+    half = len(x) // 2
+    size = -(-half // batches)
+    return replace(bundle, calibration=list(x[:half].split(size)), calibration_labels=list(y[:half].split(size)),
+                   heldout=list(x[half:].split(size)), heldout_labels=list(y[half:].split(size)))
 
 
 def main() -> None:
@@ -53,9 +64,14 @@ def main() -> None:
     parser.add_argument("--budget", default="90s")
     parser.add_argument("--seeds", default="0", help="comma-separated search seeds (each a row)")
     parser.add_argument("--out", help="append every row here as a JSON line")
+    parser.add_argument("--unseen-calibration", action="store_true",
+                        help="a classifier calibrated on its training set (digits-cnn): search on the first half of its held-out "
+                             "samples and score on the other half (the database stays on the training samples)")
     args = parser.parse_args()
 
     bundle, units = pipeline.load_bundle(args.model, args.samples, args.heldout, validation=args.validation, database=args.database_samples)
+    if args.unseen_calibration:
+        bundle = unseen_calibration(bundle)
     table = TimingTable.load(args.timings)
     db = Database.open(args.database) if args.database else pipeline.database(bundle, units, Path(args.work_dir))
     stitcher = Stitcher({u: units[u] for u in table.units}, db)
