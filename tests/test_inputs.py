@@ -348,8 +348,9 @@ def test_cli_search_and_verify_refuse_another_models_database_and_profile(built,
 def test_spdy_anchors_are_checked_and_none_spells_random_starts_only():
     from spdy.pipeline import ANCHORS, RunConfig
 
-    with pytest.raises(InputError, match=r"SPDY anchors \['owl'\]: choose among uniform, global-magnitude, dp-errors \(or none\)"):
-        SearchSettings(anchors="uniform,owl")
+    with pytest.raises(InputError, match=r"SPDY anchors \['evo'\]: choose among uniform, global-magnitude, dp-errors, owl \(or none\)"):
+        SearchSettings(anchors="uniform,evo")
+    assert SearchSettings(anchors="uniform,owl").anchors == ("uniform", "owl")
     assert SearchSettings(anchors=" none ").anchors == () and SearchSettings().anchors == ANCHORS
     cfg = RunConfig(model="digits", target=1.5, anchors="none")
     assert cfg.anchors == () and cfg.settings("spdy").anchors == () and "--anchors none" in cfg.command_line()

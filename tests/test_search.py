@@ -18,7 +18,7 @@ from spdy.search.evaluate import Evaluator, MultiFidelity
 from spdy.search.evolution import EvoConfig, EvolutionSearch
 from spdy.levels import DENSE, Option, options_for
 from spdy.models.digits import digits_mlp
-from spdy.search.select import FINALISTS, pick_on_validation, with_uniform
+from spdy.search.select import FINALISTS, pick_on_validation, with_baselines
 from spdy.search.dp import scaled_errors, solve
 from spdy.search.spdy import MIN_RANDOM_STARTS, SpdyConfig, SpdySearch, fidelities, fit_coefficients, halving_passes
 from spdy.timing.table import TimingTable
@@ -267,27 +267,27 @@ def test_finalists_keep_the_best_distinct_full_scores_and_validation_picks_among
     assert picked.predicted_speedup == pytest.approx(table.predicted_speedup(picked.options)) and picked.predicted_speedup >= target
 
 
-def test_spdy_is_never_handed_back_worse_than_the_uniform_profile(setup):
-    """The uniform profile at the same target joins a search's finalists: taken when it scores better on the
-    calibration data, left to the validation pick otherwise; a target no single level meets leaves the profile be."""
-    _, _, table, _, evaluator, target = setup
+def test_spdy_is_never_handed_back_worse_than_a_baseline_it_was_given(setup):
+    """The baselines' profiles at the same target join a search's finalists: the best is taken when it scores better
+    on the calibration data than what the search found, left to the validation pick otherwise."""
+    _, _, table, db, evaluator, target = setup
     searched = SpdySearch(table, target, evaluator, SpdyConfig(random_starts=4, tries=2, seed=1), progress=False).run()
-    even = baselines.uniform(table, target).options
-    assert searched.options != even
-    real = with_uniform(searched, table, target, evaluator)
-    assert real.meta["uniform_calibration_loss"] == pytest.approx(evaluator(even)) and real.evaluations == searched.evaluations + 1
-    assert real.calibration_loss == min(searched.calibration_loss, real.meta["uniform_calibration_loss"])
-    favours = with_uniform(searched, table, target, lambda options: 0.0 if options == even else 1.0)
-    assert favours.options == even and favours.calibration_loss == 0.0 and favours.meta["uniform"]
-    assert favours.predicted_speedup == pytest.approx(table.predicted_speedup(even)) and favours.predicted_speedup >= target
-    shuns = with_uniform(searched, table, target, lambda options: 9.0 if options == even else 1.0)
-    assert shuns.options == searched.options and shuns.meta["finalists"][-1]["baseline"] == "uniform"
+    given = {"uniform": baselines.uniform(table, target),
+             "dp-errors": baselines.dp_errors(table, target, {u: {k: e ** 2 for k, e in errs.items()} for u, errs in db.relative_errors().items()})}
+    even, ranked = given["uniform"].options, given["dp-errors"].options
+    assert len({tuple(searched.options.values()), tuple(even.values()), tuple(ranked.values())}) == 3
+    real = with_baselines(searched, given, evaluator)
+    losses = real.meta["baseline_calibration_losses"]
+    assert losses == pytest.approx({"uniform": evaluator(even), "dp-errors": evaluator(ranked)}) and real.evaluations == searched.evaluations + 2
+    assert real.calibration_loss == min(searched.calibration_loss, *losses.values())
+    favours = with_baselines(searched, given, lambda options: 0.0 if options == ranked else searched.calibration_loss / 2)
+    assert favours.options == ranked and favours.calibration_loss == 0.0 and favours.meta["baseline"] == "dp-errors"
+    assert favours.predicted_speedup == pytest.approx(table.predicted_speedup(ranked)) and favours.predicted_speedup >= target
+    shuns = with_baselines(searched, given, lambda options: 9.0 if options in (even, ranked) else 1.0)
+    assert shuns.options == searched.options and [f.get("baseline") for f in shuns.meta["finalists"][-2:]] == ["uniform", "dp-errors"]
     picked = pick_on_validation(shuns, table, lambda options: 0.0 if options == even else 1.0)  # validation decides
-    assert picked.options == even and picked.meta["uniform"] and picked.meta["coefficients"] == searched.meta["coefficients"]
-    assert with_uniform(replace(searched, options=even), table, target, evaluator).evaluations == searched.evaluations  # already uniform
-    with pytest.raises(InputError):
-        baselines.uniform(table, table.max_speedup() * 1.5)
-    assert with_uniform(searched, table, table.max_speedup() * 1.5, evaluator) is searched  # no uniform profile to compare with
+    assert picked.options == even and picked.meta["baseline"] == "uniform" and picked.meta["coefficients"] == searched.meta["coefficients"]
+    assert with_baselines(replace(searched, options=even), {"uniform": given["uniform"]}, evaluator) == replace(searched, options=even)
 
 
 def _index_distance(table, a, b):

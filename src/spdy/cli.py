@@ -16,7 +16,7 @@ from spdy.errors import InputError
 from spdy.search.budget import DEFAULT_SEARCH_BUDGET, parse_budget
 from spdy.search.dp import DEFAULT_BUCKETS, InfeasibleTarget, solve
 from spdy.levels import DENSE, Option, geometric_levels
-from spdy.search.profile import ANCHORS, METHODS, Profile
+from spdy.search.profile import ANCHOR_CHOICES, ANCHORS, METHODS, Profile
 from spdy.search.select import VALIDATION
 from spdy.timing.table import TimingTable, check_target
 
@@ -392,7 +392,7 @@ def _cluster_arg(p: argparse.ArgumentParser) -> None:
 
 
 ANCHORS_HELP = ("SPDY: comma-separated baselines whose profiles join the random starts, so the search can start from the best "
-                f"of them (default {','.join(ANCHORS)}; none for random starts only)")
+                f"of them: {', '.join(ANCHOR_CHOICES)} (default {','.join(ANCHORS)}; none for random starts only)")
 
 
 def _search_args(p: argparse.ArgumentParser) -> None:

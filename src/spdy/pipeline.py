@@ -32,8 +32,8 @@ from spdy.models.workload import Workload
 from spdy.search import baselines
 from spdy.search.dp import InfeasibleTarget, scaled_errors, solve
 from spdy.search.budget import DEFAULT_SEARCH_BUDGET, parse_budget
-from spdy.search.profile import ANCHORS, METHODS, Profile
-from spdy.search.select import VALIDATION, pick_on_validation, with_uniform
+from spdy.search.profile import ANCHOR_CHOICES, ANCHORS, METHODS, Profile
+from spdy.search.select import VALIDATION, pick_on_validation, with_baselines
 from spdy.quality import default_max_loss, outputs, quality, quality_loss, quality_loss_name
 from spdy.search.spdy import SpdyConfig, SpdySearch
 from spdy.files import digest, replace_atomically, write_json
@@ -177,9 +177,9 @@ class SearchSettings:
         if self.method not in METHODS:
             raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         self.anchors = parse_anchors(self.anchors)
-        unknown = [a for a in self.anchors if a not in ANCHORS]
+        unknown = [a for a in self.anchors if a not in ANCHOR_CHOICES]
         if unknown:
-            raise InputError(f"SPDY anchors {unknown}: choose among {', '.join(ANCHORS)} (or none)")
+            raise InputError(f"SPDY anchors {unknown}: choose among {', '.join(ANCHOR_CHOICES)} (or none)")
         if self.budget is not None and not 0 < self.budget < float("inf"):
             raise InputError(f"search budget {self.budget!r}: need a positive, finite number of seconds")
 
@@ -246,9 +246,14 @@ def find_profile(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTa
                               calibration(solution.profile), evaluations=1, meta={"coefficients": list(coefficients)})
         elif method == "spdy":
             cfg = SpdyConfig(random_starts=settings.random_starts, tries=settings.tries, seed=settings.seed, tie=settings.tie)
-            anchors = [] if start is not None else _anchors(settings.anchors, bundle, table, target, units, db, stitcher)
+            names = () if start is not None else settings.anchors
+            anchors = _anchors(names, bundle, table, target, units, db, stitcher)
+            starts = [p.options for name, p in anchors.items() if name in names]
+            if "uniform" in names and (short := baselines.uniform_short_of(table, target)) is not None:
+                starts.insert(0, short)  # a coarse grid's uniform level can overshoot far: the DP brings the one short of it up
             profile = SpdySearch(table, target, calibration, cfg, checkpoint, progress, bundle.fingerprint, settings.budget, start, pool,
-                                 anchors).run()
+                                 starts).run()
+            profile = with_baselines(profile, anchors, calibration)
         elif method == "evo":
             cfg = EvoConfig(generations=settings.generations, offspring=settings.offspring, seed=settings.seed)
             profile = EvolutionSearch(table, target, calibration, len(bundle.calibration), cfg, checkpoint, progress, bundle.fingerprint,
@@ -259,8 +264,6 @@ def find_profile(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTa
             profile.calibration_loss = calibration(profile.options)
             profile.evaluations = 1
             profile.meta["seconds"] = round(time.perf_counter() - started, 2)
-        if method == "spdy":
-            profile = with_uniform(profile, table, target, calibration)
         if validation is not None:
             profile = pick_on_validation(profile, table, validation)
         profile.meta.pop("finalists", None)
@@ -274,18 +277,17 @@ def find_profile(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTa
 
 
 def _anchors(names: Sequence[str], bundle: ModelBundle, table: TimingTable, target: float, units: Mapping[str, Unit], db: Database,
-             stitcher: Stitcher) -> list[dict[str, str]]:
-    """The profiles of the baselines ``names`` at ``target``, for SPDY to start from (`fit_coefficients` then finds the DP
-    profile meeting the target nearest each); for uniform, the level short of the target too; a baseline that does not
-    apply (one ranking single weights on whole structures, or with no single level meeting the target) is left out."""
-    profiles = []
-    for name in names:
+             stitcher: Stitcher) -> dict[str, Profile]:
+    """The profiles of the baselines ``names`` and uniform at ``target``: SPDY starts from those named (`fit_coefficients`
+    finds the DP profile meeting the target nearest each) and never returns one that scores worse (`with_baselines`).
+    A baseline that does not apply (one ranking single weights on whole structures, or no single level meeting the
+    target) is left out."""
+    profiles = {}
+    for name in dict.fromkeys(["uniform", *names]):
         if name in WEIGHT_BASELINES and isinstance(db, StructuredDatabase):
             continue
-        if name == "uniform" and (short := baselines.uniform_short_of(table, target)) is not None:
-            profiles.append(short)
         try:
-            profiles.append(_baseline(name, bundle, table, target, units, db, stitcher).options)
+            profiles[name] = _baseline(name, bundle, table, target, units, db, stitcher)
         except InputError:
             continue
     return profiles
@@ -921,7 +923,8 @@ def _run(cfg: RunConfig, say: Callable[[str], None], progress: bool, cluster: Ra
             say(f"[4/6] {target:g}x {method}: predicted {found.predicted_speedup:.3f}x, calibration loss {found.calibration_loss:.5g}"
                 + (f", validation {found.validation_loss:.5g}" if found.validation_loss is not None else "")
                 + (f", held-out {found.heldout_loss:.5g}" if found.heldout_loss is not None else "") + f" ({found.evaluations} evaluations)"
-                + ("; the uniform profile scored better than any the search found, so it is the pick" if found.meta.get("uniform") else ""))
+                + (f"; the {found.meta['baseline']} profile scored better than any the search found, so it is the pick"
+                   if found.meta.get("baseline") else ""))
             learned_here = found.meta.get("coefficients") if method == "spdy" else None
             files = {id(found): path}
 

@@ -15,7 +15,8 @@ from spdy.files import read_json, write_json
 
 FORMAT = "spdy.search.profile/1"
 METHODS = ("spdy", "evo", "uniform", "global-magnitude", "dp-errors", "owl")
-ANCHORS = ("uniform", "global-magnitude", "dp-errors")  # one-shot allocations SPDY also starts from
+ANCHORS = ("uniform", "global-magnitude", "dp-errors")  # one-shot allocations SPDY also starts from by default
+ANCHOR_CHOICES = METHODS[2:]  # every one-shot allocation (OWL's needs a pass over the data, so it is asked for)
 
 
 @dataclass

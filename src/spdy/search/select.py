@@ -13,7 +13,6 @@ import math
 from dataclasses import replace
 from typing import Any, Callable, Mapping
 
-from spdy.errors import InputError
 from spdy.search.profile import Profile
 from spdy.timing.table import TimingTable
 
@@ -48,35 +47,35 @@ def pick_on_validation(profile: Profile, table: TimingTable, validation: Callabl
     meta.pop("finalists", None)
     if "coefficients" in best:
         meta["coefficients"] = best["coefficients"]
-    meta.pop("uniform", None)
-    if best.get("baseline") == "uniform":
-        meta["uniform"] = True
+    meta.pop("baseline", None)
+    if "baseline" in best:
+        meta["baseline"] = best["baseline"]
     return replace(profile, options=dict(best["options"]), calibration_loss=best["loss"], validation_loss=best["validation_loss"],
                    predicted_time=predicted, predicted_speedup=table.base / predicted, meta=meta)
 
 
-def with_uniform(profile: Profile, table: TimingTable, target: float, calibration: Callable[[Mapping[str, str]], float]) -> Profile:
-    """A search's ``profile`` with the uniform profile at the same target among its finalists, and taken here when it
-    scores better on the calibration data (`pick_on_validation` then decides on validation data). A search short of
-    evaluations (many units, a slow model, whole blocks as options) can miss profiles as good as the simplest
-    allocation; the run measures that one anyway, and a user should never be handed a worse one."""
-    from spdy.search.baselines import uniform
-
-    try:
-        even = uniform(table, target)
-    except InputError:  # no single level meets the target: nothing to compare with
-        return profile
-    if even.options == profile.options:
-        return profile
-    loss = calibration(even.options)
+def with_baselines(profile: Profile, baselines: Mapping[str, Profile], calibration: Callable[[Mapping[str, str]], float]) -> Profile:
+    """A search's ``profile`` with the ``baselines``' profiles (name -> a profile meeting the same target) among its
+    finalists, one taken here when it scores better on the calibration data (`pick_on_validation` then decides on
+    validation data). A search short of evaluations (many units, a slow model, whole blocks as options) can miss
+    profiles as good as a one-shot allocation's; the run measures those anyway, and a user should never be handed
+    a worse one."""
     own = {"options": profile.options, "loss": profile.calibration_loss}
     if "coefficients" in profile.meta:
         own["coefficients"] = profile.meta["coefficients"]
     finalists = Finalists([dict(f) for f in profile.meta.get("finalists") or [own]])
-    finalists.offer(even.options, loss, baseline="uniform")
-    meta = {**profile.meta, "finalists": finalists.entries, "uniform_calibration_loss": loss}
-    profile = replace(profile, meta=meta, evaluations=profile.evaluations + 1)
-    if profile.calibration_loss is None or loss < profile.calibration_loss:
-        return replace(profile, options=dict(even.options), calibration_loss=loss, predicted_time=even.predicted_time,
-                       predicted_speedup=even.predicted_speedup, meta={**meta, "uniform": True})
-    return profile
+    losses: dict[str, float] = {}
+    for name, baseline in baselines.items():
+        if baseline.options != profile.options:
+            losses[name] = calibration(baseline.options)
+            finalists.offer(baseline.options, losses[name], baseline=name)
+    if not losses:
+        return profile
+    meta = {**profile.meta, "finalists": finalists.entries, "baseline_calibration_losses": losses}
+    profile = replace(profile, meta=meta, evaluations=profile.evaluations + len(losses))
+    best = min(losses, key=losses.get)
+    if profile.calibration_loss is not None and losses[best] >= profile.calibration_loss:
+        return profile
+    chosen = baselines[best]
+    return replace(profile, options=dict(chosen.options), calibration_loss=losses[best], predicted_time=chosen.predicted_time,
+                   predicted_speedup=chosen.predicted_speedup, meta={**meta, "baseline": best})
