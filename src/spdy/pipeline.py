@@ -240,19 +240,20 @@ def find_profile(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTa
         if method in ("spdy", "evo") and coefficients is None and cluster is not None:
             pool = scale.enter_context(connect(cluster)).pool(calibration, stitcher)
             scale.callback(pool.close)
-        if method == "spdy" and coefficients is not None:
-            solution = solve(table, target, scaled_errors(table, coefficients))
-            profile = Profile(solution.profile, target, solution.predicted_time, solution.predicted_speedup, "spdy",
-                              calibration(solution.profile), evaluations=1, meta={"coefficients": list(coefficients)})
-        elif method == "spdy":
-            cfg = SpdyConfig(random_starts=settings.random_starts, tries=settings.tries, seed=settings.seed, tie=settings.tie)
-            names = () if start is not None else settings.anchors
+        if method == "spdy":
+            names = () if start is not None or coefficients is not None else settings.anchors
             anchors = _anchors(names, bundle, table, target, units, db, stitcher)
-            starts = [p.options for name, p in anchors.items() if name in names]
-            if "uniform" in names and (short := baselines.uniform_short_of(table, target)) is not None:
-                starts.insert(0, short)  # a coarse grid's uniform level can overshoot far: the DP brings the one short of it up
-            profile = SpdySearch(table, target, calibration, cfg, checkpoint, progress, bundle.fingerprint, settings.budget, start, pool,
-                                 starts).run()
+            if coefficients is not None:
+                solution = solve(table, target, scaled_errors(table, coefficients))
+                profile = Profile(solution.profile, target, solution.predicted_time, solution.predicted_speedup, "spdy",
+                                  calibration(solution.profile), evaluations=1, meta={"coefficients": list(coefficients)})
+            else:
+                cfg = SpdyConfig(random_starts=settings.random_starts, tries=settings.tries, seed=settings.seed, tie=settings.tie)
+                starts = [p.options for name, p in anchors.items() if name in names]
+                if "uniform" in names and (short := baselines.uniform_short_of(table, target)) is not None:
+                    starts.insert(0, short)  # a coarse grid's uniform level can overshoot far: the DP brings the one short of it up
+                profile = SpdySearch(table, target, calibration, cfg, checkpoint, progress, bundle.fingerprint, settings.budget, start,
+                                     pool, starts).run()
             profile = with_baselines(profile, anchors, calibration)
         elif method == "evo":
             cfg = EvoConfig(generations=settings.generations, offspring=settings.offspring, seed=settings.seed)
