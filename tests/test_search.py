@@ -288,6 +288,10 @@ def test_spdy_is_never_handed_back_worse_than_a_baseline_it_was_given(setup):
     picked = pick_on_validation(shuns, table, lambda options: 0.0 if options == even else 1.0)  # validation decides
     assert picked.options == even and picked.meta["baseline"] == "uniform" and picked.meta["coefficients"] == searched.meta["coefficients"]
     assert with_baselines(replace(searched, options=even), {"uniform": given["uniform"]}, evaluator) == replace(searched, options=even)
+    # a baseline the search already scored (among its finalists) keeps that loss and costs no evaluation
+    seen = replace(searched, meta={**searched.meta, "finalists": [*searched.meta["finalists"], {"options": ranked, "loss": 0.5}]})
+    again = with_baselines(seen, given, lambda options: 0.7 if options == even else pytest.fail("scored twice"))
+    assert again.meta["baseline_calibration_losses"] == {"uniform": 0.7, "dp-errors": 0.5} and again.evaluations == searched.evaluations + 1
 
 
 def _index_distance(table, a, b):

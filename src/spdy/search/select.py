@@ -64,15 +64,20 @@ def with_baselines(profile: Profile, baselines: Mapping[str, Profile], calibrati
     if "coefficients" in profile.meta:
         own["coefficients"] = profile.meta["coefficients"]
     finalists = Finalists([dict(f) for f in profile.meta.get("finalists") or [own]])
+    known = {tuple(f["options"].values()): f["loss"] for f in finalists.entries}  # the search's own scores are reused
     losses: dict[str, float] = {}
+    scored = 0
     for name, baseline in baselines.items():
         if baseline.options != profile.options:
-            losses[name] = calibration(baseline.options)
-            finalists.offer(baseline.options, losses[name], baseline=name)
+            key = tuple(baseline.options.values())
+            if key not in known:
+                known[key], scored = calibration(baseline.options), scored + 1
+                finalists.offer(baseline.options, known[key], baseline=name)
+            losses[name] = known[key]
     if not losses:
         return profile
     meta = {**profile.meta, "finalists": finalists.entries, "baseline_calibration_losses": losses}
-    profile = replace(profile, meta=meta, evaluations=profile.evaluations + len(losses))
+    profile = replace(profile, meta=meta, evaluations=profile.evaluations + scored)
     best = min(losses, key=losses.get)
     if profile.calibration_loss is not None and losses[best] >= profile.calibration_loss:
         return profile
