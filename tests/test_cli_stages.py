@@ -224,6 +224,17 @@ def test_time_names_what_the_cuda_engine_times_before_the_model_loads(tmp_path):
     one_line_error(err, "--engine cuda runs dense torch on a GPU", "--pattern structured")
 
 
+@pytest.mark.parametrize("engine, pattern", [("cuda-2:4", "2:4"), ("cuda", "structured")])
+def test_a_gpu_engine_without_a_gpu_stops_before_the_model_loads(tmp_path, engine, pattern):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the engine runs")
+    code, out, err = cli("run", "no-such-model", "--engine", engine, "--pattern", pattern, "--work-dir", tmp_path)
+    assert code == 2 and out == ""
+    one_line_error(err, "timing backend cuda", "no CUDA GPU")
+
+
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():

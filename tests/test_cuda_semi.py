@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from spdy.database import Stitcher, build_database
+from spdy.errors import InputError
 from spdy.levels import DENSE, options_for
 from spdy.models.digits import digits_mlp
 from spdy.runtime.semi_structured import SemiStructuredLinear, available, check_2_4, to_semi_structured
@@ -45,8 +46,8 @@ def test_without_gpu_conversion_refuses_clearly():
         to_semi_structured(model, ["0"])
     with pytest.raises(RuntimeError, match="no CUDA GPU"):
         SemiStructuredLinear(model[0])
-    with pytest.raises(RuntimeError, match="cuda-2:4: no CUDA GPU"):
-        CudaSemiBackend().prepare(model, find_units(model), torch.zeros(1, 64))
+    with pytest.raises(InputError, match="timing backend cuda-2:4: no CUDA GPU"):
+        CudaSemiBackend()
 
 
 @needs_gpu

@@ -271,7 +271,7 @@ def test_the_cuda_engine_is_for_smaller_models_and_says_so_without_a_gpu(built):
     if torch.cuda.is_available():
         return
     model, units, db, calibration = built
-    with pytest.raises(RuntimeError, match="timing backend cuda-blocks: no CUDA GPU"):
+    with pytest.raises(InputError, match="timing backend cuda-blocks: no CUDA GPU"):
         measure(model, units, calibration[0], options=unit_options(units), backend="cuda-blocks", progress=False)
     with pytest.raises(InputError, match="runs on a GPU: no CUDA GPU"):
         verify_structured(model, units, Profile({}), calibration[0], None, db, rounds=2, engine="cuda")

@@ -402,6 +402,8 @@ def timed(log: StageLog, stage: str, fn: Callable[[], Any], **info: Any) -> Any:
     return result
 
 
+# engines whose tables `calibrate` fits to the deployed runtime (DeepSparse: structured tables only)
+CALIBRATED_ENGINES = ("torch-cpu", "cuda-2:4", "cuda")
 CALIBRATION_SHARES = (0.25, 0.5, 0.75, 0.95)  # of the way from 1x to the table's maximum
 CALIBRATION_ROUNDS = 10
 
@@ -846,7 +848,7 @@ def _run(cfg: RunConfig, say: Callable[[str], None], progress: bool, cluster: Ra
         table, table_path = timed(log, "rebase", lambda: over_reference(bundle, table, table_path))
         say(f"      over the original model: the smaller one runs {table.reference_speedup:.3f}x faster unpruned; maximum attainable "
             f"speedup {table.max_speedup():.3f}x")
-    if cfg.calibrate and (cfg.engine == "torch-cpu" or structured and cfg.engine == "deepsparse") and table.max_speedup() > 1.02:
+    if cfg.calibrate and (cfg.engine in CALIBRATED_ENGINES or structured and cfg.engine == "deepsparse") and table.max_speedup() > 1.02:
         table, table_path = timed(log, "calibration", lambda: calibrate(bundle, units, table, table_path, say, cfg.engine))
         fit = table.meta["calibration"]
         if "scale" in fit:

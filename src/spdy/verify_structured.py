@@ -98,10 +98,10 @@ def _alternate(model: nn.Module, small: nn.Module, batch: Any, reference: torch.
 def _on_gpu(model: nn.Module, small: nn.Module, batch: Any, reference: torch.Tensor, rounds: int,
             dtype: torch.dtype) -> tuple[list[float], list[float], float]:
     """Both models on the GPU in ``dtype``, each call synchronized, alternated; ``small``'s output error there."""
-    from spdy.timing.cuda_blocks import gpu_missing
+    from spdy.timing.cuda_blocks import CudaBlocksBackend
     from spdy.timing.cuda_semi import _to_cuda
 
-    if why := gpu_missing():
+    if why := CudaBlocksBackend.missing():
         raise InputError(f"verify: a profile timed on cuda runs on a GPU: {why}")
     inputs = _to_cuda(batch, dtype)
     dense, small = (copy.deepcopy(m).to("cuda", dtype).eval() for m in (model, small))

@@ -24,20 +24,17 @@ from spdy.timing.cuda_semi import CudaSemiBackend, _to_cuda, cuda_times
 from spdy.units import Unit
 
 
-def gpu_missing() -> str | None:
-    """Why dense torch cannot run on a GPU here, or None."""
-    return None if torch.cuda.is_available() else "no CUDA GPU (torch.cuda.is_available() is False)"
-
-
 class CudaBlocksBackend(BlockInputs, CudaSemiBackend):
     """NVIDIA GPU, dense torch in float16 (or bfloat16, float32): each block resized to every kept size."""
 
     name = "cuda-blocks"
     dtypes = ("float16", "bfloat16", "float32")
 
+    @staticmethod
+    def missing() -> str | None:
+        return None if torch.cuda.is_available() else "no CUDA GPU (torch.cuda.is_available() is False)"
+
     def prepare(self, model: nn.Module, units: dict[str, Unit], batch: Any) -> None:
-        if why := gpu_missing():
-            raise RuntimeError(f"timing backend {self.name}: {why}")
         not_blocks = [n for n, u in units.items() if "block" not in u.extra]
         if not_blocks:
             raise InputError(f"timing backend {self.name} times structured blocks only (--pattern structured); {not_blocks[:3]} are layers")

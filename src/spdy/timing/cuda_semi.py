@@ -70,11 +70,16 @@ class CudaSemiBackend(Backend):
         if dtype not in self.dtypes:
             raise InputError(f"{self.name}: dtype must be one of {', '.join(self.dtypes)}, got {dtype!r}")
         self.rounds, self.number, self.dtype = rounds, number, getattr(torch, dtype)
+        if why := self.missing():  # fail before any work (the model's loading) when there is no GPU to time on
+            raise InputError(f"timing backend {self.name}: {why}")
+
+    @staticmethod
+    def missing() -> str | None:
+        """Why this backend cannot run here, or None."""
+        ok, why = available()
+        return None if ok else why
 
     def prepare(self, model: nn.Module, units: dict[str, Unit], batch: Any) -> None:
-        ok, why = available()
-        if not ok:
-            raise RuntimeError(f"timing backend cuda-2:4: {why}")
         wrong = [n for n, u in units.items() if u.kind != "linear"]
         if wrong:
             raise InputError(f"timing backend cuda-2:4 accelerates nn.Linear only; exclude units {wrong[:3]} (--exclude)")
