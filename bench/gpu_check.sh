@@ -13,7 +13,7 @@ out=${1:?usage: gpu_check.sh OUT [WORKLOAD] [SEARCH_BUDGET]}
 workload=${2:-prefill:64x128}
 budget=${3:-20s}
 mkdir -p "$out"
-spdy() { python3 -c 'import sys; from spdy.cli import main; sys.exit(main())' "$@"; }
+spdy=(python3 -c 'import sys; from spdy.cli import main; sys.exit(main())')
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "capability", torch.cuda.get_device_capability(),
@@ -27,7 +27,7 @@ echo "tests exit $?" >> "$out/gpu.txt"
 for engine in cuda-2:4 cuda; do
     pattern=$([ "$engine" = cuda ] && echo structured || echo 2:4)
     name=${engine/:/-}
-    timeout "${RUN_TIMEOUT:-220}" spdy run minilm --engine "$engine" --pattern "$pattern" --workload "$workload" --targets auto \
+    timeout "${RUN_TIMEOUT:-220}" "${spdy[@]}" run minilm --engine "$engine" --pattern "$pattern" --workload "$workload" --targets auto \
         --search-budget "$budget" --work-dir "${WORK:-/tmp/spdy-gpu}/$name" --json > "$out/run-$name.json" 2> "$out/run-$name.log"
     echo "run $engine exit $?" >> "$out/gpu.txt"
     cp "${WORK:-/tmp/spdy-gpu}/$name/report.md" "$out/report-$name.md" 2>/dev/null

@@ -18,7 +18,7 @@ from spdy.units import capture_shapes, find_units
 GPU, WHY = available()
 needs_gpu = pytest.mark.skipif(not GPU, reason=f"needs an NVIDIA GPU with 2:4 sparse tensor cores: {WHY}")
 # digits MLP Linears whose shapes fit every 2:4 kernel (the 10-class head has 10 rows: too few).
-UNITS = ["0", "2"]
+UNITS = ["0", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +53,8 @@ def test_without_gpu_conversion_refuses_clearly():
 @needs_gpu
 def test_semi_structured_linear_matches_dense_fp16(pruned_digits):
     bundle, _, units = pruned_digits
-    layer = units["2"].module
-    sparse = SemiStructuredLinear(layer, torch.float16, "2")
+    layer = units["3"].module
+    sparse = SemiStructuredLinear(layer, torch.float16, "3")
     dense = copy.deepcopy(layer).to("cuda", torch.float16)
     x = torch.randn(3, 37, layer.in_features, device="cuda", dtype=torch.float16)  # odd row count: torch pads
     torch.testing.assert_close(sparse(x), dense(x), rtol=2e-2, atol=2e-2)
@@ -77,7 +77,7 @@ def test_converted_model_agrees_with_the_pruned_model(pruned_digits):
 def test_non_2_4_weight_is_refused(pruned_digits):
     _, dense, _ = pruned_digits
     with pytest.raises(ValueError, match="more than 2 non-zeros"):
-        SemiStructuredLinear(dense[2], torch.float16, "2")
+        SemiStructuredLinear(dense[3], torch.float16, "3")
 
 
 @needs_gpu
@@ -87,8 +87,8 @@ def test_backend_times_dense_and_2_4(pruned_digits):
     capture_shapes(dense, units, bundle.calibration[0])
     backend = CudaSemiBackend(rounds=5, number=5)
     backend.prepare(dense, units, bundle.calibration[0])
-    timing = backend.unit_times(units["2"], [DENSE, SEMI])
+    timing = backend.unit_times(units["3"], [DENSE, SEMI])
     assert set(timing.times) == {DENSE, SEMI} and all(t > 0 for t in timing.times.values())
     with pytest.raises(ValueError, match="only 0.0000"):
-        backend.unit_times(units["2"], [DENSE, "0.9000"])
+        backend.unit_times(units["3"], [DENSE, "0.9000"])
     assert backend.model_time(dense, bundle.calibration[0]).median > 0
