@@ -17,7 +17,7 @@ from torch import nn
 
 from spdy.levels import DENSE
 from spdy.runtime.masks import magnitude_mask
-from spdy.runtime.semi_structured import SemiStructuredLinear, available, backend
+from spdy.runtime.semi_structured import KERNELS, SemiStructuredLinear, available
 from spdy.timing.cuda_semi import SEMI, cuda_times
 
 # (out, in): MiniLM's attention and FFN Linears, SmolLM2-135M's MLP, and a 7B-class square layer.
@@ -36,24 +36,26 @@ def main() -> None:
         raise SystemExit(f"bench_semi: {why}")
     dtype = getattr(torch, args.dtype)
     results = []
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, 2:4 kernels {backend()}, {args.dtype}")
-    print(f"{'out x in':>12} {'rows':>7} {'dense us':>9} {'2:4 us':>9} {'dense/2:4':>9}")
+    kernels = [k for k in KERNELS if k != "cusparselt" or torch.backends.cusparselt.is_available()]
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype}; dense time over each 2:4 library's")
+    print(f"{'out x in':>12} {'rows':>7} {'dense us':>9} " + " ".join(f"{k + ' us':>14} {'x':>5}" for k in kernels))
     with torch.no_grad():
         for out_features, in_features in SHAPES:
             layer = nn.Linear(in_features, out_features)
             layer.weight.mul_(magnitude_mask(layer.weight, SEMI).to(layer.weight.dtype))
             dense = nn.Linear(in_features, out_features).to("cuda", dtype)
             dense.load_state_dict(layer.state_dict())
-            sparse = SemiStructuredLinear(layer, dtype, f"{out_features}x{in_features}")
+            sparse = {k: SemiStructuredLinear(layer, dtype, f"{out_features}x{in_features}", k) for k in kernels}
             for rows in (int(r) for r in args.rows.split(",")):
                 x = torch.randn(rows, in_features, device="cuda", dtype=dtype)
-                stats = cuda_times({DENSE: lambda: dense(x), SEMI: lambda: sparse(x)}, args.rounds, 20)
-                d, s = stats[DENSE].median, stats[SEMI].median
-                results.append({"out": out_features, "in": in_features, "rows": rows, "dense_s": d, "semi_s": s, "speedup": d / s})
-                print(f"{out_features:>5} x {in_features:<5} {rows:>7} {d * 1e6:>9.1f} {s * 1e6:>9.1f} {d / s:>9.2f}")
+                fns = {DENSE: lambda: dense(x), **{k: (lambda m=m: m(x)) for k, m in sparse.items()}}
+                stats = {k: s.median for k, s in cuda_times(fns, args.rounds, 20).items()}
+                results.append({"out": out_features, "in": in_features, "rows": rows, "seconds": stats})
+                print(f"{out_features:>5} x {in_features:<5} {rows:>7} {stats[DENSE] * 1e6:>9.1f} "
+                      + " ".join(f"{stats[k] * 1e6:>14.1f} {stats[DENSE] / stats[k]:>5.2f}" for k in kernels))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "kernels": backend(), "dtype": args.dtype,
+            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "kernels": kernels, "dtype": args.dtype,
                        "rounds": args.rounds, "results": results}, f, indent=1)
 
 

@@ -48,8 +48,12 @@ def check_2_4(weight: torch.Tensor, name: str = "weight") -> None:
         raise InputError(f"{name}: {bad} groups of 4 inputs hold more than 2 non-zeros; prune it to 2:4 first (spdy nm, or a 2:4 database)")
 
 
-def compress(weight: torch.Tensor, name: str = "weight") -> torch.Tensor:
-    """The 2:4 ``weight`` (out, in) as a ``SparseSemiStructuredTensor`` on the GPU, same dtype."""
+KERNELS = ("cusparselt", "cutlass")
+
+
+def compress(weight: torch.Tensor, name: str = "weight", kernels: str | None = None) -> torch.Tensor:
+    """The 2:4 ``weight`` (out, in) as a ``SparseSemiStructuredTensor`` on the GPU, same dtype, for
+    ``kernels`` (one of `KERNELS`; default `backend`)."""
     ok, why = available()
     if not ok:
         raise RuntimeError(f"{name}: {why}")
@@ -57,24 +61,28 @@ def compress(weight: torch.Tensor, name: str = "weight") -> torch.Tensor:
     from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
 
     # Choose the subclass explicitly instead of flipping torch's global _FORCE_CUTLASS flag.
-    cls = SparseSemiStructuredTensorCUSPARSELT if backend() == "cusparselt" else SparseSemiStructuredTensorCUTLASS
+    kernels = kernels or backend()
+    if kernels not in KERNELS:
+        raise InputError(f"{name}: 2:4 kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    cls = SparseSemiStructuredTensorCUSPARSELT if kernels == "cusparselt" else SparseSemiStructuredTensorCUTLASS
     try:
         return cls.from_dense(weight.detach().cuda().contiguous())
     except RuntimeError as e:
-        raise InputError(f"{name}: weight {tuple(weight.shape)} {weight.dtype} cannot be 2:4-compressed with {backend()}: {e}") from None
+        raise InputError(f"{name}: weight {tuple(weight.shape)} {weight.dtype} cannot be 2:4-compressed with {kernels}: {e}") from None
 
 
 class SemiStructuredLinear(nn.Module):
     """A frozen ``nn.Linear`` whose 2:4 weight runs on sparse tensor cores (inference only)."""
 
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.float16, name: str = "linear"):
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.float16, name: str = "linear", kernels: str | None = None):
         super().__init__()
         ok, why = available()
         if not ok:
             raise RuntimeError(f"{name}: {why}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach().to("cuda", dtype)
-        self.weight = nn.Parameter(compress(weight, name), requires_grad=False)
+        self.kernels = kernels or backend()
+        self.weight = nn.Parameter(compress(weight, name, self.kernels), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to("cuda", dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +90,7 @@ class SemiStructuredLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, 2:4 {backend()}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, 2:4 {self.kernels}"
 
 
 def to_semi_structured(model: nn.Module, units: Iterable[str], dtype: torch.dtype = torch.float16) -> nn.Module:
