@@ -17,7 +17,7 @@ from torch import nn
 
 from spdy.levels import DENSE
 from spdy.runtime.masks import magnitude_mask
-from spdy.runtime.semi_structured import KERNELS, SemiStructuredLinear, available
+from spdy.runtime.semi_structured import SemiStructuredLinear, available, kernels_here
 from spdy.timing.cuda_semi import SEMI, cuda_times
 
 # (out, in): MiniLM's attention and FFN Linears, SmolLM2-135M's MLP, and a 7B-class square layer.
@@ -36,7 +36,7 @@ def main() -> None:
         raise SystemExit(f"bench_semi: {why}")
     dtype = getattr(torch, args.dtype)
     results = []
-    kernels = [k for k in KERNELS if k != "cusparselt" or torch.backends.cusparselt.is_available()]
+    kernels = kernels_here()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype}; dense time over each 2:4 library's")
     print(f"{'out x in':>12} {'rows':>7} {'dense us':>9} " + " ".join(f"{k + ' us':>14} {'x':>5}" for k in kernels))
     with torch.no_grad():

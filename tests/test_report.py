@@ -150,3 +150,11 @@ def test_the_validation_pick_is_reported_as_the_search_made_it(summary, tmp_path
     assert ("Validation pick (spdy): of its 3 best profiles on calibration data (calibration loss 0.1 to 0.12), number 2 did "
             "best on validation data (0.2; the calibration-best had 0.3).") in md
     assert "Validation pick (uniform)" not in md
+
+
+def test_a_gpu_table_names_its_gpu_and_dtype_not_cpu_threads():
+    from spdy.report import _device
+
+    gpu = {"backend": "cuda-blocks", "gpu": "NVIDIA H200", "dtype": "float16", "cuda": "13.0", "torch": "2.11.0", "cpu": "Xeon"}
+    assert _device(gpu) == "GPU NVIDIA H200 in float16 (CUDA 13.0, torch 2.11.0)"
+    assert _device({"threads": 2, "cpu": "Xeon"}) == "2 threads, CPU Xeon"

@@ -203,6 +203,13 @@ def _headline(v: dict, predicted: float, target: float) -> list[str]:
     return lines
 
 
+def _device(meta: dict) -> str:
+    """Where the table was timed: the GPU and dtype for the GPU engines, else threads and CPU."""
+    if "gpu" in meta:
+        return f"GPU {meta['gpu']} in {meta.get('dtype', '?')} (CUDA {meta.get('cuda', '?')}, torch {meta.get('torch', '?')})"
+    return f"{meta.get('threads', '?')} threads, CPU {meta.get('cpu', '?')}"
+
+
 def _workload(shapes) -> str:
     """What the table timed: a decode step's workload, or the batch's shapes."""
     if isinstance(shapes, dict) and "workload" in shapes:
@@ -366,7 +373,7 @@ def write_report(work: str | Path) -> tuple[Path, Path]:
         *_curve(summary, "curve" in plots),
         f"Maximum attainable on this table: {table.max_speedup():.3f}x over {baseline}.",
         "",
-        f"Engine `{summary['engine']}`, {table.meta.get('threads', '?')} threads, CPU {table.meta.get('cpu', '?')}; "
+        f"Engine `{summary['engine']}`, {_device(table.meta)}; "
         f"workload {_workload(table.meta.get('batch_shapes'))}; dense model {table.base * 1e3:.2f} ms, of which {table.fixed * 1e3:.2f} ms is outside the {len(table.units)} pruned units. "
         f"Pruner `{summary['pruner']}`, pattern `{summary['pattern']}`, the model's loss `{summary['loss']}`, the search's "
         f"`{summary.get('search_loss', summary['loss'])}`.",

@@ -2,8 +2,8 @@
 
 ``torch.sparse.to_sparse_semi_structured`` compresses a weight in which every group of 4
 consecutive inputs holds at most 2 non-zeros into values + metadata; ``F.linear`` with such
-a weight runs the sparse tensor-core kernel (cuSPARSELt when torch has it, CUTLASS
-otherwise). It exists only on CUDA GPUs of compute capability 8.0+ (Ampere and later), for
+a weight runs the sparse tensor-core kernel (cuSPARSELt when torch has it, else CUTLASS,
+which torch runs on compute capability 8.x only). It exists only on CUDA GPUs of compute capability 8.0+ (Ampere and later), for
 2-D contiguous fp16/bf16/int8 weights whose sides are multiples of the backend's minimum
 tile (cuSPARSELt fp16: 16 x 16; CUTLASS fp16: 32 rows x 64 columns); torch pads the dense
 input itself. The compression does not check the pattern, so a weight that is not 2:4
@@ -23,6 +23,13 @@ from spdy.errors import InputError
 from spdy.runtime.modules import set_module
 
 
+def kernels_here() -> list[str]:
+    """The 2:4 kernel libraries torch runs on this GPU: cuSPARSELt where torch has it, CUTLASS on
+    compute capability 8.x only (torch's CUTLASS 2:4 kernels refuse Hopper, e.g. an H200)."""
+    found = ["cusparselt"] if torch.backends.cusparselt.is_available() else []
+    return found + ["cutlass"] if torch.cuda.get_device_capability()[0] == 8 else found
+
+
 def available() -> tuple[bool, str]:
     """Whether 2:4 sparse kernels can run here, and if not, why."""
     if not torch.cuda.is_available():
@@ -30,12 +37,15 @@ def available() -> tuple[bool, str]:
     major, minor = torch.cuda.get_device_capability()
     if major < 8:
         return False, f"GPU {torch.cuda.get_device_name()} has compute capability {major}.{minor}; 2:4 sparse tensor cores need 8.0+"
+    if not kernels_here():
+        return False, (f"GPU {torch.cuda.get_device_name()} (compute capability {major}.{minor}) runs 2:4 only through cuSPARSELt, "
+                       f"which this torch {torch.__version__} was built without")
     return True, ""
 
 
 def backend() -> str:
-    """The kernel library torch uses for 2:4: ``cusparselt`` if built in, else ``cutlass``."""
-    return "cusparselt" if torch.backends.cusparselt.is_available() else "cutlass"
+    """The kernel library torch uses for 2:4 by default: cuSPARSELt where it runs, else CUTLASS."""
+    return kernels_here()[0]
 
 
 def check_2_4(weight: torch.Tensor, name: str = "weight") -> None:
@@ -48,12 +58,9 @@ def check_2_4(weight: torch.Tensor, name: str = "weight") -> None:
         raise InputError(f"{name}: {bad} groups of 4 inputs hold more than 2 non-zeros; prune it to 2:4 first (spdy nm, or a 2:4 database)")
 
 
-KERNELS = ("cusparselt", "cutlass")
-
-
 def compress(weight: torch.Tensor, name: str = "weight", kernels: str | None = None) -> torch.Tensor:
     """The 2:4 ``weight`` (out, in) as a ``SparseSemiStructuredTensor`` on the GPU, same dtype, for
-    ``kernels`` (one of `KERNELS`; default `backend`)."""
+    ``kernels`` (``cusparselt`` or ``cutlass``, as `kernels_here` allows; default `backend`)."""
     ok, why = available()
     if not ok:
         raise RuntimeError(f"{name}: {why}")
@@ -62,8 +69,8 @@ def compress(weight: torch.Tensor, name: str = "weight", kernels: str | None = N
 
     # Choose the subclass explicitly instead of flipping torch's global _FORCE_CUTLASS flag.
     kernels = kernels or backend()
-    if kernels not in KERNELS:
-        raise InputError(f"{name}: 2:4 kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    if kernels not in kernels_here():
+        raise InputError(f"{name}: 2:4 kernels {kernels!r} do not run here; this GPU runs {', '.join(kernels_here())}")
     cls = SparseSemiStructuredTensorCUSPARSELT if kernels == "cusparselt" else SparseSemiStructuredTensorCUTLASS
     try:
         return cls.from_dense(weight.detach().cuda().contiguous())
