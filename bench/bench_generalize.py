@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--baselines", default="uniform,global-magnitude,dp-errors,owl")
     parser.add_argument("--budget", default="90s")
     parser.add_argument("--seeds", default="0", help="comma-separated search seeds (each a row)")
+    parser.add_argument("--restarts", type=int, default=1, help="searches per row, from seeds SEED..SEED+N-1, finalists pooled")
     parser.add_argument("--out", help="append every row here as a JSON line")
     parser.add_argument("--unseen-calibration", action="store_true",
                         help="a classifier calibrated on its training set (digits-cnn): search on the first half of its held-out "
@@ -96,7 +97,8 @@ def main() -> None:
         if "oracle" in extras:
             calibration, validation = heldout, None
         settings = pipeline.SearchSettings(method, seed, budget=parse_budget(args.budget) if method in ("spdy", "evo") else None, tie=tie,
-                                           anchors=() if "random" in extras else pipeline.ANCHORS)
+                                           anchors=() if "random" in extras else pipeline.ANCHORS,
+                                           restarts=args.restarts if method in ("spdy", "evo") else 1)
         started = time.perf_counter()
         profile = pipeline.find_profile(bundle if kind == "signal" else plain, units, table, db, target, settings, progress=False,
                                         evaluation=pipeline.Evaluators(calibration, validation if pick else None, heldout))
@@ -110,7 +112,7 @@ def main() -> None:
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps({"model": bundle.name, "database_samples": args.database_samples, "target": target, "method": method,
-                                    "seed": seed, "variant": variant,
+                                    "seed": seed, "restarts": settings.restarts, "variant": variant,
                                     "predicted": profile.predicted_speedup, "calibration": profile.calibration_loss,
                                     "validation": validation_loss, "heldout": profile.heldout_loss, "heldout_output": output,
                                     "evaluations": profile.evaluations, "seconds": seconds, "load": load,

@@ -18,7 +18,7 @@ from spdy.search.evaluate import Evaluator, MultiFidelity
 from spdy.search.evolution import EvoConfig, EvolutionSearch
 from spdy.levels import DENSE, Option, options_for
 from spdy.models.digits import digits_mlp
-from spdy.search.select import FINALISTS, pick_on_validation, with_baselines
+from spdy.search.select import FINALISTS, pick_on_validation, pooled, with_baselines
 from spdy.search.dp import scaled_errors, solve
 from spdy.search.spdy import MIN_RANDOM_STARTS, SpdyConfig, SpdySearch, fidelities, fit_coefficients, halving_passes
 from spdy.timing.table import TimingTable
@@ -292,6 +292,32 @@ def test_spdy_is_never_handed_back_worse_than_a_baseline_it_was_given(setup):
     seen = replace(searched, meta={**searched.meta, "finalists": [*searched.meta["finalists"], {"options": ranked, "loss": 0.5}]})
     again = with_baselines(seen, given, lambda options: 0.7 if options == even else pytest.fail("scored twice"))
     assert again.meta["baseline_calibration_losses"] == {"uniform": 0.7, "dp-errors": 0.5} and again.evaluations == searched.evaluations + 1
+
+
+def test_restarts_pool_every_seeds_finalists_for_the_validation_pick(setup, tmp_path):
+    """Seeds end on different profiles; all their finalists reach the validation pick, which may take one that
+    calibration ranks second."""
+    from spdy.pipeline import Evaluators, SearchSettings, find_profile
+
+    bundle, units, table, db, evaluator, target = setup
+    runs = [SpdySearch(table, target, evaluator, SpdyConfig(random_starts=4, tries=2, seed=s), progress=False).run() for s in (1, 2)]
+    assert runs[0].options != runs[1].options
+    one = pooled(runs)
+    assert one.calibration_loss == min(r.calibration_loss for r in runs) and one.evaluations == sum(r.evaluations for r in runs)
+    assert [r["seed"] for r in one.meta["restarts"]] == [1, 2] and pooled(runs[:1]) is runs[0]
+    every = {tuple(f["options"].values()) for r in runs for f in r.meta["finalists"]}
+    assert {tuple(f["options"].values()) for f in one.meta["finalists"]} == every  # room for every seed's finalists
+    second = max(runs, key=lambda r: r.calibration_loss)
+    assert pick_on_validation(one, table, lambda options: 0.0 if options == second.options else 1.0).options == second.options
+    # through find_profile (on the dense model, with an evaluator of its own): one checkpoint per seed, the same pooled search
+    evaluator.apply({u: DENSE for u in table.units})
+    settings = SearchSettings("spdy", 1, random_starts=4, tries=2, anchors=(), restarts=2)
+    own = Evaluators(Evaluator(bundle.model, bundle.calibration, "kl"), None, None)
+    found = find_profile(bundle, units, table, db, target, settings, tmp_path, progress=False, evaluation=own)
+    assert len(list(tmp_path.glob("search-spdy-*.json"))) == 2 and [r["seed"] for r in found.meta["restarts"]] == [1, 2]
+    assert found.calibration_loss <= one.calibration_loss
+    with pytest.raises(InputError, match="--restarts 0"):
+        SearchSettings(restarts=0)
 
 
 def _index_distance(table, a, b):

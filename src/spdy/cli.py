@@ -171,7 +171,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if missing:
         raise InputError(f"--timings {args.timings} has units the model does not offer (check --include/--exclude): {missing[:3]}")
     settings = SearchSettings(args.method, args.seed, args.random_starts, args.tries, args.generations, args.offspring,
-                              parse_budget(args.search_budget), anchors=args.anchors)
+                              parse_budget(args.search_budget), anchors=args.anchors, restarts=args.restarts)
     work = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     if work:
         work.mkdir(parents=True, exist_ok=True)
@@ -395,12 +395,17 @@ ANCHORS_HELP = ("SPDY: comma-separated baselines whose profiles join the random 
                 f"of them: {', '.join(ANCHOR_CHOICES)} (default {','.join(ANCHORS)}; none for random starts only)")
 
 
+RESTARTS_HELP = ("spdy/evo: independent searches from seeds SEED, SEED+1, ..., each with the search budget; every search's "
+                 "finalists go to the validation pick (default 1)")
+
+
 def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="spdy", choices=METHODS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--random-starts", type=int, default=100, help="SPDY: random coefficient vectors first (default %(default)s)")
     p.add_argument("--tries", type=int, default=100, help="SPDY: failed local-search tries before shrinking the step (default %(default)s)")
     p.add_argument("--anchors", default=",".join(ANCHORS), help=ANCHORS_HELP)
+    p.add_argument("--restarts", type=int, default=1, help=RESTARTS_HELP)
     p.add_argument("--generations", type=int, default=50, help="evo: generations (default %(default)s)")
     p.add_argument("--offspring", type=int, default=16, help="evo: offspring per generation (default %(default)s)")
     p.add_argument("--search-budget", default=DEFAULT_SEARCH_BUDGET, metavar="TIME", help=BUDGET_HELP)
@@ -499,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tie", choices=("none", "kind-depth"), help="SPDY: one coefficient per unit (none, the default) or shared by unit kind and "
                    "depth (kind-depth: fewer free directions)")
     p.add_argument("--anchors", help=ANCHORS_HELP)
+    p.add_argument("--restarts", type=int, help=RESTARTS_HELP)
     p.add_argument("--rounds", type=int, help="verify: alternating rounds (default 30)")
     p.add_argument("--threads", type=int, help="threads the engine runs with, timed and verified alike (default: all cores)")
     p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,

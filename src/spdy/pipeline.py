@@ -33,7 +33,7 @@ from spdy.search import baselines
 from spdy.search.dp import InfeasibleTarget, scaled_errors, solve
 from spdy.search.budget import DEFAULT_SEARCH_BUDGET, parse_budget
 from spdy.search.profile import ANCHOR_CHOICES, ANCHORS, METHODS, Profile
-from spdy.search.select import VALIDATION, pick_on_validation, with_baselines
+from spdy.search.select import VALIDATION, pick_on_validation, pooled, with_baselines
 from spdy.quality import default_max_loss, outputs, quality, quality_loss, quality_loss_name
 from spdy.search.spdy import SpdyConfig, SpdySearch
 from spdy.files import digest, replace_atomically, write_json
@@ -172,6 +172,7 @@ class SearchSettings:
     budget: float | None = None  # seconds of wall time for the spdy/evo search; None: run to the end (deterministic)
     tie: str = "none"  # SPDY: coefficients per unit, or shared by kind and depth (`SpdyConfig.tie`)
     anchors: tuple[str, ...] = ANCHORS  # SPDY: baselines whose profiles join the random starts (`SpdySearch`)
+    restarts: int = 1  # spdy/evo: searches from seeds seed, seed+1, ..., each with the budget, finalists pooled (`pooled`)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -182,6 +183,8 @@ class SearchSettings:
             raise InputError(f"SPDY anchors {unknown}: choose among {', '.join(ANCHOR_CHOICES)} (or none)")
         if self.budget is not None and not 0 < self.budget < float("inf"):
             raise InputError(f"search budget {self.budget!r}: need a positive, finite number of seconds")
+        if not isinstance(self.restarts, int) or self.restarts < 1:
+            raise InputError(f"--restarts {self.restarts!r}: need a whole number of searches, 1 or more")
 
 
 class Evaluators(NamedTuple):
@@ -229,11 +232,15 @@ def find_profile(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTa
     evaluation = evaluation or evaluators(bundle, stitcher)
     evaluation.attach(stitcher.apply)
     calibration, validation, heldout = evaluation
-    checkpoint = None
-    if work is not None:
+
+    def checkpoint(seed: int) -> Path | None:
+        if work is None:
+            return None
         # the budget is left out: a rerun with a larger budget resumes the search where the smaller one stopped it
-        key = {k: v for k, v in asdict(settings).items() if k != "budget"}
-        checkpoint = work / f"search-{settings.method}-{digest(table.solver_view(), db.manifest.get('identity', db.directory.name), target, key, start)}.json"
+        key = {k: v for k, v in asdict(settings).items() if k not in ("budget", "restarts")} | {"seed": seed}
+        return work / f"search-{settings.method}-{digest(table.solver_view(), db.manifest.get('identity', db.directory.name), target, key, start)}.json"
+
+    seeds = range(settings.seed, settings.seed + settings.restarts)
     method = settings.method
     scale, pool = ExitStack(), None
     try:
@@ -248,17 +255,19 @@ def find_profile(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTa
                 profile = Profile(solution.profile, target, solution.predicted_time, solution.predicted_speedup, "spdy",
                                   calibration(solution.profile), evaluations=1, meta={"coefficients": list(coefficients)})
             else:
-                cfg = SpdyConfig(random_starts=settings.random_starts, tries=settings.tries, seed=settings.seed, tie=settings.tie)
                 starts = [p.options for name, p in anchors.items() if name in names]
                 if "uniform" in names and (short := baselines.uniform_short_of(table, target)) is not None:
                     starts.insert(0, short)  # a coarse grid's uniform level can overshoot far: the DP brings the one short of it up
-                profile = SpdySearch(table, target, calibration, cfg, checkpoint, progress, bundle.fingerprint, settings.budget, start,
-                                     pool, starts).run()
+                profile = pooled([SpdySearch(table, target, calibration,
+                                             SpdyConfig(random_starts=settings.random_starts, tries=settings.tries, seed=seed, tie=settings.tie),
+                                             checkpoint(seed), progress, bundle.fingerprint, settings.budget, start, pool, starts).run()
+                                  for seed in seeds])
             profile = with_baselines(profile, anchors, calibration)
         elif method == "evo":
-            cfg = EvoConfig(generations=settings.generations, offspring=settings.offspring, seed=settings.seed)
-            profile = EvolutionSearch(table, target, calibration, len(bundle.calibration), cfg, checkpoint, progress, bundle.fingerprint,
-                                      settings.budget, pool).run()
+            profile = pooled([EvolutionSearch(table, target, calibration, len(bundle.calibration),
+                                              EvoConfig(generations=settings.generations, offspring=settings.offspring, seed=seed),
+                                              checkpoint(seed), progress, bundle.fingerprint, settings.budget, pool).run()
+                              for seed in seeds])
         else:
             started = time.perf_counter()
             profile = _baseline(method, bundle, table, target, units, db, stitcher)
@@ -604,6 +613,7 @@ class RunConfig:
     search_budget: str | float | None = DEFAULT_SEARCH_BUDGET
     tie: str = "none"
     anchors: str | tuple[str, ...] = ANCHORS
+    restarts: int = 1
     rounds: int = 30
     threads: int | None = None
     gap: bool = False
@@ -676,7 +686,7 @@ class RunConfig:
 
     def settings(self, method: str) -> SearchSettings:
         return SearchSettings(method, self.seed, self.random_starts, self.tries, self.generations, self.offspring,
-                              parse_budget(self.search_budget), self.tie, self.anchors)
+                              parse_budget(self.search_budget), self.tie, self.anchors, self.restarts)
 
     @property
     def methods(self) -> list[str]:

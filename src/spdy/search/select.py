@@ -54,16 +54,40 @@ def pick_on_validation(profile: Profile, table: TimingTable, validation: Callabl
                    predicted_time=predicted, predicted_speedup=table.base / predicted, meta=meta)
 
 
+def _finalists(profile: Profile) -> list[dict]:
+    """A search's finalists, or the profile itself as the one finalist."""
+    if profile.meta.get("finalists"):
+        return [dict(f) for f in profile.meta["finalists"]]
+    own = {"options": profile.options, "loss": profile.calibration_loss}
+    if "coefficients" in profile.meta:
+        own["coefficients"] = profile.meta["coefficients"]
+    return [own]
+
+
+def pooled(runs: list[Profile]) -> Profile:
+    """Independent searches (e.g. seeds) as one: the best on calibration data, with every run's finalists so
+    `pick_on_validation` chooses among them all. Seeds end on different profiles whose held-out losses
+    spread more than their calibration losses do; validation data tells them apart, calibration data cannot."""
+    if len(runs) == 1:
+        return runs[0]
+    best = min(runs, key=lambda p: p.calibration_loss)
+    finalists = Finalists([], FINALISTS * len(runs))
+    for run in runs:
+        for f in _finalists(run):
+            finalists.offer(f.pop("options"), f.pop("loss"), **f)
+    restarts = [{"seed": run.meta.get("config", {}).get("seed"), "calibration_loss": run.calibration_loss, "evaluations": run.evaluations} for run in runs]
+    return replace(best, evaluations=sum(run.evaluations for run in runs),
+                   meta={**best.meta, "finalists": finalists.entries, "restarts": restarts})
+
+
 def with_baselines(profile: Profile, baselines: Mapping[str, Profile], calibration: Callable[[Mapping[str, str]], float]) -> Profile:
     """A search's ``profile`` with the ``baselines``' profiles (name -> a profile meeting the same target) among its
     finalists, one taken here when it scores better on the calibration data (`pick_on_validation` then decides on
     validation data). A search short of evaluations (many units, a slow model, whole blocks as options) can miss
     profiles as good as a one-shot allocation's; the run measures those anyway, and a user should never be handed
     a worse one."""
-    own = {"options": profile.options, "loss": profile.calibration_loss}
-    if "coefficients" in profile.meta:
-        own["coefficients"] = profile.meta["coefficients"]
-    finalists = Finalists([dict(f) for f in profile.meta.get("finalists") or [own]])
+    entries = _finalists(profile)
+    finalists = Finalists(entries, max(FINALISTS, len(entries)))
     known = {tuple(f["options"].values()): f["loss"] for f in finalists.entries}  # the search's own scores are reused
     losses: dict[str, float] = {}
     scored = 0
