@@ -69,6 +69,19 @@ def test_an_unreachable_resolve_keeps_what_was_measured(table):
     assert len(rounds) == 1 and not result["met"] and any("kept" in s for s in said)
 
 
+def test_a_resolve_that_gives_the_same_profile_is_not_measured_again(table):
+    """A coarse grid (uniform's levels) answers a nearby table target with the profile already measured."""
+    measured = []
+
+    def measure(profile):
+        measured.append(profile)
+        return _runtime(1.4)(profile)
+
+    said = []
+    profile, result, rounds = land(_profile(table, 2.0, 2.0), 2.0, table.max_speedup(), measure, lambda p, t: p, say=said.append)
+    assert len(measured) == len(rounds) == 1 and result["met"] and any("same profile" in s for s in said)
+
+
 def test_the_met_round_with_least_overshoot_is_kept(table):
     """An oscillating runtime: the loop keeps the met round closest to the target, not the last one."""
     factors = iter([2.0, 0.7, 1.3, 0.7])

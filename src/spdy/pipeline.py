@@ -513,11 +513,14 @@ def land(profile: Profile, target: float, max_speedup: float, measure: Callable[
             break  # the table cannot be asked for anything else
         say(f"measured {measured:.3f}x for a {target:g}x target ({ratio:.2f}x of it): asking the table for {wanted:.3f}x instead")
         try:
-            profile = resolve(profile, wanted)
+            resolved = resolve(profile, wanted)
         except InputError as e:  # e.g. a baseline whose own maximum is below what the table can do
             say(f"kept the profile measured so far: {e}")
             break
-        table_target = wanted
+        if resolved.options == profile.options:  # a coarse grid (uniform's levels) gives the same profile: nothing new to measure
+            say(f"the table gives the same profile for {wanted:.3f}x: kept it")
+            break
+        profile, table_target = resolved, wanted
     met = [(p, r) for p, r in candidates if r["met"]]
     chosen = min(met, key=lambda c: c[1]["measured_speedup"]) if met else max(candidates, key=lambda c: c[1]["measured_speedup"])
     return chosen[0], chosen[1], rounds
