@@ -47,6 +47,16 @@ def unseen_calibration(bundle, batches: int = 3):
                    heldout=list(x[half:].split(size)), heldout_labels=list(y[half:].split(size)))
 
 
+def validation_from_heldout(bundle, batches: int = 3):
+    """``bundle`` with the first half of its held-out samples as validation data (picks the final profile) and the
+    other half held out, calibration unchanged."""
+    x, y = torch.cat(bundle.heldout), torch.cat(bundle.heldout_labels)
+    half = len(x) // 2
+    size = -(-half // batches)
+    return replace(bundle, validation=list(x[:half].split(size)), validation_labels=list(y[:half].split(size)),
+                   heldout=list(x[half:].split(size)), heldout_labels=list(y[half:].split(size)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="minilm")
@@ -68,11 +78,16 @@ def main() -> None:
     parser.add_argument("--unseen-calibration", action="store_true",
                         help="a classifier calibrated on its training set (digits-cnn): search on the first half of its held-out "
                              "samples and score on the other half (the database stays on the training samples)")
+    parser.add_argument("--validation-from-heldout", action="store_true",
+                        help="a classifier without a validation split (digits-cnn): validate on the first half of its held-out "
+                             "samples, score on the other half")
     args = parser.parse_args()
 
     bundle, units = pipeline.load_bundle(args.model, args.samples, args.heldout, validation=args.validation, database=args.database_samples)
     if args.unseen_calibration:
         bundle = unseen_calibration(bundle)
+    if args.validation_from_heldout:
+        bundle = validation_from_heldout(bundle)
     table = TimingTable.load(args.timings)
     db = Database.open(args.database) if args.database else pipeline.database(bundle, units, Path(args.work_dir))
     stitcher = Stitcher({u: units[u] for u in table.units}, db)
