@@ -92,3 +92,25 @@ def test_backend_times_dense_and_2_4(pruned_digits):
     with pytest.raises(ValueError, match="only 0.0000"):
         backend.unit_times(units["3"], [DENSE, "0.9000"])
     assert backend.model_time(dense, bundle.calibration[0]).median > 0
+
+
+@needs_gpu
+def test_a_2_4_profile_verifies_and_calibrates_on_the_gpu(pruned_digits, tmp_path):
+    """verify runs the 2:4 model against the dense one in fp16 on the GPU; `spdy run`'s calibration fits a
+    cuda-2:4 table from such runs (or says why it could not)."""
+    from dataclasses import replace
+
+    from spdy.pipeline import calibrate
+    from spdy.search.profile import Profile
+    from spdy.timing import measure
+    from spdy.verification import verify
+
+    bundle, dense, _ = pruned_digits
+    units = find_units(dense, UNITS)
+    batch = bundle.calibration[0]
+    table = measure(dense, units, batch, options=[DENSE, SEMI], backend="cuda-2:4", progress=False, rounds=5, number=5)
+    assert table.meta["backend"] == "cuda-2:4" and table.meta["gpu"] and set(table.units) == set(UNITS)
+    result = verify(dense, units, Profile({u: SEMI for u in UNITS}), batch, table, rounds=5)  # no target: 2:4 need not pay here
+    assert result.baseline == "dense torch cuda" and len(result.ratios) == 5 and result.output_error < 1e-2
+    calibrated, path = calibrate(replace(bundle, model=dense), units, table, tmp_path / "timings.json", engine="cuda-2:4")
+    assert path.is_file() and "calibration" in calibrated.meta
