@@ -12,6 +12,7 @@ from spdy.errors import InputError
 from spdy.levels import DENSE, options_for
 from spdy.models.digits import digits_mlp
 from spdy.runtime.semi_structured import SemiStructuredLinear, available, check_2_4, to_semi_structured
+from spdy.timing.table import TimingTable
 from spdy.timing.cuda_semi import SEMI, CudaSemiBackend
 from spdy.units import capture_shapes, find_units
 
@@ -112,5 +113,8 @@ def test_a_2_4_profile_verifies_and_calibrates_on_the_gpu(pruned_digits, tmp_pat
     assert table.meta["backend"] == "cuda-2:4" and table.meta["gpu"] and set(table.units) == set(UNITS)
     result = verify(dense, units, Profile({u: SEMI for u in UNITS}), batch, table, rounds=5)  # no target: 2:4 need not pay here
     assert result.baseline == "dense torch cuda" and len(result.ratios) == 5 and result.output_error < 1e-2
-    calibrated, path = calibrate(replace(bundle, model=dense), units, table, tmp_path / "timings.json", engine="cuda-2:4")
-    assert path.is_file() and "calibration" in calibrated.meta
+    # a table that says 2:4 halves each layer (at these small layers it may not): calibration measures what it really does
+    halved = TimingTable({u: {DENSE: t[DENSE], SEMI: t[DENSE] / 2} for u, t in table.times.items()}, table.base, table.fixed, table.meta)
+    calibrated, path = calibrate(replace(bundle, model=dense), units, halved, tmp_path / "timings.json", engine="cuda-2:4")
+    fit = calibrated.meta["calibration"]
+    assert path.is_file() and ("points" in fit or "skipped" in fit), fit
