@@ -508,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, help="verify: alternating rounds (default 30)")
     p.add_argument("--threads", type=int, help="threads the engine runs with, timed and verified alike (default: all cores)")
     p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,
-                   help="fit the timing table to the deployed runtime by running a few profiles end to end (default on: torch-cpu, cuda-2:4, cuda, structured deepsparse)")
+                   help="fit the timing table to the deployed runtime by running a few profiles end to end (default on: "
+                        "torch-cpu, cuda-2:4, cuda, structured deepsparse)")
     p.add_argument("--gap", action="store_true", default=None, help="finish the chosen profile with global AdaPrune before export")
     p.add_argument("--gap-epochs", type=int, help="gAP passes over the calibration data (default 100, the paper's; slow on a CPU)")
     p.add_argument("--gap-lr", type=float, help="gAP Adam learning rate (default 1e-5)")

@@ -3,10 +3,10 @@
 ``torch.sparse.to_sparse_semi_structured`` compresses a weight in which every group of 4
 consecutive inputs holds at most 2 non-zeros into values + metadata; ``F.linear`` with such
 a weight runs the sparse tensor-core kernel (cuSPARSELt when torch has it, else CUTLASS,
-which torch runs on compute capability 8.x only). It exists only on CUDA GPUs of compute capability 8.0+ (Ampere and later), for
-2-D contiguous fp16/bf16/int8 weights whose sides are multiples of the backend's minimum
-tile (cuSPARSELt fp16: 16 x 16; CUTLASS fp16: 32 rows x 64 columns); torch pads the dense
-input itself. The compression does not check the pattern, so a weight that is not 2:4
+which torch runs on compute capability 8.x only). It exists only on CUDA GPUs of compute
+capability 8.0+ (Ampere and later), for 2-D contiguous fp16/bf16/int8 weights whose sides
+are multiples of the backend's minimum tile (cuSPARSELt fp16: 16 x 16; CUTLASS fp16: 32 rows
+x 64 columns); torch pads the dense input itself. The compression does not check the pattern, so a weight that is not 2:4
 would silently lose values: :func:`check_2_4` refuses it first.
 """
 
