@@ -355,3 +355,13 @@ def test_spdy_anchors_are_checked_and_none_spells_random_starts_only():
     cfg = RunConfig(model="digits", target=1.5, anchors="none")
     assert cfg.anchors == () and cfg.settings("spdy").anchors == () and "--anchors none" in cfg.command_line()
     assert RunConfig(model="digits", target=1.5, anchors=["dp-errors"]).command_line().endswith("--anchors dp-errors")
+
+
+@pytest.mark.parametrize("restarts", [0, -1, 1.5, "2"])
+def test_restarts_need_a_whole_number_of_searches(restarts):
+    from spdy.pipeline import RunConfig
+
+    with pytest.raises(InputError, match=rf"--restarts {restarts!r}: need a whole number of searches, 1 or more"):
+        RunConfig(model="digits", target=1.5, restarts=restarts)
+    cfg = RunConfig(model="digits", target=1.5, restarts=3)
+    assert cfg.settings("spdy").restarts == 3 and cfg.command_line().endswith("--restarts 3")
