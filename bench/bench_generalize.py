@@ -38,22 +38,14 @@ from spdy.search.evaluate import Evaluator
 from spdy.timing.table import TimingTable
 
 
-def unseen_calibration(bundle, batches: int = 3):
-    """``bundle`` calibrated on the first half of its held-out samples and scored on the second, each in ``batches``."""
+def split_heldout(bundle, first: str, batches: int = 3):
+    """``bundle`` with the first half of its held-out samples (and labels) as its ``first`` split ("calibration": the
+    search is scored on digits the model never saw; "validation": they pick the final profile) and the second half
+    held out, each in ``batches``."""
     x, y = torch.cat(bundle.heldout), torch.cat(bundle.heldout_labels)
     half = len(x) // 2
     size = -(-half // batches)
-    return replace(bundle, calibration=list(x[:half].split(size)), calibration_labels=list(y[:half].split(size)),
-                   heldout=list(x[half:].split(size)), heldout_labels=list(y[half:].split(size)))
-
-
-def validation_from_heldout(bundle, batches: int = 3):
-    """``bundle`` with the first half of its held-out samples as validation data (picks the final profile) and the
-    other half held out, calibration unchanged."""
-    x, y = torch.cat(bundle.heldout), torch.cat(bundle.heldout_labels)
-    half = len(x) // 2
-    size = -(-half // batches)
-    return replace(bundle, validation=list(x[:half].split(size)), validation_labels=list(y[:half].split(size)),
+    return replace(bundle, **{first: list(x[:half].split(size)), f"{first}_labels": list(y[:half].split(size))},
                    heldout=list(x[half:].split(size)), heldout_labels=list(y[half:].split(size)))
 
 
@@ -85,9 +77,9 @@ def main() -> None:
 
     bundle, units = pipeline.load_bundle(args.model, args.samples, args.heldout, validation=args.validation, database=args.database_samples)
     if args.unseen_calibration:
-        bundle = unseen_calibration(bundle)
+        bundle = split_heldout(bundle, "calibration")
     if args.validation_from_heldout:
-        bundle = validation_from_heldout(bundle)
+        bundle = split_heldout(bundle, "validation")
     table = TimingTable.load(args.timings)
     db = Database.open(args.database) if args.database else pipeline.database(bundle, units, Path(args.work_dir))
     stitcher = Stitcher({u: units[u] for u in table.units}, db)
