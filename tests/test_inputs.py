@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from spdy.models.digits import digits_data, digits_mlp
 
-train, _, test, _ = digits_data(0, 32, images=False)
+(train, _), (test, _) = digits_data(0, 32, images=False)
 CALIBRATION, HELDOUT = train[:4], test[:2]
 
 
