@@ -169,9 +169,9 @@ def block_of(unit: Unit) -> Block:
         raise InputError(f"unit {unit.name!r} is a single layer, not a structured block (use --pattern structured)") from None
 
 
-def unit_options(units: Mapping[str, Unit], removable: bool = True) -> dict[str, list[str]]:
-    """Option keys per block unit, dense first; not ``removable``: without those that keep nothing."""
-    return {n: [o.key for o in block_of(u).options() if removable or block_of(u).kept(o.key) > 0] for n, u in units.items()}
+def unit_options(units: Mapping[str, Unit]) -> dict[str, list[str]]:
+    """Option keys per block unit, dense first."""
+    return {n: [o.key for o in block_of(u).options()] for n, u in units.items()}
 
 
 def shrink(model: nn.Module, units: Mapping[str, Unit], options: Mapping[str, str], db: "StructuredDatabase") -> dict[str, int]:
@@ -240,6 +240,16 @@ def _sliced(layer: nn.Module, rows: torch.Tensor | None = None, weight: torch.Te
     return new
 
 
+class BiasOnly(nn.Linear):
+    """The consumer of a block that kept nothing: a Linear with no inputs, whose output is its bias (zeros
+    without one). It reads only its input's leading shape, so what feeds it need not be zero-width: ONNX
+    runtimes refuse zero-size tensors (DeepSparse 1.8 dies on them, older onnxruntimes reject their Reshapes)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (*x.shape[:-1], self.out_features)
+        return x.new_zeros(shape) if self.bias is None else self.bias.expand(shape)
+
+
 def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, child = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -255,7 +265,10 @@ def resize(model: nn.Module, block: Block, kept: Sequence[int], consumer_weight:
     if tuple(consumer_weight.shape) != expected:
         raise InputError(f"block {block.name!r}: consumer weight {tuple(consumer_weight.shape)} does not fit {len(kept)} kept "
                          f"{block.structure} (expected {expected})")
-    set_module(model, block.consumer, _sliced(model.get_submodule(block.consumer), weight=consumer_weight))
+    consumer = _sliced(model.get_submodule(block.consumer), weight=consumer_weight)
+    if not kept and type(consumer) is nn.Linear:
+        consumer.__class__ = BiasOnly  # same parameters; only its forward differs
+    set_module(model, block.consumer, consumer)
     for producer, rows in zip(block.producers, block.producer_rows()):
         set_module(model, producer, _sliced(model.get_submodule(producer), rows=structure_columns(kept, rows)))
     importlib.import_module(f"spdy.runtime.modeling.{block.family}_blocks").finish_resize(model, block, kept)

@@ -117,7 +117,7 @@ def cmd_time(args: argparse.Namespace) -> int:
 
     get_backend(timing_engine(args.engine, args.pattern))  # an engine that is not installed stops here, before the model loads
     bundle, units = _bundle(args)
-    keys = option_keys(args.pattern, _levels(args.levels), units, args.engine)
+    keys = option_keys(args.pattern, _levels(args.levels), units)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)  # the checkpoint goes beside it from the first unit on
     table = measure_to(out, bundle, units, keys, timing_engine(args.engine, args.pattern), not args.quiet, args.threads)

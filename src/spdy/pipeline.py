@@ -63,14 +63,12 @@ def options_of(pattern: str, levels: Sequence[float] | None) -> list[Option]:
     return options_for(pattern, list(levels) if levels is not None else spdy_grid()[1:])
 
 
-def option_keys(pattern: str, levels: Sequence[float] | None, units: Mapping[str, Unit],
-                engine: str = "torch-cpu") -> list[str] | dict[str, list[str]]:
-    """The option keys to time: the pattern's grid for every unit, or (structured) each block's kept sizes; on
-    DeepSparse not a block removed whole (its engine crashes, SIGFPE, on the zero-size layers that leaves)."""
+def option_keys(pattern: str, levels: Sequence[float] | None, units: Mapping[str, Unit]) -> list[str] | dict[str, list[str]]:
+    """The option keys to time: the pattern's grid for every unit, or (structured) each block's kept sizes."""
     if pattern == STRUCTURED:
         from spdy.blocks import unit_options
 
-        return unit_options(units, removable=engine != "deepsparse")
+        return unit_options(units)
     return [o.key for o in options_of(pattern, levels)]
 
 
@@ -104,7 +102,7 @@ def timing_path(bundle: ModelBundle, units: Mapping[str, Unit], work: Path, patt
     CPU), so a table measured by another runtime or machine is measured again, not reused."""
     from spdy.timing.backend import cpu_model
 
-    keys = option_keys(pattern, levels, units, engine)
+    keys = option_keys(pattern, levels, units)
     engine = timing_engine(engine, pattern)
     batch = timing_batch(bundle)
     shape = {k: list(v.shape) for k, v in batch.items()} if isinstance(batch, dict) else list(getattr(batch, "shape", []))
@@ -120,7 +118,7 @@ def timings(bundle: ModelBundle, units: Mapping[str, Unit], work: Path, pattern:
     path = timing_path(bundle, units, work, pattern, levels, engine, threads)
     if path.is_file():
         return TimingTable.load(path), path
-    keys = option_keys(pattern, levels, units, engine)
+    keys = option_keys(pattern, levels, units)
     return measure_to(path, bundle, units, keys, timing_engine(engine, pattern), progress, threads), path
 
 

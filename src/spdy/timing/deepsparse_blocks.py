@@ -9,7 +9,7 @@ anything in its modules' scopes (the owner's attention or up projection, produce
 a layer fusing several blocks' ops split evenly. Layers outside every block (embeddings,
 reshapes the engine leaves unnamed) are the table's fixed time, from the dense analysis.
 Options are timed in place, inside the whole model, so the cache state is the deployed one. A
-block removed whole is not offered: DeepSparse 1.8 dies (SIGFPE) on the zero-size layers it leaves.
+block removed whole leaves no zero-size layer (`spdy.blocks.BiasOnly`), which DeepSparse 1.8 would die on.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class DeepSparseBlocksBackend(DeepSparseBackend):
     def prepare(self, model: nn.Module, units: dict[str, Unit], batch: Any) -> None:
         super().prepare(model, units, batch)
         self._batch, self._units = batch, dict(units)
-        self._options = unit_options(units, removable=False)
+        self._options = unit_options(units)
         self._scopes = {name: block_scopes(block_of(unit)) for name, unit in units.items()}
         self._resized: dict[int, tuple[dict[str, float], float]] = {}
 
@@ -83,8 +83,7 @@ class DeepSparseBlocksBackend(DeepSparseBackend):
         order = self._options[unit.name]
         for key in options:
             if key not in order:
-                raise InputError(f"deepsparse-blocks: unit {unit.name!r} option {key!r}: DeepSparse 1.8 crashes on the zero-size layers "
-                                 f"of a block removed whole; time {order} (spdy.blocks.unit_options(units, removable=False))")
+                raise InputError(f"deepsparse-blocks: unit {unit.name!r} has no option {key!r}; its options are {order}")
             times, spread = self._at_index(order.index(key))
             timing.times[key] = times[unit.name]
             if key == DENSE and not timing.times[key]:

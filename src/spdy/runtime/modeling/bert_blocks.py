@@ -9,7 +9,7 @@ Each encoder layer has two blocks whose layers share a pruned dimension (`spdy.b
 `spdy.blocks.resize` slices the producers' rows (and biases) to the kept structures and puts the
 given consumer weight in place, so the smaller model computes exactly what the masked one does;
 `finish_resize` here records the new head count. A block with nothing kept leaves only the
-consumer's bias, added to the residual as before.
+consumer's bias (`spdy.blocks.BiasOnly`), added to the residual as before.
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ _EXPECTED = ("attention.self.query", "attention.self.key", "attention.self.value
 
 
 class NoHeads(nn.Module):
-    """A self-attention with every head removed: zero-width context, so the output dense adds its bias only."""
+    """A self-attention with every head removed. What it returns only gives the output dense
+    (`spdy.blocks.BiasOnly`, which adds its bias alone) its shape."""
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
-        return hidden_states.new_zeros(*hidden_states.shape[:-1], 0), None
+        return hidden_states, None
 
 
 def bert_blocks(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> list[Block]:
@@ -60,11 +61,12 @@ def bert_blocks(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> li
 
 
 def finish_resize(model: nn.Module, block: Block, kept: Sequence[int]) -> None:
-    """The self-attention's head count follows its projections; with no head left it becomes `NoHeads`."""
-    if block.structure != "heads":
-        return
+    """The self-attention's head count follows its projections. A block with nothing kept computes no zero-width
+    tensor: a self-attention with no head left becomes `NoHeads`, an intermediate with no neuron a pass-through."""
     if not kept:
-        set_module(model, block.owner, NoHeads())
+        set_module(model, block.owner, NoHeads() if block.structure == "heads" else nn.Identity())
+        return
+    if block.structure != "heads":
         return
     attention = model.get_submodule(block.owner)
     attention.num_attention_heads = len(kept)

@@ -43,7 +43,7 @@ class NoAttention(nn.Module):
             batch, length = hidden_states.shape[:2]
             empty = hidden_states.new_zeros(batch, 0, length, self.head_dim)
             cache.update(empty, empty, self.layer_idx)
-        return self.o_proj(hidden_states.new_zeros(*hidden_states.shape[:-1], 0)), None
+        return self.o_proj(hidden_states), None  # a `spdy.blocks.BiasOnly`: only the shape is read
 
 
 def llama_blocks(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> list[Block]:
