@@ -21,8 +21,21 @@ def _damage(model: torch.nn.Module, keep: float) -> torch.nn.Module:
     return damaged
 
 
+def _training_labels() -> list:
+    from spdy.models.digits import CNN_SPLITS, digits_data
+
+    return digits_data(0, 128, fractions=CNN_SPLITS)[0][1]
+
+
 def test_classifier_agreement_and_accuracy() -> None:
     bundle = load_model("digits-cnn")
+    # trained on its database (statistics) digits only: its calibration, validation and held-out digits are unseen
+    sizes = [sum(len(x) for x in b) for b in (bundle.database, bundle.calibration, bundle.validation, bundle.heldout)]
+    assert sizes == [719, 359, 180, 539] and len(bundle.validation_labels) == len(bundle.validation)
+    with torch.no_grad():
+        fitted, unseen = (torch.nn.functional.cross_entropy(bundle.model(torch.cat(x)), torch.cat(y))
+                          for x, y in ((bundle.database, _training_labels()), (bundle.calibration, bundle.calibration_labels)))
+    assert fitted < 0.5 * unseen
     dense = outputs(bundle.model, bundle.heldout)
     same = quality(bundle.model, bundle.heldout, dense, "ce", bundle.heldout_labels)
     assert same["top1_agreement"] == 1.0 and same["accuracy"] == same["dense_accuracy"] > 0.9
