@@ -415,3 +415,17 @@ def test_the_uniform_level_short_of_the_target_anchors_a_profile_the_dp_brings_u
     assert table.predicted_speedup(near) >= target
     assert _index_distance(table, near, short) < _index_distance(table, met, short)
     assert baselines.uniform_short_of(table, 1.0) is None  # dense meets it: nothing falls short
+
+
+def test_a_landing_resolve_searches_from_the_coefficients_and_never_ends_worse_than_their_dp_profile(setup):
+    """Where a measured speedup sends the table to another target, the DP's profile for the coefficients found can
+    be far worse than the one they were found for: the re-solve searches from them (``start``), so it starts on
+    that profile and can only improve on it."""
+    _, _, table, _, evaluator, target = setup
+    first = SpdySearch(table, target, evaluator, SMALL, progress=False).run()
+    other = 1 + 0.8 * (table.max_speedup() - 1)  # as if the runtime had measured the first profile short of the target
+    coefficients = first.meta["coefficients"]
+    dp_only = solve(table, other, scaled_errors(table, coefficients)).profile
+    resolved = SpdySearch(table, other, evaluator, replace(SMALL, tries=2), progress=False, start=coefficients).run()
+    assert resolved.trace[0]["phase"] == "start" and resolved.trace[0]["loss"] == pytest.approx(evaluator(dp_only))
+    assert resolved.calibration_loss <= evaluator(dp_only) and resolved.predicted_speedup >= other

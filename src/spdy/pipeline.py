@@ -30,7 +30,7 @@ from spdy.models import ModelBundle, load_model
 from spdy.models.bundle import model_fingerprint
 from spdy.models.workload import Workload
 from spdy.search import baselines
-from spdy.search.dp import InfeasibleTarget, scaled_errors, solve
+from spdy.search.dp import InfeasibleTarget, solve
 from spdy.search.budget import DEFAULT_SEARCH_BUDGET, parse_budget
 from spdy.search.profile import ANCHOR_CHOICES, ANCHORS, METHODS, Profile
 from spdy.search.select import VALIDATION, pick_on_validation, pooled, with_baselines
@@ -213,14 +213,12 @@ def evaluators(bundle: ModelBundle, stitcher: Stitcher) -> Evaluators:
 
 def find_profile(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTable, db: Database, target: float,
            settings: SearchSettings = SearchSettings(), work: Path | None = None, progress: bool = True,
-           evaluation: Evaluators | None = None, coefficients: Sequence[float] | None = None,
-           start: Sequence[float] | None = None, cluster: str | RayCluster | None = None) -> Profile:
+           evaluation: Evaluators | None = None, start: Sequence[float] | None = None, cluster: str | RayCluster | None = None) -> Profile:
     """Find a profile with ``settings.method`` that meets ``target`` on ``table``; loss on calibration, validation and
     held-out data. With validation data a search's final profile is its finalist that does best there.
 
-    ``coefficients`` (SPDY only): the per-unit sensitivities an earlier search learned; the DP
-    is solved with them at ``target`` instead of searching again. ``start`` (SPDY only): such
-    coefficients to search from (a warm start, e.g. from a neighbouring target). ``cluster``: score the
+    ``start`` (SPDY only): the per-unit sensitivities an earlier search learned, to search from (a warm start, e.g.
+    from a neighbouring target, or a landing re-solve's). ``cluster``: score the
     SPDY and evolutionary searches' candidates on a pool of Ray actors (`spdy.cluster`), same result.
     """
     check_target(target)
@@ -242,24 +240,19 @@ def find_profile(bundle: ModelBundle, units: Mapping[str, Unit], table: TimingTa
     method = settings.method
     scale, pool = ExitStack(), None
     try:
-        if method in ("spdy", "evo") and coefficients is None and cluster is not None:
+        if method in ("spdy", "evo") and cluster is not None:
             pool = scale.enter_context(connect(cluster)).pool(calibration, stitcher)
             scale.callback(pool.close)
         if method == "spdy":
-            names = () if start is not None or coefficients is not None else settings.anchors
+            names = () if start is not None else settings.anchors
             anchors = _anchors(names, bundle, table, target, units, db, stitcher)
-            if coefficients is not None:
-                solution = solve(table, target, scaled_errors(table, coefficients))
-                profile = Profile(solution.profile, target, solution.predicted_time, solution.predicted_speedup, "spdy",
-                                  calibration(solution.profile), evaluations=1, meta={"coefficients": list(coefficients)})
-            else:
-                starts = [p.options for name, p in anchors.items() if name in names]
-                if "uniform" in names and (short := baselines.uniform_short_of(table, target)) is not None:
-                    starts.insert(0, short)  # a coarse grid's uniform level can overshoot far: the DP brings the one short of it up
-                profile = pooled([SpdySearch(table, target, calibration,
-                                             SpdyConfig(random_starts=settings.random_starts, tries=settings.tries, seed=seed, tie=settings.tie),
-                                             checkpoint(seed), progress, bundle.fingerprint, settings.budget, start, pool, starts).run()
-                                  for seed in seeds])
+            starts = [p.options for name, p in anchors.items() if name in names]
+            if "uniform" in names and (short := baselines.uniform_short_of(table, target)) is not None:
+                starts.insert(0, short)  # a coarse grid's uniform level can overshoot far: the DP brings the one short of it up
+            profile = pooled([SpdySearch(table, target, calibration,
+                                         SpdyConfig(random_starts=settings.random_starts, tries=settings.tries, seed=seed, tie=settings.tie),
+                                         checkpoint(seed), progress, bundle.fingerprint, settings.budget, start, pool, starts).run()
+                              for seed in seeds])
             profile = with_baselines(profile, anchors, calibration)
         elif method == "evo":
             profile = pooled([EvolutionSearch(table, target, calibration, len(bundle.calibration),
@@ -526,6 +519,9 @@ def land(profile: Profile, target: float, max_speedup: float, measure: Callable[
 
 AUTO_POWERS = (0.1, 0.2, 0.35, 0.5, 0.7)  # --targets auto: the maximum speedup to these powers (denser where models stay usable)
 FIRST_SHARE = 0.4  # on a curve, the share of --search-budget for the full search at the middle target; the warm-started rest share the others
+# of a target's search budget, for each landing re-solve: a short search from the coefficients found, since the DP's profile
+# for those coefficients at the new table target can be far worse than the one they were found for
+RESOLVE_SHARE = 0.25
 CURVE_ROUNDS = 10  # verify rounds of a curve's points (at most --rounds), over dense torch only; the exported one: --rounds, engine dense too
 
 
@@ -902,22 +898,24 @@ def _run(cfg: RunConfig, say: Callable[[str], None], progress: bool, cluster: Ra
         return result.to_json()
 
     def search(method: str, target: float, table_target: float, start: Sequence[float] | None = None,
-               coefficients: Sequence[float] | None = None) -> tuple[Profile, Path]:
+               resolving: bool = False) -> tuple[Profile, Path]:
         settings = cfg.settings(method)
-        if curve and settings.budget is not None:
-            if method != "spdy":
-                share = 1 / len(targets)
-            else:
-                share = FIRST_SHARE if start is None else (1 - FIRST_SHARE) / (len(targets) - 1)
-            settings = replace(settings, budget=settings.budget * share)
-        path = work / f"profile-{method}-{digest(str(table_path), str(db.directory), target, vars(settings), table_target, start, coefficients)}.json"
+        if settings.budget is not None:
+            share = 1.0
+            if curve:
+                share = (1 / len(targets) if method != "spdy"
+                         else FIRST_SHARE if start is None else (1 - FIRST_SHARE) / (len(targets) - 1))
+            settings = replace(settings, budget=settings.budget * share * (RESOLVE_SHARE if resolving else 1.0))
+        path = work / f"profile-{method}-{digest(str(table_path), str(db.directory), target, vars(settings), table_target, start)}.json"
         if path.is_file():
             return Profile.load(path), path
-        stage = "resolve" if coefficients is not None else "search"
-        new = timed(log, f"{stage}:{method}", lambda: find_profile(bundle, units, table, db, table_target, settings, work, progress,
-                                                                  evaluation, coefficients=coefficients, start=start, cluster=cluster))
+        new = timed(log, f"{'resolve' if resolving else 'search'}:{method}",
+                    lambda: find_profile(bundle, units, table, db, table_target, settings, work, progress, evaluation, start=start,
+                                         cluster=cluster))
         new.target = target
         new.meta["table_target"] = table_target
+        if resolving:
+            new.meta["resolved"] = True  # a landing re-solve: a short search from the coefficients the first one found
         new.save(path)
         return new, path
 
@@ -943,7 +941,7 @@ def _run(cfg: RunConfig, say: Callable[[str], None], progress: bool, cluster: Ra
             files = {id(found): path}
 
             def resolve(p: Profile, table_target: float, m: str = method, t: float = target, c=learned_here) -> Profile:
-                new, where = search(m, t, table_target, coefficients=c)
+                new, where = search(m, t, table_target, start=c, resolving=c is not None)
                 files[id(new)] = where
                 return new
 
