@@ -24,7 +24,7 @@ def _damage(model: torch.nn.Module, keep: float) -> torch.nn.Module:
 def _training_labels() -> list:
     from spdy.models.digits import CNN_SPLITS, digits_data
 
-    return digits_data(0, 128, fractions=CNN_SPLITS)[0][1]
+    return digits_data(0, 128, sizes=CNN_SPLITS)[0][1]
 
 
 def test_classifier_agreement_and_accuracy() -> None:

@@ -519,8 +519,8 @@ def land(profile: Profile, target: float, max_speedup: float, measure: Callable[
 
 AUTO_POWERS = (0.1, 0.2, 0.35, 0.5, 0.7)  # --targets auto: the maximum speedup to these powers (denser where models stay usable)
 FIRST_SHARE = 0.4  # on a curve, the share of --search-budget for the full search at the middle target; the warm-started rest share the others
-# of a target's search budget, for each landing re-solve: a short search from the coefficients found, since the DP's profile
-# for those coefficients at the new table target can be far worse than the one they were found for
+# of a target's search budget, for each landing re-solve: a short search from the coefficients found, since at the new table
+# target the DP's profile for them is held out 1-10% worse than what such a search finds (bench/bench_resolve.py)
 RESOLVE_SHARE = 0.25
 CURVE_ROUNDS = 10  # verify rounds of a curve's points (at most --rounds), over dense torch only; the exported one: --rounds, engine dense too
 
