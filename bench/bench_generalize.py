@@ -68,10 +68,10 @@ def main() -> None:
     parser.add_argument("--restarts", type=int, default=1, help="searches per row, from seeds SEED..SEED+N-1, finalists pooled")
     parser.add_argument("--out", help="append every row here as a JSON line")
     parser.add_argument("--unseen-calibration", action="store_true",
-                        help="a classifier calibrated on its training set (digits-cnn): search on the first half of its held-out "
+                        help="a model calibrated on its training set: search on the first half of its held-out "
                              "samples and score on the other half (the database stays on the training samples)")
     parser.add_argument("--validation-from-heldout", action="store_true",
-                        help="a classifier without a validation split (digits-cnn): validate on the first half of its held-out "
+                        help="a classifier without a validation split: validate on the first half of its held-out "
                              "samples, score on the other half")
     args = parser.parse_args()
 
@@ -86,14 +86,16 @@ def main() -> None:
     output_heldout = Evaluator(bundle.model, bundle.heldout, bundle.loss, stitcher.apply, bundle.heldout_labels, "heldout")
     plain = replace(bundle, search_loss=None)
     evaluations = {"output": pipeline.evaluators(plain, stitcher)}
-    signal = next(iter(bundle.signals), None)  # a classifier (digits-cnn) has only its output
+    signal = next(iter(bundle.signals), None)  # a model without signals has only its output
     if signal is not None:
         bundle.search_on(signal)
         evaluations["signal"] = pipeline.evaluators(bundle, stitcher)
     maximum = table.max_speedup()
-    print(f"{bundle.name}: dense {table.base * 1e3:.1f} ms, max {maximum:.3f}x on the table; {args.samples} calibration / "
-          f"{args.validation} validation / {args.heldout} held-out samples; database on {args.database_samples or 'the calibration'} "
-          f"samples; output loss {bundle.loss}, signal loss {bundle.objective}\n")
+    # batch counts as the bundle holds them: a built-in with its own splits (digits-cnn) ignores --samples and the like
+    print(f"{bundle.name}: dense {table.base * 1e3:.1f} ms, max {maximum:.3f}x on the table; {len(bundle.calibration)} calibration / "
+          f"{len(bundle.validation)} validation / {len(bundle.heldout)} held-out batches; database on "
+          f"{f'{len(bundle.database)} batches of its own' if bundle.database else 'the calibration batches'}; "
+          f"output loss {bundle.loss}, signal loss {bundle.objective}\n")
     print(f"| target | method | variant | predicted | calibration | validation | held-out | held-out {bundle.loss} | evaluations | s | load |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
 
