@@ -114,7 +114,7 @@ def test_database_on_ray_is_the_local_database(setup, cluster, tmp_path):
     assert not db.check()
 
 
-def test_an_interrupted_ray_build_resumes(setup, cluster, tmp_path):
+def test_an_interrupted_ray_build_resumes(setup, cluster, tmp_path, capsys):
     bundle, units, _, local, _, _, _ = setup
     opts = options_for("unstructured", LEVELS)
 
@@ -123,6 +123,9 @@ def test_an_interrupted_ray_build_resumes(setup, cluster, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         build_database(bundle.model, units, bundle.calibration, opts, tmp_path, progress=False, executor=cluster.map_unordered, on_unit=stop)
+    # the units in flight ran to their end (a cancel racing their completion aborted the driver on Ray 2.60), and said so
+    assert not [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0].startswith("ray::_run_task")]
+    assert "still running on the cluster" in capsys.readouterr().err
     assert len(json.loads((tmp_path / "manifest.json").read_text())["units"]) == 1
     built = []
     db = build_database(bundle.model, units, bundle.calibration, opts, tmp_path, progress=False, executor=cluster.map_unordered,

@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import os
 import socket
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterable, Iterator, Mapping, Sequence
@@ -230,7 +231,7 @@ class RayCluster:
         """``fn(*job)`` for every job as Ray tasks, results yielded as they finish (`build_database`'s executor).
 
         Arguments go through Ray's object store; at most twice as many jobs as workers are in flight, so
-        the store holds a few units' statistics, not all of them."""
+        the store holds a few units' statistics, not all of them. Closed early, it returns once those have ended."""
         ray = self.ray
         task = ray.remote(num_cpus=self.threads, max_retries=RETRIES)(_run_task)
         fn_ref = ray.put(fn)
@@ -244,11 +245,12 @@ class RayCluster:
                     return
                 done, pending = ray.wait(pending, num_returns=1)
                 yield ray.get(done[0])
-        finally:  # the caller stopped (interrupted, or a task failed): no task may write on after it
-            for ref in pending:
-                ray.cancel(ref)
+        finally:  # the caller stopped (interrupted, or a task failed): no task may write on after it, so the running ones
+            # finish. Not `ray.cancel`: a cancel that meets a task's completion aborts the driver in Ray 2.60 ("Tried to
+            # complete task that was not pending", ray-project/ray#54846); it killed a CI run of this project.
             if pending:
-                ray.wait(pending, num_returns=len(pending), timeout=60)
+                print(f"spdy: waiting for the {len(pending)} unit(s) still running on the cluster", file=sys.stderr)
+                ray.wait(pending, num_returns=len(pending))
 
     def pool(self, evaluator: Evaluator, stitcher: Stitcher, size: int | None = None) -> RayPool:
         """``size`` actors (default `workers`), each with a copy of ``evaluator`` whose model is made dense (from

@@ -136,8 +136,8 @@ def reconstruction_cost(shape: Sequence[int]) -> int:
     return rows * columns * columns
 
 
-# runs ``fn(*job)`` for every job, yielding each result as it finishes, in any order, and stops the jobs still running
-# when closed (e.g. `spdy.cluster.RayCluster.map_unordered`)
+# runs ``fn(*job)`` for every job, yielding each result as it finishes, in any order; closed early, it returns only once
+# no job is running, so none writes after the build has stopped (e.g. `spdy.cluster.RayCluster.map_unordered`)
 Executor = Callable[[Callable[..., tuple[str, dict]], Iterable[tuple]], Generator[tuple[str, dict], None, None]]
 
 
