@@ -128,7 +128,7 @@ def test_database_profile_shrinks_to_what_the_search_scored(built):
 def test_timing_table_covers_every_option_with_real_decoder_inputs(built):
     model, units, _, calibration = built
     table = measure(model, units, calibration[0], options=unit_options(units), backend="torch-cpu-blocks", progress=False,
-                    threads=1, rounds=3, model_rounds=3)
+                    threads=1, rounds=5, model_rounds=5)
     assert {u: sorted(o) for u, o in table.times.items()} == {u: sorted(k) for u, k in unit_options(units).items()}
     assert all(t > 0 for options in table.times.values() for t in options.values())
 
