@@ -249,7 +249,8 @@ class RayCluster:
             # finish. Not `ray.cancel`: a cancel that meets a task's completion aborts the driver in Ray 2.60 ("Tried to
             # complete task that was not pending", ray-project/ray#54846); it killed a CI run of this project.
             if pending:
-                print(f"spdy: waiting for the {len(pending)} unit(s) still running on the cluster", file=sys.stderr)
+                print(f"spdy: waiting for the {len(pending)} unit(s) still running on the cluster to end (a rerun builds them again; "
+                      "Ctrl-C again stops waiting)", file=sys.stderr)
                 ray.wait(pending, num_returns=len(pending))
 
     def pool(self, evaluator: Evaluator, stitcher: Stitcher, size: int | None = None) -> RayPool:
