@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import spdy
-from spdy.blocks import block_of, block_units, find_blocks, shrink, unit_options
+from spdy.blocks import block_of, block_units, find_blocks, resize_to, shrink, unit_options
 from spdy.cli import main
 from spdy.database import Stitcher
 from spdy.database.structured import build_structured_database, removal_order
@@ -183,6 +183,28 @@ def test_export_of_removed_blocks_loads_back_identical(tmp_path):
               for v in [*graph.value_info, *graph.output]}
     shapes |= {t.name: list(t.dims) for t in graph.initializer}
     assert not [name for name, dims in shapes.items() if 0 in dims and "encoder" in name]  # the encoder's; BERT has an empty constant
+
+
+def test_a_model_with_blocks_removed_whole_prunes_unstructured_without_its_emptied_layers(tmp_path):
+    """`--shrink` prunes the smaller model unstructured next: the consumers a removed block left without weights are no
+    units (timing or reconstructing a (64, 0) layer failed), and the timing table says why they stay as they are."""
+    from spdy.database import build_database
+    from spdy.levels import options_for
+    from spdy.units import find_units, unsupported_layers
+
+    model, calibration, _ = tiny_bert()
+    names = [b.name for b in find_blocks(model)]
+    resize_to(model, dict(zip(names, (0, 0, 2, 0))))
+    emptied = [names[0], names[1], names[3]]
+    units = find_units(model)
+    assert not set(emptied) & set(units) and names[2] in units
+    assert all("removed the block" in unsupported_layers(model)[n] for n in emptied)
+    options = options_for("unstructured", [0.5, 0.9])
+    db = build_database(model, units, calibration[:2], options, tmp_path, progress=False)
+    assert set(db.relative_errors()) == set(units)
+    table = measure(model, units, calibration[0], options=[o.key for o in options], backend="torch-cpu", progress=False, threads=1,
+                    rounds=3, model_rounds=3)
+    assert set(table.units) == set(units) and set(emptied) <= set(table.meta["kept_dense"])
 
 
 def test_a_structured_profile_verifies_on_deepsparse_as_a_smaller_dense_model(built):

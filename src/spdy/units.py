@@ -73,7 +73,12 @@ def unsupported_reason(module: nn.Module) -> str | None:
     Grouped and depthwise convolutions hold few weights and no sparse format speeds them up;
     a Conv2d subclass with its own ``forward`` (e.g. TensorFlow-style "same" padding) does
     more than the runtime module that would replace it, so replacing it would change outputs.
+    A layer left without weights (the consumer of a block a structured profile removed whole,
+    `spdy.blocks.BiasOnly`) has nothing to prune.
     """
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.numel() == 0:
+        return f"no weights left ({tuple(weight.shape)}): a structured profile removed the block it consumed"
     if not isinstance(module, nn.Conv2d):
         return None
     if module.groups != 1:
