@@ -231,26 +231,46 @@ class RayCluster:
         """``fn(*job)`` for every job as Ray tasks, results yielded as they finish (`build_database`'s executor).
 
         Arguments go through Ray's object store; at most twice as many jobs as workers are in flight, so
-        the store holds a few units' statistics, not all of them. Closed early, it returns once those have ended."""
+        the store holds a few units' statistics, not all of them. Interrupted (Ctrl-C while it waits, or a
+        KeyboardInterrupt thrown in by the caller), it yields what is still running as it finishes, then
+        raises; closed early, it returns once those have ended, so no task writes on after the caller."""
         ray = self.ray
         task = ray.remote(num_cpus=self.threads, max_retries=RETRIES)(_run_task)
         fn_ref = ray.put(fn)
         pending: list[Any] = []
         jobs = iter(jobs)
+        stopping = False
+
+        def finishing() -> Generator[Any, None, None]:
+            nonlocal pending, stopping
+            print(f"spdy: interrupted; keeping the {len(pending)} unit(s) still running on the cluster as they finish "
+                  "(Ctrl-C again stops waiting)", file=sys.stderr)
+            try:
+                while pending:
+                    done, pending = ray.wait(pending, num_returns=1)
+                    yield ray.get(done[0])
+            except KeyboardInterrupt:
+                stopping = True
+                raise
+
         try:
             while True:
                 while len(pending) < 2 * self.workers and (job := next(jobs, None)) is not None:
                     pending.append(task.remote(fn_ref, self.threads, *job))
                 if not pending:
                     return
-                done, pending = ray.wait(pending, num_returns=1)
-                yield ray.get(done[0])
-        finally:  # the caller stopped (interrupted, or a task failed): no task may write on after it, so the running ones
-            # finish. Not `ray.cancel`: a cancel that meets a task's completion aborts the driver in Ray 2.60 ("Tried to
-            # complete task that was not pending", ray-project/ray#54846); it killed a CI run of this project.
-            if pending:
-                print(f"spdy: waiting for the {len(pending)} unit(s) still running on the cluster to end (a rerun builds them again; "
-                      "Ctrl-C again stops waiting)", file=sys.stderr)
+                try:
+                    done, pending = ray.wait(pending, num_returns=1)
+                    result = ray.get(done[0])
+                    yield result
+                except KeyboardInterrupt:
+                    yield from finishing()
+                    raise
+        finally:  # stopped another way (a task failed, or the caller closed us): no task may write on after it, so the
+            # running ones end first. Not `ray.cancel`: a cancel that meets a task's completion aborts the driver in Ray 2.60
+            # ("Tried to complete task that was not pending", ray-project/ray#54846); it killed a CI run of this project.
+            if pending and not stopping:
+                print(f"spdy: waiting for the {len(pending)} unit(s) still running on the cluster to end", file=sys.stderr)
                 ray.wait(pending, num_returns=len(pending))
 
     def pool(self, evaluator: Evaluator, stitcher: Stitcher, size: int | None = None) -> RayPool:

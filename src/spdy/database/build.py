@@ -136,9 +136,22 @@ def reconstruction_cost(shape: Sequence[int]) -> int:
     return rows * columns * columns
 
 
-# runs ``fn(*job)`` for every job, yielding each result as it finishes, in any order; closed early, it returns only once
-# no job is running, so none writes after the build has stopped (e.g. `spdy.cluster.RayCluster.map_unordered`)
+# runs ``fn(*job)`` for every job, yielding each result as it finishes, in any order; a KeyboardInterrupt thrown in makes it
+# yield what is still running as it finishes, then raise; closed early, it returns only once no job is running, so none
+# writes after the build has stopped (e.g. `spdy.cluster.RayCluster.map_unordered`)
 Executor = Callable[[Callable[..., tuple[str, dict]], Iterable[tuple]], Generator[tuple[str, dict], None, None]]
+
+
+def _finishing(finished: Generator[tuple[str, dict], None, None]) -> Generator[tuple[str, dict], None, None]:
+    """What ``finished`` still yields once told of an interrupt (an `Executor` yields its running jobs' results);
+    nothing when it is done already (the interrupt arose inside it) or runs nothing in the background."""
+    try:
+        item = finished.throw(KeyboardInterrupt())
+        while True:
+            yield item
+            item = next(finished)
+    except (KeyboardInterrupt, StopIteration):
+        return
 
 
 def build_database(
@@ -191,13 +204,22 @@ def build_database(
                 else:
                     finished = executor(build, jobs)
                 rank = {name: i for i, name in enumerate(units)}
+
+                def record(name: str, entry: dict) -> None:
+                    manifest["units"][name] = entry
+                    if executor is not None:  # finished in any order: recorded in the order a local build has
+                        manifest["units"] = dict(sorted(manifest["units"].items(), key=lambda item: rank.get(item[0], -1)))
+                        bar.update(len(options))
+                    write_manifest(directory, manifest)
+
                 with closing(finished):
-                    for name, entry in finished:
-                        manifest["units"][name] = entry
-                        if executor is not None:  # finished in any order: recorded in the order a local build has
-                            manifest["units"] = dict(sorted(manifest["units"].items(), key=lambda item: rank.get(item[0], -1)))
-                            bar.update(len(options))
-                        write_manifest(directory, manifest)
-                        if on_unit is not None:
-                            on_unit(name)
+                    try:
+                        for name, entry in finished:
+                            record(name, entry)
+                            if on_unit is not None:
+                                on_unit(name)
+                    except KeyboardInterrupt:  # the units an executor still has running are kept as they finish
+                        for name, entry in _finishing(finished):
+                            record(name, entry)
+                        raise
     return Database.open(directory)
