@@ -261,8 +261,7 @@ class RayCluster:
                     return
                 try:
                     done, pending = ray.wait(pending, num_returns=1)
-                    result = ray.get(done[0])
-                    yield result
+                    yield ray.get(done[0])
                 except KeyboardInterrupt:
                     yield from finishing()
                     raise
