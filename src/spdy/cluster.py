@@ -239,36 +239,29 @@ class RayCluster:
         fn_ref = ray.put(fn)
         pending: list[Any] = []
         jobs = iter(jobs)
-        stopping = False
-
-        def finishing() -> Generator[Any, None, None]:
-            nonlocal pending, stopping
-            print(f"spdy: interrupted; keeping the {len(pending)} unit(s) still running on the cluster as they finish "
-                  "(Ctrl-C again stops waiting)", file=sys.stderr)
-            try:
-                while pending:
-                    done, pending = ray.wait(pending, num_returns=1)
-                    yield ray.get(done[0])
-            except KeyboardInterrupt:
-                stopping = True
-                raise
-
+        interrupted = False  # once: no new job; the running ones are yielded as they finish, then it raises
         try:
             while True:
-                while len(pending) < 2 * self.workers and (job := next(jobs, None)) is not None:
+                while not interrupted and len(pending) < 2 * self.workers and (job := next(jobs, None)) is not None:
                     pending.append(task.remote(fn_ref, self.threads, *job))
                 if not pending:
+                    if interrupted:
+                        raise KeyboardInterrupt
                     return
                 try:
                     done, pending = ray.wait(pending, num_returns=1)
                     yield ray.get(done[0])
                 except KeyboardInterrupt:
-                    yield from finishing()
-                    raise
+                    if interrupted:  # Ctrl-C again: stop waiting
+                        pending = []
+                        raise
+                    interrupted = True
+                    print(f"spdy: interrupted; keeping the {len(pending)} unit(s) still running on the cluster as they finish "
+                          "(Ctrl-C again stops waiting)", file=sys.stderr)
         finally:  # stopped another way (a task failed, or the caller closed us): no task may write on after it, so the
             # running ones end first. Not `ray.cancel`: a cancel that meets a task's completion aborts the driver in Ray 2.60
             # ("Tried to complete task that was not pending", ray-project/ray#54846); it killed a CI run of this project.
-            if pending and not stopping:
+            if pending:
                 print(f"spdy: waiting for the {len(pending)} unit(s) still running on the cluster to end", file=sys.stderr)
                 ray.wait(pending, num_returns=len(pending))
 
