@@ -19,9 +19,9 @@ from spdy.timing import measure
 from conftest import exported_resized
 
 
-def tiny_resnet(seed: int = 0) -> nn.Module:
-    """Two Bottlenecks (8 and 16 inner channels) with BatchNorms that are not the identity."""
-    return seeded(ResNet((1, 1), width=8, classes=10), seed)
+def tiny_resnet(seed: int = 0, width: int = 8) -> nn.Module:
+    """Two Bottlenecks (``width`` and twice as many inner channels) with BatchNorms that are not the identity."""
+    return seeded(ResNet((1, 1), width=width, classes=10), seed)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_database_is_nested_and_obs_beats_magnitude(cnn, tmp_path):
 def test_timing_table_has_every_channel_option():
     # wide enough that a block's time is its work, not torch's per-call overhead: at width 8 on 32 x 32 images a 3x3 conv
     # keeping 1 of 8 channels timed 0.80-1.02x its dense self (it failed CI once); at width 32 on 64 x 64, 0.33-0.59x
-    model, batch = seeded(ResNet((1, 1), width=32, classes=10), 0), images(2, 2, size=64)[0]
+    model, batch = tiny_resnet(width=32), images(2, 2, size=64)[0]
     units = block_units(model)
     table = measure(model, units, batch, options=unit_options(units), backend="torch-cpu-blocks", progress=False,
                     threads=1, rounds=5, model_rounds=5)
